@@ -1,0 +1,35 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+# Each creates .venv when missing (torch/torchvision pinned to the releases this project is tested on).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lightning-norms-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m recipes.report
+
+test: $(STAMP)
+	$(PY) -m ruff check lightning_norms recipes tests bench
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check lightning_norms recipes tests bench
+	$(PY) -m mypy lightning_norms
+
+bench: $(STAMP)
+	$(PY) bench/bench_layers.py
+
+clean:
+	rm -rf $(VENV) runs lightning_logs

@@ -1,0 +1,58 @@
+"""lightning-norms: Batch Normalization made safe, and its alternatives.
+
+Layers are plain ``torch.nn`` modules; ``import lightning_norms`` never imports Lightning.
+Public names are resolved lazily (PEP 562), so ``NormSync`` (a Lightning plugin) only imports
+Lightning when it is first touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY: dict[str, str] = {
+    "BatchRenorm1d": "renorm",
+    "BatchRenorm2d": "renorm",
+    "BatchRenorm3d": "renorm",
+    "LayerNorm2d": "layernorm",
+    "CosineLinear": "cosine",
+    "CosineConv2d": "cosine",
+    "convert_norms": "convert",
+    "DomainBatchNorm1d": "domain",
+    "DomainBatchNorm2d": "domain",
+    "DomainBatchNorm3d": "domain",
+    "domain": "domain",
+    "NormSync": "plugins",
+}
+
+__all__ = sorted([*_LAZY, "functional", "stats", "callbacks", "data"])
+
+if TYPE_CHECKING:
+    from lightning_norms.convert import convert_norms
+    from lightning_norms.cosine import CosineConv2d, CosineLinear
+    from lightning_norms.domain import (
+        DomainBatchNorm1d,
+        DomainBatchNorm2d,
+        DomainBatchNorm3d,
+        domain,
+    )
+    from lightning_norms.layernorm import LayerNorm2d
+    from lightning_norms.plugins import NormSync
+    from lightning_norms.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    if name in ("functional", "stats", "callbacks", "data"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
