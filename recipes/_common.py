@@ -1,0 +1,310 @@
+"""Shared recipe code: the norm-layer factory, the small digits CNN and the classifier module.
+
+Every recipe trains the same kind of network: a few ``conv -> norm -> ReLU`` blocks, global
+average pooling and a linear classifier (a few thousand to ~100k parameters, fast on two CPU
+cores). Only the normalisation layer changes between variants, built by :func:`make_norm`.
+
+The :class:`DigitsClassifier` LightningModule accepts both training batch formats of
+:class:`lightning_norms.data.TwoDomainDigits`:
+
+* ``batching="mixed"``: one batch ``(x, y, domain)`` holding both domains (50/50);
+* ``batching="separate"``: a list ``[(x0, y0, d0), (x1, y1, d1)]`` of domain-pure batches; the
+  model runs one forward per domain and the step's loss is the mean of the per-domain mean losses,
+  which equals the mixed batch's mean loss (same samples, same objective) so that without
+  BatchNorm both feeds give identical gradients. With a shared BatchNorm this is the pitfall of
+  the first article in SEEDS.md: every forward normalises with one domain's batch statistics,
+  while the running averages used at test time converge to the mixture.
+
+Validation and test loaders come one per domain (``dataloader_idx == domain``); accuracy is
+measured per domain with torchmetrics' ``MulticlassAccuracy`` and averaged over domains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+import lightning_norms as ln
+
+NORM_KINDS = ("batch", "domain", "renorm", "layer2d", "group", "cosine", "none")
+
+#: variant name -> (normalisation kind, training feed). ``separate`` is the pitfall; the
+#: batch-independent alternatives (and BatchRenorm, whose r/d correction pulls training towards
+#: the running statistics) are fed the same domain-pure batches to show which survive it.
+VARIANTS: dict[str, tuple[str, str]] = {
+    "mixed": ("batch", "mixed"),
+    "separate": ("batch", "separate"),
+    "split": ("domain", "mixed"),
+    "renorm": ("renorm", "separate"),
+    "layer2d": ("layer2d", "separate"),
+    "group": ("group", "separate"),
+    "cosine": ("cosine", "separate"),
+    "none": ("none", "separate"),
+}
+
+FEEDS = ("mixed", "separate")
+
+#: the scale applied to the cosine classifier's outputs (cosines lie in [-1, 1]; softmax needs a
+#: temperature to reach confident predictions).
+COSINE_LOGIT_SCALE = 10.0
+
+
+def make_norm(
+    kind: str,
+    num_channels: int,
+    *,
+    num_domains: int = 2,
+    bn_momentum: float | None = 0.1,
+    renorm_warmup: int = 100,
+    num_groups: int = 4,
+) -> nn.Module:
+    """Return the normalisation layer ``kind`` for ``num_channels`` feature maps.
+
+    Args:
+        kind: one of ``NORM_KINDS`` (``"cosine"`` and ``"none"`` give ``nn.Identity``).
+        num_channels: number of channels ``C`` of the ``N, C, H, W`` input.
+        num_domains: domains of ``DomainBatchNorm2d`` (default 2).
+        bn_momentum: running-stat momentum of the BN variants (default 0.1; ``None`` =
+            cumulative average).
+        renorm_warmup: ``warmup_steps`` of ``BatchRenorm2d`` (default 100).
+        num_groups: groups of ``nn.GroupNorm`` (default 4, capped at ``num_channels``).
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    if kind == "batch":
+        return nn.BatchNorm2d(num_channels, momentum=bn_momentum)
+    if kind == "domain":
+        return ln.DomainBatchNorm2d(num_channels, num_domains, momentum=bn_momentum)
+    if kind == "renorm":
+        return ln.BatchRenorm2d(num_channels, momentum=bn_momentum, warmup_steps=renorm_warmup)
+    if kind == "layer2d":
+        return ln.LayerNorm2d(num_channels)
+    if kind == "group":
+        groups = math.gcd(num_channels, max(1, num_groups))
+        return nn.GroupNorm(groups, num_channels)
+    if kind in ("cosine", "none"):
+        return nn.Identity()
+    raise ValueError(f"make_norm: `kind` must be one of {NORM_KINDS}, got {kind!r}")
+
+
+def _conv(kind: str, cin: int, cout: int) -> nn.Module:
+    if kind == "cosine":
+        return ln.CosineConv2d(cin, cout, 3, padding=1)
+    # a conv followed by a normalisation with its own shift drops its bias (Ioffe & Szegedy 2015)
+    return nn.Conv2d(cin, cout, 3, padding=1, bias=kind == "none")
+
+
+class SmallCNN(nn.Module):
+    """``conv-norm-ReLU`` blocks, 2x2 max-pooling down to at most 4x4, then GAP and a linear head.
+
+    Args:
+        image_shape: ``(C, H, W)`` of the inputs.
+        num_classes: output classes.
+        norm: normalisation kind (see :func:`make_norm`); ``"cosine"`` also swaps the convs for
+            ``CosineConv2d`` and the head for ``CosineLinear`` (scaled by ``COSINE_LOGIT_SCALE``).
+        width: channels of the first block; later blocks use ``2 * width``.
+        **norm_kwargs: forwarded to :func:`make_norm`.
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        num_classes: int,
+        norm: str = "batch",
+        width: int = 16,
+        **norm_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if norm not in NORM_KINDS:
+            raise ValueError(f"SmallCNN: `norm` must be one of {NORM_KINDS}, got {norm!r}")
+        channels, height, _ = (int(s) for s in image_shape)
+        layers: list[nn.Module] = []
+        cin, cout = channels, width
+        size = height
+        while True:
+            layers += [_conv(norm, cin, cout), make_norm(norm, cout, **norm_kwargs), nn.ReLU()]
+            cin, cout = cout, 2 * width
+            if size <= 4:
+                break
+            layers += [_conv(norm, cin, cout), make_norm(norm, cout, **norm_kwargs), nn.ReLU()]
+            layers.append(nn.MaxPool2d(2))
+            cin = cout
+            size //= 2
+        self.features = nn.Sequential(*layers)
+        self.cosine = norm == "cosine"
+        self.head: nn.Module = (
+            ln.CosineLinear(cin, num_classes) if self.cosine else nn.Linear(cin, num_classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.features(x).mean(dim=(2, 3))
+        out = self.head(h)
+        return out * COSINE_LOGIT_SCALE if self.cosine else out
+
+
+def has_domain_bn(model: nn.Module) -> bool:
+    """Whether ``model`` holds a ``DomainBatchNorm`` layer (which needs domain ids)."""
+    from lightning_norms.domain import DomainBatchNorm2d
+
+    return any(isinstance(m, DomainBatchNorm2d) for m in model.modules())
+
+
+class DigitsClassifier(L.LightningModule):
+    """A small CNN trained on both domains of ``TwoDomainDigits``; one norm variant per run.
+
+    Args:
+        variant: a key of ``VARIANTS`` (sets the norm kind and, unless ``feed`` is given, the feed).
+        feed: ``"mixed"`` or ``"separate"`` training batches; ``None`` = the variant's default.
+        width: channels of the first conv block (default 16).
+        lr: Adam learning rate (default 3e-3), the same for every variant.
+        weight_decay: Adam weight decay (default 0).
+        bn_momentum: running-stat momentum of the BN variants (default 0.1).
+        renorm_warmup: ``BatchRenorm2d`` warm-up steps (default 100: a short run has a few
+            hundred steps, so the clip limits reach r_max=3, d_max=5 early in training).
+        num_groups: ``GroupNorm`` groups (default 4).
+        image_shape, num_classes, num_domains: the data's, linked from the DataModule by the CLI.
+    """
+
+    def __init__(
+        self,
+        variant: str = "mixed",
+        feed: str | None = None,
+        width: int = 16,
+        lr: float = 3e-3,
+        weight_decay: float = 0.0,
+        bn_momentum: float = 0.1,
+        renorm_warmup: int = 100,
+        num_groups: int = 4,
+        image_shape: tuple[int, int, int] = (1, 8, 8),
+        num_classes: int = 10,
+        num_domains: int = 2,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(
+                f"DigitsClassifier: `variant` must be one of {list(VARIANTS)}, got {variant!r}"
+            )
+        if feed is not None and feed not in FEEDS:
+            raise ValueError(f"DigitsClassifier: `feed` must be one of {FEEDS}, got {feed!r}")
+        self.save_hyperparameters()
+        self.norm, default_feed = VARIANTS[variant]
+        self.feed = feed or default_feed
+        self.net = SmallCNN(
+            image_shape,
+            num_classes,
+            norm=self.norm,
+            width=width,
+            num_domains=num_domains,
+            bn_momentum=bn_momentum,
+            renorm_warmup=renorm_warmup,
+            num_groups=num_groups,
+        )
+        self._routes_domains = self.norm == "domain"
+        self.val_acc = nn.ModuleList(
+            MulticlassAccuracy(num_classes, average="micro") for _ in range(num_domains)
+        )
+        self.test_acc = nn.ModuleList(
+            MulticlassAccuracy(num_classes, average="micro") for _ in range(num_domains)
+        )
+
+    def forward(self, x: Tensor, domain: Tensor | int | None = None) -> Tensor:
+        """Logits for ``x``; ``domain`` (int or per-sample ids) routes DomainBatchNorm layers."""
+        if not self._routes_domains:
+            return self.net(x)
+        if domain is None:
+            raise ValueError("DigitsClassifier: the `split` variant needs `domain` ids")
+        with ln.domain(self.net, domain):
+            return self.net(x)
+
+    def _loss(self, batch: Sequence[Tensor]) -> Tensor:
+        x, y, d = batch
+        return F.cross_entropy(self(x, d), y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        separate = not isinstance(batch[0], Tensor)
+        if separate != (self.feed == "separate"):
+            got = "a list of per-domain batches" if separate else "one mixed batch"
+            raise ValueError(
+                f"DigitsClassifier: feed={self.feed!r} but the train loader yields {got}; "
+                f"build the data with batching={self.feed!r}"
+            )
+        if separate:
+            losses = [self._loss(b) for b in batch]
+            loss = torch.stack(losses).mean()
+            for k, part in enumerate(losses):
+                self.log(f"train/loss_domain{k}", part, prog_bar=False)
+        else:
+            loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: Sequence[Tensor], idx: int, metrics: nn.ModuleList) -> None:
+        x, y, d = batch
+        metrics[idx].update(self(x, d).argmax(dim=1), y)
+
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0):
+        self._eval_step(batch, dataloader_idx, self.val_acc)
+
+    def test_step(self, batch: Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0):
+        self._eval_step(batch, dataloader_idx, self.test_acc)
+
+    def _log_accuracy(self, stage: str, metrics: nn.ModuleList) -> None:
+        accs = []
+        for k, metric in enumerate(metrics):
+            acc = metric.compute()
+            metric.reset()
+            accs.append(acc)
+            self.log(f"{stage}/acc_domain{k}", acc, prog_bar=stage == "val")
+        self.log(f"{stage}/acc", torch.stack(accs).mean(), prog_bar=stage == "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracy("val", self.val_acc)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy("test", self.test_acc)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+
+
+def accuracy_record(metrics: dict[str, Any], num_domains: int, stage: str = "test") -> dict:
+    """``{acc_domain0, ..., acc}`` as floats from a Trainer's ``callback_metrics``."""
+    out = {f"acc_domain{k}": float(metrics[f"{stage}/acc_domain{k}"]) for k in range(num_domains)}
+    out["acc"] = float(metrics[f"{stage}/acc"])
+    return out
+
+
+@rank_zero_only
+def write_json(path: str | Path, record: Any) -> None:
+    """Write ``record`` as indented JSON to ``path`` (rank zero only), creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Set ``torch.set_num_threads`` for the block (``None`` leaves it), restoring it after."""
+    if num_threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
