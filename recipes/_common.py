@@ -308,3 +308,35 @@ def torch_threads(num_threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def forward_train_batch(model: DigitsClassifier, batch: Any) -> None:
+    """Run a training batch of either feed through ``model`` (the ``forward_fn`` for PreciseBN)."""
+    parts = [batch] if isinstance(batch[0], Tensor) else list(batch)
+    for x, _, d in parts:
+        model(x.to(model.device), d.to(model.device))
+
+
+@torch.no_grad()
+def evaluate(model: DigitsClassifier, loaders: Sequence[Any]) -> dict[str, float]:
+    """Per-domain and mean test accuracy of ``model`` in eval mode (loader ``k`` = domain ``k``).
+
+    A plain loop (no Trainer) for the recipes that compare several sets of statistics on one
+    set of weights; the training flag is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out: dict[str, float] = {}
+        for k, loader in enumerate(loaders):
+            metric = MulticlassAccuracy(
+                model.hparams.num_classes, average="micro", sync_on_compute=False
+            ).to(model.device)
+            for x, y, d in loader:
+                x, y, d = x.to(model.device), y.to(model.device), d.to(model.device)
+                metric.update(model(x, d).argmax(dim=1), y)
+            out[f"acc_domain{k}"] = float(metric.compute())
+        out["acc"] = sum(out.values()) / len(loaders)
+        return out
+    finally:
+        model.train(was_training)
