@@ -1,0 +1,327 @@
+"""``MixingBatchSampler``: every batch an exact, fixed mix of several sources.
+
+BatchNorm normalises each example with the statistics of its batch, so a batch must be a fair
+sample of the data (the first question of the BN checklist in SEEDS.md). A sampler that draws
+batches at random from a ``ConcatDataset`` gives fair batches only on average; this one gives
+every batch the exact share of every source, on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
+from numbers import Integral, Real
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import BatchSampler, Sampler
+
+__all__ = ["MixingBatchSampler"]
+
+_NAME = "MixingBatchSampler"
+
+
+def _apportion(weights: Sequence[Fraction], total: int) -> list[int]:
+    """Largest-remainder (Hamilton) apportionment of ``total`` seats to ``weights`` (sum 1).
+
+    Each share gets ``floor(total * w)``; the seats left go one each to the largest fractional
+    remainders, ties to the lower index. Exact rational arithmetic, so equal weights give equal
+    shares whenever ``total`` allows it.
+    """
+    exact = [w * total for w in weights]
+    shares = [math.floor(e) for e in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in order[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{_NAME}: `{name}` must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{_NAME}: `{name}` must be a bool, got {value!r}")
+    return value
+
+
+def _as_fraction(k: int, value: Any) -> Fraction:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{_NAME}: `ratios[{k}]` must be a real number, got {value!r}")
+    if not math.isfinite(float(value)) or value < 0:
+        raise ValueError(f"{_NAME}: `ratios[{k}]` must be finite and >= 0, got {value!r}")
+    # limit_denominator turns the float 0.1 into exactly 1/10, so quotas come out as intended
+    return Fraction(value).limit_denominator(10**9)
+
+
+def _dist_default(num_replicas: int | None, rank: int | None, sampler: Any) -> tuple[int, int]:
+    """Fill in ``num_replicas``/``rank``: explicit, else the injected sampler's, else dist's."""
+    initialised = dist.is_available() and dist.is_initialized()
+    if num_replicas is None:
+        num_replicas = getattr(sampler, "num_replicas", None)
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if initialised else 1
+    if rank is None:
+        rank = getattr(sampler, "rank", None)
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    return num_replicas, rank
+
+
+class _EpochView(Sampler[int]):
+    """The flat index stream of a ``MixingBatchSampler`` (its ``.sampler``).
+
+    Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler`` (never on the batch
+    sampler itself) at the start of every epoch; this view forwards it.
+    """
+
+    def __init__(self, owner: MixingBatchSampler) -> None:
+        self._owner = owner
+
+    def __iter__(self) -> Iterator[int]:
+        for batch in self._owner:
+            yield from batch
+
+    def __len__(self) -> int:
+        return self._owner.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner.set_epoch(epoch)
+
+
+class MixingBatchSampler(BatchSampler):
+    """Batches of indices into ``ConcatDataset(sources)`` with every source in its exact quota.
+
+    The fix for the first BN pitfall of SEEDS.md (article 1, "is each training batch a fair
+    sample of the data?"): random batches from a concatenation are fair only on average, so with
+    several sources (domains, real/fake) BatchNorm still sees a different mixture in every batch.
+    Here every batch holds exactly the same number of examples of each source.
+
+    Quotas: with weights ``w_i = ratios[i] / sum(ratios)`` (default: equal), the integer quotas
+    ``q_i`` are the largest-remainder apportionment of ``batch_size`` (``floor(batch_size * w_i)``
+    each, the rest one by one to the largest remainders, ties to the lower source index), so
+    ``sum(q_i) == batch_size``. A source with a positive ratio must get ``q_i >= 1``.
+
+    An epoch: each source's indices are permuted (``shuffle=True``) with a generator seeded
+    ``seed + epoch``, identically on every rank; global batch ``b`` takes the ``b``-th run of
+    ``q_i`` indices of every source and is shuffled inside. The number of full batches is
+    ``B = min_i floor(n_i / q_i)`` over sources with ``q_i > 0`` (the epoch ends when any source
+    can no longer fill its quota; no index is used twice in an epoch). Under DDP the full
+    batches are dealt round-robin, global batch ``b`` to rank ``b % num_replicas``; the last
+    ``B % num_replicas`` full batches are dropped so that every rank gets exactly
+    ``F = B // num_replicas`` of them.
+
+    ``drop_last=False`` adds one last, smaller batch per rank built from what is left,
+    ``R_i = n_i - F * num_replicas * q_i`` indices of source ``i``, of which each rank may use
+    ``a_i = floor(R_i / num_replicas)``: its size is the largest ``m < batch_size`` whose
+    apportionment ``c_i(m)`` of the same ratios fits, ``c_i(m) <= a_i`` for every source, and
+    its composition is ``c_i(m)`` (the same on every rank, disjoint indices). When no ``m >= 1``
+    fits there is no last batch. ``len()`` counts it, so every rank has the same ``len()``.
+
+    ``shuffle=False``: sources are read in order and a batch lists source 0's quota, then source
+    1's, ... (no shuffling at all, for evaluation).
+
+    Lightning: create the ``DataLoader(dataset, batch_sampler=sampler)`` inside the
+    ``train_dataloader()`` hook of a DataModule/LightningModule. Under DDP with the default
+    ``Trainer(use_distributed_sampler=True)``, Lightning re-creates this sampler from the
+    arguments it was built with plus ``sampler=DistributedSampler(...)``; the re-created sampler
+    takes ``num_replicas``/``rank`` from that sampler (when not given explicitly), ignores its
+    order and yields the same batches. ``Trainer(use_distributed_sampler=False)`` works too (the
+    sampler reads rank and world size from ``torch.distributed`` itself). A DataLoader built
+    outside a hook cannot be re-created: Lightning then calls this class with a sampler as first
+    argument, which raises ``TypeError`` saying what to do. Lightning's per-epoch ``set_epoch``
+    reaches this sampler through ``self.sampler`` (the flat view of its indices).
+
+    Args:
+        source_sizes: number of examples of each source, in ``ConcatDataset`` order.
+        batch_size: examples per batch (per rank), split into the quotas.
+        ratios: relative share of each source, ``>= 0``, finite, not all zero. Default ``None``:
+            equal shares.
+        shuffle: permute each source every epoch and shuffle inside each batch. Default ``True``.
+        drop_last: drop what cannot fill a full batch. Default ``True``; ``False`` adds the last
+            smaller batch described above.
+        seed: base seed; epoch ``e`` uses ``seed + e``. Default ``0``.
+        num_replicas: number of ranks. Default ``None``: the world size of the initialised
+            ``torch.distributed`` group, else 1.
+        rank: this rank. Default ``None``: ``torch.distributed``'s rank, else 0.
+        sampler: for Lightning's re-instantiation only (see above): a ``DistributedSampler``
+            whose ``num_replicas``/``rank`` are used when those arguments are ``None``. Its
+            order is never used. Default ``None``.
+
+    Shape:
+        Each batch is a ``list[int]`` of length ``batch_size`` (the last one shorter when
+        ``drop_last=False``); ``len(sampler)`` batches per epoch on every rank.
+
+    Raises:
+        ValueError: empty or negative ``source_sizes``; ``batch_size`` not a positive integer or
+            smaller than the number of sources with a positive ratio; ``ratios`` of the wrong
+            length, negative, NaN/inf or all zero; a positive ratio whose quota is 0; a source
+            too small for a single batch per rank; ``rank`` outside ``[0, num_replicas)``.
+        TypeError: called with a sampler in place of ``source_sizes`` (Lightning re-creating a
+            DataLoader that was built outside a ``*_dataloader`` hook).
+
+    Example:
+        >>> s = MixingBatchSampler([6, 12], batch_size=3, ratios=[1, 2], seed=0)
+        >>> s.quotas, len(s)
+        ([1, 2], 6)
+        >>> [sum(i < 6 for i in batch) for batch in s]
+        [1, 1, 1, 1, 1, 1]
+        >>> sorted(i for batch in s for i in batch) == list(range(18))
+        True
+    """
+
+    def __init__(
+        self,
+        source_sizes: Sequence[int],
+        batch_size: int,
+        ratios: Sequence[float] | None = None,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        sampler: Sampler | None = None,
+    ) -> None:
+        if isinstance(source_sizes, Sampler):
+            raise TypeError(
+                f"{_NAME}: got a sampler ({type(source_sizes).__name__}) as `source_sizes`. "
+                "Lightning does this when it injects a DistributedSampler into a DataLoader that "
+                "was created outside a `*_dataloader` hook. Create the DataLoader inside "
+                "`train_dataloader()` (Lightning then re-creates this sampler with its own "
+                "arguments), or pass `Trainer(use_distributed_sampler=False)`: the sampler "
+                "shards by rank itself."
+            )
+        if hasattr(source_sizes, "tolist"):
+            source_sizes = source_sizes.tolist()
+        if isinstance(source_sizes, (str, bytes)) or not isinstance(source_sizes, Sequence):
+            raise ValueError(
+                f"{_NAME}: `source_sizes` must be a sequence of ints, got {source_sizes!r}"
+            )
+        if len(source_sizes) == 0:
+            raise ValueError(f"{_NAME}: `source_sizes` must name at least one source, got []")
+        sizes = [_check_int(f"source_sizes[{k}]", n, 0) for k, n in enumerate(source_sizes)]
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.shuffle = _check_bool("shuffle", shuffle)
+        self.drop_last = _check_bool("drop_last", drop_last)
+        self.seed = _check_int("seed", seed, 0)
+        if ratios is None:
+            ratios = [1] * len(sizes)
+        if hasattr(ratios, "tolist"):
+            ratios = ratios.tolist()
+        if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence):
+            raise ValueError(f"{_NAME}: `ratios` must be a sequence of numbers, got {ratios!r}")
+        if len(ratios) != len(sizes):
+            raise ValueError(
+                f"{_NAME}: `ratios` has {len(ratios)} entries but `source_sizes` has "
+                f"{len(sizes)}, got ratios={list(ratios)!r}"
+            )
+        fracs = [_as_fraction(k, r) for k, r in enumerate(ratios)]
+        total = sum(fracs)
+        if total == 0:
+            raise ValueError(f"{_NAME}: `ratios` must not be all zero, got {list(ratios)!r}")
+        active = [k for k, r in enumerate(ratios) if r > 0]
+        if self.batch_size < len(active):
+            raise ValueError(
+                f"{_NAME}: `batch_size`={self.batch_size} is smaller than the number of sources "
+                f"with a positive ratio ({len(active)}); every such source needs >= 1 per batch"
+            )
+        self.weights = [f / total for f in fracs]
+        self.quotas = _apportion(self.weights, self.batch_size)
+        zero = [k for k in active if self.quotas[k] == 0]
+        if zero:
+            raise ValueError(
+                f"{_NAME}: `ratios`={list(ratios)!r} with `batch_size`={self.batch_size} gives "
+                f"quotas {self.quotas}: source(s) {zero} would never appear; raise their ratio "
+                "or the batch size"
+            )
+        empty = [k for k in active if sizes[k] == 0]
+        if empty:
+            raise ValueError(
+                f"{_NAME}: `source_sizes`={sizes} has empty source(s) {empty} with a positive ratio"
+            )
+        num_replicas, rank = _dist_default(num_replicas, rank, sampler)
+        self.num_replicas = _check_int("num_replicas", num_replicas, 1)
+        self.rank = _check_int("rank", rank, 0)
+        if self.rank >= self.num_replicas:
+            raise ValueError(
+                f"{_NAME}: `rank`={self.rank} must be < `num_replicas`={self.num_replicas}"
+            )
+        self.source_sizes = sizes
+        self.offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+        self.epoch = 0
+
+        global_full = min(sizes[k] // self.quotas[k] for k in active)
+        self.num_full_batches = global_full // self.num_replicas
+        used = self.num_full_batches * self.num_replicas
+        self.last_quotas = [0] * len(sizes)
+        if not self.drop_last:
+            left = zip(sizes, self.quotas, strict=True)
+            avail = [(n - used * q) // self.num_replicas for n, q in left]
+            for m in range(self.batch_size - 1, 0, -1):
+                shares = _apportion(self.weights, m)
+                if all(c <= a for c, a in zip(shares, avail, strict=True)):
+                    self.last_quotas = shares
+                    break
+        if len(self) == 0:
+            raise ValueError(
+                f"{_NAME}: `source_sizes`={sizes} cannot fill a single batch of quotas "
+                f"{self.quotas} per rank on {self.num_replicas} rank(s)"
+            )
+
+    @property
+    def sampler(self) -> _EpochView:  # type: ignore[override]
+        """The flat index stream of this rank's batches; its ``set_epoch`` is this sampler's."""
+        return _EpochView(self)
+
+    @property
+    def num_samples(self) -> int:
+        """Indices this rank yields per epoch (all batches together)."""
+        return self.num_full_batches * self.batch_size + sum(self.last_quotas)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch``: the permutations use the seed ``seed + epoch``."""
+        self.epoch = _check_int("epoch", epoch, 0)
+
+    def __len__(self) -> int:
+        return self.num_full_batches + (1 if sum(self.last_quotas) > 0 else 0)
+
+    def _inner_shuffle(self, batches: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if not self.shuffle or batches.numel() == 0:
+            return batches
+        keys = torch.rand(batches.shape, generator=generator)
+        return batches.gather(1, keys.argsort(dim=1))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        world, full = self.num_replicas, self.num_full_batches
+        full_parts, last_parts = [], []
+        for size, offset, q, c in zip(
+            self.source_sizes, self.offsets, self.quotas, self.last_quotas, strict=True
+        ):
+            if q == 0:
+                continue
+            if self.shuffle:
+                order = torch.randperm(size, generator=generator) + offset
+            else:
+                order = torch.arange(offset, offset + size)
+            used = full * world * q
+            full_parts.append(order[:used].view(full * world, q))
+            last_parts.append(order[used : used + world * c].view(world, c))
+        batches = self._inner_shuffle(torch.cat(full_parts, dim=1), generator)
+        yield from batches[self.rank :: world].tolist()
+        last = self._inner_shuffle(torch.cat(last_parts, dim=1), generator)[self.rank]
+        if last.numel() > 0:
+            yield last.tolist()
+
+    def __repr__(self) -> str:
+        return (
+            f"{_NAME}(source_sizes={self.source_sizes}, batch_size={self.batch_size}, "
+            f"quotas={self.quotas}, shuffle={self.shuffle}, drop_last={self.drop_last}, "
+            f"seed={self.seed}, num_replicas={self.num_replicas}, rank={self.rank})"
+        )
