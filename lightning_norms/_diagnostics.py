@@ -1,0 +1,335 @@
+"""Statistics behind ``BatchNormDoctor``: plain tensor code, no Lightning import.
+
+Two accumulators are fed from forward pre-hooks of BN layers. Each call is reduced to
+per-channel figures on the input's device with a handful of small ops and no host sync; the
+figures are read once per check. Every accumulator keeps one row per *group* (one row for a
+plain BN layer, one per domain for ``DomainBatchNorm``) so per-domain statistics come for free.
+
+* :class:`BatchSpread` answers "is each training batch a fair sample of the data?". Per group
+  ``g`` and channel ``c``, with ``m[n]`` the channel mean of sample ``n`` (over H, W, ...),
+  ``mu_t`` the batch mean of ``m`` and ``s2_t`` its unbiased within-batch variance over the
+  ``N_t`` samples of call ``t``:
+
+  .. math::
+      R = \\frac{\\sum_{t>1} (\\mu_t - \\mu_{t-1})^2 / (2 (T - 1))}{\\sum_t s^2_t / N_t \\, / \\, T}
+
+  The numerator is the von Neumann (successive-difference) estimate of the variance of the
+  batch means across calls, insensitive to the slow drift of activations while the weights
+  train; the denominator is the variance a mean of ``N`` i.i.d. samples would have. Shuffled
+  batches give ``R ~ 1`` (less with stratified or without-replacement sampling); class-sorted,
+  single-source or alternating-source batches give ``R >> 1``. Samples, not pixels, are the
+  i.i.d. units: positions inside one sample are correlated.
+
+* :class:`MomentAccumulator` collects exact per-channel population moments (count, mean, M2,
+  merged with Chan's parallel formula) of the inputs a BN layer sees, e.g. in validation, and
+  :func:`eval_mismatch` compares them with the layer's running statistics.
+
+Under ``torch.distributed`` both accumulators have an ``all_reduce()`` that every rank must call;
+the result equals one process that saw every rank's calls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "BatchSpread",
+    "MomentAccumulator",
+    "eval_mismatch",
+    "sample_channel_means",
+    "summarise_spread",
+]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_(tensors: list[Tensor], op: dist.ReduceOp.RedOpType) -> None:
+    """All-reduce a list of same-device tensors in place with one collective (no-op off DDP)."""
+    if not _distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
+    dist.all_reduce(flat, op=op)
+    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        t.copy_(chunk.view_as(t))
+
+
+def sample_channel_means(x: Tensor) -> Tensor:
+    """Per-sample, per-channel means of a BN input, in fp32.
+
+    Args:
+        x: a BN layer's input, ``[N, C]`` or ``[N, C, *]``.
+
+    Returns:
+        ``[N, C]`` float32: the mean of every sample's channel over its positions (``x`` itself,
+        cast to fp32, for ``[N, C]`` input).
+
+    Raises:
+        ValueError: if ``x`` has fewer than 2 dimensions.
+
+    Example:
+        >>> sample_channel_means(torch.ones(2, 3, 4, 4)).shape
+        torch.Size([2, 3])
+    """
+    if x.dim() < 2:
+        raise ValueError(
+            f"sample_channel_means: expected input [N, C, *], got shape {tuple(x.shape)}"
+        )
+    if x.dim() == 2:
+        return x.float()
+    return x.mean(dim=tuple(range(2, x.dim())), dtype=torch.float32)
+
+
+def _group_counts(groups: Tensor, num_groups: int, dtype: torch.dtype) -> Tensor:
+    ones = torch.ones(groups.shape[0], dtype=dtype, device=groups.device)
+    return torch.zeros(num_groups, dtype=dtype, device=groups.device).index_add_(0, groups, ones)
+
+
+def _group_sums(values: Tensor, groups: Tensor, num_groups: int) -> Tensor:
+    out = torch.zeros(num_groups, values.shape[1], dtype=values.dtype, device=values.device)
+    return out.index_add_(0, groups, values)
+
+
+class BatchSpread:
+    """Between-batch vs within-batch spread of channel means over successive training calls.
+
+    See the module docstring for the statistic ``R``. Feed every training call of one BN layer
+    to :meth:`update`; read :meth:`ratio` (``[G, C]``) after :meth:`all_reduce` under DDP.
+
+    Args:
+        num_groups: rows (1 for a plain BN layer, ``num_domains`` for a domain-split one).
+        num_channels: ``C``.
+        device: where the accumulators live (the layer's device).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> spread = BatchSpread(1, 4, "cpu")
+        >>> for _ in range(50):
+        ...     _ = spread.update(torch.randn(32, 4, 3, 3))
+        >>> bool(0.5 < summarise_spread(spread.ratio(), spread.num_batches, 10)[0] < 2.0)
+        True
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, device: torch.device | str) -> None:
+        kw = {"dtype": torch.float32, "device": device}
+        self.num_groups = num_groups
+        self.diff2 = torch.zeros(num_groups, num_channels, **kw)
+        self.num_diffs = torch.zeros(num_groups, **kw)
+        self.within = torch.zeros(num_groups, num_channels, **kw)
+        self.num_batches = torch.zeros(num_groups, **kw)
+        self._prev = torch.zeros(num_groups, num_channels, **kw)
+        self._has_prev = torch.zeros(num_groups, dtype=torch.bool, device=device)
+        # the ungrouped path counts on the host: no device op for a count known on the host
+        self._host_batches = 0
+        self._host_diffs = 0
+        self._host_prev = False
+
+    def update(self, x: Tensor, groups: Tensor | None = None) -> Tensor | None:
+        """Add one call's input ``x`` (``[N, C, *]``); ``groups``: ``LongTensor[N]`` of rows.
+
+        Returns the per-group sample counts ``[G]`` when ``groups`` is given (``None`` otherwise,
+        the count is ``x.shape[0]``). Calls with fewer than 2 samples in a group add nothing for
+        that group.
+        """
+        m = sample_channel_means(x)
+        if groups is None:
+            n = m.shape[0]
+            if n < 2:
+                return None
+            s2, mu = torch.var_mean(m, dim=0)
+            self.within[0].add_(s2, alpha=1.0 / n)
+            self._host_batches += 1
+            if self._host_prev:
+                d = mu - self._prev[0]
+                self.diff2[0].addcmul_(d, d)
+                self._host_diffs += 1
+            self._prev[0].copy_(mu)
+            self._host_prev = True
+            return None
+        cnt = _group_counts(groups, self.num_groups, m.dtype)
+        mu = _group_sums(m, groups, self.num_groups) / cnt.clamp(min=1.0)[:, None]
+        dev = m - mu[groups]
+        s2 = _group_sums(dev * dev, groups, self.num_groups) / (cnt - 1.0).clamp(min=1.0)[:, None]
+        present = cnt >= 2
+        self.within.addcmul_(s2, (present / cnt.clamp(min=1.0))[:, None])
+        self.num_batches.add_(present)
+        both = present & self._has_prev
+        d = (mu - self._prev) * both[:, None]
+        self.diff2.addcmul_(d, d)
+        self.num_diffs.add_(both)
+        self._prev.copy_(torch.where(present[:, None], mu, self._prev))
+        self._has_prev.logical_or_(present)
+        return cnt
+
+    def _fold_host_counts(self) -> None:
+        if self._host_batches:
+            self.num_batches[0] += self._host_batches
+            self.num_diffs[0] += self._host_diffs
+            self._host_batches = 0
+            self._host_diffs = 0
+
+    def all_reduce(self) -> None:
+        """Sum the accumulators over all ranks (one collective; every rank must call it)."""
+        self._fold_host_counts()
+        _all_reduce_([self.diff2, self.num_diffs, self.within, self.num_batches], dist.ReduceOp.SUM)
+
+    def ratio(self) -> Tensor:
+        """``R`` per group and channel, ``[G, C]``; NaN where it is undefined.
+
+        Undefined: fewer than one successive difference, or a channel with zero within-batch
+        variance (a dead channel).
+        """
+        self._fold_host_counts()
+        between = self.diff2 / (2.0 * self.num_diffs.clamp(min=1.0))[:, None]
+        expected = self.within / self.num_batches.clamp(min=1.0)[:, None]
+        ok = (expected > 0) & (self.num_diffs > 0)[:, None]
+        tiny = torch.finfo(torch.float32).tiny
+        return torch.where(ok, between / expected.clamp(min=tiny), torch.nan)
+
+
+def summarise_spread(ratio: Tensor, num_batches: Tensor, min_batches: int) -> Tensor:
+    """One figure per group: the median of ``R`` over channels, NaN with < ``min_batches`` calls.
+
+    The median makes the figure robust to a few noisy or near-dead channels; an unrepresentative
+    batch (class-sorted, single-source) shifts most channels.
+
+    Args:
+        ratio: ``[G, C]`` from :meth:`BatchSpread.ratio`.
+        num_batches: ``[G]`` calls that contributed per group.
+        min_batches: fewest calls for a figure; below it the estimate is too noisy to judge.
+
+    Example:
+        >>> summarise_spread(torch.tensor([[1.0, 9.0, 2.0]]), torch.tensor([20.0]), 10)
+        tensor([2.])
+    """
+    med = ratio.nanmedian(dim=1).values
+    return torch.where(num_batches >= max(min_batches, 2), med, torch.nan)
+
+
+class MomentAccumulator:
+    """Exact per-channel population moments (count, mean, M2) of the inputs a BN layer sees.
+
+    Chan et al.'s parallel update merges each call (and, under DDP, each rank) exactly, with
+    no sum-of-squares cancellation. ``var()`` is unbiased like torch's ``running_var``.
+
+    Args:
+        num_groups: rows (1 for a plain BN layer, ``num_domains`` for a domain-split one).
+        num_channels: ``C``.
+        device: where the accumulators live.
+
+    Example:
+        >>> x = torch.randn(8, 3, 5, 5)
+        >>> acc = MomentAccumulator(1, 3, "cpu")
+        >>> acc.update(x[:3]); acc.update(x[3:])
+        >>> torch.allclose(acc.mean[0], x.mean((0, 2, 3)), atol=1e-6)
+        True
+        >>> torch.allclose(acc.var()[0], x.transpose(0, 1).reshape(3, -1).var(1), atol=1e-5)
+        True
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, device: torch.device | str) -> None:
+        kw = {"dtype": torch.float32, "device": device}
+        self.num_groups = num_groups
+        self.count = torch.zeros(num_groups, **kw)
+        self.mean = torch.zeros(num_groups, num_channels, **kw)
+        self.m2 = torch.zeros(num_groups, num_channels, **kw)
+
+    def _merge(self, cnt: Tensor, mean: Tensor, m2: Tensor) -> None:
+        total = self.count + cnt
+        w = cnt / total.clamp(min=1.0)
+        delta = mean - self.mean
+        self.mean.addcmul_(delta, w[:, None])
+        self.m2.add_(m2).addcmul_(delta * delta, (self.count * w)[:, None])
+        self.count.copy_(total)
+
+    def update(self, x: Tensor, groups: Tensor | None = None) -> None:
+        """Add one call's input ``x`` (``[N, C, *]``); ``groups``: ``LongTensor[N]`` of rows."""
+        xf = x.float()
+        c = xf.shape[1]
+        if groups is None:
+            dims = (0, *range(2, xf.dim()))
+            var, mean = torch.var_mean(xf, dim=dims, correction=0)
+            n = xf.numel() // c
+            cnt = torch.tensor([float(n)], device=xf.device)
+            self._merge(cnt, mean[None], (var * n)[None])
+            return
+        positions = xf[0, 0].numel() if xf.shape[0] else 1
+        if xf.dim() == 2:
+            sample_var, sample_mean = torch.zeros_like(xf), xf
+        else:
+            sample_var, sample_mean = torch.var_mean(xf.flatten(2), dim=2, correction=0)
+        samples = _group_counts(groups, self.num_groups, xf.dtype)
+        mean = _group_sums(sample_mean, groups, self.num_groups) / samples.clamp(min=1.0)[:, None]
+        dev = sample_mean - mean[groups]
+        m2 = positions * (
+            _group_sums(sample_var, groups, self.num_groups)
+            + _group_sums(dev * dev, groups, self.num_groups)
+        )
+        self._merge(samples * positions, mean, m2)
+
+    def all_reduce(self) -> None:
+        """Merge the moments of all ranks exactly (two collectives; every rank must call it)."""
+        if not _distributed():
+            return
+        sums = [self.count.clone(), self.mean * self.count[:, None]]
+        _all_reduce_(sums, dist.ReduceOp.SUM)
+        total, mean = sums[0], sums[1] / sums[0].clamp(min=1.0)[:, None]
+        delta = self.mean - mean
+        m2 = self.m2 + delta * delta * self.count[:, None]
+        _all_reduce_([m2], dist.ReduceOp.SUM)
+        self.count.copy_(total)
+        self.mean.copy_(mean)
+        self.m2.copy_(m2)
+
+    def var(self) -> Tensor:
+        """Unbiased population variance ``[G, C]``."""
+        return self.m2 / (self.count - 1.0).clamp(min=1.0)[:, None]
+
+
+def eval_mismatch(
+    count: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """How far a BN layer's running statistics are from the population it normalises at eval.
+
+    In eval mode BN outputs ``(x - running_mean) / sqrt(running_var + eps)`` (before the affine
+    part). On inputs with population mean ``mu`` and variance ``v`` that output has, per channel,
+
+    .. math::
+        \\text{mean shift} = \\frac{|\\mu - \\text{running\\_mean}|}{\\sqrt{\\text{running\\_var}
+        + \\epsilon}}, \\qquad
+        \\text{log var ratio} = \\left|\\log\\frac{v + \\epsilon}{\\text{running\\_var} +
+        \\epsilon}\\right|
+
+    (ideally 0 and 0: zero mean, unit variance). Both are averaged over channels.
+
+    Args:
+        count: ``[G]`` values per channel seen per group (groups with ``count < 2`` give NaN).
+        mean: ``[G, C]`` population mean.
+        var: ``[G, C]`` population variance.
+        running_mean: ``[C]`` or ``[G, C]``.
+        running_var: ``[C]`` or ``[G, C]``.
+        eps: the layer's ``eps``.
+
+    Returns:
+        ``(mean_shift, log_var_ratio)``, each ``[G]``.
+
+    Example:
+        >>> shift, lvr = eval_mismatch(torch.tensor([100.0]), torch.full((1, 2), 2.0),
+        ...                            torch.full((1, 2), 4.0), torch.zeros(2), torch.ones(2), 0.0)
+        >>> shift.tolist(), round(lvr.item(), 4)
+        ([2.0], 1.3863)
+    """
+    rm = running_mean.float().reshape(-1, mean.shape[1])
+    rv = running_var.float().reshape(-1, mean.shape[1])
+    shift = ((mean - rm).abs() / (rv + eps).sqrt()).mean(dim=1)
+    lvr = ((var + eps).log() - (rv + eps).log()).abs().mean(dim=1)
+    ok = count >= 2
+    return torch.where(ok, shift, torch.nan), torch.where(ok, lvr, torch.nan)
