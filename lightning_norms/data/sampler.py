@@ -59,18 +59,8 @@ def _as_fraction(k: int, value: Any) -> Fraction:
     return Fraction(value).limit_denominator(10**9)
 
 
-def _dist_default(num_replicas: int | None, rank: int | None, sampler: Any) -> tuple[int, int]:
-    """Fill in ``num_replicas``/``rank``: explicit, else the injected sampler's, else dist's."""
-    initialised = dist.is_available() and dist.is_initialized()
-    if num_replicas is None:
-        num_replicas = getattr(sampler, "num_replicas", None)
-    if num_replicas is None:
-        num_replicas = dist.get_world_size() if initialised else 1
-    if rank is None:
-        rank = getattr(sampler, "rank", None)
-    if rank is None:
-        rank = dist.get_rank() if initialised else 0
-    return num_replicas, rank
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 class _EpochView(Sampler[int]):
@@ -126,16 +116,19 @@ class MixingBatchSampler(BatchSampler):
     ``shuffle=False``: sources are read in order and a batch lists source 0's quota, then source
     1's, ... (no shuffling at all, for evaluation).
 
-    Lightning: create the ``DataLoader(dataset, batch_sampler=sampler)`` inside the
-    ``train_dataloader()`` hook of a DataModule/LightningModule. Under DDP with the default
-    ``Trainer(use_distributed_sampler=True)``, Lightning re-creates this sampler from the
-    arguments it was built with plus ``sampler=DistributedSampler(...)``; the re-created sampler
-    takes ``num_replicas``/``rank`` from that sampler (when not given explicitly), ignores its
-    order and yields the same batches. ``Trainer(use_distributed_sampler=False)`` works too (the
-    sampler reads rank and world size from ``torch.distributed`` itself). A DataLoader built
-    outside a hook cannot be re-created: Lightning then calls this class with a sampler as first
-    argument, which raises ``TypeError`` saying what to do. Lightning's per-epoch ``set_epoch``
-    reaches this sampler through ``self.sampler`` (the flat view of its indices).
+    Lightning (verified with Lightning 2.6, ``strategy="ddp"``): create the
+    ``DataLoader(dataset, batch_sampler=sampler)`` inside the ``train_dataloader()`` hook of a
+    DataModule or LightningModule. With the default ``Trainer(use_distributed_sampler=True)``,
+    Lightning re-creates a custom ``BatchSampler`` subclass from the arguments it was built with
+    plus ``sampler=DistributedSampler(...)``; the re-created sampler takes ``num_replicas`` and
+    ``rank`` from that sampler (unless given explicitly), never uses its order, and yields the
+    same batches. ``Trainer(use_distributed_sampler=False)`` also works, wherever the DataLoader
+    is built: Lightning then leaves it alone and the sampler reads rank and world size from
+    ``torch.distributed`` when it is used. A DataLoader built outside a hook with the default
+    flag cannot be re-created: Lightning calls this class with a sampler as first argument,
+    which raises a ``TypeError`` saying to do one of the two above. Lightning calls ``set_epoch``
+    on ``dataloader.batch_sampler.sampler`` each epoch; ``self.sampler`` (the flat view of this
+    rank's indices) forwards it here, so every epoch is reshuffled.
 
     Args:
         source_sizes: number of examples of each source, in ``ConcatDataset`` order.
@@ -147,8 +140,9 @@ class MixingBatchSampler(BatchSampler):
             smaller batch described above.
         seed: base seed; epoch ``e`` uses ``seed + e``. Default ``0``.
         num_replicas: number of ranks. Default ``None``: the world size of the initialised
-            ``torch.distributed`` group, else 1.
-        rank: this rank. Default ``None``: ``torch.distributed``'s rank, else 0.
+            ``torch.distributed`` group, else 1, read whenever the sampler is used (so a sampler
+            built before the process group is initialised still shards correctly).
+        rank: this rank. Default ``None``: ``torch.distributed``'s rank, else 0 (read likewise).
         sampler: for Lightning's re-instantiation only (see above): a ``DistributedSampler``
             whose ``num_replicas``/``rank`` are used when those arguments are ``None``. Its
             order is never used. Default ``None``.
@@ -244,34 +238,75 @@ class MixingBatchSampler(BatchSampler):
             raise ValueError(
                 f"{_NAME}: `source_sizes`={sizes} has empty source(s) {empty} with a positive ratio"
             )
-        num_replicas, rank = _dist_default(num_replicas, rank, sampler)
-        self.num_replicas = _check_int("num_replicas", num_replicas, 1)
-        self.rank = _check_int("rank", rank, 0)
-        if self.rank >= self.num_replicas:
-            raise ValueError(
-                f"{_NAME}: `rank`={self.rank} must be < `num_replicas`={self.num_replicas}"
-            )
+        if num_replicas is None:
+            num_replicas = getattr(sampler, "num_replicas", None)
+        if rank is None:
+            rank = getattr(sampler, "rank", None)
+        self._num_replicas = (
+            None if num_replicas is None else _check_int("num_replicas", num_replicas, 1)
+        )
+        self._rank = None if rank is None else _check_int("rank", rank, 0)
         self.source_sizes = sizes
         self.offsets = [sum(sizes[:k]) for k in range(len(sizes))]
         self.epoch = 0
-
-        global_full = min(sizes[k] // self.quotas[k] for k in active)
-        self.num_full_batches = global_full // self.num_replicas
-        used = self.num_full_batches * self.num_replicas
-        self.last_quotas = [0] * len(sizes)
-        if not self.drop_last:
-            left = zip(sizes, self.quotas, strict=True)
-            avail = [(n - used * q) // self.num_replicas for n, q in left]
-            for m in range(self.batch_size - 1, 0, -1):
-                shares = _apportion(self.weights, m)
-                if all(c <= a for c, a in zip(shares, avail, strict=True)):
-                    self.last_quotas = shares
-                    break
+        self._global_full = min(sizes[k] // self.quotas[k] for k in active)
+        self._layouts: dict[int, tuple[int, list[int]]] = {}
+        if self._rank is not None and self._rank >= self.num_replicas:
+            raise ValueError(
+                f"{_NAME}: `rank`={self._rank} must be < `num_replicas`={self.num_replicas}"
+            )
         if len(self) == 0:
             raise ValueError(
                 f"{_NAME}: `source_sizes`={sizes} cannot fill a single batch of quotas "
                 f"{self.quotas} per rank on {self.num_replicas} rank(s)"
             )
+
+    @property
+    def num_replicas(self) -> int:
+        """Number of ranks: the argument, else the world size of ``torch.distributed``, else 1.
+
+        Read at every use, so a sampler built before the process group exists still shards.
+        """
+        if self._num_replicas is not None:
+            return self._num_replicas
+        return dist.get_world_size() if _dist_ready() else 1
+
+    @property
+    def rank(self) -> int:
+        """This rank: the argument, else ``torch.distributed``'s rank, else 0."""
+        rank = self._rank
+        if rank is None:
+            rank = dist.get_rank() if _dist_ready() else 0
+        if rank >= self.num_replicas:
+            raise ValueError(f"{_NAME}: `rank`={rank} must be < `num_replicas`={self.num_replicas}")
+        return rank
+
+    def _layout(self) -> tuple[int, list[int]]:
+        """Full batches per rank and the last batch's quotas, for the current world size."""
+        world = self.num_replicas
+        if world not in self._layouts:
+            full = self._global_full // world
+            last = [0] * len(self.source_sizes)
+            if not self.drop_last:
+                left = zip(self.source_sizes, self.quotas, strict=True)
+                avail = [(n - full * world * q) // world for n, q in left]
+                for m in range(self.batch_size - 1, 0, -1):
+                    shares = _apportion(self.weights, m)
+                    if all(c <= a for c, a in zip(shares, avail, strict=True)):
+                        last = shares
+                        break
+            self._layouts[world] = (full, last)
+        return self._layouts[world]
+
+    @property
+    def num_full_batches(self) -> int:
+        """Full batches per rank and epoch."""
+        return self._layout()[0]
+
+    @property
+    def last_quotas(self) -> list[int]:
+        """Per-source counts of the last, smaller batch (all zero: no such batch)."""
+        return self._layout()[1]
 
     @property
     def sampler(self) -> _EpochView:  # type: ignore[override]
@@ -281,14 +316,16 @@ class MixingBatchSampler(BatchSampler):
     @property
     def num_samples(self) -> int:
         """Indices this rank yields per epoch (all batches together)."""
-        return self.num_full_batches * self.batch_size + sum(self.last_quotas)
+        full, last = self._layout()
+        return full * self.batch_size + sum(last)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch``: the permutations use the seed ``seed + epoch``."""
         self.epoch = _check_int("epoch", epoch, 0)
 
     def __len__(self) -> int:
-        return self.num_full_batches + (1 if sum(self.last_quotas) > 0 else 0)
+        full, last = self._layout()
+        return full + (1 if sum(last) > 0 else 0)
 
     def _inner_shuffle(self, batches: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if not self.shuffle or batches.numel() == 0:
@@ -299,10 +336,11 @@ class MixingBatchSampler(BatchSampler):
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
-        world, full = self.num_replicas, self.num_full_batches
+        world, rank = self.num_replicas, self.rank
+        full, last_quotas = self._layout()
         full_parts, last_parts = [], []
         for size, offset, q, c in zip(
-            self.source_sizes, self.offsets, self.quotas, self.last_quotas, strict=True
+            self.source_sizes, self.offsets, self.quotas, last_quotas, strict=True
         ):
             if q == 0:
                 continue
@@ -314,8 +352,8 @@ class MixingBatchSampler(BatchSampler):
             full_parts.append(order[:used].view(full * world, q))
             last_parts.append(order[used : used + world * c].view(world, c))
         batches = self._inner_shuffle(torch.cat(full_parts, dim=1), generator)
-        yield from batches[self.rank :: world].tolist()
-        last = self._inner_shuffle(torch.cat(last_parts, dim=1), generator)[self.rank]
+        yield from batches[rank::world].tolist()
+        last = self._inner_shuffle(torch.cat(last_parts, dim=1), generator)[rank]
         if last.numel() > 0:
             yield last.tolist()
 
@@ -323,5 +361,5 @@ class MixingBatchSampler(BatchSampler):
         return (
             f"{_NAME}(source_sizes={self.source_sizes}, batch_size={self.batch_size}, "
             f"quotas={self.quotas}, shuffle={self.shuffle}, drop_last={self.drop_last}, "
-            f"seed={self.seed}, num_replicas={self.num_replicas}, rank={self.rank})"
+            f"seed={self.seed}, num_replicas={self._num_replicas}, rank={self._rank})"
         )
