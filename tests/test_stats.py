@@ -1,0 +1,369 @@
+"""recompute_bn_stats: exact population statistics, restoration, warnings, DDP."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_norms.stats import BNStatsReport, recompute_bn_stats
+from tests._dist import run_ddp
+
+
+class SubclassBN1d(nn.BatchNorm1d):
+    """A BN subclass: takes the generic (input pre-hook) path instead of the fused-kernel one."""
+
+
+class SubclassBN2d(nn.BatchNorm2d):
+    """A BN subclass: takes the generic (input pre-hook) path instead of the fused-kernel one."""
+
+
+def mlp(bn: type[nn.Module] = nn.BatchNorm1d) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(5, 6), bn(6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 4), bn(4, momentum=None)
+    )
+
+
+def conv1d() -> nn.Module:
+    return nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.Conv1d(4, 2, 1))
+
+
+def conv2d(bn: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), bn(4), nn.ReLU(), nn.Conv2d(4, 5, 3), bn(5), nn.ReLU()
+    )
+
+
+def conv3d() -> nn.Module:
+    return nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.BatchNorm3d(3), nn.ReLU())
+
+
+def make_batches(shape: tuple[int, ...], sizes: list[int], seed: int = 0) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, *shape, generator=g) * 2.0 + 3.0 for n in sizes]
+
+
+CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "bn1d-2d-input": (mlp, (5,)),
+    "bn1d-2d-input-generic": (lambda: mlp(SubclassBN1d), (5,)),
+    "bn1d-3d-input": (conv1d, (3, 7)),
+    "bn2d": (conv2d, (3, 6, 5)),
+    "bn2d-generic": (lambda: conv2d(SubclassBN2d), (3, 6, 5)),
+    "bn3d": (conv3d, (2, 4, 3, 5)),
+}
+
+
+def bn_layers(model: nn.Module) -> dict[str, _BatchNorm]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+
+
+def reference_inputs(
+    model: nn.Module,
+    batches: list[Any],
+    forward: Callable[[nn.Module, Any], Any] = lambda m, b: m(b),
+) -> dict[str, list[tuple[Tensor, dict]]]:
+    """Capture every BN layer's inputs (and kwargs) over one pass of a copy of ``model``.
+
+    The copy runs as the documented pass does: BN layers in train mode with their EMA frozen
+    (momentum 0), every other module in eval mode.
+    """
+    ref = copy.deepcopy(model).eval()
+    captured: dict[str, list[tuple[Tensor, dict]]] = {}
+    for name, bn in bn_layers(ref).items():
+        bn.train()
+        bn.momentum = 0.0
+        captured[name] = []
+
+        def hook(m: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
+            captured[name].append((args[0].detach().double(), dict(kwargs)))
+
+        bn.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        for batch in batches:
+            forward(ref, batch)
+    return captured
+
+
+def exact_stats(xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Float64 mean and unbiased variance per channel (dim 1) over all captured inputs."""
+    flat = torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in xs], dim=1)
+    var, mean = torch.var_mean(flat, dim=1, correction=1)
+    return mean, var
+
+
+def assert_close_to(buffer: Tensor, expected: Tensor) -> None:
+    torch.testing.assert_close(buffer.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_stats_equal_exact_population_stats(case: str) -> None:
+    factory, shape = CASES[case]
+    torch.manual_seed(0)
+    model = factory()
+    batches = make_batches(shape, [16, 16, 16, 7])  # uneven last batch
+    captured = reference_inputs(model, batches)
+    report = recompute_bn_stats(model, batches, num_batches=4)
+    layers = bn_layers(model)
+    assert len(report) == len(layers)
+    for name, bn in layers.items():
+        mean, var = exact_stats([x for x, _ in captured[name]])
+        assert_close_to(bn.running_mean, mean)
+        assert_close_to(bn.running_var, var)
+    assert report.num_batches == 4
+    counts = {layer.name: layer.count for layer in report.layers}
+    first = next(iter(layers))
+    assert counts[first] == sum(x[0].numel() // x[0].shape[1] for x in captured[first])
+
+
+def test_float64_model_and_tensor_batches() -> None:
+    torch.manual_seed(0)
+    model = conv2d().double()
+    batches = [b.double() for b in make_batches((3, 6, 5), [9, 4])]
+    captured = reference_inputs(model, batches)
+    recompute_bn_stats(model, iter(batches), num_batches=2)
+    for name, bn in bn_layers(model).items():
+        mean, var = exact_stats([x for x, _ in captured[name]])
+        torch.testing.assert_close(bn.running_mean, mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(bn.running_var, var, rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_is_off_during_the_pass() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout(0.9), nn.BatchNorm1d(5))
+    batches = make_batches((5,), [32, 32])
+    recompute_bn_stats(model, batches, num_batches=2)
+    mean, var = exact_stats(batches)  # dropout off: the BN sees the raw inputs
+    assert_close_to(model[1].running_mean, mean.double())
+    assert_close_to(model[1].running_var, var.double())
+    assert model.training and model[0].training
+
+
+def test_default_forward_uses_first_element_of_tuple_batches() -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    xs = make_batches((5,), [10, 6])
+    batches = [(x, torch.zeros(len(x))) for x in xs]
+    captured = reference_inputs(model, xs)
+    recompute_bn_stats(model, batches, num_batches=2)
+    mean, var = exact_stats([x for x, _ in captured["1"]])
+    assert_close_to(model[1].running_mean, mean)
+    assert_close_to(model[1].running_var, var)
+
+
+def test_custom_forward_fn_and_endless_iterator() -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    xs = make_batches((5,), [8, 8, 8])
+    batches = itertools.cycle([{"x": x} for x in xs])
+    calls: list[int] = []
+
+    def forward(m: nn.Module, batch: dict) -> Tensor:
+        calls.append(1)
+        return m(batch["x"])
+
+    captured = reference_inputs(model, xs + xs[:2])
+    report = recompute_bn_stats(model, batches, num_batches=5, forward_fn=forward)
+    assert len(calls) == 5 and report.num_batches == 5
+    mean, var = exact_stats([x for x, _ in captured["5"]])
+    assert_close_to(model[5].running_mean, mean)
+    assert_close_to(model[5].running_var, var)
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "momentum": {n: m.momentum for n, m in bn_layers(model).items()},
+    }
+
+
+@pytest.mark.parametrize("bn", [nn.BatchNorm1d, SubclassBN1d])
+def test_weights_untouched_and_state_restored(bn: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    model = mlp(bn)
+    model[1].momentum = 0.3
+    model[1].num_batches_tracked.fill_(7)
+    model.train()
+    model[4].eval()  # mixed modes survive
+    model[5].eval()
+    before = snapshot(model)
+    recompute_bn_stats(model, make_batches((5,), [8, 8]), num_batches=2)
+    after = snapshot(model)
+    for key, value in before["state"].items():
+        if "running" in key:
+            assert not torch.equal(value, after["state"][key]), key
+        else:  # weights, biases, num_batches_tracked
+            assert torch.equal(value, after["state"][key]), key
+    assert after["training"] == before["training"]
+    assert after["momentum"] == {"1": 0.3, "5": None}
+
+
+@pytest.mark.parametrize("bn", [nn.BatchNorm1d, SubclassBN1d])
+def test_everything_restored_when_forward_fn_raises(bn: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    model = mlp(bn)
+    model.eval()
+    model[1].running_var.fill_(float("nan"))  # even a diverged EMA comes back bit for bit
+    before = snapshot(model)
+    seen: list[int] = []
+
+    def forward(m: nn.Module, batch: Tensor) -> Tensor:
+        seen.append(1)
+        if len(seen) == 3:
+            raise RuntimeError("boom")
+        return m(batch)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        recompute_bn_stats(model, make_batches((5,), [8, 8, 8, 8]), forward_fn=forward)
+    after = snapshot(model)
+    for key, value in before["state"].items():
+        torch.testing.assert_close(after["state"][key], value, equal_nan=True, rtol=0, atol=0)
+    assert after["training"] == before["training"]
+    assert after["momentum"] == before["momentum"]
+
+
+def test_short_loader_warns_with_both_numbers_and_uses_what_came() -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    batches = make_batches((5,), [8, 8, 5])
+    captured = reference_inputs(model, batches)
+    with pytest.warns(UserWarning, match=r"got 3 batch\(es\), asked for 50"):
+        report = recompute_bn_stats(model, batches, num_batches=50)
+    assert report.num_batches == 3 and report.num_batches_requested == 50
+    mean, var = exact_stats([x for x, _ in captured["1"]])
+    assert_close_to(model[1].running_mean, mean)
+    assert_close_to(model[1].running_var, var)
+
+
+def test_no_batch_at_all_warns_and_leaves_buffers() -> None:
+    model = mlp()
+    model[1].running_mean.fill_(2.0)
+    before = snapshot(model)
+    with pytest.warns(UserWarning, match=r"got 0 batch\(es\), asked for 4"):
+        report = recompute_bn_stats(model, [], num_batches=4)
+    assert len(report) == 0 and report.unseen == ["1", "5"]
+    for key, value in before["state"].items():
+        assert torch.equal(snapshot(model)["state"][key], value)
+
+
+def test_layers_without_running_stats_are_skipped_with_one_warning() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 6),
+        nn.BatchNorm1d(6, track_running_stats=False),
+        nn.Linear(6, 3),
+        nn.BatchNorm1d(3),
+        nn.BatchNorm1d(3, track_running_stats=False),
+    )
+    batches = make_batches((5,), [8, 8])
+    captured = reference_inputs(model, batches)
+    with pytest.warns(UserWarning, match="track_running_stats=False") as record:
+        report = recompute_bn_stats(model, batches, num_batches=2)
+    assert len([w for w in record if "track_running_stats" in str(w.message)]) == 1
+    assert "1, 4" in str(record[0].message)
+    assert report.skipped == ["1", "4"] and [layer.name for layer in report.layers] == ["3"]
+    mean, var = exact_stats([x for x, _ in captured["3"]])
+    assert_close_to(model[3].running_mean, mean)
+    assert_close_to(model[3].running_var, var)
+
+
+def test_model_without_bn_warns_and_returns_empty_report() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    consumed: list[int] = []
+
+    def gen() -> Iterator[Tensor]:
+        consumed.append(1)
+        yield torch.randn(2, 3)
+
+    with pytest.warns(UserWarning, match="no BatchNorm layer"):
+        report = recompute_bn_stats(model, gen())
+    assert isinstance(report, BNStatsReport) and len(report) == 0 and not consumed
+    assert report.mean_shift == 0.0 and report.var_shift == 0.0
+
+
+def test_report_shifts_and_table() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))
+    old_mean = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    old_var = torch.tensor([1.0, 4.0, 0.5, 2.0])
+    model[1].running_mean.copy_(old_mean)
+    model[1].running_var.copy_(old_var)
+    batches = make_batches((5,), [16, 16])
+    report = recompute_bn_stats(model, batches, num_batches=2)
+    new_mean, new_var = model[1].running_mean.double(), model[1].running_var.double()
+    eps = model[1].eps
+    expected_mean_shift = ((new_mean - old_mean).abs() / (new_var + eps).sqrt()).mean()
+    expected_var_shift = ((old_var - new_var).abs() / (new_var + eps)).mean()
+    (layer,) = report.layers
+    assert layer.count == 32 and layer.domain is None
+    assert layer.mean_shift == pytest.approx(float(expected_mean_shift), rel=1e-6)
+    assert layer.var_shift == pytest.approx(float(expected_var_shift), rel=1e-6)
+    assert report.mean_shift == layer.mean_shift and report.var_shift == layer.var_shift
+    table = str(report)
+    assert "mean shift" in table and "var shift" in table
+    assert f"{layer.mean_shift:.4g}" in table and "asked for 2" in table
+    again = recompute_bn_stats(model, batches, num_batches=2)  # same data: nothing to fix
+    assert again.mean_shift < 1e-6 and again.var_shift < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"model": "net"}, TypeError, "`model`"),
+        ({"batches": 3}, TypeError, "`batches`"),
+        ({"num_batches": 2.5}, TypeError, "`num_batches`"),
+        ({"num_batches": True}, TypeError, "`num_batches`"),
+        ({"num_batches": 0}, ValueError, "`num_batches` must be >= 1, got 0"),
+        ({"forward_fn": "model"}, TypeError, "`forward_fn`"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, error: type[Exception], match: str) -> None:
+    args: dict[str, Any] = {"model": mlp(), "batches": [torch.randn(4, 5)], **kwargs}
+    with pytest.raises(error, match=match):
+        recompute_bn_stats(**args)
+
+
+# --- DDP: every rank recomputes over its own shard ---------------------------------------------
+
+DDP_SIZES = {"uneven": ([8, 8, 5], [6, 6, 6, 6, 3]), "empty-rank": ([7, 9], [])}
+
+
+def ddp_model() -> nn.Module:
+    torch.manual_seed(0)
+    return conv2d(nn.BatchNorm2d).append(SubclassBN2d(5))
+
+
+def ddp_batches(scenario: str, rank: int) -> list[Tensor]:
+    return make_batches((3, 6, 5), DDP_SIZES[scenario][rank], seed=rank + 1)
+
+
+def _ddp_recompute(rank: int, world_size: int, scenario: str) -> dict[str, Tensor]:
+    model = ddp_model()
+    recompute_bn_stats(model, ddp_batches(scenario, rank), num_batches=5)
+    return {k: v for k, v in model.state_dict().items() if "running" in k}
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("scenario", sorted(DDP_SIZES))
+def test_ddp_ranks_agree_with_single_process(scenario: str) -> None:
+    rank0, rank1 = run_ddp(_ddp_recompute, scenario)
+    single = ddp_model()
+    all_batches = ddp_batches(scenario, 0) + ddp_batches(scenario, 1)
+    captured = reference_inputs(single, all_batches)
+    recompute_bn_stats(single, all_batches, num_batches=len(all_batches))
+    for key, value in single.state_dict().items():
+        if "running" not in key:
+            continue
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], value, rtol=1e-6, atol=1e-6)
+    for name, bn in bn_layers(single).items():
+        mean, var = exact_stats([x for x, _ in captured[name]])
+        assert_close_to(rank0[f"{name}.running_mean"], mean)
+        assert_close_to(rank0[f"{name}.running_var"], var)
+        assert_close_to(bn.running_var, var)
