@@ -1,0 +1,635 @@
+"""``BatchNormDoctor``: a Lightning callback that checks, per BN layer, how BatchNorm is used."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
+from typing_extensions import override
+
+from lightning_norms._diagnostics import (
+    BatchSpread,
+    MomentAccumulator,
+    all_reduce_max_,
+    all_reduce_moments,
+    all_reduce_spreads,
+    eval_mismatch,
+    summarise_spread,
+)
+
+__all__ = ["BNFinding", "BatchNormDoctor", "BatchNormDoctorWarning"]
+
+CHECKS = (
+    "batch_spread",
+    "calls_per_step",
+    "batch_size",
+    "eval_mean_shift",
+    "eval_var_ratio",
+    "shuffle",
+)
+_TRAIN_CHECKS = frozenset({"batch_spread", "calls_per_step", "batch_size"})
+_EVAL_CHECKS = frozenset({"eval_mean_shift", "eval_var_ratio"})
+
+
+class BatchNormDoctorWarning(UserWarning):
+    """Category of every ``BatchNormDoctor`` finding (filter it with ``warnings`` as usual)."""
+
+
+@dataclass(frozen=True)
+class BNFinding:
+    """One problem found by ``BatchNormDoctor``.
+
+    Attributes:
+        check: one of ``batch_spread``, ``calls_per_step``, ``batch_size``,
+            ``eval_mean_shift``, ``eval_var_ratio``, ``shuffle``.
+        layer: the BN layer's module path inside the LightningModule (e.g. ``body.1``); for
+            ``shuffle`` the DataLoader (``train_dataloader``, ``train_dataloader[1]``, ...).
+        value: the figure measured (NaN for ``shuffle``).
+        threshold: the threshold it crossed (NaN for ``shuffle``).
+        message: the warning text, with the remedy.
+    """
+
+    check: str
+    layer: str
+    value: float
+    threshold: float
+    message: str
+
+
+def _dim_suffix(module: nn.Module) -> str:
+    match = re.search(r"([123]d)$", type(module).__name__)
+    return match.group(1) if match else "2d"
+
+
+def _module_device(module: nn.Module, default: torch.device) -> torch.device:
+    for t in (*module.buffers(), *module.parameters()):
+        return t.device
+    return default
+
+
+def _nanmax(values: Tensor) -> Tensor:
+    """Max over a 1-D tensor ignoring NaN; NaN when every entry is NaN."""
+    best = torch.where(values.isnan(), -torch.inf, values).max()
+    return torch.where(best == -torch.inf, torch.nan, best)
+
+
+def _sync_world_size(module: nn.Module) -> int:
+    """How many ranks a layer pools its batch statistics over (1 unless it syncs under DDP)."""
+    syncs = isinstance(module, nn.SyncBatchNorm) or bool(getattr(module, "sync", False))
+    group = getattr(module, "process_group", None)
+    if not (syncs or group is not None):
+        return 1
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size(group)
+
+
+def _loaders(obj: Any, name: str) -> list[tuple[str, Any]]:
+    if isinstance(obj, Mapping):
+        return [item for k, v in obj.items() for item in _loaders(v, f"{name}[{k!r}]")]
+    if isinstance(obj, Sequence) and not isinstance(obj, str):
+        return [item for i, v in enumerate(obj) for item in _loaders(v, f"{name}[{i}]")]
+    return [(name, obj)]
+
+
+def _unshuffled(loader: Any) -> bool:
+    """Whether a DataLoader visibly reads its data in order (SequentialSampler, shuffle=False)."""
+    if not isinstance(loader, DataLoader):
+        return False
+    sampler: Any = loader.sampler
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is not None:
+        if not isinstance(batch_sampler, BatchSampler):
+            shuffle = getattr(batch_sampler, "shuffle", None)
+            if isinstance(shuffle, bool):
+                return not shuffle
+        sampler = getattr(batch_sampler, "sampler", sampler)
+    if isinstance(sampler, SequentialSampler):
+        return True
+    return isinstance(sampler, DistributedSampler) and not sampler.shuffle
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "n/a" if math.isnan(value) else format(value, spec)
+
+
+@rank_zero_only
+def _print_table(title: str, caption: str, columns: list[str], rows: list[list[str]]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+        lines = [title, "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+        print("\n".join([*lines, caption]))
+        return
+    table = Table(title=title, caption=caption)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i in (0, 1, len(columns) - 1) else "right")
+    for row in rows:
+        table.add_row(*row, style=None if row[-1] == "ok" else "bold red")
+    Console().print(table)
+
+
+class _Probe:
+    """Hook state of one BN layer: accumulators for the current check."""
+
+    def __init__(self, name: str, module: _BatchNorm) -> None:
+        self.name = name
+        self.module = module
+        self.grouped = callable(getattr(module, "resolve_domain", None))
+        self.num_groups = int(getattr(module, "num_domains", 1)) if self.grouped else 1
+        self.handle: Any = None
+        self.spread: BatchSpread | None = None
+        self.moments: MomentAccumulator | None = None
+        self.calls = 0
+        self.max_calls = 0
+        self.max_batch = 0
+        self.step_calls: Tensor | None = None
+        self.max_group_calls: Tensor | None = None
+        self.max_group_batch: Tensor | None = None
+
+    def reset_train(self, device: torch.device) -> None:
+        c = self.module.num_features
+        self.spread = BatchSpread(self.num_groups, c, device)
+        self.calls = self.max_calls = self.max_batch = 0
+        if self.grouped:
+            self.step_calls = torch.zeros(self.num_groups, device=device)
+            self.max_group_calls = torch.zeros(self.num_groups, device=device)
+            self.max_group_batch = torch.zeros(self.num_groups, device=device)
+
+    def reset_eval(self, device: torch.device) -> None:
+        self.moments = MomentAccumulator(self.num_groups, self.module.num_features, device)
+
+    def groups(self, x: Tensor, args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
+        domain = kwargs.get("domain", args[1] if len(args) > 1 else None)
+        return self.module.resolve_domain(x, domain)
+
+    def record_train(self, x: Tensor, groups: Tensor | None) -> None:
+        assert self.spread is not None
+        if groups is None:
+            self.spread.update(x)
+            self.calls += 1
+            self.max_batch = max(self.max_batch, x.shape[0])
+            return
+        cnt = self.spread.update(x, groups)
+        assert cnt is not None and self.step_calls is not None and self.max_group_batch is not None
+        self.step_calls.add_(cnt > 0)
+        torch.maximum(self.max_group_batch, cnt, out=self.max_group_batch)
+
+    def end_step(self) -> None:
+        if self.grouped:
+            assert self.step_calls is not None and self.max_group_calls is not None
+            torch.maximum(self.max_group_calls, self.step_calls, out=self.max_group_calls)
+            self.step_calls.zero_()
+        else:
+            self.max_calls = max(self.max_calls, self.calls)
+            self.calls = 0
+
+    def step_figures(self) -> tuple[Tensor, Tensor]:
+        """Largest calls per step and largest samples per call, per group, as tensors."""
+        if self.grouped:
+            assert self.max_group_calls is not None and self.max_group_batch is not None
+            return self.max_group_calls, self.max_group_batch
+        device = self.spread.diff2.device if self.spread is not None else None
+        return (
+            torch.tensor([float(self.max_calls)], device=device),
+            torch.tensor([float(self.max_batch)], device=device),
+        )
+
+
+class BatchNormDoctor(Callback):
+    r"""Checks every BatchNorm layer for the pitfalls that make BN train or evaluate badly.
+
+    The first article in the project's SEEDS asks every BN user two questions: is each training
+    batch a fair sample of the data, and do the running statistics used at test time match the
+    data? This callback answers both, per BN layer (any ``torch.nn.modules.batchnorm._BatchNorm``:
+    torch's, ``SyncBatchNorm``, ``BatchRenorm*d``, ``DomainBatchNorm*d``), with forward pre-hooks
+    that reduce each call to per-channel figures on the device (no host sync per step), plus three
+    common causes:
+
+    ``batch_spread`` (training) — between-batch vs within-batch spread of the activation means.
+        With ``m`` the per-sample channel means, ``mu_t`` their batch mean and ``s2_t / N_t`` the
+        variance a mean of ``N_t`` i.i.d. samples would have,
+        ``R = mean_t (mu_t - mu_{t-1})^2 / 2  /  mean_t s2_t / N_t`` (successive differences, so
+        slow drift while the weights train does not count); median over channels, max over
+        domains. Shuffled batches give ``R ~ 1``; unshuffled, class-sorted or single-source
+        batches give ``R >> 1``. Judged only with at least ``min_batches`` training calls.
+    ``calls_per_step`` (training) — how often a layer runs in train mode within one training
+        step (per domain for ``DomainBatchNorm``). More than one means towers sharing BN fed
+        separate batches: each is normalised with its own batch statistics, while the running
+        statistics used at eval average them (the MNIST/SVHN pitfall).
+    ``batch_size`` (training) — the most samples one call normalised together on this device
+        (per domain for ``DomainBatchNorm``; times the group size for layers that sync their
+        statistics). Samples, not pixels, are the independent units. ``BatchRenorm*d`` layers,
+        designed for small batches, are exempt.
+    ``eval_mean_shift`` / ``eval_var_ratio`` (validation) — exact per-channel mean ``mu`` and
+        variance ``v`` of every eval-mode input over the whole validation epoch (per domain for
+        ``DomainBatchNorm``, merged over ranks), compared with the running statistics the layer
+        normalises with: ``|mu - running_mean| / sqrt(running_var + eps)`` and
+        ``|log((v + eps) / (running_var + eps))|``, averaged over channels: the mean and log
+        variance of the layer's normalised eval output, 0 when they match. Flags EMA lag (tiny
+        momentum, fast-moving weights) and train/validation mismatch. Sanity-check validation
+        is skipped.
+    ``shuffle`` — the training DataLoader reads in order (``SequentialSampler``, or a sampler
+        with ``shuffle=False``); warned once.
+
+    Each finding is one ``rank_zero_warn`` (category :class:`BatchNormDoctorWarning`) naming the
+    layer's module path, the figure and the remedy this package offers. Each check epoch prints a
+    table of the training checks (at the end of the training epoch) and one of the eval checks
+    (after each validation run), with rich when it is installed, on rank zero; figures are
+    logged as ``bn_doctor/<check>/<layer>``. :attr:`findings` holds the findings of the last
+    check epoch (or ``trainer.validate`` run). Under DDP the figures are merged over ranks
+    (sums for the statistics, maxima for counts), so every rank reports the same findings.
+
+    Gradient checkpointing that re-runs a BN layer in train mode counts as a second call (it
+    also updates its running statistics twice). Hooks are installed at the start of ``fit`` /
+    ``validate`` and removed at teardown.
+
+    Args:
+        check_every_n_epochs: check during every n-th training epoch and its validation
+            (default ``1``); ``trainer.validate`` always checks.
+        max_batch_spread: flag ``R`` above this (default ``4.0``; shuffled data gives about 1,
+            and ``R > 4`` at batch size ``N`` means batch means differ by about
+            ``sqrt(8 / N)`` sample standard deviations more than chance).
+        max_calls_per_step: flag layers called more often per training step (default ``1``).
+        min_batch_size: flag layers normalising fewer samples per call (default ``16``).
+        max_mean_shift: flag an eval mean shift above this, in running standard deviations
+            (default ``0.5``).
+        max_log_var_ratio: flag a mean ``|log variance ratio|`` above this (default ``0.7``, a
+            factor of about 2).
+        min_batches: fewest training calls before ``batch_spread`` is judged (default ``10``).
+
+    Raises:
+        MisconfigurationException: on a non-positive ``check_every_n_epochs``,
+            ``max_calls_per_step``, ``min_batch_size`` or ``min_batches``, or a non-positive or
+            non-finite ``max_batch_spread``, ``max_mean_shift`` or ``max_log_var_ratio``.
+
+    Example:
+        >>> doctor = BatchNormDoctor(min_batch_size=8)
+        >>> doctor.findings
+        []
+        >>> # trainer = Trainer(callbacks=[doctor]); trainer.fit(model)
+    """
+
+    def __init__(
+        self,
+        check_every_n_epochs: int = 1,
+        max_batch_spread: float = 4.0,
+        max_calls_per_step: int = 1,
+        min_batch_size: int = 16,
+        max_mean_shift: float = 0.5,
+        max_log_var_ratio: float = 0.7,
+        min_batches: int = 10,
+    ) -> None:
+        ints = {
+            "check_every_n_epochs": check_every_n_epochs,
+            "max_calls_per_step": max_calls_per_step,
+            "min_batch_size": min_batch_size,
+            "min_batches": min_batches,
+        }
+        for name, value in ints.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MisconfigurationException(
+                    f"`{name}` should be a positive integer, got {value!r}."
+                )
+        floats = {
+            "max_batch_spread": max_batch_spread,
+            "max_mean_shift": max_mean_shift,
+            "max_log_var_ratio": max_log_var_ratio,
+        }
+        for name, value in floats.items():
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise MisconfigurationException(
+                    f"`{name}` should be a positive finite number, got {value!r}."
+                )
+        self._every = check_every_n_epochs
+        self._max_spread = float(max_batch_spread)
+        self._max_calls = max_calls_per_step
+        self._min_batch = min_batch_size
+        self._max_shift = float(max_mean_shift)
+        self._max_lvr = float(max_log_var_ratio)
+        self._min_batches = min_batches
+        self.findings: list[BNFinding] = []
+        self._probes: list[_Probe] = []
+        self._phase: str | None = None
+        self._phase_before_val: str | None = None
+        self._warned_shuffle: set[str] = set()
+
+    # ----------------------------------------------------------------- hooks on the BN layers
+    def _install(self, pl_module: pl.LightningModule) -> None:
+        if self._probes:
+            return
+        for name, module in pl_module.named_modules():
+            if isinstance(module, _BatchNorm):
+                probe = _Probe(name, module)
+                probe.handle = module.register_forward_pre_hook(
+                    partial(self._pre_hook, probe), with_kwargs=True
+                )
+                self._probes.append(probe)
+
+    def _remove(self) -> None:
+        for probe in self._probes:
+            probe.handle.remove()
+        self._probes = []
+        self._phase = None
+
+    def _pre_hook(
+        self, probe: _Probe, module: _BatchNorm, args: tuple, kwargs: dict[str, Any]
+    ) -> None:
+        phase = self._phase
+        if phase is None or not args or not isinstance(args[0], Tensor) or args[0].dim() < 2:
+            return
+        if phase == "train" and not module.training:
+            return
+        if phase == "val" and (module.training or module.running_mean is None):
+            return
+        x = args[0].detach()
+        groups = None
+        if probe.grouped:
+            try:
+                groups = probe.groups(x, args, kwargs)
+            except ValueError:
+                return  # the layer's own forward raises the same error
+        if phase == "train":
+            probe.record_train(x, groups)
+        else:
+            assert probe.moments is not None
+            probe.moments.update(x, groups)
+
+    def _is_check_epoch(self, trainer: pl.Trainer) -> bool:
+        return (trainer.current_epoch + 1) % self._every == 0
+
+    # ------------------------------------------------------------------- Lightning hooks
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._install(pl_module)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._install(pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._is_check_epoch(trainer):
+            self._phase = None
+            return
+        self.findings = []
+        for probe in self._probes:
+            probe.reset_train(_module_device(probe.module, pl_module.device))
+        self._phase = "train"
+        self._check_shuffle(trainer)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._phase == "train":
+            for probe in self._probes:
+                probe.end_step()
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._phase == "train":
+            self._phase = None
+            self._report_train(trainer, pl_module)
+
+    @override
+    def on_validation_epoch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
+        self._phase_before_val = self._phase
+        validating = trainer.state.fn == "validate"
+        if trainer.sanity_checking or not (validating or self._is_check_epoch(trainer)):
+            self._phase = None
+            return
+        if validating:
+            self.findings = []
+        for probe in self._probes:
+            probe.reset_eval(_module_device(probe.module, pl_module.device))
+        self._phase = "val"
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._phase == "val":
+            self._report_eval(trainer, pl_module)
+        self._phase = self._phase_before_val
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._remove()
+
+    # ---------------------------------------------------------------------------- checks
+    def _check_shuffle(self, trainer: pl.Trainer) -> None:
+        for name, loader in _loaders(trainer.train_dataloader, "train_dataloader"):
+            if not _unshuffled(loader):
+                continue
+            message = (
+                f"BatchNormDoctor: the training DataLoader `{name}` does not shuffle "
+                "(SequentialSampler / shuffle=False): every BatchNorm layer then normalises "
+                "batches that are not a random sample of the data. Pass `shuffle=True`, or "
+                "build mixed batches with `lightning_norms.data.MixingBatchSampler`."
+            )
+            self.findings.append(BNFinding("shuffle", name, math.nan, math.nan, message))
+            if name not in self._warned_shuffle:
+                self._warned_shuffle.add(name)
+                rank_zero_warn(message, category=BatchNormDoctorWarning)
+
+    def _flag(self, check: str, probe: _Probe, value: float, threshold: float, text: str) -> None:
+        message = f"BatchNormDoctor: BN layer `{probe.name}` {text}"
+        self.findings.append(BNFinding(check, probe.name, value, threshold, message))
+        rank_zero_warn(message, category=BatchNormDoctorWarning)
+
+    def _log(self, pl_module: pl.LightningModule, check: str, probe: _Probe, value: float) -> None:
+        if not math.isnan(value):
+            pl_module.log(f"bn_doctor/{check}/{probe.name}", value, sync_dist=True)
+
+    def _report_train(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._probes:
+            return
+        spreads = [p.spread for p in self._probes if p.spread is not None]
+        all_reduce_spreads(spreads)
+        step = [p.step_figures() for p in self._probes]
+        all_reduce_max_([t for pair in step for t in pair])
+        rows = []
+        for probe, (calls, batch) in zip(self._probes, step, strict=True):
+            assert probe.spread is not None
+            spread = summarise_spread(
+                probe.spread.ratio(), probe.spread.num_batches, self._min_batches
+            )
+            seen = batch[batch > 0]
+            smallest = seen.min() if seen.numel() else torch.tensor(math.nan, device=batch.device)
+            rows.append(torch.stack([_nanmax(spread), calls.max(), smallest]))
+        figures = torch.stack(rows).tolist()  # the one host sync of the check
+        table = []
+        for probe, (spread_v, calls_v, batch_v) in zip(self._probes, figures, strict=True):
+            d = _dim_suffix(probe.module)
+            batch_v *= _sync_world_size(probe.module)
+            per = " for the same domain" if probe.grouped else ""
+            failed = []
+            if spread_v > self._max_spread:
+                failed.append("batch_spread")
+                self._flag(
+                    "batch_spread",
+                    probe,
+                    spread_v,
+                    self._max_spread,
+                    f"sees training batches that are not a fair sample of the data: the batch "
+                    f"means of its input vary {spread_v:.1f}x more from batch to batch than "
+                    f"random batches would (threshold {self._max_spread:g}). Shuffle the "
+                    "training data and put every source in every batch "
+                    "(`lightning_norms.data.MixingBatchSampler`), or give each source its own "
+                    f"statistics (`lightning_norms.DomainBatchNorm{d}`).",
+                )
+            if calls_v > self._max_calls:
+                failed.append("calls_per_step")
+                self._flag(
+                    "calls_per_step",
+                    probe,
+                    calls_v,
+                    float(self._max_calls),
+                    f"ran {int(calls_v)} times{per} in one training step (threshold "
+                    f"{self._max_calls}): towers sharing BatchNorm fed separate batches are "
+                    "each normalised with their own batch statistics, while the running "
+                    "statistics used at eval average them. Feed one mixed batch "
+                    "(`lightning_norms.data.MixingBatchSampler`; "
+                    "`lightning_norms.data.mix_real_fake` for GAN discriminators) or give each "
+                    f"source its own statistics with `lightning_norms.DomainBatchNorm{d}`.",
+                )
+            exempt = type(probe.module).__name__.startswith("BatchRenorm")
+            if not exempt and batch_v < self._min_batch:
+                failed.append("batch_size")
+                self._flag(
+                    "batch_size",
+                    probe,
+                    batch_v,
+                    float(self._min_batch),
+                    f"normalises only {int(batch_v)} samples per call{per} on this device "
+                    f"(threshold {self._min_batch}): its batch statistics are noisy. Use "
+                    f"`lightning_norms.BatchRenorm{d}`, a batch-independent norm "
+                    "(`lightning_norms.convert_norms(model, 'group')` for GroupNorm), or "
+                    "synchronise the statistics across devices with "
+                    "`Trainer(plugins=[lightning_norms.NormSync()])`.",
+                )
+            self._log(pl_module, "batch_spread", probe, spread_v)
+            self._log(pl_module, "calls_per_step", probe, calls_v)
+            self._log(pl_module, "batch_size", probe, batch_v)
+            table.append(
+                [
+                    probe.name,
+                    type(probe.module).__name__,
+                    _fmt(spread_v, ".2f"),
+                    _fmt(calls_v, ".0f"),
+                    _fmt(batch_v, ".0f"),
+                    ", ".join(failed) or "ok",
+                ]
+            )
+        _print_table(
+            f"BatchNormDoctor, epoch {trainer.current_epoch}: are training batches fair samples?",
+            f"flagged: batch spread > {self._max_spread:g}, calls/step > {self._max_calls}, "
+            f"samples/call < {self._min_batch}",
+            ["layer", "type", "batch spread", "calls/step", "samples/call", "status"],
+            table,
+        )
+
+    def _report_eval(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.findings = [f for f in self.findings if f.check not in _EVAL_CHECKS]
+        probes = [p for p in self._probes if p.moments is not None]
+        if not probes:
+            return
+        accs = [p.moments for p in probes if p.moments is not None]
+        all_reduce_moments(accs)
+        rows = []
+        for probe, acc in zip(probes, accs, strict=True):
+            module = probe.module
+            if module.running_mean is None or module.running_var is None:
+                rows.append(torch.full((2,), math.nan, device=acc.mean.device))
+                continue
+            shift, lvr = eval_mismatch(
+                acc.count, acc.mean, acc.var(), module.running_mean, module.running_var, module.eps
+            )
+            rows.append(torch.stack([_nanmax(shift), _nanmax(lvr)]))
+        figures = torch.stack(rows).tolist()
+        table = []
+        for probe, (shift_v, lvr_v) in zip(probes, figures, strict=True):
+            d = _dim_suffix(probe.module)
+            remedy = (
+                "Recompute exact statistics after training with "
+                "`lightning_norms.callbacks.PreciseBN` (or "
+                "`lightning_norms.stats.recompute_bn_stats`); if sources differ, give each its "
+                f"own statistics with `lightning_norms.DomainBatchNorm{d}`."
+            )
+            failed = []
+            if shift_v > self._max_shift:
+                failed.append("eval_mean_shift")
+                self._flag(
+                    "eval_mean_shift",
+                    probe,
+                    shift_v,
+                    self._max_shift,
+                    f"is evaluated with a running mean {shift_v:.2f} running standard "
+                    "deviations away from the mean of its validation inputs (threshold "
+                    f"{self._max_shift:g}): the running statistics lag behind the weights or "
+                    f"the validation data differ from training. {remedy}",
+                )
+            if lvr_v > self._max_lvr:
+                failed.append("eval_var_ratio")
+                self._flag(
+                    "eval_var_ratio",
+                    probe,
+                    lvr_v,
+                    self._max_lvr,
+                    "is evaluated with a running variance that differs from the variance of "
+                    f"its validation inputs by a mean |log ratio| of {lvr_v:.2f} (about "
+                    f"x{math.exp(lvr_v):.1f}; threshold {self._max_lvr:g}): the running "
+                    "statistics lag behind the weights or the validation data differ from "
+                    f"training. {remedy}",
+                )
+            self._log(pl_module, "eval_mean_shift", probe, shift_v)
+            self._log(pl_module, "eval_var_ratio", probe, lvr_v)
+            table.append(
+                [
+                    probe.name,
+                    type(probe.module).__name__,
+                    _fmt(shift_v, ".3f"),
+                    _fmt(lvr_v, ".3f"),
+                    ", ".join(failed) or "ok",
+                ]
+            )
+        _print_table(
+            f"BatchNormDoctor, epoch {trainer.current_epoch}: do running stats match the "
+            "validation data?",
+            f"flagged: mean shift > {self._max_shift:g}, |log var ratio| > {self._max_lvr:g}",
+            ["layer", "type", "mean shift", "log var ratio", "status"],
+            table,
+        )
