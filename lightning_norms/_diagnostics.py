@@ -24,8 +24,9 @@ plain BN layer, one per domain for ``DomainBatchNorm``) so per-domain statistics
   merged with Chan's parallel formula) of the inputs a BN layer sees, e.g. in validation, and
   :func:`eval_mismatch` compares them with the layer's running statistics.
 
-Under ``torch.distributed`` both accumulators have an ``all_reduce()`` that every rank must call;
-the result equals one process that saw every rank's calls.
+Under ``torch.distributed`` ``all_reduce_spreads`` / ``all_reduce_moments`` merge the
+accumulators of all ranks (every rank must call them); the result equals one process that saw
+every rank's calls.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from torch import Tensor
 __all__ = [
     "BatchSpread",
     "MomentAccumulator",
+    "all_reduce_max_",
+    "all_reduce_moments",
+    "all_reduce_spreads",
     "eval_mismatch",
     "sample_channel_means",
     "summarise_spread",
@@ -97,7 +101,7 @@ class BatchSpread:
     """Between-batch vs within-batch spread of channel means over successive training calls.
 
     See the module docstring for the statistic ``R``. Feed every training call of one BN layer
-    to :meth:`update`; read :meth:`ratio` (``[G, C]``) after :meth:`all_reduce` under DDP.
+    to :meth:`update`; read :meth:`ratio` (``[G, C]``), after :func:`all_reduce_spreads` under DDP.
 
     Args:
         num_groups: rows (1 for a plain BN layer, ``num_domains`` for a domain-split one).
@@ -171,10 +175,10 @@ class BatchSpread:
             self._host_batches = 0
             self._host_diffs = 0
 
-    def all_reduce(self) -> None:
-        """Sum the accumulators over all ranks (one collective; every rank must call it)."""
+    def additive(self) -> list[Tensor]:
+        """The accumulators that add up over calls and ranks (``all_reduce_spreads`` sums them)."""
         self._fold_host_counts()
-        _all_reduce_([self.diff2, self.num_diffs, self.within, self.num_batches], dist.ReduceOp.SUM)
+        return [self.diff2, self.num_diffs, self.within, self.num_batches]
 
     def ratio(self) -> Tensor:
         """``R`` per group and channel, ``[G, C]``; NaN where it is undefined.
@@ -188,6 +192,16 @@ class BatchSpread:
         ok = (expected > 0) & (self.num_diffs > 0)[:, None]
         tiny = torch.finfo(torch.float32).tiny
         return torch.where(ok, between / expected.clamp(min=tiny), torch.nan)
+
+
+def all_reduce_spreads(spreads: list[BatchSpread]) -> None:
+    """Sum several ``BatchSpread`` over all ranks with one collective (every rank must call it)."""
+    _all_reduce_([t for s in spreads for t in s.additive()], dist.ReduceOp.SUM)
+
+
+def all_reduce_max_(tensors: list[Tensor]) -> None:
+    """Element-wise maximum over all ranks, in place, one collective (no-op off DDP)."""
+    _all_reduce_(tensors, dist.ReduceOp.MAX)
 
 
 def summarise_spread(ratio: Tensor, num_batches: Tensor, min_batches: int) -> Tensor:
@@ -270,23 +284,31 @@ class MomentAccumulator:
         )
         self._merge(samples * positions, mean, m2)
 
-    def all_reduce(self) -> None:
-        """Merge the moments of all ranks exactly (two collectives; every rank must call it)."""
-        if not _distributed():
-            return
-        sums = [self.count.clone(), self.mean * self.count[:, None]]
-        _all_reduce_(sums, dist.ReduceOp.SUM)
-        total, mean = sums[0], sums[1] / sums[0].clamp(min=1.0)[:, None]
-        delta = self.mean - mean
-        m2 = self.m2 + delta * delta * self.count[:, None]
-        _all_reduce_([m2], dist.ReduceOp.SUM)
-        self.count.copy_(total)
-        self.mean.copy_(mean)
-        self.m2.copy_(m2)
-
     def var(self) -> Tensor:
         """Unbiased population variance ``[G, C]``."""
         return self.m2 / (self.count - 1.0).clamp(min=1.0)[:, None]
+
+
+def all_reduce_moments(accs: list[MomentAccumulator]) -> None:
+    """Merge several ``MomentAccumulator`` over all ranks exactly, two collectives in all.
+
+    After it every rank holds the moments of all ranks' inputs, as if one process had seen
+    them (global mean first, then ``M2 + n (mean_r - mean)^2`` summed). Every rank must call it.
+    """
+    if not _distributed() or not accs:
+        return
+    sums = [t for a in accs for t in (a.count.clone(), a.mean * a.count[:, None])]
+    _all_reduce_(sums, dist.ReduceOp.SUM)
+    m2s = []
+    for a, total, weighted in zip(accs, sums[0::2], sums[1::2], strict=True):
+        mean = weighted / total.clamp(min=1.0)[:, None]
+        delta = a.mean - mean
+        m2s.append(a.m2 + delta * delta * a.count[:, None])
+        a.count.copy_(total)
+        a.mean.copy_(mean)
+    _all_reduce_(m2s, dist.ReduceOp.SUM)
+    for a, m2 in zip(accs, m2s, strict=True):
+        a.m2.copy_(m2)
 
 
 def eval_mismatch(
