@@ -1,0 +1,366 @@
+"""Domain-split BatchNorm: share every weight, keep BatchNorm statistics per domain.
+
+Li et al. 2016 (AdaBN, arXiv:1603.04779) and Chang et al. 2019 (Domain-Specific Batch
+Normalization, arXiv:1906.03950): when training batches mix data sources (e.g. MNIST and
+SVHN), one set of BatchNorm statistics describes neither source. ``DomainBatchNorm*d`` keeps
+one set per domain (running statistics ``[num_domains, C]``, and affine parameters per domain
+unless ``shared_affine=True``) and normalises every sample with its own domain's statistics,
+in one call even for a mixed batch. ``domain(model, ids)`` routes models whose ``forward``
+takes only ``x`` (torchvision ResNets) without changing them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_norms import functional as LF
+
+__all__ = ["DomainBatchNorm1d", "DomainBatchNorm2d", "DomainBatchNorm3d", "domain"]
+
+
+class _DomainBatchNorm(_BatchNorm):
+    """Common base of ``DomainBatchNorm1d/2d/3d``; see :class:`DomainBatchNorm2d`."""
+
+    _input_ranks: tuple[int, ...] = ()
+    _input_names: str = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        num_domains: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        shared_affine: bool = False,
+        *,
+        sync: bool = False,
+        process_group: Any = None,
+    ) -> None:
+        name = type(self).__name__
+        if isinstance(num_domains, bool) or not isinstance(num_domains, int):
+            raise TypeError(f"{name}: `num_domains` must be an int, got {num_domains!r}")
+        if num_domains < 1:
+            raise ValueError(f"{name}: `num_domains` must be >= 1, got {num_domains}")
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.num_domains = num_domains
+        self.shared_affine = shared_affine
+        self.sync = sync
+        self.process_group = process_group
+        self._domain_ids: int | Tensor | None = None
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        shape = (num_domains, num_features)
+        if affine and not shared_affine:
+            self.weight = nn.Parameter(torch.empty(shape, **factory))
+            self.bias = nn.Parameter(torch.empty(shape, **factory))
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(shape, **factory))
+            self.register_buffer("running_var", torch.ones(shape, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.zeros(num_domains, dtype=torch.long, device=device),
+            )
+        self.reset_parameters()
+
+    def _name(self) -> str:
+        return f"{type(self).__name__}({self.num_features}, num_domains={self.num_domains})"
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in self._input_ranks:
+            raise ValueError(
+                f"{self._name()}: expected {self._input_names} input, "
+                f"got shape {tuple(input.shape)}"
+            )
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{self._name()}: expected {self.num_features} channels in dim 1, "
+                f"got input of shape {tuple(input.shape)}"
+            )
+
+    def _resolve(self, x: Tensor, domain: int | Tensor | None) -> int | Tensor:
+        if domain is None:
+            domain = self._domain_ids
+        if domain is None:
+            raise ValueError(
+                f"{self._name()}: no domain given; call it as `layer(x, domain=ids)` or run the "
+                "model inside `with lightning_norms.domain(model, ids):`"
+            )
+        return LF._check_domains(domain, x.shape[0], self.num_domains, self._name())
+
+    def resolve_domain(self, x: Tensor, domain: int | Tensor | None = None) -> Tensor:
+        """Per-sample domain ids for ``x``: validated ``LongTensor[N]`` on ``x``'s device.
+
+        Args:
+            x: the layer's input (only its batch size and device are used).
+            domain: an ``int`` (broadcast over the batch), a ``LongTensor[N]``, or ``None``
+                for the ids set by :func:`domain`. Default: ``None``.
+
+        Raises:
+            ValueError: ids not integer, not of shape ``[N]``, outside
+                ``[0, num_domains)``, or none given and none set; the message names the layer.
+
+        Example:
+            >>> bn = DomainBatchNorm2d(3, num_domains=2)
+            >>> bn.resolve_domain(torch.randn(4, 3, 2, 2), 1)
+            tensor([1, 1, 1, 1])
+        """
+        return LF._expand_domains(self._resolve(x, domain), x)
+
+    def forward(self, input: Tensor, domain: int | Tensor | None = None) -> Tensor:
+        self._check_input_dim(input)
+        domains = self._resolve(input, domain)
+        tracked = not self.training or self.track_running_stats
+        return LF._domain_batch_norm(
+            input,
+            domains,
+            self.num_domains,
+            self.running_mean if tracked else None,
+            self.running_var if tracked else None,
+            self.weight,
+            self.bias,
+            self.training,
+            self.momentum,
+            self.eps,
+            self.num_batches_tracked if self.training and self.track_running_stats else None,
+            self.sync,
+            self.process_group,
+            self._name(),
+        )
+
+    @classmethod
+    def from_batchnorm(
+        cls, bn: _BatchNorm, num_domains: int, shared_affine: bool = False
+    ) -> _DomainBatchNorm:
+        """A domain-split copy of a (trained) BatchNorm: every domain starts from its state.
+
+        Weight and bias are copied into every domain's row (or shared), running statistics and
+        ``num_batches_tracked`` too; ``eps``, ``momentum``, device, dtype and the training flag
+        are kept. In eval, every domain then computes exactly what ``bn`` did.
+
+        Args:
+            bn: an ``nn.BatchNorm1d/2d/3d`` (any ``_BatchNorm`` with ``[C]`` buffers).
+            num_domains: number of domains.
+            shared_affine: keep one weight/bias for all domains. Default: ``False``.
+
+        Raises:
+            TypeError: ``bn`` is not a BatchNorm with per-channel ``[C]`` state.
+
+        Example:
+            >>> bn = nn.BatchNorm2d(3).eval()
+            >>> dbn = DomainBatchNorm2d.from_batchnorm(bn, num_domains=2)
+            >>> x = torch.randn(2, 3, 4, 4)
+            >>> torch.equal(dbn(x, domain=1), bn(x))
+            True
+        """
+        if not isinstance(bn, _BatchNorm) or isinstance(bn, _DomainBatchNorm):
+            raise TypeError(
+                f"{cls.__name__}.from_batchnorm: expected an nn.BatchNorm1d/2d/3d, "
+                f"got {type(bn).__name__}"
+            )
+        ref = bn.weight if bn.weight is not None else bn.running_mean
+        new = cls(
+            bn.num_features,
+            num_domains,
+            bn.eps,
+            bn.momentum,
+            bn.affine,
+            bn.track_running_stats,
+            device=None if ref is None else ref.device,
+            dtype=None if ref is None else ref.dtype,
+            shared_affine=shared_affine,
+            sync=bool(getattr(bn, "sync", False)),
+            process_group=getattr(bn, "process_group", None),
+        )
+        with torch.no_grad():
+            pairs = [
+                (new.weight, bn.weight),
+                (new.bias, bn.bias),
+                (new.running_mean, bn.running_mean),
+                (new.running_var, bn.running_var),
+                (new.num_batches_tracked, bn.num_batches_tracked),
+            ]
+            for dst, src in pairs:
+                if dst is not None and src is not None:
+                    dst.copy_(src.expand_as(dst))
+        new.train(bn.training)
+        return new
+
+    def extra_repr(self) -> str:
+        text = f"{self.num_features}, num_domains={self.num_domains}, eps={self.eps}, "
+        text += f"momentum={self.momentum}, affine={self.affine}, "
+        text += f"track_running_stats={self.track_running_stats}"
+        if self.shared_affine:
+            text += ", shared_affine=True"
+        if self.sync or self.process_group is not None:
+            text += ", sync=True"
+        return text
+
+
+class DomainBatchNorm1d(_DomainBatchNorm):
+    r"""Domain-split BatchNorm over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input.
+
+    Same arguments, buffers and behaviour as :class:`DomainBatchNorm2d`, for the inputs of
+    ``nn.BatchNorm1d``.
+
+    Shape:
+        - Input: :math:`(N, C)` or :math:`(N, C, L)`
+        - Output: same shape as input
+
+    Example:
+        >>> m = DomainBatchNorm1d(5, num_domains=2)
+        >>> m(torch.randn(8, 5), domain=torch.tensor([0, 1] * 4)).shape
+        torch.Size([8, 5])
+    """
+
+    _input_ranks = (2, 3)
+    _input_names = "2D (N, C) or 3D (N, C, L)"
+
+
+class DomainBatchNorm2d(_DomainBatchNorm):
+    r"""Domain-split BatchNorm over a 4D ``(N, C, H, W)`` input: statistics per domain.
+
+    Li et al. 2016, "Revisiting Batch Normalization For Practical Domain Adaptation" (AdaBN,
+    arXiv:1603.04779); Chang et al. 2019, "Domain-Specific Batch Normalization for
+    Unsupervised Domain Adaptation" (arXiv:1906.03950). A sample of domain :math:`d` gets
+
+    .. math::
+
+        y = \frac{x - \mu_d}{\sqrt{\sigma^2_d + \epsilon}}\, \gamma_d + \beta_d
+
+    with the batch statistics of domain :math:`d`'s samples in training (the running ones of
+    row :math:`d` in eval). A mixed batch gives exactly what each domain's sub-batch gives
+    through its own ``nn.BatchNorm2d`` (outputs, gradients, running statistics), in one call:
+    row statistics merged per domain by an index-add, one fused normalisation kernel, and a
+    custom backward. An ``int`` domain is a single ``F.batch_norm`` on the row's views.
+
+    Domain ids come from ``forward(x, domain)`` (an ``int`` or a ``LongTensor[N]``) or, when
+    ``domain`` is ``None``, from the ``lightning_norms.domain(model, ids)`` context manager.
+
+    Buffers: ``running_mean``/``running_var`` ``[num_domains, C]``; ``num_batches_tracked``
+    ``LongTensor[num_domains]``, the number of training batches each domain appeared in (so
+    ``momentum=None``, a cumulative average, is exact per domain; a domain absent from a batch
+    keeps its statistics and its count).
+
+    With ``sync=True`` (or a ``process_group``), in training under ``torch.distributed``, the
+    per-domain counts, means and sums of squared deviations are all-reduced (one fp64
+    all-reduce) and the backward's sums too, so every rank normalises with the global
+    statistics, on CPU (gloo) and GPU (nccl). Every rank joins the same collectives whatever
+    domains it holds; a domain with one value per channel over all ranks raises on every rank.
+    Eval uses the running statistics (no collectives).
+
+    Args:
+        num_features: number of channels ``C``.
+        num_domains: number of domains ``D``.
+        eps: added to the variance. Default: ``1e-5``.
+        momentum: running-average factor; ``None`` for a cumulative average. Default: ``0.1``.
+        affine: learnable ``gamma``/``beta``. Default: ``True``.
+        track_running_stats: keep running statistics; if ``False`` batch statistics (per
+            domain) are used in eval too. Default: ``True``.
+        device: parameter/buffer device. Default: ``None``.
+        dtype: parameter/buffer dtype. Default: ``None``.
+        shared_affine: one ``[C]`` weight/bias for all domains instead of ``[D, C]``.
+            Default: ``False``.
+        sync: all-reduce batch statistics across ranks (keyword only). Default: ``False``.
+        process_group: group to reduce over, implies ``sync`` (keyword only).
+            Default: ``None``.
+
+    Shape:
+        - Input: :math:`(N, C, H, W)`; ``domain``: ``int`` or :math:`(N)`
+        - Output: same shape as input
+
+    Raises:
+        ValueError: wrong input rank or channels; domain ids not integer, not ``[N]``, outside
+            ``[0, num_domains)``, or missing; a domain with one value per channel in training.
+
+    Example:
+        >>> m = DomainBatchNorm2d(3, num_domains=2)
+        >>> x = torch.randn(6, 3, 4, 4)
+        >>> ids = torch.tensor([0, 1, 1, 0, 1, 0])
+        >>> y = m(x, domain=ids)
+        >>> ref = nn.BatchNorm2d(3)(x[ids == 1])
+        >>> torch.allclose(y[ids == 1], ref, atol=1e-5)
+        True
+        >>> m.running_mean.shape, m.num_batches_tracked
+        (torch.Size([2, 3]), tensor([1, 1]))
+    """
+
+    _input_ranks = (4,)
+    _input_names = "4D (N, C, H, W)"
+
+
+class DomainBatchNorm3d(_DomainBatchNorm):
+    r"""Domain-split BatchNorm over a 5D ``(N, C, D, H, W)`` input.
+
+    Same arguments, buffers and behaviour as :class:`DomainBatchNorm2d`, for the inputs of
+    ``nn.BatchNorm3d``.
+
+    Shape:
+        - Input: :math:`(N, C, D, H, W)`
+        - Output: same shape as input
+
+    Example:
+        >>> m = DomainBatchNorm3d(2, num_domains=3)
+        >>> m(torch.randn(4, 2, 3, 3, 3), domain=2).shape
+        torch.Size([4, 2, 3, 3, 3])
+    """
+
+    _input_ranks = (5,)
+    _input_names = "5D (N, C, D, H, W)"
+
+
+@contextmanager
+def domain(model: nn.Module, ids: int | Tensor) -> Iterator[nn.Module]:
+    """Set the domain ids of every ``DomainBatchNorm`` inside ``model`` for a ``with`` block.
+
+    For models whose ``forward`` takes only ``x`` (torchvision ResNets after
+    ``convert_norms(model, "domain", num_domains=...)``): inside the block, every
+    ``DomainBatchNorm*d`` called with ``domain=None`` uses ``ids``. The previous ids are
+    restored on exit, also on error, so blocks nest. A model without ``DomainBatchNorm`` layers
+    is left as it is (the same training code then runs a shared-BN baseline).
+
+    Not thread-safe: the ids are stored on the modules, so two threads running the same model
+    object under different ``domain(...)`` blocks see each other's ids. Use one model replica
+    per thread (DDP processes are fine) or pass ``domain=`` explicitly. Per-sample ids are not
+    split by ``nn.DataParallel`` (the batch-size check then raises); an ``int`` works.
+
+    Args:
+        model: module whose ``DomainBatchNorm`` layers get the ids (it may be one itself).
+        ids: an ``int`` (whole batch one domain) or ``LongTensor[N]`` of per-sample ids,
+            checked by each layer against its input.
+
+    Raises:
+        ValueError: ``ids`` is neither an ``int`` nor an integer tensor.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), DomainBatchNorm2d(4, num_domains=2)).eval()
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> with domain(net, 1):
+        ...     y = net(x)
+        >>> torch.equal(y, net[1](net[0](x), domain=1))
+        True
+    """
+    is_int = isinstance(ids, int) and not isinstance(ids, bool)
+    is_int_tensor = isinstance(ids, Tensor) and not (
+        ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex()
+    )
+    if not (is_int or is_int_tensor):
+        raise ValueError(f"domain(): ids must be an int or an integer tensor, got {ids!r}")
+    layers = [m for m in model.modules() if isinstance(m, _DomainBatchNorm)]
+    previous = [m._domain_ids for m in layers]
+    try:
+        for m in layers:
+            m._domain_ids = ids
+        yield model
+    finally:
+        for m, old in zip(layers, previous, strict=True):
+            m._domain_ids = old
