@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from lightning_norms.domain import DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d
 from lightning_norms.layernorm import LayerNorm2d
 from lightning_norms.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
@@ -129,6 +130,30 @@ def _to_group(bn: _BatchNorm, path: str, *, num_groups: int, eps: float = 1e-5) 
     return new
 
 
+def _to_domain(
+    bn: _BatchNorm,
+    path: str,
+    *,
+    num_domains: int,
+    shared_affine: bool = False,
+    sync: bool = False,
+    process_group: Any = None,
+) -> nn.Module:
+    """``DomainBatchNorm*d`` with ``bn``'s settings, its affine and running stats per domain."""
+    if isinstance(bn, (DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d)):
+        raise ValueError(
+            f"convert_norms(to='domain'): {type(bn).__name__} at {path!r} is already domain-split"
+        )
+    cls = (DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d)[_rank(bn, path) - 1]
+    new = cls.from_batchnorm(bn, num_domains, shared_affine=shared_affine)
+    new.sync, new.process_group = sync, process_group
+    for name in _AFFINE:
+        source, target = getattr(bn, name), getattr(new, name)
+        if source is not None and target is not None:
+            target.requires_grad_(source.requires_grad)
+    return new
+
+
 # name -> converter(bn, path, **kwargs) -> new module. A converter's keyword-only parameters are
 # the kwargs `convert_norms` accepts for that target; those without a default are required.
 _CONVERTERS: dict[str, Callable[..., nn.Module]] = {
@@ -136,6 +161,7 @@ _CONVERTERS: dict[str, Callable[..., nn.Module]] = {
     "layer2d": _to_layer2d,
     "group": _to_group,
     "batch": _to_batch,
+    "domain": _to_domain,
 }
 
 
@@ -182,6 +208,9 @@ def convert_norms(model: nn.Module, to: str, **kwargs: Any) -> nn.Module:
     - ``"group"``: ``nn.GroupNorm``; required ``num_groups`` (``1`` = LayerNorm over each whole
       sample); optional ``eps`` (default ``1e-5``).
     - ``"batch"``: ``nn.BatchNorm1d/2d/3d``.
+    - ``"domain"``: ``DomainBatchNorm1d/2d/3d``; required ``num_domains`` (every domain starts
+      from the old layer's affine and running statistics); optional ``shared_affine``,
+      ``sync``, ``process_group``.
 
     Args:
         model: the model, modified in place.
