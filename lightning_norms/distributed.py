@@ -1,0 +1,298 @@
+"""Synchronised batch statistics across DDP ranks, on CPU (gloo) and GPU (nccl).
+
+BatchNorm under DDP normalises each rank's batch with that rank's statistics: the effective
+BatchNorm batch is the per-device batch, not the global one. Synchronising the statistics
+(Ioffe & Szegedy 2015's batch, over all ranks) fixes that; ``torch.nn.SyncBatchNorm`` does it
+on GPU only ("SyncBatchNorm layers only work with GPU modules"). This module has:
+
+- :func:`all_reduce_sum`, a differentiable all-reduce (its backward all-reduces the gradient);
+- :class:`SyncedBatchNorm1d`/``2d``/``3d``: ``nn.BatchNorm*d`` whose batch statistics are
+  synchronised in training (CPU and GPU), what :class:`~lightning_norms.NormSync` converts
+  plain BatchNorm layers into, keeping their parameter and buffer objects.
+
+``DomainBatchNorm*d`` and ``BatchRenorm*d`` synchronise with ``sync=True`` / a
+``process_group`` through the same functional core (``lightning_norms.functional``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_norms import functional as LF
+
+__all__ = [
+    "SyncedBatchNorm1d",
+    "SyncedBatchNorm2d",
+    "SyncedBatchNorm3d",
+    "all_reduce_sum",
+    "is_sync_active",
+]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of every rank's input is the sum of all ranks' gradients."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, tensor: Tensor, group: Any
+    ) -> Tensor:
+        ctx.group = group  # type: ignore[attr-defined]
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor, None]:
+        out = grad.contiguous().clone()
+        dist.all_reduce(out, group=ctx.group)  # type: ignore[attr-defined]
+        return out, None
+
+
+def all_reduce_sum(tensor: Tensor, process_group: Any = None) -> Tensor:
+    r"""Differentiable sum of ``tensor`` over the ranks of ``process_group``.
+
+    :math:`y = \sum_r x_r` on every rank. Since every rank's loss depends on every rank's
+    input, :math:`\partial L / \partial x_r = \sum_{r'} \partial L_{r'} / \partial y`: the
+    backward is an all-reduce of the gradient as well (``L = \sum_r L_r``, what DDP optimises
+    up to its ``1 / world_size``). Without an initialised process group it returns a copy.
+
+    Args:
+        tensor: the local tensor (not modified).
+        process_group: group to reduce over. Default: ``None`` (world).
+
+    Returns:
+        The sum, a new tensor on every rank.
+
+    Example:
+        >>> x = torch.ones(3, requires_grad=True)
+        >>> all_reduce_sum(x).sum().backward()  # single process: identity
+        >>> x.grad
+        tensor([1., 1., 1.])
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor.clone()
+    return _AllReduceSum.apply(tensor, process_group)
+
+
+def is_sync_active(module: nn.Module) -> bool:
+    """Whether ``module`` all-reduces its batch statistics in its next forward.
+
+    True when it is training, asks for it (``sync=True`` or a ``process_group``), and
+    ``torch.distributed`` is initialised with more than one rank in the group.
+
+    Example:
+        >>> is_sync_active(SyncedBatchNorm2d(3))  # no process group initialised
+        False
+    """
+    return bool(
+        module.training
+        and LF._sync_world(
+            bool(getattr(module, "sync", False)), getattr(module, "process_group", None)
+        )
+    )
+
+
+class _SyncedBatchNorm:
+    """Mixin of ``SyncedBatchNorm1d/2d/3d``; see :class:`SyncedBatchNorm2d`."""
+
+    num_features: int
+    eps: float
+    momentum: float | None
+    training: bool
+    track_running_stats: bool
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+
+    def _init_sync(self, sync: bool, process_group: Any) -> None:
+        self.sync = sync
+        self.process_group = process_group
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not is_sync_active(self):  # type: ignore[arg-type]
+            return super().forward(input)  # type: ignore[misc]
+        self._check_input_dim(input)  # type: ignore[attr-defined]
+        factor = 0.0 if self.momentum is None else self.momentum
+        tracked = self.track_running_stats and self.running_mean is not None
+        if tracked and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return LF._domain_batch_norm(
+            input,
+            0,
+            1,
+            self.running_mean.view(1, -1) if tracked and self.running_mean is not None else None,
+            self.running_var.view(1, -1) if tracked and self.running_var is not None else None,
+            self.weight,
+            self.bias,
+            True,
+            factor,
+            self.eps,
+            None,
+            True,
+            self.process_group,
+            f"{type(self).__name__}({self.num_features})",
+        )
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module, process_group: Any = None) -> nn.Module:
+        """The synced twin of ``bn``: the same parameter, buffer and hook objects, new class.
+
+        ``bn`` should be the matching ``nn.BatchNorm*d``. Its device, dtype, training flag
+        and registered hooks are kept, and ``state_dict`` keys are unchanged.
+
+        Example:
+            >>> bn = nn.BatchNorm2d(4)
+            >>> synced = SyncedBatchNorm2d.from_batchnorm(bn)
+            >>> synced.weight is bn.weight, synced.running_mean is bn.running_mean
+            (True, True)
+        """
+        return _retype(bn, cls, {"sync": True, "process_group": process_group})
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()  # type: ignore[misc]
+        if self.process_group is not None:
+            text += ", process_group=..."
+        return f"{text}, sync={self.sync}"
+
+
+def _retype(module: nn.Module, cls: type, extra: dict[str, Any]) -> nn.Module:
+    """A ``cls`` module sharing ``module``'s state objects (parameters, buffers, hooks)."""
+    new = cls.__new__(cls)
+    state = dict(module.__dict__)
+    for key in ("sync", "process_group"):
+        state.pop(key, None)
+    new.__dict__.update(state)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    new.__dict__.update(extra)
+    return new
+
+
+class SyncedBatchNorm1d(_SyncedBatchNorm, nn.BatchNorm1d):
+    r"""``nn.BatchNorm1d`` with batch statistics synchronised across ranks (CPU and GPU).
+
+    Same as :class:`SyncedBatchNorm2d`, for ``(N, C)`` or ``(N, C, L)`` inputs.
+
+    Example:
+        >>> SyncedBatchNorm1d(4)(torch.randn(8, 4)).shape
+        torch.Size([8, 4])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        sync: bool = True,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._init_sync(sync, process_group)
+
+
+class SyncedBatchNorm2d(_SyncedBatchNorm, nn.BatchNorm2d):
+    r"""``nn.BatchNorm2d`` with batch statistics synchronised across ranks (CPU and GPU).
+
+    Ioffe & Szegedy 2015 (arXiv:1502.03167) with the batch taken over all ranks:
+
+    .. math::
+
+        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta,\qquad
+        \mu, \sigma^2 \text{ over the union of all ranks' batches}
+
+    In training with ``sync`` (default ``True``) or a ``process_group``, under an initialised
+    ``torch.distributed`` with more than one rank, every rank sends its count, mean and sum of
+    squared deviations per channel (one all-reduce, fp64), normalises with the global
+    statistics and updates the running statistics identically (unbiased with the global
+    count); the backward all-reduces ``sum(dy)`` and ``sum(dy * (x - mu))`` so input gradients
+    are those of one process on the whole batch (parameter gradients stay local, DDP averages
+    them). Everywhere else (eval, one process) it *is* ``nn.BatchNorm2d``. Unlike
+    ``torch.nn.SyncBatchNorm`` it runs on CPU (gloo) as well as GPU (nccl). Same parameters,
+    buffers and ``state_dict`` as ``nn.BatchNorm2d``.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype: as
+            ``nn.BatchNorm2d``.
+        sync: synchronise in training (keyword only). Default: ``True``.
+        process_group: group to reduce over (keyword only). Default: ``None`` (world).
+
+    Shape:
+        - Input: :math:`(N, C, H, W)`
+        - Output: same shape as input
+
+    Raises:
+        ValueError: one value per channel over all ranks in training (on every rank).
+
+    Example:
+        >>> m = SyncedBatchNorm2d(3)
+        >>> x = torch.randn(4, 3, 5, 5)
+        >>> torch.equal(m(x), nn.BatchNorm2d(3)(x))  # single process: plain BatchNorm
+        True
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        sync: bool = True,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._init_sync(sync, process_group)
+
+
+class SyncedBatchNorm3d(_SyncedBatchNorm, nn.BatchNorm3d):
+    r"""``nn.BatchNorm3d`` with batch statistics synchronised across ranks (CPU and GPU).
+
+    Same as :class:`SyncedBatchNorm2d`, for ``(N, C, D, H, W)`` inputs.
+
+    Example:
+        >>> SyncedBatchNorm3d(2)(torch.randn(2, 2, 3, 3, 3)).shape
+        torch.Size([2, 2, 3, 3, 3])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        sync: bool = True,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._init_sync(sync, process_group)
+
+
+_SYNCED_BATCHNORM: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: SyncedBatchNorm1d,
+    nn.BatchNorm2d: SyncedBatchNorm2d,
+    nn.BatchNorm3d: SyncedBatchNorm3d,
+}
+"""Exact ``nn.BatchNorm*d`` class -> its synced twin (what ``NormSync`` converts)."""
