@@ -8,6 +8,8 @@ Lightning when it is first touched.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -56,3 +58,20 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+class _Package(types.ModuleType):
+    """Keeps ``lightning_norms.domain`` the context manager once the submodule is imported.
+
+    Importing ``lightning_norms.domain`` (the module defining it) makes the import system bind
+    the submodule to the package attribute of the same name; bind its ``domain`` instead.
+    ``from lightning_norms.domain import ...`` is unaffected (it reads ``sys.modules``).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "domain" and isinstance(value, types.ModuleType):
+            value = value.domain
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,0 +1,366 @@
+"""DomainBatchNorm1d/2d/3d and ``domain()``: against per-domain ``nn.BatchNorm*d`` references."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_norms import (
+    DomainBatchNorm1d,
+    DomainBatchNorm2d,
+    DomainBatchNorm3d,
+    convert_norms,
+    domain,
+)
+from lightning_norms.functional import domain_batch_norm, domain_batch_stats
+
+ATOL = 1e-5
+
+CASES = [
+    (DomainBatchNorm1d, nn.BatchNorm1d, (12, 4)),
+    (DomainBatchNorm1d, nn.BatchNorm1d, (12, 4, 5)),
+    (DomainBatchNorm2d, nn.BatchNorm2d, (12, 4, 5, 6)),
+    (DomainBatchNorm3d, nn.BatchNorm3d, (12, 4, 3, 2, 4)),
+]
+
+
+def _references(layer: nn.Module, bn_cls: type[nn.Module]) -> list[nn.Module]:
+    """One ``nn.BatchNorm*d`` per domain holding that domain's affine and running stats."""
+    refs = []
+    for d in range(layer.num_domains):
+        bn = bn_cls(layer.num_features, momentum=layer.momentum)
+        with torch.no_grad():
+            w = layer.weight if layer.weight.dim() == 1 else layer.weight[d]
+            b = layer.bias if layer.bias.dim() == 1 else layer.bias[d]
+            bn.weight.copy_(w)
+            bn.bias.copy_(b)
+            bn.running_mean.copy_(layer.running_mean[d])
+            bn.running_var.copy_(layer.running_var[d])
+        refs.append(bn)
+    return refs
+
+
+def _randomise(layer: nn.Module) -> None:
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+        if layer.running_mean is not None:
+            layer.running_mean.uniform_(-1, 1)
+            layer.running_var.uniform_(0.5, 2)
+
+
+@pytest.mark.parametrize(("cls", "bn_cls", "shape"), CASES)
+@pytest.mark.parametrize("shared_affine", [False, True])
+def test_mixed_batch_equals_per_domain_batchnorm(cls, bn_cls, shape, shared_affine):
+    torch.manual_seed(0)
+    layer = cls(shape[1], num_domains=3, shared_affine=shared_affine)
+    _randomise(layer)
+    refs = _references(layer, bn_cls)
+    ids = torch.tensor([0, 1, 1, 0, 2, 1, 0, 0, 2, 1, 1, 2])
+    x = (torch.randn(shape) * 3 + 2).requires_grad_()
+    grad = torch.randn(shape)
+
+    y = layer(x, domain=ids)
+    y.backward(grad)
+    for d, bn in enumerate(refs):
+        mask = ids == d
+        xd = x.detach()[mask].requires_grad_()
+        yd = bn(xd)
+        yd.backward(grad[mask])
+        torch.testing.assert_close(y[mask], yd, atol=ATOL, rtol=0)
+        torch.testing.assert_close(x.grad[mask], xd.grad, atol=ATOL, rtol=0)
+        torch.testing.assert_close(layer.running_mean[d], bn.running_mean, atol=ATOL, rtol=0)
+        torch.testing.assert_close(layer.running_var[d], bn.running_var, atol=ATOL, rtol=0)
+        if not shared_affine:
+            torch.testing.assert_close(layer.weight.grad[d], bn.weight.grad, atol=ATOL, rtol=0)
+            torch.testing.assert_close(layer.bias.grad[d], bn.bias.grad, atol=ATOL, rtol=0)
+    if shared_affine:
+        w_grad = sum(bn.weight.grad for bn in refs)
+        b_grad = sum(bn.bias.grad for bn in refs)
+        torch.testing.assert_close(layer.weight.grad, w_grad, atol=ATOL, rtol=0)
+        torch.testing.assert_close(layer.bias.grad, b_grad, atol=ATOL, rtol=0)
+    assert layer.num_batches_tracked.tolist() == [1, 1, 1]
+
+    layer.eval()
+    x_eval = torch.randn(shape) + 1
+    y_eval = layer(x_eval, domain=ids)
+    for d, bn in enumerate(refs):
+        mask = ids == d
+        torch.testing.assert_close(y_eval[mask], bn.eval()(x_eval[mask]), atol=ATOL, rtol=0)
+
+
+def test_eval_per_sample_grads_match_batchnorm():
+    torch.manual_seed(1)
+    layer = DomainBatchNorm2d(3, num_domains=2).eval()
+    _randomise(layer)
+    refs = [bn.eval() for bn in _references(layer, nn.BatchNorm2d)]
+    ids = torch.tensor([1, 0, 0, 1, 1])
+    x = torch.randn(5, 3, 4, 4, requires_grad=True)
+    layer(x, domain=ids).square().sum().backward()
+    for d, bn in enumerate(refs):
+        xd = x.detach()[ids == d].requires_grad_()
+        bn(xd).square().sum().backward()
+        torch.testing.assert_close(x.grad[ids == d], xd.grad, atol=ATOL, rtol=0)
+        torch.testing.assert_close(layer.weight.grad[d], bn.weight.grad, atol=1e-4, rtol=0)
+
+
+def test_int_domain_is_batchnorm_on_that_row():
+    torch.manual_seed(2)
+    layer = DomainBatchNorm2d(4, num_domains=3)
+    _randomise(layer)
+    before = copy.deepcopy(layer)
+    bn = _references(layer, nn.BatchNorm2d)[2]
+    x = torch.randn(6, 4, 5, 5, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    torch.testing.assert_close(layer(x, domain=2), bn(xr), atol=0, rtol=0)
+    layer(x, domain=2).sum().backward()
+    bn(xr).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=0, rtol=0)
+    torch.testing.assert_close(layer.running_var[2], bn.running_var, atol=0, rtol=0)
+    torch.testing.assert_close(layer.weight.grad[2], bn.weight.grad)
+    assert torch.equal(layer.weight.grad[:2], torch.zeros(2, 4))
+    assert torch.equal(layer.running_mean[:2], before.running_mean[:2])
+    assert layer.num_batches_tracked.tolist() == [0, 0, 2]
+    # a 0-dim integer tensor is an int domain
+    torch.testing.assert_close(
+        layer.eval()(x, domain=torch.tensor(2)), bn.eval()(x), atol=0, rtol=0
+    )
+
+
+def test_absent_domain_untouched_and_finite():
+    torch.manual_seed(3)
+    layer = DomainBatchNorm2d(3, num_domains=4)
+    _randomise(layer)
+    before = copy.deepcopy(layer)
+    x = torch.randn(6, 3, 4, 4, requires_grad=True)
+    y = layer(x, domain=torch.tensor([0, 2, 0, 2, 2, 0]))
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    for d in (1, 3):
+        assert torch.equal(layer.running_mean[d], before.running_mean[d])
+        assert torch.equal(layer.running_var[d], before.running_var[d])
+        assert torch.equal(layer.weight.grad[d], torch.zeros(3))
+    assert not torch.equal(layer.running_mean[0], before.running_mean[0])
+    assert layer.num_batches_tracked.tolist() == [1, 0, 1, 0]
+
+
+def test_momentum_none_is_a_cumulative_average_per_domain():
+    torch.manual_seed(4)
+    layer = DomainBatchNorm2d(2, num_domains=2, momentum=None)
+    ref = [nn.BatchNorm2d(2, momentum=None) for _ in range(2)]
+    for ids in ([0, 0, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1], [0, 1, 1, 1]):
+        ids_t = torch.tensor(ids)
+        x = torch.randn(4, 2, 3, 3) * 2 + 1
+        layer(x, domain=ids_t)
+        for d in range(2):
+            if (ids_t == d).any():
+                ref[d](x[ids_t == d])
+    for d in range(2):
+        torch.testing.assert_close(layer.running_mean[d], ref[d].running_mean)
+        torch.testing.assert_close(layer.running_var[d], ref[d].running_var)
+        assert layer.num_batches_tracked[d] == ref[d].num_batches_tracked
+
+
+def test_no_running_stats_uses_per_domain_batch_stats_in_eval():
+    torch.manual_seed(5)
+    layer = DomainBatchNorm2d(3, num_domains=2, track_running_stats=False).eval()
+    assert layer.running_mean is None
+    ids = torch.tensor([0, 1, 1, 0, 1])
+    x = torch.randn(5, 3, 4, 4) * 2
+    y = layer(x, domain=ids)
+    for d in range(2):
+        ref = nn.BatchNorm2d(3, track_running_stats=False).eval()
+        torch.testing.assert_close(y[ids == d], ref(x[ids == d]), atol=ATOL, rtol=0)
+
+
+def test_one_value_per_channel_raises():
+    layer = DomainBatchNorm1d(3, num_domains=2)
+    with pytest.raises(ValueError, match=r"DomainBatchNorm1d.*more than 1 value.*\[1\]"):
+        layer(torch.randn(3, 3), domain=torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match="DomainBatchNorm1d.*more than 1 value"):
+        layer(torch.randn(1, 3), domain=0)
+    layer.eval()(torch.randn(1, 3), domain=0)  # eval: running stats, fine
+
+
+def test_invalid_domain_ids_raise_naming_the_layer():
+    layer = DomainBatchNorm2d(3, num_domains=2)
+    x = torch.randn(4, 3, 2, 2)
+    bad = {
+        "out of range": torch.tensor([0, 1, 2, 0]),
+        "negative": torch.tensor([0, -1, 1, 0]),
+        "float dtype": torch.tensor([0.0, 1.0, 1.0, 0.0]),
+        "bool dtype": torch.tensor([True, False, True, False]),
+        "wrong shape": torch.tensor([0, 1]),
+        "2-d": torch.zeros(4, 1, dtype=torch.long),
+        "int out of range": 2,
+        "float": 1.0,
+        "string": "a",
+    }
+    for what, ids in bad.items():
+        with pytest.raises(ValueError, match=r"DomainBatchNorm2d\(3, num_domains=2\)"):
+            layer(x, domain=ids)
+        with pytest.raises(ValueError, match="DomainBatchNorm2d"):
+            layer.resolve_domain(x, ids)
+        assert what
+    with pytest.raises(ValueError, match="DomainBatchNorm2d.*no domain given"):
+        layer(x)
+    with pytest.raises(ValueError, match="expected 4D"):
+        layer(torch.randn(4, 3), domain=0)
+    with pytest.raises(ValueError, match="num_domains"):
+        DomainBatchNorm2d(3, num_domains=0)
+
+
+def test_resolve_domain():
+    layer = DomainBatchNorm2d(3, num_domains=3)
+    x = torch.randn(4, 3, 2, 2)
+    assert layer.resolve_domain(x, 2).tolist() == [2, 2, 2, 2]
+    ids = torch.tensor([0, 2, 1, 0], dtype=torch.int32)
+    out = layer.resolve_domain(x, ids)
+    assert out.dtype == torch.long and out.tolist() == [0, 2, 1, 0]
+    with domain(layer, 1):
+        assert layer.resolve_domain(x).tolist() == [1, 1, 1, 1]
+        assert layer.resolve_domain(x, 0).tolist() == [0, 0, 0, 0]  # explicit wins
+
+
+def test_domain_context_manager_nests_and_restores():
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), DomainBatchNorm2d(4, num_domains=3)).eval()
+    _randomise(net[1])
+    x = torch.randn(2, 3, 4, 4)
+    outs = [net[1](net[0](x), domain=d) for d in range(3)]
+    with domain(net, 0):
+        torch.testing.assert_close(net(x), outs[0], atol=0, rtol=0)
+        with domain(net, torch.tensor([2, 2])):
+            torch.testing.assert_close(net(x), outs[2], atol=ATOL, rtol=0)
+        torch.testing.assert_close(net(x), outs[0], atol=0, rtol=0)
+        with pytest.raises(RuntimeError), domain(net, 1):
+            raise RuntimeError("boom")
+        torch.testing.assert_close(net(x), outs[0], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="no domain given"):
+        net(x)
+    with pytest.raises(ValueError, match="ids must be"), domain(net, 0.5):
+        pass
+    with domain(nn.Linear(2, 2), 1) as plain:  # no DomainBatchNorm: nothing to route
+        assert isinstance(plain, nn.Linear)
+
+
+def test_from_batchnorm_eval_equals_original():
+    torch.manual_seed(7)
+    bn = nn.BatchNorm2d(5)
+    bn(torch.randn(8, 5, 4, 4) * 3 + 1)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    bn.eval()
+    layer = DomainBatchNorm2d.from_batchnorm(bn, num_domains=3)
+    assert not layer.training
+    assert layer.running_mean.shape == (3, 5)
+    assert layer.num_batches_tracked.tolist() == [1, 1, 1]
+    x = torch.randn(6, 5, 4, 4)
+    for d in range(3):
+        torch.testing.assert_close(layer(x, domain=d), bn(x), atol=0, rtol=0)
+    ids = torch.tensor([0, 1, 2, 2, 1, 0])
+    torch.testing.assert_close(layer(x, domain=ids), bn(x), atol=ATOL, rtol=0)
+    shared = DomainBatchNorm2d.from_batchnorm(bn, 2, shared_affine=True)
+    assert shared.weight.shape == (5,)
+    torch.testing.assert_close(shared(x, domain=1), bn(x), atol=0, rtol=0)
+    with pytest.raises(TypeError, match="from_batchnorm"):
+        DomainBatchNorm2d.from_batchnorm(nn.Linear(2, 2), 2)
+
+
+def test_converted_resnet18_under_domain_equals_original():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(8)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, 3, 32, 32))  # non-trivial running statistics
+    model.eval()
+    converted = convert_norms(copy.deepcopy(model), "domain", num_domains=2)
+    layers = [m for m in converted.modules() if isinstance(m, DomainBatchNorm2d)]
+    assert len(layers) == 20 and not any(m.training for m in layers)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        for k in range(2):
+            with domain(converted, k):
+                torch.testing.assert_close(converted(x), expected, atol=0, rtol=0)
+        with domain(converted, torch.tensor([1, 0])):
+            torch.testing.assert_close(converted(x), expected, atol=1e-4, rtol=1e-4)
+        layers[0].running_mean[1].add_(1.0)  # the test can fail: domain 1 now differs
+        with domain(converted, 1):
+            assert not torch.allclose(converted(x), expected, atol=1e-3)
+
+
+def test_convert_norms_domain_options():
+    net = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm3d(2))
+    net[0].weight.requires_grad_(False)
+    convert_norms(net, "domain", num_domains=2, shared_affine=True)
+    assert isinstance(net[0], DomainBatchNorm1d) and isinstance(net[1], DomainBatchNorm3d)
+    assert net[0].weight.shape == (3,) and not net[0].weight.requires_grad
+    with pytest.raises(ValueError, match="num_domains"):
+        convert_norms(nn.Sequential(nn.BatchNorm2d(2)), "domain")
+    with pytest.raises(ValueError, match="already domain-split"):
+        convert_norms(net, "domain", num_domains=2)
+
+
+def test_state_dict_round_trip_and_buffers():
+    layer = DomainBatchNorm2d(3, num_domains=2)
+    layer(torch.randn(4, 3, 2, 2), domain=torch.tensor([0, 1, 0, 1]))
+    state = layer.state_dict()
+    assert state["running_mean"].shape == (2, 3)
+    assert state["num_batches_tracked"].tolist() == [1, 1]
+    other = DomainBatchNorm2d(3, num_domains=2)
+    other.load_state_dict(state)
+    assert torch.equal(other.running_var, layer.running_var)
+    assert "num_domains=2" in repr(layer)
+
+
+def test_bf16_and_channels_last_inputs():
+    torch.manual_seed(9)
+    layer = DomainBatchNorm2d(4, num_domains=2)
+    ids = torch.tensor([0, 1, 1, 0, 0, 1])
+    x = torch.randn(6, 4, 5, 5) * 2 + 3
+    ref = layer(x, domain=ids)
+    y_cl = layer(x.contiguous(memory_format=torch.channels_last), domain=ids)
+    torch.testing.assert_close(y_cl, ref, atol=ATOL, rtol=0)
+    xb = x.bfloat16().requires_grad_()
+    yb = layer(xb, domain=ids)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), ref, atol=0.05, rtol=0.02)
+    yb.float().sum().backward()
+    assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv = nn.Conv2d(4, 4, 1)
+        ya = layer(conv(x), domain=ids)
+    assert torch.isfinite(ya.float()).all()
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(10)
+    ids = torch.tensor([0, 2, 0, 2, 0, 2])
+    x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
+    for shape in ((3, 2), (2,)):
+        w = torch.rand(shape, dtype=torch.float64).add(0.5).requires_grad_()
+        b = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+
+        def fn(x, w, b):
+            return domain_batch_norm(x, ids, 3, weight=w, bias=b, training=True)
+
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_stable_statistics_far_from_zero():
+    torch.manual_seed(11)
+    x = torch.randn(8, 3, 16, 16, dtype=torch.float64) + 1e4
+    ids = torch.tensor([0, 1] * 4)
+    count, mean, var = domain_batch_stats(x.float(), ids, 2)
+    for d in range(2):
+        xd = x[ids == d].transpose(0, 1).reshape(3, -1)
+        assert count[d] == xd.shape[1]
+        torch.testing.assert_close(mean[d].double(), xd.mean(1), atol=1e-2, rtol=0)
+        torch.testing.assert_close(var[d].double(), xd.var(1, unbiased=False), atol=2e-2, rtol=0)
