@@ -1,0 +1,408 @@
+"""BatchRenorm1d/2d/3d against torch's BatchNorm and the formula of Ioffe 2017 written out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_norms import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    CosineConv2d,
+    CosineLinear,
+    LayerNorm2d,
+)
+from lightning_norms.functional import _batch_mean_var, batch_renorm, renorm_limits
+
+CASES = [
+    (BatchRenorm1d, nn.BatchNorm1d, (16, 5)),
+    (BatchRenorm1d, nn.BatchNorm1d, (8, 5, 7)),
+    (BatchRenorm2d, nn.BatchNorm2d, (6, 5, 4, 3)),
+    (BatchRenorm3d, nn.BatchNorm3d, (4, 5, 3, 2, 3)),
+]
+
+
+def _randomise(*modules: _BatchNorm, seed: int = 0) -> None:
+    """Give every module the same non-trivial affine and running statistics."""
+    g = torch.Generator().manual_seed(seed)
+    c = modules[0].num_features
+    weight, bias = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    mean, var = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5
+    with torch.no_grad():
+        for m in modules:
+            if m.affine:
+                m.weight.copy_(weight)
+                m.bias.copy_(bias)
+            if m.track_running_stats:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+
+
+def _fwd_bwd(m: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    x = x.detach().clone().requires_grad_(True)
+    y = m(x)
+    y.backward(grad)
+    return y.detach(), x.grad
+
+
+def _reference(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    r_lim: float,
+    d_lim: float,
+) -> Tensor:
+    """Ioffe 2017, Algorithm 1, in float64: r and d are constants (stop_gradient)."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mu_b = x.mean(dims)
+    sigma_b = (x.var(dims, unbiased=False) + eps).sqrt()
+    sigma = (running_var + eps).sqrt()
+    r = (sigma_b / sigma).clamp(1 / r_lim, r_lim).detach()
+    d = ((mu_b - running_mean) / sigma).clamp(-d_lim, d_lim).detach()
+    x_hat = (x - mu_b.view(shape)) / sigma_b.view(shape) * r.view(shape) + d.view(shape)
+    return weight.view(shape) * x_hat + bias.view(shape)
+
+
+@pytest.mark.parametrize(("cls", "ref_cls", "shape"), CASES)
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine", [True, False])
+def test_plain_limits_equal_batchnorm(
+    cls: type[_BatchNorm], ref_cls: type[_BatchNorm], shape: tuple[int, ...], momentum, affine
+) -> None:
+    torch.manual_seed(0)
+    ours = cls(5, momentum=momentum, affine=affine, r_max=1.0, d_max=0.0)
+    ref = ref_cls(5, momentum=momentum, affine=affine)
+    _randomise(ours, ref)
+    for _ in range(3):
+        x = torch.randn(shape) * 3 + 1
+        grad = torch.randn(shape)
+        y, gx = _fwd_bwd(ours, x, grad)
+        y_ref, gx_ref = _fwd_bwd(ref, x, grad)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+        torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+    if affine:
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=0, atol=0)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=0, atol=0)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=0, atol=0)
+    assert int(ours.num_batches_tracked) == 3
+    ours.eval()
+    ref.eval()
+    x = torch.randn(shape)
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("cls", "ref_cls", "shape"), CASES)
+def test_no_running_stats_is_batchnorm_in_train_and_eval(
+    cls: type[_BatchNorm], ref_cls: type[_BatchNorm], shape: tuple[int, ...]
+) -> None:
+    ours = cls(5, track_running_stats=False, warmup_steps=0)
+    ref = ref_cls(5, track_running_stats=False)
+    assert ours.running_mean is None and ours.num_batches_tracked is None
+    x, grad = torch.randn(shape) * 2 + 3, torch.randn(shape)
+    for mode in (True, False):
+        ours.train(mode)
+        ref.train(mode)
+        y, gx = _fwd_bwd(ours, x, grad)
+        y_ref, gx_ref = _fwd_bwd(ref, x, grad)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+        torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("cls", "ref_cls", "shape"), CASES)
+def test_active_clipping_equals_paper_formula(
+    cls: type[_BatchNorm], ref_cls: type[_BatchNorm], shape: tuple[int, ...]
+) -> None:
+    torch.manual_seed(1)
+    r_max, d_max, momentum, eps = 1.5, 0.5, 0.1, 1e-5
+    m = cls(5, momentum=momentum, eps=eps, r_max=r_max, d_max=d_max, warmup_steps=0)
+    _randomise(m)
+    with torch.no_grad():
+        m.running_mean.fill_(0.5)
+        m.running_var.fill_(2.0)
+    # per channel, relative to the running statistics: r clipped, d clipped, neither, both, neither
+    scale = torch.tensor([0.2, 1.0, 1.1, 4.0, 0.9]).view([1, -1] + [1] * (len(shape) - 2))
+    shift = torch.tensor([0.0, 3.0, -0.1, -4.0, 0.2]).view(scale.shape)
+    x64 = torch.randn(shape, dtype=torch.float64) * scale * 2**0.5 + shift * 2**0.5 + 0.5
+    x64.requires_grad_(True)
+    rm, rv = m.running_mean.double(), m.running_var.double()
+    w64 = m.weight.detach().double().requires_grad_(True)
+    b64 = m.bias.detach().double().requires_grad_(True)
+    expected = _reference(x64, rm, rv, w64, b64, eps, r_max, d_max)
+    # the set-up must exercise both the clipped and the unclipped regime
+    dims = [0, *range(2, len(shape))]
+    r_raw = (x64.var(dims, unbiased=False) + eps).sqrt() / (rv + eps).sqrt()
+    d_raw = (x64.mean(dims) - rm) / (rv + eps).sqrt()
+    assert ((r_raw > r_max) | (r_raw < 1 / r_max)).any() and (d_raw.abs() > d_max).any()
+    assert ((r_raw < r_max) & (r_raw > 1 / r_max) & (d_raw.abs() < d_max)).any()
+
+    grad = torch.randn(shape, dtype=torch.float64)
+    expected.backward(grad)
+    y, gx = _fwd_bwd(m, x64.detach().float(), grad.float())
+    torch.testing.assert_close(y, expected.detach().float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gx, x64.grad.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m.weight.grad, w64.grad.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m.bias.grad, b64.grad.float(), rtol=1e-4, atol=1e-4)
+    n = x64.numel() // 5
+    new_mean = (1 - momentum) * rm + momentum * x64.mean(dims)
+    new_var = (1 - momentum) * rv + momentum * x64.var(dims, unbiased=False) * n / (n - 1)
+    torch.testing.assert_close(m.running_mean, new_mean.detach().float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.running_var, new_var.detach().float(), rtol=1e-5, atol=1e-5)
+
+
+def test_warmup_ramp() -> None:
+    assert renorm_limits(3.0, 5.0, torch.tensor(7), 0) == (3.0, 5.0)
+    assert renorm_limits(3.0, 5.0, None, 100) == (3.0, 5.0)
+    for step, (r_lim, d_lim) in {0: (1.0, 0.0), 25: (1.5, 1.25), 100: (3.0, 5.0)}.items():
+        r, d = renorm_limits(3.0, 5.0, torch.tensor(step), 100)
+        assert (float(r), float(d)) == pytest.approx((r_lim, d_lim))
+    r, d = renorm_limits(3.0, 5.0, torch.tensor(500), 100)
+    assert (float(r), float(d)) == (3.0, 5.0)
+
+    torch.manual_seed(2)
+    x = torch.randn(32, 4, 3, 3) * 3 + 2
+    bn = nn.BatchNorm2d(4)
+    m = BatchRenorm2d(4, r_max=3.0, d_max=5.0, warmup_steps=100)
+    _randomise(m, bn)
+    # step 0: limits r_max=1, d_max=0 -> plain BatchNorm (through the clipping path)
+    torch.testing.assert_close(m(x), bn(x), rtol=0, atol=0)
+    for step in (25, 60, 100, 400):
+        _randomise(m)
+        m.num_batches_tracked.fill_(step)
+        p = min(step / 100, 1.0)
+        r_lim, d_lim = 1 + 2 * p, 5 * p
+        expected = _reference(
+            x.double(),
+            m.running_mean.double(),
+            m.running_var.double(),
+            m.weight.detach().double(),
+            m.bias.detach().double(),
+            m.eps,
+            r_lim,
+            d_lim,
+        )
+        torch.testing.assert_close(m(x), expected.float(), rtol=1e-4, atol=1e-4)
+        assert int(m.num_batches_tracked) == step + 1
+    assert not torch.allclose(m(x), bn(x), atol=1e-2)
+
+
+def test_cumulative_average_with_renorm() -> None:
+    torch.manual_seed(3)
+    m = BatchRenorm2d(3, momentum=None, warmup_steps=0)
+    batches = [torch.randn(8, 3, 4, 4) * (i + 1) + i for i in range(4)]
+    for x in batches:
+        m(x)
+    means = torch.stack([x.mean((0, 2, 3)) for x in batches])
+    variances = torch.stack([x.var((0, 2, 3), unbiased=True) for x in batches])
+    torch.testing.assert_close(m.running_mean, means.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.running_var, variances.mean(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_batch_mean_var(layout: str) -> None:
+    x = torch.randn(6, 5, 7, 4, dtype=torch.float64) * 3 + 100
+    ref_var, ref_mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(6, 5, 7, 8, dtype=torch.float64)[..., ::2]
+        ref_var, ref_mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    mean, var = _batch_mean_var(x.float())
+    assert mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-6)
+    mean16, var16 = _batch_mean_var(x.to(torch.bfloat16))
+    assert mean16.dtype == var16.dtype == torch.float32
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_float64(training: bool) -> None:
+    torch.manual_seed(4)
+    x = (torch.randn(4, 3, 3, 3, dtype=torch.float64) * 0.2 + 0.5).requires_grad_(True)
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    rm = torch.tensor([5.0, -5.0, 4.0], dtype=torch.float64)
+    rv = torch.tensor([9.0, 0.001, 4.0], dtype=torch.float64)
+    if training:
+        # r and d clip on every channel: constants near x, so finite differences agree
+        r = (x.var((0, 2, 3), unbiased=False) + 1e-5).sqrt() / (rv + 1e-5).sqrt()
+        d = (x.mean((0, 2, 3)) - rm) / (rv + 1e-5).sqrt()
+        assert ((r < 0.5) | (r > 2.0)).all() and (d.abs() > 1.0).all()
+
+    def fn(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return batch_renorm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, 2.0, 1.0)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    m = BatchRenorm2d(3, momentum=0.0, r_max=2.0, d_max=1.0, warmup_steps=0, dtype=torch.float64)
+    m.train(training)
+    with torch.no_grad():
+        m.running_mean.copy_(rm)
+        m.running_var.copy_(rv)
+    assert torch.autograd.gradcheck(m, (x,))
+
+
+def test_channels_last_same_result() -> None:
+    torch.manual_seed(5)
+    x = torch.randn(8, 6, 5, 5) * 2 + 1
+    grad = torch.randn(8, 6, 5, 5)
+    a = BatchRenorm2d(6, r_max=1.2, d_max=0.3, warmup_steps=0)
+    b = BatchRenorm2d(6, r_max=1.2, d_max=0.3, warmup_steps=0)
+    _randomise(a, b)
+    y, gx = _fwd_bwd(a, x, grad)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    y_cl, gx_cl = _fwd_bwd(b, x_cl, grad.contiguous(memory_format=torch.channels_last))
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_cl, gx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.weight.grad, a.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.running_var, a.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_keeps_fp32_running_stats() -> None:
+    torch.manual_seed(6)
+    conv = nn.Conv2d(3, 4, 3)
+    m = BatchRenorm2d(4, r_max=1.5, d_max=0.5, warmup_steps=0)
+    ref = BatchRenorm2d(4, r_max=1.5, d_max=0.5, warmup_steps=0)
+    _randomise(m, ref)
+    x = torch.randn(8, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = conv(x)
+        y = m(h)
+    assert h.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+    assert m.running_mean.dtype == m.running_var.dtype == torch.float32
+    assert m.weight.grad.dtype == torch.float32
+    y_ref = ref(h.detach().float())
+    torch.testing.assert_close(y.float(), y_ref, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(m.running_mean, ref.running_mean, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(m.running_var, ref.running_var, rtol=1e-2, atol=1e-2)
+
+
+def test_state_dict_round_trip_and_batchnorm_checkpoint() -> None:
+    torch.manual_seed(7)
+    m = BatchRenorm2d(4, r_max=2.0, d_max=1.0, warmup_steps=10)
+    for _ in range(3):
+        m(torch.randn(8, 4, 3, 3) * 2 + 1)
+    state = m.state_dict()
+    assert set(state) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    loaded = BatchRenorm2d(4, r_max=2.0, d_max=1.0, warmup_steps=10)
+    loaded.load_state_dict(state)
+    x = torch.randn(8, 4, 3, 3)
+    torch.testing.assert_close(loaded.eval()(x), m.eval()(x), rtol=0, atol=0)
+    assert int(loaded.num_batches_tracked) == 3
+
+    bn = nn.BatchNorm2d(4)
+    _randomise(bn)
+    bn.num_batches_tracked.fill_(11)
+    from_bn = BatchRenorm2d(4)
+    from_bn.load_state_dict(bn.state_dict())
+    torch.testing.assert_close(from_bn.eval()(x), bn.eval()(x), rtol=0, atol=0)
+    assert int(from_bn.num_batches_tracked) == 11
+
+
+def test_is_a_batchnorm_and_sync_attributes() -> None:
+    m = BatchRenorm2d(4, warmup_steps=0, sync=True)
+    assert isinstance(m, _BatchNorm)
+    assert m.sync is True and m.process_group is None
+    assert "r_max=3.0, d_max=5.0, warmup_steps=0, sync=True" in repr(m)
+    local = BatchRenorm2d(4, warmup_steps=0)
+    _randomise(m, local)
+    x = torch.randn(8, 4, 3, 3) * 3
+    # torch.distributed is not initialised: sync acts locally
+    torch.testing.assert_close(m(x), local(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("m", "shape", "match"),
+    [
+        (BatchRenorm1d(5), (2, 5, 3, 3), r"BatchRenorm1d: expected 2D .* got shape \(2, 5, 3, 3\)"),
+        (BatchRenorm2d(5), (2, 5, 3), r"BatchRenorm2d: expected 4D .* got shape \(2, 5, 3\)"),
+        (BatchRenorm3d(5), (2, 5, 3, 3), r"BatchRenorm3d: expected 5D .* got shape \(2, 5, 3, 3\)"),
+        (
+            BatchRenorm2d(5),
+            (2, 4, 3, 3),
+            r"BatchRenorm2d\(5\): expected 5 channels .*\(2, 4, 3, 3\)",
+        ),
+        (BatchRenorm1d(5), (1, 5), r"BatchRenorm1d: expected more than 1 value .*\(1, 5\)"),
+        (
+            BatchRenorm2d(5),
+            (1, 5, 1, 1),
+            r"BatchRenorm2d: expected more than 1 value .*\(1, 5, 1, 1\)",
+        ),
+    ],
+)
+def test_bad_input(m: nn.Module, shape: tuple[int, ...], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        m(torch.randn(shape))
+
+
+def test_one_value_per_channel_is_fine_in_eval() -> None:
+    m = BatchRenorm1d(5).eval()
+    bn = nn.BatchNorm1d(5).eval()
+    _randomise(m, bn)
+    x = torch.randn(1, 5)
+    torch.testing.assert_close(m(x), bn(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="BatchRenorm1d"):
+        BatchRenorm1d(5, track_running_stats=False).eval()(x)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"r_max": 0.5}, "`r_max` must be >= 1, got 0.5"),
+        ({"d_max": -1.0}, "`d_max` must be >= 0, got -1.0"),
+        ({"warmup_steps": -3}, "`warmup_steps` must be >= 0, got -3"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        BatchRenorm2d(4, **kwargs)
+    with pytest.raises(TypeError, match="`warmup_steps` must be an int"):
+        BatchRenorm2d(4, warmup_steps=1.5)
+
+
+class _AllLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.renorm2d = BatchRenorm2d(8, r_max=1.5, d_max=0.5, warmup_steps=4)
+        self.ln = LayerNorm2d(8)
+        self.cos_conv = CosineConv2d(8, 8, 3, stride=2, padding=1, groups=2)
+        self.renorm1d = BatchRenorm1d(8 * 4 * 4, warmup_steps=0)
+        self.renorm3d = BatchRenorm3d(1, warmup_steps=0)
+        self.cos_lin = CosineLinear(8 * 4 * 4, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.cos_conv(self.ln(self.renorm2d(self.conv(x))))
+        h = self.renorm3d(h.unsqueeze(1)).squeeze(1)
+        return self.cos_lin(self.renorm1d(h.flatten(1)))
+
+
+@pytest.mark.slow
+def test_torch_compile_every_layer() -> None:
+    torch.manual_seed(8)
+    eager = _AllLayers()
+    compiled_model = _AllLayers()
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model)
+    for step in range(3):
+        x = torch.randn(6, 3, 8, 8) * (step + 1) + step
+        y_eager = eager(x)
+        y_compiled = compiled(x)
+        torch.testing.assert_close(y_compiled, y_eager, rtol=1e-4, atol=1e-5)
+        y_eager.square().sum().backward()
+        y_compiled.square().sum().backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
+    for (name, a), b in zip(eager.named_buffers(), compiled_model.buffers(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    x = torch.randn(6, 3, 8, 8)
+    torch.testing.assert_close(compiled.eval()(x), eager.eval()(x), rtol=1e-4, atol=1e-5)
