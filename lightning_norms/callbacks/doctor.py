@@ -116,7 +116,9 @@ def _unshuffled(loader: Any) -> bool:
             shuffle = getattr(batch_sampler, "shuffle", None)
             if isinstance(shuffle, bool):
                 return not shuffle
-        sampler = getattr(batch_sampler, "sampler", sampler)
+            if not hasattr(batch_sampler, "sampler"):
+                return False  # a custom batch sampler: its order is its own business
+        sampler = batch_sampler.sampler
     if isinstance(sampler, SequentialSampler):
         return True
     return isinstance(sampler, DistributedSampler) and not sampler.shuffle
@@ -139,7 +141,8 @@ def _print_table(title: str, caption: str, columns: list[str], rows: list[list[s
         return
     table = Table(title=title, caption=caption)
     for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i in (0, 1, len(columns) - 1) else "right")
+        left = i in (0, 1, len(columns) - 1)
+        table.add_column(column, justify="left" if left else "right", no_wrap=i < 2)
     for row in rows:
         table.add_row(*row, style=None if row[-1] == "ok" else "bold red")
     Console().print(table)
@@ -273,10 +276,16 @@ class BatchNormDoctor(Callback):
         max_log_var_ratio: flag a mean ``|log variance ratio|`` above this (default ``0.7``, a
             factor of about 2).
         min_batches: fewest training calls before ``batch_spread`` is judged (default ``10``).
+        warmup_batches: during ``fit``, the eval checks skip a layer (per domain) whose
+            ``num_batches_tracked`` is below this (default ``30``): with the default momentum
+            0.1 its running statistics still hold ``0.9^n`` of their initial values, an EMA
+            warm-up rather than a finding. A layer whose momentum is too small to forget them
+            in that many batches is flagged. ``trainer.validate`` judges every layer.
 
     Raises:
         MisconfigurationException: on a non-positive ``check_every_n_epochs``,
-            ``max_calls_per_step``, ``min_batch_size`` or ``min_batches``, or a non-positive or
+            ``max_calls_per_step``, ``min_batch_size``, ``min_batches`` or ``warmup_batches``,
+            or a non-positive or
             non-finite ``max_batch_spread``, ``max_mean_shift`` or ``max_log_var_ratio``.
 
     Example:
@@ -295,12 +304,14 @@ class BatchNormDoctor(Callback):
         max_mean_shift: float = 0.5,
         max_log_var_ratio: float = 0.7,
         min_batches: int = 10,
+        warmup_batches: int = 30,
     ) -> None:
         ints = {
             "check_every_n_epochs": check_every_n_epochs,
             "max_calls_per_step": max_calls_per_step,
             "min_batch_size": min_batch_size,
             "min_batches": min_batches,
+            "warmup_batches": warmup_batches,
         }
         for name, value in ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -329,6 +340,7 @@ class BatchNormDoctor(Callback):
         self._max_shift = float(max_mean_shift)
         self._max_lvr = float(max_log_var_ratio)
         self._min_batches = min_batches
+        self._warmup = warmup_batches
         self.findings: list[BNFinding] = []
         self._probes: list[_Probe] = []
         self._phase: str | None = None
@@ -569,14 +581,19 @@ class BatchNormDoctor(Callback):
             return
         accs = [p.moments for p in probes if p.moments is not None]
         all_reduce_moments(accs)
+        fitting = trainer.state.fn == "fit"
         rows = []
         for probe, acc in zip(probes, accs, strict=True):
             module = probe.module
             if module.running_mean is None or module.running_var is None:
                 rows.append(torch.full((2,), math.nan, device=acc.mean.device))
                 continue
+            count = acc.count
+            tracked = module.num_batches_tracked
+            if fitting and tracked is not None:
+                count = torch.where(tracked.reshape(-1) >= self._warmup, count, 0.0)
             shift, lvr = eval_mismatch(
-                acc.count, acc.mean, acc.var(), module.running_mean, module.running_var, module.eps
+                count, acc.mean, acc.var(), module.running_mean, module.running_var, module.eps
             )
             rows.append(torch.stack([_nanmax(shift), _nanmax(lvr)]))
         figures = torch.stack(rows).tolist()

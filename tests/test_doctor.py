@@ -1,0 +1,553 @@
+"""BatchNormDoctor: its statistics against formulas written out here, and each planted pitfall.
+
+Every Lightning test plants one pitfall in a tiny model and asserts the finding names the layer
+that has it (and not the healthy ones); a clean run must raise nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from lightning_norms._diagnostics import (
+    BatchSpread,
+    MomentAccumulator,
+    all_reduce_moments,
+    all_reduce_spreads,
+    eval_mismatch,
+    summarise_spread,
+)
+from lightning_norms.callbacks import BatchNormDoctor
+from lightning_norms.callbacks.doctor import BatchNormDoctorWarning, BNFinding
+from tests._dist import run_ddp, run_script
+
+DIM, CLASSES = 8, 4
+
+
+# ------------------------------------------------------------------------ statistics (pure torch)
+def test_batch_spread_matches_formula() -> None:
+    torch.manual_seed(0)
+    batches = [torch.randn(6 + t % 3, 3, 2, 2) + 0.3 * t for t in range(7)]
+    spread = BatchSpread(1, 3, "cpu")
+    for x in batches:
+        spread.update(x)
+    means = [x.mean((2, 3)) for x in batches]
+    mu = torch.stack([m.mean(0) for m in means])
+    between = ((mu[1:] - mu[:-1]) ** 2).sum(0) / (2 * (len(batches) - 1))
+    expected = torch.stack([m.var(0) / m.shape[0] for m in means]).mean(0)
+    torch.testing.assert_close(spread.ratio()[0], between / expected)
+    assert spread.num_batches.tolist() == [7.0]
+
+
+def test_batch_spread_groups_equal_separate_accumulators() -> None:
+    torch.manual_seed(1)
+    grouped = BatchSpread(2, 4, "cpu")
+    alone = [BatchSpread(1, 4, "cpu"), BatchSpread(1, 4, "cpu")]
+    for t in range(6):
+        x = torch.randn(10, 4, 3)
+        ids = torch.randint(0, 2, (10,))
+        ids[:2] = torch.tensor([0, 1])
+        ids[2:4] = torch.tensor([0, 1])
+        if t == 3:
+            ids[:] = 0  # domain 1 absent: it keeps its previous mean
+        cnt = grouped.update(x, ids)
+        assert cnt is not None and cnt.tolist() == [float((ids == d).sum()) for d in (0, 1)]
+        for d in (0, 1):
+            alone[d].update(x[ids == d])
+    for d in (0, 1):
+        torch.testing.assert_close(grouped.ratio()[d], alone[d].ratio()[0])
+        torch.testing.assert_close(grouped.num_batches[d], alone[d].num_batches[0])
+
+
+def test_batch_spread_near_one_for_iid_and_large_for_sorted_batches() -> None:
+    torch.manual_seed(2)
+    iid, sorted_ = BatchSpread(1, 16, "cpu"), BatchSpread(1, 16, "cpu")
+    centers = 2.0 * torch.randn(4, 16)
+    for t in range(40):
+        y = torch.randint(0, 4, (32,))
+        iid.update(centers[y] + torch.randn(32, 16))
+        sorted_.update(centers[(t // 4) % 4] + torch.randn(32, 16))  # runs of 4 batches
+    r_iid = summarise_spread(iid.ratio(), iid.num_batches, 10).item()
+    r_sorted = summarise_spread(sorted_.ratio(), sorted_.num_batches, 10).item()
+    assert 0.6 < r_iid < 1.6
+    assert r_sorted > 10
+
+
+def test_summarise_spread_needs_min_batches_and_skips_dead_channels() -> None:
+    spread = BatchSpread(1, 3, "cpu")
+    for _ in range(5):
+        x = torch.randn(8, 3)
+        x[:, 2] = 0.0  # a dead channel: no within-batch variance
+        spread.update(x)
+    ratio = spread.ratio()
+    assert math.isnan(ratio[0, 2].item())
+    assert math.isnan(summarise_spread(ratio, spread.num_batches, 6).item())
+    assert summarise_spread(ratio, spread.num_batches, 5).item() == pytest.approx(
+        ratio[0, :2].median().item()
+    )
+
+
+def test_moment_accumulator_grouped_matches_torch() -> None:
+    torch.manual_seed(3)
+    acc = MomentAccumulator(3, 4, "cpu")
+    xs, ids = [], []
+    for n in (5, 9, 7):
+        x = torch.randn(n, 4, 3, 2) * 3 + 10
+        g = torch.randint(0, 2, (n,))  # domain 2 never appears
+        acc.update(x, g)
+        xs.append(x)
+        ids.append(g)
+    x, g = torch.cat(xs), torch.cat(ids)
+    for d in (0, 1):
+        flat = x[g == d].transpose(0, 1).reshape(4, -1)
+        torch.testing.assert_close(acc.mean[d], flat.mean(1))
+        torch.testing.assert_close(acc.var()[d], flat.var(1), rtol=1e-4, atol=1e-4)
+        assert acc.count[d].item() == flat.shape[1]
+    assert acc.count[2].item() == 0
+
+
+def test_eval_mismatch_formula() -> None:
+    mean, var = torch.tensor([[1.0, -2.0]]), torch.tensor([[4.0, 0.25]])
+    rm, rv = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0])
+    shift, lvr = eval_mismatch(torch.tensor([50.0]), mean, var, rm, rv, 0.0)
+    assert shift.item() == pytest.approx((1.0 + 2.0) / 2)
+    assert lvr.item() == pytest.approx((math.log(4.0) + math.log(4.0)) / 2)
+    shift, _ = eval_mismatch(torch.tensor([1.0]), mean, var, rm, rv, 0.0)
+    assert math.isnan(shift.item())
+
+
+def _ddp_reductions(rank: int, world_size: int) -> dict[str, Tensor]:
+    gen = torch.Generator().manual_seed(10 + rank)
+    spread, acc = BatchSpread(1, 3, "cpu"), MomentAccumulator(2, 3, "cpu")
+    for _ in range(4 + rank):
+        x = torch.randn(6, 3, 2, generator=gen) * (1 + rank) + rank
+        spread.update(x)
+        acc.update(x, torch.tensor([0, 1, 0, 1, 0, 0]))
+    all_reduce_spreads([spread])
+    all_reduce_moments([acc])
+    return {"diff2": spread.diff2, "within": spread.within, "n": spread.num_batches,
+            "count": acc.count, "mean": acc.mean, "var": acc.var()}
+
+
+@pytest.mark.ddp
+def test_reductions_across_ranks_equal_one_process() -> None:
+    results = run_ddp(_ddp_reductions, world_size=2)
+    torch.testing.assert_close(results[0], results[1])
+    single = [BatchSpread(1, 3, "cpu"), BatchSpread(1, 3, "cpu")]
+    acc = MomentAccumulator(2, 3, "cpu")
+    for rank in (0, 1):
+        gen = torch.Generator().manual_seed(10 + rank)
+        for _ in range(4 + rank):
+            x = torch.randn(6, 3, 2, generator=gen) * (1 + rank) + rank
+            single[rank].update(x)
+            acc.update(x, torch.tensor([0, 1, 0, 1, 0, 0]))
+    additive = [torch.stack(t).sum(0) for t in zip(*(s.additive() for s in single), strict=True)]
+    torch.testing.assert_close(results[0]["diff2"], additive[0])
+    torch.testing.assert_close(results[0]["within"], additive[2])
+    torch.testing.assert_close(results[0]["n"], additive[3])
+    torch.testing.assert_close(results[0]["count"], acc.count)
+    torch.testing.assert_close(results[0]["mean"], acc.mean)
+    torch.testing.assert_close(results[0]["var"], acc.var(), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- arguments
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"check_every_n_epochs": 0}, "check_every_n_epochs"),
+        ({"max_calls_per_step": 1.5}, "max_calls_per_step"),
+        ({"min_batch_size": -1}, "min_batch_size"),
+        ({"min_batches": True}, "min_batches"),
+        ({"max_batch_spread": 0.0}, "max_batch_spread"),
+        ({"max_mean_shift": math.inf}, "max_mean_shift"),
+        ({"max_log_var_ratio": "big"}, "max_log_var_ratio"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs: dict, name: str) -> None:
+    with pytest.raises(MisconfigurationException, match=f"`{name}`"):
+        BatchNormDoctor(**kwargs)
+
+
+# ------------------------------------------------------------------------ Lightning helpers
+def _data(n: int = 512, seed: int = 0, shift: float = 0.0) -> tuple[Tensor, Tensor]:
+    centers = 3.0 * torch.randn(CLASSES, DIM, generator=torch.Generator().manual_seed(123))
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % CLASSES
+    return centers[y] + torch.randn(n, DIM, generator=gen) + shift, y
+
+
+def _mlp(momentum: float = 0.1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(DIM, 16), nn.BatchNorm1d(16), nn.ReLU(),
+        nn.Linear(16, 16), nn.BatchNorm1d(16, momentum=momentum), nn.ReLU(),
+        nn.Linear(16, CLASSES),
+    )  # fmt: skip
+
+
+class Net(LightningModule):
+    def __init__(self, body: nn.Module, lr: float = 0.05) -> None:
+        super().__init__()
+        self.body = body
+        self.lr = lr
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.body(x), y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.body(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _fit(
+    model: LightningModule,
+    train: DataLoader,
+    val: DataLoader | None,
+    tmp_path: Path,
+    doctor: BatchNormDoctor,
+    max_epochs: int = 2,
+    **kw: object,
+) -> Trainer:
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[doctor],
+        **kw,
+    )
+    trainer.fit(model, train, val)
+    return trainer
+
+
+def _by_check(findings: list[BNFinding]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for f in findings:
+        out.setdefault(f.check, {})[f.layer] = f.value
+    return out
+
+
+def _doctor_warnings(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, BatchNormDoctorWarning)]
+
+
+# ------------------------------------------------------------------------- planted pitfalls
+def test_clean_run_raises_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    torch.manual_seed(0)
+    x, y = _data()
+    xv, yv = _data(256, seed=1)
+    train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    val = DataLoader(TensorDataset(xv, yv), batch_size=64)
+    doctor = BatchNormDoctor()
+    model = Net(_mlp())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer = _fit(model, train, val, tmp_path, doctor, max_epochs=3)
+    assert doctor.findings == []
+    assert _doctor_warnings(record) == []
+    metrics = trainer.callback_metrics
+    assert 0.3 < metrics["bn_doctor/batch_spread/body.1"].item() < 2.0
+    assert metrics["bn_doctor/calls_per_step/body.4"].item() == 1.0
+    assert metrics["bn_doctor/batch_size/body.4"].item() == 32.0
+    assert metrics["bn_doctor/eval_mean_shift/body.1"].item() < 0.2
+    assert metrics["bn_doctor/eval_var_ratio/body.4"].item() < 0.2
+    out = capsys.readouterr().out
+    assert "batch spread" in out and "mean shift" in out and "body.4" in out
+    assert not any(m._forward_pre_hooks for m in model.modules())  # removed at teardown
+
+
+def test_unshuffled_class_sorted_loader(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x, y = _data()
+    order = torch.argsort(y, stable=True)
+    train = DataLoader(TensorDataset(x[order], y[order]), batch_size=32, shuffle=False)
+    doctor = BatchNormDoctor()
+    with pytest.warns(BatchNormDoctorWarning, match=r"`train_dataloader` does not shuffle"):
+        _fit(Net(_mlp()), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
+    found = _by_check(doctor.findings)
+    assert set(found["shuffle"]) == {"train_dataloader"}
+    # the first BN layer sees the class-sorted batch means; body.4 gets batches body.1 has
+    # already normalised, so the problem shows where it enters
+    assert set(found["batch_spread"]) == {"body.1"}
+    assert found["batch_spread"]["body.1"] > 3 * doctor._max_spread
+    assert "MixingBatchSampler" in next(f.message for f in doctor.findings if f.layer == "body.1")
+
+
+class _ClassPureBatches(Sampler[list[int]]):
+    """Shuffled order, but every batch holds one class only (single-source batches)."""
+
+    def __init__(self, labels: Tensor, batch_size: int) -> None:
+        self.labels, self.batch_size = labels, batch_size
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        batches = []
+        for c in self.labels.unique():
+            idx = (self.labels == c).nonzero().flatten()
+            idx = idx[torch.randperm(len(idx))]
+            batches += [idx[i : i + self.batch_size].tolist() for i in range(0, len(idx), 32)]
+        return iter([batches[i] for i in torch.randperm(len(batches)).tolist()])
+
+    def __len__(self) -> int:
+        return sum(math.ceil(int((self.labels == c).sum()) / 32) for c in self.labels.unique())
+
+
+def test_single_source_batches_flagged_without_shuffle_finding(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x, y = _data()
+    train = DataLoader(TensorDataset(x, y), batch_sampler=_ClassPureBatches(y, 32))
+    doctor = BatchNormDoctor()
+    with pytest.warns(BatchNormDoctorWarning, match=r"`body.1` sees training batches"):
+        _fit(Net(_mlp()), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
+    found = _by_check(doctor.findings)
+    assert set(found) == {"batch_spread"}
+    assert set(found["batch_spread"]) == {"body.1"}
+
+
+class TwoTowers(LightningModule):
+    """The MNIST/SVHN pitfall: one shared tower (with BN) run on two domain-pure batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tower = nn.Sequential(nn.Linear(DIM, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.head = nn.Sequential(nn.BatchNorm1d(16), nn.Linear(16, CLASSES))
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        xa, ya, xb, yb = batch
+        features = torch.cat([self.tower(xa), self.tower(xb)])  # two calls, one per domain
+        return F.cross_entropy(self.head(features), torch.cat([ya, yb]))
+
+    def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        self.head(self.tower(batch[0]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def _two_domains(n: int = 640) -> TensorDataset:
+    xa, ya = _data(n, seed=0)
+    xb, yb = _data(n, seed=1)
+    return TensorDataset(xa, ya, 0.5 * xb + 5.0, yb)  # domain B: other scale and offset
+
+
+def test_shared_bn_fed_two_domain_pure_batches(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    train = DataLoader(_two_domains(), batch_size=32, shuffle=True)
+    doctor = BatchNormDoctor()
+    with pytest.warns(BatchNormDoctorWarning, match=r"`tower.1` ran 2 times in one training step"):
+        _fit(TwoTowers(), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
+    found = _by_check(doctor.findings)
+    assert found["calls_per_step"] == {"tower.1": 2.0}
+    assert set(found["batch_spread"]) == {"tower.1"}  # alternating domains
+    assert found["batch_spread"]["tower.1"] > 3 * doctor._max_spread
+    assert set(found) == {"calls_per_step", "batch_spread"}  # head.0 gets one mixed batch
+    message = next(f.message for f in doctor.findings if f.check == "calls_per_step")
+    assert "DomainBatchNorm1d" in message and "MixingBatchSampler" in message
+
+
+class DomainTowers(LightningModule):
+    """The remedy: the same towers with per-domain BN statistics (DomainBatchNorm1d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lightning_norms.domain import DomainBatchNorm1d
+
+        self.lin = nn.Linear(DIM, 16)
+        self.norm = DomainBatchNorm1d(16, num_domains=2)
+        self.head = nn.Linear(16, CLASSES)
+
+    def forward(self, x: Tensor, domain: int) -> Tensor:
+        return self.head(F.relu(self.norm(self.lin(x), domain=domain)))
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        xa, ya, xb, yb = batch
+        logits = torch.cat([self(xa, 0), self(xb, 1)])
+        return F.cross_entropy(logits, torch.cat([ya, yb]))
+
+    def validation_step(self, batch: list[Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self(batch[0], dataloader_idx)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_domain_batchnorm_per_domain_checks(tmp_path: Path) -> None:
+    pytest.importorskip("lightning_norms.domain")
+    torch.manual_seed(0)
+    data = _two_domains()
+    train = DataLoader(data, batch_size=32, shuffle=True)
+    val = [DataLoader(TensorDataset(data.tensors[0]), batch_size=64),
+           DataLoader(TensorDataset(data.tensors[2]), batch_size=64)]  # fmt: skip
+    doctor = BatchNormDoctor()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer = _fit(DomainTowers(), train, val, tmp_path, doctor, max_epochs=2)  # 40 steps
+    # one call per domain per step, per-domain batches i.i.d., per-domain running stats match
+    assert doctor.findings == []
+    assert _doctor_warnings(record) == []
+    metrics = trainer.callback_metrics
+    assert metrics["bn_doctor/calls_per_step/norm"].item() == 1.0
+    assert metrics["bn_doctor/batch_size/norm"].item() == 32.0
+    assert metrics["bn_doctor/batch_spread/norm"].item() < 2.0
+    assert metrics["bn_doctor/eval_mean_shift/norm"].item() < 0.3
+
+    # domain B evaluated with domain A's statistics: the per-domain comparison sees it
+    class Mislabelled(DomainTowers):
+        def validation_step(self, batch: list[Tensor], batch_idx: int, dataloader_idx: int = 0):
+            self(batch[0], 0)
+
+    doctor = BatchNormDoctor()
+    with pytest.warns(BatchNormDoctorWarning, match=r"`norm` is evaluated"):
+        _fit(Mislabelled(), train, val[1], tmp_path, doctor, max_epochs=2)
+    found = _by_check(doctor.findings)
+    assert set(found["eval_mean_shift"]) == {"norm"}
+    assert found["eval_mean_shift"]["norm"] > 1.0
+
+
+def test_stale_running_stats(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    body = _mlp(momentum=1e-4)  # body.4 barely moves its running stats
+    with torch.no_grad():
+        body[3].bias.fill_(3.0)  # and its inputs sit far from the initial (0, 1)
+    x, y = _data()
+    xv, yv = _data(256, seed=1)
+    train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    val = DataLoader(TensorDataset(xv, yv), batch_size=64)
+    doctor = BatchNormDoctor()
+    with pytest.warns(BatchNormDoctorWarning, match=r"`body.4` is evaluated with a running mean"):
+        _fit(Net(body), train, val, tmp_path, doctor, max_epochs=2)
+    found = _by_check(doctor.findings)
+    assert set(found["eval_mean_shift"]) == {"body.4"}  # body.1 (momentum 0.1) is fine
+    assert found["eval_mean_shift"]["body.4"] > 2.0
+    message = next(f.message for f in doctor.findings if f.check == "eval_mean_shift")
+    assert "PreciseBN" in message
+
+
+def test_train_validation_shift(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x, y = _data()
+    xv, yv = _data(256, seed=1, shift=3.0)  # validation data differ from training
+    train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    val = DataLoader(TensorDataset(xv, yv), batch_size=64)
+    doctor = BatchNormDoctor()
+    with pytest.warns(BatchNormDoctorWarning):
+        _fit(Net(_mlp()), train, val, tmp_path, doctor, max_epochs=2)
+    found = _by_check(doctor.findings)
+    assert "body.1" in found["eval_mean_shift"]
+    assert found["eval_mean_shift"]["body.1"] == max(found["eval_mean_shift"].values())
+
+
+class ConvNet(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES),
+        )  # fmt: skip
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return F.cross_entropy(self.body(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_tiny_per_device_batch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 3, 6, 6), torch.randint(0, CLASSES, (64,)))
+    train = DataLoader(data, batch_size=4, shuffle=True)
+    doctor = BatchNormDoctor()
+    with pytest.warns(BatchNormDoctorWarning, match=r"`body.1` normalises only 4 samples"):
+        _fit(ConvNet(), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
+    found = _by_check(doctor.findings)
+    assert found["batch_size"] == {"body.1": 4.0, "body.7": 4.0}  # not the GroupNorm (body.4)
+    message = next(f.message for f in doctor.findings if f.check == "batch_size")
+    assert "BatchRenorm2d" in message and "NormSync" in message
+
+
+def test_check_every_n_epochs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 3, 6, 6), torch.randint(0, CLASSES, (64,)))
+    train = DataLoader(data, batch_size=4, shuffle=True)
+    doctor = BatchNormDoctor(check_every_n_epochs=2)
+    trainer = _fit(ConvNet(), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
+    assert doctor.findings == []
+    assert not any(k.startswith("bn_doctor/") for k in trainer.callback_metrics)
+    doctor = BatchNormDoctor(min_batch_size=4)  # the threshold is an argument
+    _fit(ConvNet(), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
+    assert doctor.findings == []
+
+
+def test_validate_checks_running_stats(tmp_path: Path) -> None:
+    model = Net(_mlp())
+    xv, yv = _data(256, seed=1)
+    doctor = BatchNormDoctor()
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[doctor],
+    )
+    with pytest.warns(BatchNormDoctorWarning, match=r"`body.1` is evaluated"):
+        trainer.validate(model, DataLoader(TensorDataset(xv, yv), batch_size=64))
+    assert {f.layer for f in doctor.findings if f.check == "eval_mean_shift"} >= {"body.1"}
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+# --------------------------------------------------------------------------------- DDP
+DDP_SCRIPT = """
+import json, sys, warnings
+import torch
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader, TensorDataset
+from lightning_norms.callbacks import BatchNormDoctor
+from tests.test_doctor import TwoTowers, _data, _two_domains
+
+torch.manual_seed(0)
+warnings.simplefilter("ignore")
+xv, yv = _data(256, seed=2)
+doctor = BatchNormDoctor()
+trainer = Trainer(default_root_dir=".", strategy="ddp", accelerator="cpu", devices=2,
+                  max_epochs=2, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, callbacks=[doctor])
+trainer.fit(TwoTowers(), DataLoader(_two_domains(), batch_size=16, shuffle=True),
+            DataLoader(TensorDataset(xv, yv), batch_size=32))
+findings = [[f.check, f.layer, round(f.value, 4)] for f in doctor.findings]
+metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+with open(f"findings_{trainer.global_rank}.json", "w") as fh:
+    json.dump({"findings": findings, "metrics": metrics}, fh)
+"""
+
+
+@pytest.mark.ddp
+def test_ddp_findings_agree_across_ranks(tmp_path: Path) -> None:
+    run_script(DDP_SCRIPT, tmp_path)
+    ranks = [json.loads((tmp_path / f"findings_{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # merged over ranks: every rank reports the same
+    checks = {(c, layer) for c, layer, _ in ranks[0]["findings"]}
+    assert ("calls_per_step", "tower.1") in checks and ("batch_spread", "tower.1") in checks
+    assert not {c for c, layer in checks if layer == "head.0"} & {"calls_per_step", "batch_size"}
+    metrics = ranks[0]["metrics"]
+    assert metrics["bn_doctor/batch_size/head.0"] == 32.0  # 16 + 16 per device
+    assert metrics["bn_doctor/batch_size/tower.1"] == 16.0
+    assert "bn_doctor/eval_mean_shift/head.0" in metrics
