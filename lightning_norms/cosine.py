@@ -24,8 +24,8 @@ class CosineLinear(nn.Module):
 
         y_o = \frac{w_o \cdot x}{\lVert w_o \rVert \lVert x \rVert + \epsilon} \in [-1, 1]
 
-    No bias. A zero input gives 0 with finite gradients. ``weight`` has ``nn.Linear``'s shape
-    and initialisation.
+    No bias (``bias`` is ``None``). A zero input gives 0 with finite gradients. ``weight`` has
+    ``nn.Linear``'s shape and initialisation.
 
     Args:
         in_features: size of each input vector.
@@ -63,6 +63,7 @@ class CosineLinear(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, device=device, dtype=dtype)
         )
+        self.register_parameter("bias", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -94,9 +95,9 @@ class CosineConv2d(nn.Module):
 
     with :math:`p_{n,i,j}` the zero-padded input patch (of ``o``'s group) under the kernel at
     output position ``(i, j)``. The patch norms come from one convolution of the
-    channel-summed ``x**2`` with a ones kernel (same stride, padding, dilation). No bias. A zero
-    patch gives 0 with finite gradients. ``weight`` has ``nn.Conv2d``'s shape and
-    initialisation.
+    channel-summed ``x**2`` with a ones kernel (same stride, padding, dilation). No bias
+    (``bias`` is ``None``). A zero patch gives 0 with finite gradients. ``weight`` has
+    ``nn.Conv2d``'s shape and initialisation.
 
     Args:
         in_channels: input channels.
@@ -158,6 +159,7 @@ class CosineConv2d(nn.Module):
                 out_channels, in_channels // groups, *self.kernel_size, device=device, dtype=dtype
             )
         )
+        self.register_parameter("bias", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -1,0 +1,183 @@
+"""CosineLinear / CosineConv2d against the cosine formula written out (unfold for the conv)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_norms import CosineConv2d, CosineLinear
+from lightning_norms.functional import cosine_conv2d, cosine_linear
+
+EPS = 1e-8
+
+
+def _linear_reference(x: Tensor, w: Tensor) -> Tensor:
+    return x @ w.T / (x.norm(dim=-1, keepdim=True) * w.norm(dim=1) + EPS)
+
+
+def _unfold_reference(
+    x: Tensor, w: Tensor, stride: tuple, padding: tuple, dilation: tuple, groups: int
+) -> Tensor:
+    """Every patch cut out with F.unfold, the cosine taken per patch and filter."""
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    cols = cols.view(n, groups, c // groups * kh * kw, -1)  # [N, G, C/G*kh*kw, L]
+    wg = w.reshape(groups, o // groups, -1)  # [G, O/G, C/G*kh*kw]
+    dot = torch.einsum("ngkl,gok->ngol", cols, wg)
+    denom = wg.norm(dim=2)[None, :, :, None] * cols.norm(dim=2)[:, :, None, :] + EPS
+    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return (dot / denom).reshape(n, o, h_out, w_out)
+
+
+CONV_CASES = [
+    # in, out, kernel, stride, padding, dilation, groups
+    (3, 5, (3, 3), (1, 1), (0, 0), (1, 1), 1),
+    (3, 5, (3, 3), (2, 2), (1, 1), (1, 1), 1),
+    (3, 4, (3, 2), (2, 1), (2, 1), (2, 1), 1),
+    (4, 6, (3, 3), (1, 1), (2, 2), (2, 2), 2),
+    (4, 8, (3, 3), (2, 2), (1, 1), (1, 1), 4),
+]
+
+
+@pytest.mark.parametrize(("cin", "cout", "k", "s", "p", "d", "g"), CONV_CASES)
+def test_conv_equals_unfold_formula(cin, cout, k, s, p, d, g) -> None:
+    torch.manual_seed(0)
+    m = CosineConv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g)
+    assert m.weight.shape == nn.Conv2d(cin, cout, k, groups=g).weight.shape
+    assert m.bias is None
+    x = torch.randn(2, cin, 9, 8) * 3 + 1
+    x64 = x.double().requires_grad_(True)
+    w64 = m.weight.detach().double().requires_grad_(True)
+    expected = _unfold_reference(x64, w64, s, p, d, g)
+    x32 = x.clone().requires_grad_(True)
+    y = m(x32)
+    torch.testing.assert_close(y, expected.detach().float(), rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    expected.backward(grad_out.double())
+    torch.testing.assert_close(x32.grad, x64.grad.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m.weight.grad, w64.grad.float(), rtol=1e-4, atol=1e-5)
+    assert y.abs().max() <= 1 + 1e-6
+
+
+def test_conv_same_padding_and_unbatched_input() -> None:
+    torch.manual_seed(1)
+    m = CosineConv2d(3, 4, 3, padding="same", dilation=2)
+    x = torch.randn(2, 3, 7, 7)
+    expected = _unfold_reference(x, m.weight.detach(), (1, 1), (2, 2), (2, 2), 1)
+    torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m(x[1]), expected[1], rtol=1e-5, atol=1e-6)
+
+
+def test_linear_equals_formula() -> None:
+    torch.manual_seed(2)
+    m = CosineLinear(6, 4)
+    assert m.weight.shape == nn.Linear(6, 4).weight.shape
+    assert m.bias is None
+    x = torch.randn(3, 5, 6) * 4
+    x64 = x.double().requires_grad_(True)
+    w64 = m.weight.detach().double().requires_grad_(True)
+    expected = _linear_reference(x64, w64)
+    x32 = x.clone().requires_grad_(True)
+    y = m(x32)
+    torch.testing.assert_close(y, expected.detach().float(), rtol=1e-5, atol=1e-6)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    expected.backward(grad_out.double())
+    torch.testing.assert_close(x32.grad, x64.grad.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m.weight.grad, w64.grad.float(), rtol=1e-4, atol=1e-6)
+    # a cosine: invariant to the scale of the input and of the weights
+    torch.testing.assert_close(m(x * 100), y.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_zero_input_gives_zero_and_finite_gradients() -> None:
+    torch.manual_seed(3)
+    lin = CosineLinear(5, 3)
+    x = torch.zeros(4, 5, requires_grad=True)
+    x.data[1] = torch.randn(5)
+    y = lin(x)
+    assert torch.equal(y[[0, 2, 3]], torch.zeros(3, 3))
+    grad_out = torch.randn(4, 3)
+    y.backward(grad_out)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(lin.weight.grad).all()
+    # at x = 0 the cosine is w.x / eps to first order: the gradient is (grad @ W) / eps
+    torch.testing.assert_close(
+        x.grad[0], grad_out[0] @ lin.weight.detach() / EPS, rtol=1e-5, atol=0
+    )
+
+    conv = CosineConv2d(3, 4, 3, padding=1)
+    x = torch.zeros(2, 3, 6, 6, requires_grad=True)
+    x.data[0, :, :2] = torch.randn(3, 2, 6)  # sample 0: zero patches only in its bottom rows
+    y = conv(x)
+    assert torch.equal(y[1], torch.zeros(4, 6, 6))
+    assert torch.equal(y[0, :, 4:], torch.zeros(4, 2, 6))
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(conv.weight.grad).all()
+    expected = F.conv_transpose2d(grad_out[1:], conv.weight.detach(), padding=1) / EPS
+    torch.testing.assert_close(x.grad[1:], expected, rtol=1e-4, atol=0)
+
+
+def test_gradcheck_float64() -> None:
+    torch.manual_seed(4)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w: cosine_conv2d(x, w, stride=2, padding=1, dilation=1, groups=2), (x, w)
+    )
+    assert torch.autograd.gradcheck(
+        lambda x, w: cosine_conv2d(x, w, padding=2, dilation=2), (x, w[:, :1].repeat(1, 4, 1, 1))
+    )
+    xl = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    wl = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(cosine_linear, (xl, wl))
+    m = CosineConv2d(4, 3, 2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(m, (x,))
+    assert torch.autograd.gradcheck(CosineLinear(5, 2, dtype=torch.float64), (xl,))
+
+
+def test_channels_last_same_result() -> None:
+    torch.manual_seed(5)
+    m = CosineConv2d(4, 6, 3, stride=2, padding=1, groups=2)
+    x = torch.randn(2, 4, 8, 8)
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    x = x.requires_grad_(True)
+    y, y_cl = m(x), m(x_cl)
+    torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-6)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    y_cl.backward(grad_out)
+    torch.testing.assert_close(x_cl.grad, x.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast() -> None:
+    torch.manual_seed(6)
+    m = CosineConv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    y.float().sum().backward()
+    assert torch.isfinite(m.weight.grad).all()
+    torch.testing.assert_close(y.float(), m(x).detach(), rtol=0, atol=3e-2)
+
+
+@pytest.mark.parametrize(
+    ("m", "shape", "match"),
+    [
+        (CosineLinear(4, 3), (2, 5), r"CosineLinear\(4, 3\): expected 4 features .*\(2, 5\)"),
+        (CosineConv2d(3, 4, 3), (2, 5, 8, 8), r"CosineConv2d\(3, 4\): expected .*\(2, 5, 8, 8\)"),
+        (CosineConv2d(3, 4, 3), (2, 3), r"CosineConv2d\(3, 4\): expected .* shape \(2, 3\)"),
+    ],
+)
+def test_bad_input(m: nn.Module, shape: tuple[int, ...], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        m(torch.randn(shape))
+
+
+def test_bad_groups() -> None:
+    with pytest.raises(ValueError, match="`groups` must be positive and divide in_channels=3"):
+        CosineConv2d(3, 4, 3, groups=2)
