@@ -486,13 +486,17 @@ class _DomainBatchNormFn(torch.autograd.Function):
         eps: float,
         group: tuple[torch.distributed.ProcessGroup | None] | None,
         name: str,
+        stats: tuple[Tensor, Tensor, Tensor] | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         n, c = x.shape[0], x.shape[1]
         x3 = x.reshape(n, c, -1)
-        count, mean, m2 = _local_domain_stats(x3, ids, num_domains)
-        if group is not None:
-            count, mean, m2 = _all_reduce_stats(count, mean, m2, group[0])
-        _check_counts(count, name)
+        if stats is None:
+            count, mean, m2 = _local_domain_stats(x3, ids, num_domains)
+            if group is not None:
+                count, mean, m2 = _all_reduce_stats(count, mean, m2, group[0])
+            _check_counts(count, name)
+        else:
+            count, mean, m2 = stats
         var = m2 / count.clamp(min=1).unsqueeze(1)
         flat = x3.reshape(1, n * c, -1)
         row_mean = mean[ids].reshape(-1)
@@ -558,7 +562,7 @@ class _DomainBatchNormFn(torch.autograd.Function):
             grad_x = torch.addcmul(coef_1[ids].unsqueeze(2), x3, coef_x[ids].unsqueeze(2))
             grad_x = grad_x.addcmul_(g3, scale[ids].unsqueeze(2)).to(grad_out.dtype)
             grad_x = grad_x.view(ctx.shape)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _update_running_stats(
@@ -643,7 +647,7 @@ def _domain_batch_norm(
         )
         return out.view(x.shape)
     out, count, mean, unbiased_var = _DomainBatchNormFn.apply(
-        x, weight, bias, ids, num_domains, eps, group, name
+        x, weight, bias, ids, num_domains, eps, group, name, None
     )
     if training and running_mean is not None and running_var is not None:
         with torch.no_grad():
@@ -743,3 +747,54 @@ def domain_batch_norm(
         process_group,
         "domain_batch_norm",
     )
+
+
+def _synced_batch_renorm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
+    process_group: torch.distributed.ProcessGroup | None,
+    name: str,
+) -> Tensor:
+    """Training-mode :func:`batch_renorm` with batch statistics over all ranks.
+
+    The global per-channel count, mean and variance (one all-reduce) give ``r`` and ``d`` and
+    the running-statistics update (unbiased with the global count, identical on every rank);
+    the normalisation and its backward (one more all-reduce) are those of the synchronised
+    domain kernel with a single domain. A global count of 1 raises on every rank.
+    """
+    n, c = x.shape[0], x.shape[1]
+    ids = torch.zeros(n, dtype=torch.long, device=x.device)
+    group = (process_group,) if _sync_world(True, process_group) else None
+    with torch.no_grad():
+        count, mean, m2 = _local_domain_stats(x.reshape(n, c, -1), ids, 1)
+        if group is not None:
+            count, mean, m2 = _all_reduce_stats(count, mean, m2, process_group)
+        _check_counts(count, name)
+    tracked = running_mean is not None and running_var is not None
+    if tracked and not _is_plain_bn(r_max, d_max):
+        batch_var = m2[0] / count.clamp(min=1)
+        weight, bias = _renorm_affine(
+            mean[0], batch_var, running_mean, running_var, weight, bias, eps, r_max, d_max
+        )
+    out, count, mean, unbiased_var = _DomainBatchNormFn.apply(
+        x, weight, bias, ids, 1, eps, group, name, (count, mean, m2)
+    )
+    if tracked:
+        with torch.no_grad():
+            _update_running_stats(
+                running_mean.view(1, -1),
+                running_var.view(1, -1),
+                None,
+                count,
+                mean,
+                unbiased_var,
+                momentum,
+            )
+    return out

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_norms import functional as LF
+from lightning_norms.distributed import is_sync_active
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
@@ -82,7 +83,8 @@ class _BatchRenorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        if use_batch_stats:
+        synced = is_sync_active(self)
+        if use_batch_stats and not synced:  # synced: the global count is checked on every rank
             self._check_batch_size(input)
         factor = 0.0 if self.momentum is None else self.momentum
         r_max: float | Tensor = 1.0
@@ -95,6 +97,20 @@ class _BatchRenorm(_BatchNorm):
             if self.momentum is None:
                 factor = 1.0 / float(self.num_batches_tracked)
         tracked = not self.training or self.track_running_stats
+        if synced:
+            return LF._synced_batch_renorm(
+                input,
+                self.running_mean if tracked else None,
+                self.running_var if tracked else None,
+                self.weight,
+                self.bias,
+                factor,
+                self.eps,
+                r_max,
+                d_max,
+                self.process_group,
+                f"{type(self).__name__}({self.num_features})",
+            )
         return LF.batch_renorm(
             input,
             self.running_mean if tracked else None,

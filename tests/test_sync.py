@@ -1,0 +1,232 @@
+"""Synchronised batch statistics on CPU: 2 real gloo ranks on per-rank halves vs one process.
+
+One spawn runs every case (spawning is the slow part); each test checks one case against a
+single process seeing the whole batch (outputs, input gradients, summed parameter gradients,
+running statistics identical on both ranks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_norms import BatchRenorm1d, BatchRenorm2d, DomainBatchNorm1d, DomainBatchNorm2d
+from lightning_norms.distributed import SyncedBatchNorm2d, all_reduce_sum, is_sync_active
+from tests._dist import run_ddp
+
+pytestmark = pytest.mark.ddp
+
+ATOL = 1e-5
+STEPS = 2
+
+
+class _Net(nn.Module):
+    """Conv + DomainBatchNorm2d, the domain passed through ``forward``."""
+
+    def __init__(self, sync: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = DomainBatchNorm2d(4, num_domains=2, sync=sync)
+
+    def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x), domain=domain)
+
+
+def _randomise(layer: nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in (layer.weight, layer.bias, layer.running_mean):
+            t.copy_(torch.rand(t.shape, generator=gen) * 2 - 1)
+        layer.running_var.copy_(torch.rand(layer.running_var.shape, generator=gen) + 0.5)
+
+
+def _build(case: str, sync: bool) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """The layer and, per step, the whole batch ``x``, ``grad``, ``domain`` and the split."""
+    torch.manual_seed(0)
+    if case == "domain2d":
+        layer = DomainBatchNorm2d(4, num_domains=3, sync=sync)
+        # domain 2 only in rank 0's half; domain 0 and 1 on both ranks
+        ids = [torch.tensor([0, 2, 1, 2, 0, 1, 1, 0]), torch.tensor([2, 2, 1, 0, 1, 1, 0, 0])]
+        shape = (8, 4, 5, 5)
+    elif case == "domain_int":
+        layer = DomainBatchNorm2d(3, num_domains=2, sync=sync)
+        ids = [torch.tensor([0] * 3 + [1] * 3)] * STEPS  # rank r: int domain r
+        shape = (6, 3, 4, 4)
+    elif case == "domain1d_one_each":
+        layer = DomainBatchNorm1d(3, num_domains=2, momentum=None, sync=sync)
+        ids = [torch.tensor([0, 1, 0, 1])] * STEPS  # local count 1 per domain, global 2
+        shape = (4, 3)
+    elif case == "renorm2d":
+        layer = BatchRenorm2d(4, warmup_steps=0, r_max=1.5, d_max=0.5, sync=sync)
+        ids = [None] * STEPS
+        shape = (8, 4, 3, 3)
+    elif case == "renorm1d_one_each":
+        layer = BatchRenorm1d(3, warmup_steps=0, sync=sync)
+        ids = [None] * STEPS
+        shape = (2, 3)
+    elif case == "synced_bn":
+        layer = SyncedBatchNorm2d(4, momentum=None, sync=sync)
+        ids = [None] * STEPS
+        shape = (8, 4, 3, 3)
+    else:
+        raise AssertionError(case)
+    _randomise(layer, 1)
+    steps = []
+    for step in range(STEPS):
+        steps.append(
+            {
+                "x": torch.randn(shape) * (1 + step) + 3,
+                "grad": torch.randn(shape),
+                "domain": ids[step],
+            }
+        )
+    return layer, steps
+
+
+def _domain_arg(case: str, ids: torch.Tensor | None, rank: int | None) -> Any:
+    if ids is None:
+        return None
+    if case == "domain_int" and rank is not None:
+        return rank
+    return ids
+
+
+def _run(layer: nn.Module, steps: list[dict[str, Any]], case: str, rank: int | None) -> dict:
+    """Forward/backward every step on the rank's half (or the whole batch if rank is None)."""
+    out: dict[str, list] = {"y": [], "x_grad": [], "w_grad": [], "b_grad": []}
+    for step in steps:
+        x, grad, ids = step["x"], step["grad"], step["domain"]
+        if rank is not None:
+            half = x.shape[0] // 2
+            part = slice(rank * half, (rank + 1) * half)
+            x, grad = x[part], grad[part]
+            ids = None if ids is None else ids[part]
+        x = x.clone().requires_grad_()
+        layer.zero_grad()
+        kwargs = {} if ids is None else {"domain": _domain_arg(case, ids, rank)}
+        y = layer(x, **kwargs)
+        y.backward(grad)
+        out["y"].append(y.detach())
+        out["x_grad"].append(x.grad)
+        out["w_grad"].append(layer.weight.grad.clone())
+        out["b_grad"].append(layer.bias.grad.clone())
+    out["running_mean"] = layer.running_mean.clone()
+    out["running_var"] = layer.running_var.clone()
+    out["num_batches_tracked"] = layer.num_batches_tracked.clone()
+    return out
+
+
+CASES = ["domain2d", "domain_int", "domain1d_one_each", "renorm2d", "renorm1d_one_each"]
+CASES += ["synced_bn"]
+
+
+def _ddp_worker(rank: int, world_size: int) -> dict[str, Any]:
+    torch.manual_seed(123)
+    results: dict[str, Any] = {}
+    for case in CASES:
+        layer, steps = _build(case, sync=True)
+        assert is_sync_active(layer)
+        results[case] = _run(layer, steps, case, rank)
+
+    # a domain whose global count is one value per channel: ValueError on every rank, no hang
+    layer = DomainBatchNorm1d(3, num_domains=2, sync=True)
+    ids = torch.tensor([0, 0]) if rank == 0 else torch.tensor([0, 1])
+    try:
+        layer(torch.randn(2, 3), domain=ids)
+        results["single_error"] = None
+    except ValueError as err:
+        results["single_error"] = str(err)
+    results["single_untouched"] = torch.equal(layer.running_mean, torch.zeros(2, 3))
+
+    # eval: running statistics only, no collective (rank 1 does not call the layer)
+    layer = DomainBatchNorm2d(2, num_domains=2, sync=True).eval()
+    if rank == 0:
+        layer(torch.randn(2, 2, 3, 3), domain=torch.tensor([0, 1]))
+    results["eval_active"] = is_sync_active(layer)
+    dist.barrier()
+
+    # differentiable all-reduce: d(sum_r w_r * sum_r' x_r'^2)/dx_r = 2 x_r * sum_r w_r
+    x = torch.tensor([rank + 1.0], requires_grad=True)
+    (all_reduce_sum(x.square()) * (rank + 1)).sum().backward()
+    results["all_reduce_grad"] = x.grad.item()
+
+    # inside torch DDP: parameter gradients averaged by DDP, input gradients global
+    torch.manual_seed(5)
+    model = _Net(sync=True)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    x = torch.randn(8, 3, 4, 4)[rank * 4 : (rank + 1) * 4]
+    ids = torch.tensor([0, 1, 1, 1, 0, 0, 1, 0])[rank * 4 : (rank + 1) * 4]
+    ddp(x, domain=ids).square().sum().backward()
+    results["ddp_grads"] = [p.grad.clone() for p in model.parameters()]
+    return results
+
+
+@pytest.fixture(scope="module")
+def ddp_results() -> list[dict[str, Any]]:
+    return run_ddp(_ddp_worker)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_synced_halves_equal_one_process(ddp_results, case):
+    layer, steps = _build(case, sync=True)
+    assert not is_sync_active(layer)  # no process group here: plain single process
+    ref = _run(layer, steps, case, None)
+    ranks = [r[case] for r in ddp_results]
+    for step in range(STEPS):
+        y = torch.cat([r["y"][step] for r in ranks])
+        x_grad = torch.cat([r["x_grad"][step] for r in ranks])
+        torch.testing.assert_close(y, ref["y"][step], atol=ATOL, rtol=0)
+        torch.testing.assert_close(x_grad, ref["x_grad"][step], atol=ATOL, rtol=0)
+        for key in ("w_grad", "b_grad"):  # local on each rank; their sum is the whole batch's
+            total = ranks[0][key][step] + ranks[1][key][step]
+            torch.testing.assert_close(total, ref[key][step], atol=ATOL, rtol=0)
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        torch.testing.assert_close(ranks[0][key], ref[key], atol=ATOL, rtol=0)
+
+
+def test_unsynced_halves_differ(ddp_results):
+    """The comparison above can fail: per-rank statistics give other outputs."""
+    layer, steps = _build("domain2d", sync=False)
+    rank0 = _run(layer, steps, "domain2d", 0)
+    synced = ddp_results[0]["domain2d"]
+    assert not torch.allclose(rank0["y"][0], synced["y"][0], atol=1e-3)
+    assert not torch.allclose(rank0["x_grad"][0], synced["x_grad"][0], atol=1e-3)
+    assert not torch.allclose(rank0["running_mean"], synced["running_mean"], atol=1e-3)
+
+
+def test_domain_only_on_one_rank(ddp_results):
+    # domain 2 sits only in rank 0's half at step 0: both ranks updated its running stats
+    assert ddp_results[1]["domain2d"]["num_batches_tracked"].tolist() == [2, 2, 2]
+
+
+def test_global_single_value_raises_on_every_rank(ddp_results):
+    for r in ddp_results:
+        assert r["single_error"] is not None
+        assert "DomainBatchNorm1d(3, num_domains=2)" in r["single_error"]
+        assert "more than 1 value per channel" in r["single_error"] and "[1]" in r["single_error"]
+        assert r["single_untouched"]
+
+
+def test_eval_runs_without_collectives(ddp_results):
+    assert [r["eval_active"] for r in ddp_results] == [False, False]
+
+
+def test_all_reduce_sum_backward(ddp_results):
+    assert [r["all_reduce_grad"] for r in ddp_results] == [2.0 * 3, 4.0 * 3]
+
+
+def test_inside_torch_ddp(ddp_results):
+    torch.manual_seed(5)
+    model = _Net(sync=True)
+    x = torch.randn(8, 3, 4, 4)
+    model(x, domain=torch.tensor([0, 1, 1, 1, 0, 0, 1, 0])).square().sum().backward()
+    grads_0, grads_1 = (r["ddp_grads"] for r in ddp_results)
+    for g0, g1, p in zip(grads_0, grads_1, model.parameters(), strict=True):
+        assert torch.equal(g0, g1)
+        # DDP averages the ranks' gradients of their loss halves: half the whole batch's
+        torch.testing.assert_close(g0, p.grad / 2, atol=1e-4, rtol=1e-5)
