@@ -85,8 +85,9 @@ def _renorm_affine(
     ``gamma * (x_hat * r + d) + beta == x_hat * (gamma * r) + (gamma * d + beta)``.
     """
     sigma = (running_var + eps).sqrt()
-    r = ((batch_var + eps).sqrt() / sigma).clamp(1.0 / r_max, r_max)
-    d = ((batch_mean - running_mean) / sigma).clamp(-d_max, d_max)
+    # each limit is a float or a 0-dim tensor; clamp takes either (its stubs want one kind)
+    r = ((batch_var + eps).sqrt() / sigma).clamp(1.0 / r_max, r_max)  # type: ignore[arg-type]
+    d = ((batch_mean - running_mean) / sigma).clamp(-d_max, d_max)  # type: ignore[arg-type]
     dtype = running_mean.dtype if weight is None else weight.dtype
     r, d = r.to(dtype), d.to(dtype)
     if weight is None:
