@@ -1,0 +1,191 @@
+"""NormSync: apply/revert on a model, and a real Lightning DDP fit on CPU (2 processes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_norms import BatchRenorm2d, DomainBatchNorm2d, NormSync
+from lightning_norms.distributed import SyncedBatchNorm1d, SyncedBatchNorm2d, SyncedBatchNorm3d
+from tests._dist import REPO_ROOT, run_script
+
+
+class _SubclassBN(nn.BatchNorm2d):
+    """Not an exact ``nn.BatchNorm2d``: NormSync leaves it alone."""
+
+
+def _model() -> nn.Module:
+    shared = nn.BatchNorm2d(4)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 1),
+        shared,
+        nn.Sequential(shared, nn.BatchNorm1d(4), nn.BatchNorm3d(4)),
+        DomainBatchNorm2d(4, num_domains=2),
+        BatchRenorm2d(4, sync=True),
+        _SubclassBN(4),
+    )
+
+
+def test_apply_converts_exact_batchnorm_and_turns_sync_on():
+    model = _model().double().eval()
+    bn2d, bn1d = model[1], model[2][1]
+    params = {name: p for name, p in model.named_parameters()}
+    buffers = {name: b for name, b in model.named_buffers()}
+    calls = []
+    bn2d.register_forward_pre_hook(lambda module, args: calls.append(type(module).__name__))
+    keys = list(model.state_dict())
+    plugin = NormSync(process_group=None)
+
+    assert plugin.apply(model) is model
+    assert type(model[1]) is SyncedBatchNorm2d and model[2][0] is model[1]  # shared stays shared
+    assert type(model[2][1]) is SyncedBatchNorm1d and type(model[2][2]) is SyncedBatchNorm3d
+    assert type(model[5]) is _SubclassBN and not hasattr(model[5], "sync")
+    assert model[3].sync and model[4].sync
+    for name, p in model.named_parameters():
+        assert p is params[name]
+    for name, b in model.named_buffers():
+        assert b is buffers[name]
+    assert model[1].weight.dtype == torch.float64 and not model[1].training
+    assert list(model.state_dict()) == keys
+    model[1](torch.randn(2, 4, 3, 3, dtype=torch.float64))
+    assert calls == ["SyncedBatchNorm2d"]  # hooks carried over
+    assert plugin.apply(model) is model  # idempotent
+
+    assert plugin.revert(model) is model
+    assert type(model[1]) is nn.BatchNorm2d and model[2][0] is model[1]
+    assert type(model[2][1]) is nn.BatchNorm1d and type(model[2][2]) is nn.BatchNorm3d
+    assert not hasattr(model[1], "sync") and not hasattr(model[1], "_norm_sync_converted")
+    assert model[1].weight is params["1.weight"] and model[2][1] is not bn1d
+    assert model[3].sync is False and model[4].sync is True  # previous settings restored
+    assert list(model.state_dict()) == keys
+
+
+def test_apply_on_a_single_layer_and_a_user_synced_layer():
+    plugin = NormSync()
+    bn = nn.BatchNorm2d(3)
+    synced = plugin.apply(bn)
+    assert type(synced) is SyncedBatchNorm2d and synced.weight is bn.weight
+    assert type(plugin.revert(synced)) is nn.BatchNorm2d
+    own = SyncedBatchNorm2d(3, sync=False)
+    assert plugin.apply(own) is own and own.sync
+    assert plugin.revert(own) is own and type(own) is SyncedBatchNorm2d and not own.sync
+
+
+def test_synced_layer_single_process_is_batchnorm():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    synced = SyncedBatchNorm2d.from_batchnorm(nn.BatchNorm2d(3))
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(synced(x), bn(x), atol=0, rtol=0)
+    torch.testing.assert_close(synced.running_var, bn.running_var, atol=0, rtol=0)
+    assert "sync=True" in repr(synced)
+
+
+def test_import_does_not_import_lightning():
+    code = (
+        "import sys, lightning_norms, lightning_norms.distributed, torch\n"
+        "lightning_norms.DomainBatchNorm2d(2, 2); lightning_norms.convert_norms\n"
+        "lightning_norms.domain; lightning_norms.BatchRenorm2d\n"
+        "bad = [m for m in sys.modules if m == 'lightning' or m.startswith('lightning.')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+def test_trainer_registers_the_plugin():
+    from lightning.pytorch import Trainer
+
+    plugin = NormSync()
+    trainer = Trainer(strategy="ddp", accelerator="cpu", devices=2, plugins=[plugin], logger=False)
+    assert trainer.strategy._layer_sync is plugin
+
+
+SCRIPT = """
+import json
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning_norms import BatchRenorm2d, DomainBatchNorm2d, NormSync
+
+
+class Data(Dataset):
+    # odd indices (rank 1 under the DistributedSampler) come from another distribution/domain
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(3, 6, 6, generator=g) * (1 + 2 * (i % 2)) + 3 * (i % 2)
+        return x, i % 2
+
+
+class LocalBN(nn.BatchNorm2d):
+    pass  # not an exact nn.BatchNorm2d: NormSync leaves it unsynced (the control)
+
+
+class Net(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.control = LocalBN(4)
+        self.dbn = DomainBatchNorm2d(4, num_domains=2)
+        self.renorm = BatchRenorm2d(4, warmup_steps=2)
+        self.head = nn.Linear(4, 1)
+        self.seen = set()
+
+    def training_step(self, batch, batch_idx):
+        x, d = batch
+        h = self.conv(x)
+        h = self.bn(h) + self.control(h)
+        h = self.renorm(self.dbn(h, domain=d))
+        self.seen.add((type(self.bn).__name__, self.dbn.sync, self.renorm.sync))
+        return self.head(h.mean((2, 3))).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(Data(), batch_size=4)
+
+
+seed_everything(0)
+model = Net()
+trainer = Trainer(
+    strategy="ddp", accelerator="cpu", devices=2, max_steps=3, plugins=[NormSync()],
+    logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    enable_model_summary=False,
+)
+trainer.fit(model)
+rank = trainer.global_rank
+torch.save({k: v for k, v in model.state_dict().items() if "running" in k}, f"stats_{rank}.pt")
+after = [type(model.bn).__name__, model.dbn.sync, model.renorm.sync]
+with open(f"types_{rank}.json", "w") as f:
+    json.dump({"seen": sorted(map(list, model.seen)), "after": after}, f)
+"""
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_lightning_ddp_fit_keeps_running_stats_identical(tmp_path):
+    import json
+
+    run_script(SCRIPT, tmp_path)
+    stats = [torch.load(tmp_path / f"stats_{r}.pt") for r in range(2)]
+    types = [json.loads((tmp_path / f"types_{r}.json").read_text()) for r in range(2)]
+    for t in types:
+        assert t["seen"] == [["SyncedBatchNorm2d", True, True]]  # apply() ran before training
+        assert t["after"] == ["BatchNorm2d", False, False]  # revert() ran at the end
+    synced = [k for k in stats[0] if not k.startswith("control.")]
+    assert len(synced) == 6
+    for key in synced:
+        assert torch.equal(stats[0][key], stats[1][key]), key
+    # the unsynced control layer saw different data on the two ranks: the check can fail
+    assert not torch.allclose(stats[0]["control.running_mean"], stats[1]["control.running_mean"])
+    # each domain lived on one rank only, yet both ranks hold both domains' statistics
+    assert not torch.allclose(stats[0]["dbn.running_mean"][0], stats[0]["dbn.running_mean"][1])
