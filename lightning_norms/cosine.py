@@ -117,8 +117,9 @@ class CosineConv2d(nn.Module):
           sizes as ``nn.Conv2d``
 
     Raises:
-        ValueError: when ``groups`` does not divide the channel counts, or on an input that
-            is not 3D/4D or has a channel count other than ``in_channels``.
+        ValueError: when ``groups`` does not divide the channel counts, for a ``padding``
+            string other than ``"same"``/``"valid"`` (``"same"`` needs ``stride=1``), or on an
+            input that is not 3D/4D or has a channel count other than ``in_channels``.
 
     Example:
         >>> m = CosineConv2d(3, 8, 3, padding=1)
@@ -146,6 +147,12 @@ class CosineConv2d(nn.Module):
                 f"CosineConv2d: `groups` must be positive and divide in_channels={in_channels} "
                 f"and out_channels={out_channels}, got groups={groups}"
             )
+        if isinstance(padding, str) and padding not in ("same", "valid"):
+            raise ValueError(
+                f"CosineConv2d: `padding` must be 'same', 'valid' or ints, got {padding!r}"
+            )
+        if padding == "same" and _pair(stride) != (1, 1):
+            raise ValueError(f"CosineConv2d: padding='same' needs stride=1, got stride={stride!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)

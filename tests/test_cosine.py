@@ -178,6 +178,10 @@ def test_bad_input(m: nn.Module, shape: tuple[int, ...], match: str) -> None:
         m(torch.randn(shape))
 
 
-def test_bad_groups() -> None:
+def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="`groups` must be positive and divide in_channels=3"):
         CosineConv2d(3, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="`padding` must be 'same', 'valid' or ints, got 'full'"):
+        CosineConv2d(3, 4, 3, padding="full")
+    with pytest.raises(ValueError, match="padding='same' needs stride=1, got stride=2"):
+        CosineConv2d(3, 4, 3, stride=2, padding="same")
