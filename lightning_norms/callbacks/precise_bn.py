@@ -1,0 +1,373 @@
+r"""
+PreciseBN
+^^^^^^^^^
+
+A Lightning callback that replaces every BN layer's running statistics (an EMA that lags the
+weights) with the exact population statistics of the data, at the end of training epochs and
+of ``fit``, via :func:`lightning_norms.stats.recompute_bn_stats`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from typing_extensions import override
+
+from lightning_norms.stats import BNStatsReport, ForwardFn, recompute_bn_stats
+
+__all__ = ["PreciseBN"]
+
+_LOADER_NAMES = ("train", "val")
+
+
+class PreciseBN(Callback):
+    r"""Recompute exact BN population statistics before validation and at the end of ``fit``.
+
+    Precise BN (He et al. 2016; Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"): the
+    running statistics BN uses at inference are an EMA of batch statistics collected while the
+    weights moved, so they lag the weights (badly with a high learning rate, a small
+    ``momentum`` or few steps). This callback calls
+    :func:`~lightning_norms.stats.recompute_bn_stats` (exact merged mean and unbiased variance
+    over ``num_batches`` batches) at the end of every ``every_n_epochs``-th training epoch,
+    right after its last training batch and therefore before that epoch's validation sees the
+    model, and once more at the end of ``fit`` if the weights changed since.
+
+    The batches come from a fresh iterator of the chosen loader (the training iterator is never
+    touched), are converted and moved like training batches (the precision plugin's
+    ``convert_input`` and the strategy's ``batch_to_device``, so ``transfer_batch_to_device``
+    and the ``on_*_batch_transfer`` hooks apply) and run under the precision plugin's forward
+    context. Under DDP each rank uses its own shard (the loader's ``DistributedSampler``) and
+    the sums are all-reduced, so all ranks end with identical buffers. Progress shows in the
+    Trainer's progress bar (a ``PreciseBN`` bar under TQDM or Rich). Logged:
+    ``precise_bn/mean_shift`` and ``precise_bn/var_shift`` (see
+    :class:`~lightning_norms.stats.BNStatsReport`). The latest report is ``last_report``; a summary
+    of every run (``when``: ``"epoch_end"``/``"fit_end"``, ``epoch`` and ``step`` as the trainer
+    counted them, ``num_batches``, ``mean_shift``, ``var_shift``) is kept in ``history``, which
+    is saved in checkpoints with the callback's progress, so a resumed run continues where it
+    left off.
+
+    How a batch is run: ``forward_fn(model, batch)`` if given, else the LightningModule's
+    ``precise_bn_forward(batch)`` if it defines one (route domains, unpack custom batches),
+    else ``model(batch[0])`` for tuple/list batches and ``model(batch)`` otherwise.
+
+    Caveats: with ``persistent_workers=True`` torch hands out one shared iterator per loader;
+    the recompute runs only after the epoch's last training batch, so nothing training needs is
+    lost. Statistics reflect the chosen loader's inputs (training augmentations included for
+    ``"train"``).
+
+    Args:
+        num_batches: batches per recompute (capped by the loader's length). Default: ``200``.
+        every_n_epochs: recompute after every n-th training epoch. Default: ``1``.
+        dataloader: ``"train"`` or ``"val"`` (several validation loaders are interleaved batch
+            by batch, so per-domain loaders all contribute), or any re-iterable of batches such
+            as a ``DataLoader``. Default: ``"train"``.
+        forward_fn: ``forward_fn(model, batch)``; see above. Default: ``None``.
+
+    Raises:
+        MisconfigurationException: a bad argument (named in backticks), or in ``setup`` a
+            LightningModule with neither ``forward`` nor ``precise_bn_forward`` and no
+            ``forward_fn``.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[PreciseBN(num_batches=100)], logger=False)
+        >>> PreciseBN(every_n_epochs=0)
+        Traceback (most recent call last):
+        ...
+        lightning.fabric.utilities.exceptions.MisconfigurationException: `every_n_epochs` ...
+    """
+
+    def __init__(
+        self,
+        num_batches: int = 200,
+        every_n_epochs: int = 1,
+        dataloader: str | Iterable[Any] = "train",
+        forward_fn: ForwardFn | None = None,
+    ) -> None:
+        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+            raise MisconfigurationException(
+                f"`num_batches` must be an int >= 1, got {num_batches!r}"
+            )
+        if (
+            isinstance(every_n_epochs, bool)
+            or not isinstance(every_n_epochs, int)
+            or every_n_epochs < 1
+        ):
+            raise MisconfigurationException(
+                f"`every_n_epochs` must be an int >= 1, got {every_n_epochs!r}"
+            )
+        if isinstance(dataloader, str):
+            if dataloader not in _LOADER_NAMES:
+                raise MisconfigurationException(
+                    f"`dataloader` must be 'train', 'val' or an iterable of batches, "
+                    f"got {dataloader!r}"
+                )
+        elif not isinstance(dataloader, Iterable):
+            raise MisconfigurationException(
+                f"`dataloader` must be 'train', 'val' or an iterable of batches, "
+                f"got {type(dataloader).__name__}"
+            )
+        if forward_fn is not None and not callable(forward_fn):
+            raise MisconfigurationException(
+                f"`forward_fn` must be callable or None, got {type(forward_fn).__name__}"
+            )
+        self._num_batches = num_batches
+        self._every_n_epochs = every_n_epochs
+        self._dataloader = dataloader
+        self._forward_fn = forward_fn
+        self._last_epoch = -1  # last epoch whose end was recomputed
+        self._dirty = False  # weights trained since the last recompute
+        self._warned_short = False
+        self.history: list[dict[str, Any]] = []
+        self.last_report: BNStatsReport | None = None
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or self._forward_fn is not None:
+            return
+        has_forward = type(pl_module).forward is not LightningModule.forward
+        if not has_forward and not callable(getattr(pl_module, "precise_bn_forward", None)):
+            raise MisconfigurationException(
+                f"PreciseBN needs to run batches through {type(pl_module).__name__}: define its "
+                "`forward` or `precise_bn_forward(batch)`, or pass `forward_fn`"
+            )
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._dirty = True
+        # Validation at the end of the epoch runs right after this hook: recompute now.
+        if self._epoch_training_done(trainer):
+            self._epoch_end(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Fallback for epochs that ended without a last-batch signal (e.g. a hook returning -1).
+        self._epoch_end(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._dirty:
+            self._recompute(trainer, pl_module, log_to_module=False)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_epoch": self._last_epoch,
+            "dirty": self._dirty,
+            "history": [dict(entry) for entry in self.history],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_epoch = int(state_dict["last_epoch"])
+        self._dirty = bool(state_dict["dirty"])
+        self.history = [dict(entry) for entry in state_dict["history"]]
+
+    @staticmethod
+    def _epoch_training_done(trainer: Trainer) -> bool:
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        max_steps_reached = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+        return (
+            progress.is_last_batch
+            or progress.current.ready == trainer.num_training_batches
+            or max_steps_reached
+        )
+
+    def _epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = trainer.current_epoch
+        due = (epoch + 1) % self._every_n_epochs == 0
+        if due and self._dirty and self._last_epoch != epoch:
+            self._recompute(trainer, pl_module, log_to_module=True)
+            self._last_epoch = epoch
+
+    def _recompute(self, trainer: Trainer, pl_module: LightningModule, log_to_module: bool) -> None:
+        source = self._source(trainer)
+        if source is None:
+            return
+        num_batches = self._num_batches
+        length = _length(source)
+        if length is not None and 0 < length < num_batches:
+            if not self._warned_short:
+                rank_zero_warn(
+                    f"PreciseBN: the {self._loader_name()} has {length} batches per process, "
+                    f"fewer than `num_batches={num_batches}`; using all {length}."
+                )
+                self._warned_short = True
+            num_batches = length
+        forward = self._forward(pl_module)
+        with _progress_bar(trainer, num_batches) as advance:
+            batches = _device_batches(trainer, source, advance)
+            try:
+                with trainer.precision_plugin.forward_context():
+                    report = recompute_bn_stats(pl_module, batches, num_batches, forward)
+            finally:
+                batches.close()
+        self._dirty = False
+        self.last_report = report
+        if not report.layers:
+            return
+        metrics = {
+            "precise_bn/mean_shift": report.mean_shift,
+            "precise_bn/var_shift": report.var_shift,
+        }
+        self.history.append(
+            {
+                "when": "epoch_end" if log_to_module else "fit_end",
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                "num_batches": report.num_batches,
+                "mean_shift": report.mean_shift,
+                "var_shift": report.var_shift,
+            }
+        )
+        if log_to_module:
+            for name, value in metrics.items():
+                pl_module.log(
+                    name, value, on_step=False, on_epoch=True, batch_size=1, sync_dist=True
+                )
+            return
+        # ``self.log`` is not allowed in ``on_train_end``: write to the loggers directly.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
+    def _loader_name(self) -> str:
+        if isinstance(self._dataloader, str):
+            return f"{self._dataloader} dataloader"
+        return "given dataloader"
+
+    def _forward(self, pl_module: LightningModule) -> ForwardFn | None:
+        if self._forward_fn is not None:
+            return self._forward_fn
+        precise_forward = getattr(pl_module, "precise_bn_forward", None)
+        if callable(precise_forward):
+            return lambda _model, batch: precise_forward(batch)
+        return None
+
+    def _source(self, trainer: Trainer) -> Iterable[Any] | None:
+        if not isinstance(self._dataloader, str):
+            return self._dataloader
+        if self._dataloader == "train":
+            loaders = trainer.train_dataloader
+            if isinstance(loaders, (Mapping, list, tuple)):
+                return _CombinedBatches(loaders)
+            return loaders
+        loaders = trainer.val_dataloaders
+        if loaders is None:
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+            loaders = trainer.val_dataloaders
+        if loaders is None:
+            rank_zero_warn("PreciseBN: no validation dataloader to recompute from; skipped.")
+            return None
+        if isinstance(loaders, Mapping):
+            return _Interleaved(list(loaders.values()))
+        if isinstance(loaders, (list, tuple)):
+            return _Interleaved(list(loaders))
+        return loaders
+
+
+class _Interleaved:
+    """Round-robin over several loaders, batch by batch, until all are exhausted."""
+
+    def __init__(self, loaders: list[Iterable[Any]]) -> None:
+        self.loaders = loaders
+
+    def __len__(self) -> int:
+        lengths = [_length(loader) for loader in self.loaders]
+        if any(n is None for n in lengths):
+            raise TypeError("an interleaved loader has no length")
+        return sum(n for n in lengths if n is not None)
+
+    def __iter__(self) -> Iterator[Any]:
+        iterators = [iter(loader) for loader in self.loaders]
+        while iterators:
+            for it in list(iterators):
+                try:
+                    yield next(it)
+                except StopIteration:
+                    iterators.remove(it)
+
+
+class _CombinedBatches:
+    """The batches ``training_step`` gets from a collection of train loaders (max_size_cycle)."""
+
+    def __init__(self, loaders: Mapping[str, Iterable[Any]] | list | tuple) -> None:
+        self.loaders = loaders
+
+    def __len__(self) -> int:
+        values = self.loaders.values() if isinstance(self.loaders, Mapping) else self.loaders
+        lengths = [_length(loader) for loader in values]
+        if not lengths or any(n is None for n in lengths):
+            raise TypeError("a combined loader without a length")
+        return max(n for n in lengths if n is not None)
+
+    def __iter__(self) -> Iterator[Any]:
+        from lightning.pytorch.utilities import CombinedLoader
+
+        for batch, _, _ in CombinedLoader(self.loaders, "max_size_cycle"):
+            yield batch
+
+
+def _length(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except (TypeError, NotImplementedError):
+        return None
+
+
+def _device_batches(trainer: Trainer, source: Iterable[Any], advance: Callable[[], None]) -> Any:
+    """Generator: the source's batches, converted and moved like training batches."""
+    for batch in source:
+        batch = trainer.precision_plugin.convert_input(batch)
+        yield trainer.strategy.batch_to_device(batch)
+        advance()
+
+
+@contextmanager
+def _progress_bar(trainer: Trainer, total: int) -> Iterator[Callable[[], None]]:
+    """A ``PreciseBN`` bar in the Trainer's TQDM or Rich progress display (no-op otherwise)."""
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, RichProgressBar) and bar.is_enabled and bar.progress is not None:
+        progress = bar.progress
+        task = progress.add_task("PreciseBN", total=total)
+
+        def advance_rich() -> None:
+            progress.update(task, advance=1)
+            bar.refresh()
+
+        try:
+            yield advance_rich
+        finally:
+            progress.remove_task(task)
+            bar.refresh()
+    elif isinstance(bar, TQDMProgressBar) and bar.is_enabled:
+        tqdm_bar = Tqdm(
+            desc="PreciseBN",
+            total=total,
+            position=2 * bar.process_position + 1,
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stdout,
+        )
+        try:
+            yield lambda: tqdm_bar.update(1)
+        finally:
+            tqdm_bar.close()
+    else:
+        yield lambda: None

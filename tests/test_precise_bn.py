@@ -1,0 +1,327 @@
+"""PreciseBN callback: timing in the loop, effect on validation, resume, progress, DDP."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_norms.callbacks import PreciseBN
+from tests._dist import run_script
+
+FEATURES = 8
+
+
+def make_data(n: int, seed: int) -> TensorDataset:
+    """Features far from zero mean / unit variance, so a lagging EMA normalises them badly."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, FEATURES, generator=g) * 3.0 + 20.0
+    w = torch.linspace(-1.0, 1.0, FEATURES)
+    y = ((x - 20.0) @ w > 0).long()
+    return TensorDataset(x, y)
+
+
+class Net(LightningModule):
+    def __init__(self, lr: float = 0.5, bn_momentum: float = 0.01) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(FEATURES, 16),
+            nn.BatchNorm1d(16, momentum=bn_momentum),
+            nn.ReLU(),
+            nn.Linear(16, 2),
+        )
+        self.lr = lr
+        self.events: list[tuple[str, int]] = []
+        self.train_steps = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        self.train_steps += 1
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(
+        self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(1) == y).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class Recorder(Callback):
+    """Records validation starts; PreciseBN runs are recorded by the forward function below."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.events.append(("validate", trainer.current_epoch))
+
+
+def recording_forward(recorder: Recorder) -> Any:
+    def forward(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        event = ("precise_bn", model.trainer.current_epoch)
+        if not recorder.events or recorder.events[-1] != event:
+            recorder.events.append(event)
+        return model(batch[0])
+
+    return forward
+
+
+def loaders(train_n: int = 128, val_n: int = 128, batch_size: int = 16) -> dict[str, DataLoader]:
+    return {
+        "train_dataloaders": DataLoader(make_data(train_n, 0), batch_size=batch_size),
+        "val_dataloaders": DataLoader(make_data(val_n, 1), batch_size=64),
+    }
+
+
+def trainer_kwargs(tmp_path: Path, **kwargs: Any) -> dict[str, Any]:
+    defaults: dict[str, Any] = {
+        "default_root_dir": tmp_path,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "deterministic": True,
+    }
+    return {**defaults, **kwargs}
+
+
+def exact_bn_input_stats(model: Net, data: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased variance of the first BN layer's inputs (only a Linear upstream)."""
+    with torch.no_grad():
+        acts = model.net[0](data).double()
+    return acts.mean(0), acts.var(0)
+
+
+def test_runs_before_each_due_validation_and_at_fit_end(tmp_path: Path) -> None:
+    recorder = Recorder()
+    callback = PreciseBN(num_batches=4, every_n_epochs=2, forward_fn=recording_forward(recorder))
+    model = Net()
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=3, callbacks=[recorder, callback]))
+    trainer.fit(model, **loaders())
+    assert recorder.events == [
+        ("validate", 0),
+        ("precise_bn", 1),
+        ("validate", 1),
+        ("validate", 2),
+        ("precise_bn", 3),  # fit end (epoch counter already advanced): epoch 2 trained since
+    ]
+    assert [entry["epoch"] for entry in callback.history] == [1, 3]
+    assert [entry["when"] for entry in callback.history] == ["epoch_end", "fit_end"]
+    assert all(entry["num_batches"] == 4 for entry in callback.history)
+    mean, var = exact_bn_input_stats(model, make_data(128, 0).tensors[0][:64])
+    torch.testing.assert_close(model.net[1].running_mean.double(), mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.net[1].running_var.double(), var, rtol=1e-5, atol=1e-5)
+
+
+def test_no_second_run_at_fit_end_when_nothing_changed(tmp_path: Path) -> None:
+    recorder = Recorder()
+    callback = PreciseBN(num_batches=2, forward_fn=recording_forward(recorder))
+    trainer = Trainer(
+        **trainer_kwargs(
+            tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[recorder, callback]
+        )
+    )
+    trainer.fit(Net(), **loaders())
+    assert recorder.events == [("precise_bn", 0), ("precise_bn", 1)]
+
+
+def fit_val_metrics(tmp_path: Path, callbacks: list[Callback]) -> dict[str, float]:
+    seed_everything(0)
+    model = Net(lr=0.5, bn_momentum=0.01)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=callbacks))
+    trainer.fit(model, **loaders())
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def test_improves_validation_when_the_ema_lags(tmp_path: Path) -> None:
+    plain = fit_val_metrics(tmp_path, [])
+    precise = fit_val_metrics(tmp_path, [PreciseBN(num_batches=8)])
+    assert precise["val_loss"] < 0.5 * plain["val_loss"]
+    assert precise["val_acc"] > plain["val_acc"] + 0.1
+    assert precise["precise_bn/mean_shift"] > 0.5  # the EMA was far off
+    assert "precise_bn/var_shift" in precise
+
+
+def test_fresh_iterator_leaves_training_untouched(tmp_path: Path) -> None:
+    model = Net()
+    callback = PreciseBN(num_batches=3)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[callback]))
+    trainer.fit(model, **loaders(train_n=128, batch_size=16))
+    assert model.train_steps == 2 * 8
+    assert [entry["num_batches"] for entry in callback.history] == [3.0, 3.0]
+
+
+def test_precise_bn_forward_and_forward_fn_precedence(tmp_path: Path) -> None:
+    class Routed(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.routed = 0
+
+        def precise_bn_forward(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+            self.routed += 1
+            return self(batch[0])
+
+    model = Routed()
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=1, callbacks=[PreciseBN(num_batches=5)])
+    )
+    trainer.fit(model, **loaders())
+    assert model.routed == 5
+    calls: list[int] = []
+    model = Routed()
+    callback = PreciseBN(num_batches=2, forward_fn=lambda m, b: calls.append(1) or m(b[0]))
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[callback])).fit(model, **loaders())
+    assert model.routed == 0 and len(calls) == 2
+
+
+def test_val_loaders_are_interleaved(tmp_path: Path) -> None:
+    data_a, data_b = make_data(64, 3), make_data(64, 4)
+    data_b.tensors[0].mul_(-1.0)
+    model = Net()
+    callback = PreciseBN(num_batches=4, dataloader="val")
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[callback]))
+    val = [DataLoader(data_a, batch_size=32), DataLoader(data_b, batch_size=32)]
+    trainer.fit(model, DataLoader(make_data(64, 0), batch_size=16), val)
+    mean, var = exact_bn_input_stats(model, torch.cat([data_a.tensors[0], data_b.tensors[0]]))
+    torch.testing.assert_close(model.net[1].running_mean.double(), mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.net[1].running_var.double(), var, rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_dataloader_and_short_loader_warning(tmp_path: Path) -> None:
+    data = make_data(48, 5)
+    callback = PreciseBN(num_batches=10, dataloader=DataLoader(data, batch_size=16))
+    model = Net()
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[callback])
+    )
+    with pytest.warns(UserWarning, match=r"has 3 batches per process.*num_batches=10") as record:
+        trainer.fit(model, **loaders())
+    assert len([w for w in record if "PreciseBN" in str(w.message)]) == 1  # once, not per epoch
+    assert [entry["num_batches"] for entry in callback.history] == [3.0, 3.0]
+    mean, var = exact_bn_input_stats(model, data.tensors[0])
+    torch.testing.assert_close(model.net[1].running_var.double(), var, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.net[1].running_mean.double(), mean, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_resume_keeps_state(tmp_path: Path) -> None:
+    def checkpoint() -> ModelCheckpoint:
+        return ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1)
+
+    first = PreciseBN(num_batches=2)
+    kwargs = trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True)
+    Trainer(**{**kwargs, "callbacks": [first, checkpoint()]}).fit(Net(), **loaders())
+    assert len(first.history) == 2
+    resumed = PreciseBN(num_batches=2)
+    trainer = Trainer(**{**kwargs, "max_epochs": 3, "callbacks": [resumed, checkpoint()]})
+    trainer.fit(Net(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), **loaders())
+    assert resumed.history[:2] == first.history
+    assert [entry["epoch"] for entry in resumed.history] == [0, 1, 2]
+    state = resumed.state_dict()
+    clone = PreciseBN()
+    clone.load_state_dict(copy.deepcopy(state))
+    assert clone.state_dict() == state and state["last_epoch"] == 2 and not state["dirty"]
+
+
+def test_progress_shown_in_tqdm_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    kwargs = trainer_kwargs(tmp_path, max_epochs=1, enable_progress_bar=True)
+    bar = TQDMProgressBar(refresh_rate=1)
+    Trainer(**{**kwargs, "callbacks": [bar, PreciseBN(num_batches=3)]}).fit(Net(), **loaders())
+    assert "PreciseBN" in capsys.readouterr().out
+
+
+def test_progress_shown_in_rich_bar(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    descriptions: list[str] = []
+
+    class Spy(RichProgressBar):
+        def refresh(self, hard: bool = False) -> None:
+            if self.progress is not None:
+                descriptions.extend(t.description for t in self.progress.tasks)
+            super().refresh(hard)
+
+    kwargs = trainer_kwargs(tmp_path, max_epochs=1, enable_progress_bar=True)
+    Trainer(**{**kwargs, "callbacks": [Spy(), PreciseBN(num_batches=3)]}).fit(Net(), **loaders())
+    assert "PreciseBN" in descriptions
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"num_batches": 0}, "`num_batches`"),
+        ({"num_batches": 2.0}, "`num_batches`"),
+        ({"every_n_epochs": 0}, "`every_n_epochs`"),
+        ({"every_n_epochs": True}, "`every_n_epochs`"),
+        ({"dataloader": "test"}, "`dataloader`"),
+        ({"dataloader": 3}, "`dataloader`"),
+        ({"forward_fn": "fwd"}, "`forward_fn`"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises(MisconfigurationException, match=name):
+        PreciseBN(**kwargs)
+
+
+def test_module_without_forward_is_refused(tmp_path: Path) -> None:
+    class NoForward(Net):
+        forward = LightningModule.forward
+
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[PreciseBN()]))
+    with pytest.raises(MisconfigurationException, match="precise_bn_forward"):
+        trainer.fit(NoForward(), **loaders())
+
+
+DDP_SCRIPT = """
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from torch.utils.data import DataLoader
+
+from lightning_norms.callbacks import PreciseBN
+from tests.test_precise_bn import Net, make_data
+
+seed_everything(0)
+model = Net()
+trainer = Trainer(
+    strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, logger=False,
+    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    num_sanity_val_steps=0, callbacks=[PreciseBN(num_batches=6)],
+)
+train = DataLoader(make_data(96, 0), batch_size=8)  # a shuffled shard of 6 batches per rank
+trainer.fit(model, train, DataLoader(make_data(32, 1), batch_size=8))
+torch.save({k: v for k, v in model.state_dict().items()}, f"rank{trainer.global_rank}.pt")
+"""
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_end_with_identical_exact_buffers(tmp_path: Path) -> None:
+    run_script(DDP_SCRIPT, tmp_path)
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    model = Net()
+    model.load_state_dict(rank0)
+    # the two ranks' DistributedSampler shards together are the whole data set
+    mean, var = exact_bn_input_stats(model, make_data(96, 0).tensors[0])
+    torch.testing.assert_close(rank0["net.1.running_mean"].double(), mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rank0["net.1.running_var"].double(), var, rtol=1e-5, atol=1e-5)
