@@ -64,36 +64,42 @@ def make_norm(
     kind: str,
     num_channels: int,
     *,
+    dims: int = 2,
     num_domains: int = 2,
     bn_momentum: float | None = 0.1,
     renorm_warmup: int = 100,
     num_groups: int = 4,
 ) -> nn.Module:
-    """Return the normalisation layer ``kind`` for ``num_channels`` feature maps.
+    """Return the normalisation layer ``kind`` for ``num_channels`` channels or features.
 
     Args:
         kind: one of ``NORM_KINDS`` (``"cosine"`` and ``"none"`` give ``nn.Identity``).
-        num_channels: number of channels ``C`` of the ``N, C, H, W`` input.
-        num_domains: domains of ``DomainBatchNorm2d`` (default 2).
+        num_channels: ``C`` of the ``N, C, H, W`` (``dims=2``) or ``N, C`` (``dims=1``) input.
+        dims: 2 for conv feature maps, 1 for feature vectors (``layer2d`` becomes
+            ``nn.LayerNorm(C)``, the same normalisation over the channels). Default 2.
+        num_domains: domains of ``DomainBatchNorm`` (default 2).
         bn_momentum: running-stat momentum of the BN variants (default 0.1; ``None`` =
             cumulative average).
-        renorm_warmup: ``warmup_steps`` of ``BatchRenorm2d`` (default 100).
-        num_groups: groups of ``nn.GroupNorm`` (default 4, capped at ``num_channels``).
+        renorm_warmup: ``warmup_steps`` of ``BatchRenorm`` (default 100).
+        num_groups: groups of ``nn.GroupNorm`` (default 4, reduced to divide ``num_channels``).
 
     Raises:
-        ValueError: unknown ``kind``.
+        ValueError: unknown ``kind`` or ``dims``.
     """
+    if dims not in (1, 2):
+        raise ValueError(f"make_norm: `dims` must be 1 or 2, got {dims!r}")
     if kind == "batch":
-        return nn.BatchNorm2d(num_channels, momentum=bn_momentum)
+        return (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)(num_channels, momentum=bn_momentum)
     if kind == "domain":
-        return ln.DomainBatchNorm2d(num_channels, num_domains, momentum=bn_momentum)
+        cls = ln.DomainBatchNorm2d if dims == 2 else ln.DomainBatchNorm1d
+        return cls(num_channels, num_domains, momentum=bn_momentum)
     if kind == "renorm":
-        return ln.BatchRenorm2d(num_channels, momentum=bn_momentum, warmup_steps=renorm_warmup)
+        cls = ln.BatchRenorm2d if dims == 2 else ln.BatchRenorm1d
+        return cls(num_channels, momentum=bn_momentum, warmup_steps=renorm_warmup)
     if kind == "layer2d":
-        return ln.LayerNorm2d(num_channels)
+        return ln.LayerNorm2d(num_channels) if dims == 2 else nn.LayerNorm(num_channels)
     if kind == "group":
-        groups = math.gcd(num_channels, max(1, num_groups))
-        return nn.GroupNorm(groups, num_channels)
+        return nn.GroupNorm(math.gcd(num_channels, max(1, num_groups)), num_channels)
     if kind in ("cosine", "none"):
         return nn.Identity()
     raise ValueError(f"make_norm: `kind` must be one of {NORM_KINDS}, got {kind!r}")
@@ -106,15 +112,27 @@ def _conv(kind: str, cin: int, cout: int) -> nn.Module:
     return nn.Conv2d(cin, cout, 3, padding=1, bias=kind == "none")
 
 
+def _linear(kind: str, cin: int, cout: int) -> nn.Module:
+    if kind == "cosine":
+        return ln.CosineLinear(cin, cout)
+    return nn.Linear(cin, cout, bias=kind == "none")
+
+
 class SmallCNN(nn.Module):
-    """``conv-norm-ReLU`` blocks, 2x2 max-pooling down to at most 4x4, then GAP and a linear head.
+    """``conv-norm-ReLU`` blocks, 2x2 max-pooling down to 4x4, GAP, then an MLP head.
+
+    The head is ``linear -> norm -> ReLU -> linear`` (``hidden`` features; the VGG-BN /
+    Inception-BN style of normalising the fully connected layers too) or a single linear layer
+    with ``hidden=0``.
 
     Args:
         image_shape: ``(C, H, W)`` of the inputs.
         num_classes: output classes.
         norm: normalisation kind (see :func:`make_norm`); ``"cosine"`` also swaps the convs for
-            ``CosineConv2d`` and the head for ``CosineLinear`` (scaled by ``COSINE_LOGIT_SCALE``).
-        width: channels of the first block; later blocks use ``2 * width``.
+            ``CosineConv2d`` and the linear layers for ``CosineLinear`` (the logits scaled by
+            ``COSINE_LOGIT_SCALE``).
+        width: channels of the first block; later blocks use ``2 * width``. Default 16.
+        hidden: features of the head's hidden layer (default 64; 0 = linear head).
         **norm_kwargs: forwarded to :func:`make_norm`.
     """
 
@@ -124,6 +142,7 @@ class SmallCNN(nn.Module):
         num_classes: int,
         norm: str = "batch",
         width: int = 16,
+        hidden: int = 64,
         **norm_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -144,13 +163,21 @@ class SmallCNN(nn.Module):
             size //= 2
         self.features = nn.Sequential(*layers)
         self.cosine = norm == "cosine"
-        self.head: nn.Module = (
+        head: list[nn.Module] = []
+        if hidden > 0:
+            head += [
+                _linear(norm, cin, hidden),
+                make_norm(norm, hidden, dims=1, **norm_kwargs),
+                nn.ReLU(),
+            ]
+            cin = hidden
+        head.append(
             ln.CosineLinear(cin, num_classes) if self.cosine else nn.Linear(cin, num_classes)
         )
+        self.head = nn.Sequential(*head)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.features(x).mean(dim=(2, 3))
-        out = self.head(h)
+        out = self.head(self.features(x).mean(dim=(2, 3)))
         return out * COSINE_LOGIT_SCALE if self.cosine else out
 
 
@@ -168,8 +195,13 @@ class DigitsClassifier(L.LightningModule):
         variant: a key of ``VARIANTS`` (sets the norm kind and, unless ``feed`` is given, the feed).
         feed: ``"mixed"`` or ``"separate"`` training batches; ``None`` = the variant's default.
         width: channels of the first conv block (default 16).
+        hidden: features of the normalised hidden layer of the head (default 64; 0 = none).
         lr: Adam learning rate (default 3e-3), the same for every variant.
         weight_decay: Adam weight decay (default 0).
+        schedule: ``"cosine"`` (default: the learning rate anneals to 0 over the run, per step, so
+            the weights settle and the running averages catch up with them: the comparison is
+            not blurred by EMA lag, which ``recipes.precise_bn`` studies on its own) or
+            ``"constant"``.
         bn_momentum: running-stat momentum of the BN variants (default 0.1).
         renorm_warmup: ``BatchRenorm2d`` warm-up steps (default 100: a short run has a few
             hundred steps, so the clip limits reach r_max=3, d_max=5 early in training).
@@ -182,8 +214,10 @@ class DigitsClassifier(L.LightningModule):
         variant: str = "mixed",
         feed: str | None = None,
         width: int = 16,
+        hidden: int = 64,
         lr: float = 3e-3,
         weight_decay: float = 0.0,
+        schedule: str = "cosine",
         bn_momentum: float = 0.1,
         renorm_warmup: int = 100,
         num_groups: int = 4,
@@ -196,6 +230,10 @@ class DigitsClassifier(L.LightningModule):
             raise ValueError(
                 f"DigitsClassifier: `variant` must be one of {list(VARIANTS)}, got {variant!r}"
             )
+        if schedule not in ("cosine", "constant"):
+            raise ValueError(
+                f"DigitsClassifier: `schedule` must be 'cosine' or 'constant', got {schedule!r}"
+            )
         if feed is not None and feed not in FEEDS:
             raise ValueError(f"DigitsClassifier: `feed` must be one of {FEEDS}, got {feed!r}")
         self.save_hyperparameters()
@@ -206,6 +244,7 @@ class DigitsClassifier(L.LightningModule):
             num_classes,
             norm=self.norm,
             width=width,
+            hidden=hidden,
             num_domains=num_domains,
             bn_momentum=bn_momentum,
             renorm_warmup=renorm_warmup,
@@ -275,10 +314,15 @@ class DigitsClassifier(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_accuracy("test", self.test_acc)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
+        if self.hparams.schedule == "constant":
+            return opt
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def accuracy_record(metrics: dict[str, Any], num_domains: int, stage: str = "test") -> dict:

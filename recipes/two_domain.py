@@ -55,7 +55,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_norms.data import TwoDomainDigits
 from recipes._common import VARIANTS, DigitsClassifier, accuracy_record, write_json
 
-__all__ = ["TwoDomainCLI", "batching_for", "cli_main", "run_variant"]
+__all__ = ["TwoDomainCLI", "batching_for", "cli_main", "data_batch_size", "run_variant"]
 
 
 def batching_for(variant: str, feed: str | None) -> str:
@@ -65,6 +65,17 @@ def batching_for(variant: str, feed: str | None) -> str:
     return feed or VARIANTS[variant][1]
 
 
+def data_batch_size(batch_size: int, variant: str, feed: str | None) -> int:
+    """``TwoDomainDigits.batch_size`` for ``batch_size`` samples per step, both domains together.
+
+    A mixed batch holds ``batch_size`` samples; the separate feed yields one batch of
+    ``batch_size // 2`` per domain, so every variant sees the same samples per step.
+    """
+    if batch_size < 2 or batch_size % 2:
+        raise ValueError(f"two_domain: `batch_size` must be even and >= 2, got {batch_size}")
+    return batch_size if batching_for(variant, feed) == "mixed" else batch_size // 2
+
+
 class TwoDomainCLI(LightningCLI):
     """LightningCLI for the study: links the feed to the data's batching; tests after ``fit``."""
 
@@ -72,8 +83,19 @@ class TwoDomainCLI(LightningCLI):
         parser.add_argument(
             "--output_dir", default="runs/two_domain", help="where the results record goes"
         )
+        parser.add_argument(
+            "--batch_size",
+            type=int,
+            default=64,
+            help="training samples per step, both domains together (sets data.batch_size)",
+        )
         parser.link_arguments(
             ("model.variant", "model.feed"), "data.batching", compute_fn=batching_for
+        )
+        parser.link_arguments(
+            ("batch_size", "model.variant", "model.feed"),
+            "data.batch_size",
+            compute_fn=data_batch_size,
         )
         parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -137,7 +159,11 @@ def run_variant(
     L.seed_everything(seed, workers=True, verbose=False)
     model_kwargs = dict(model_kwargs or {})
     feed = batching_for(variant, model_kwargs.pop("feed", None))
-    data = TwoDomainDigits(batching=feed, batch_size=batch_size, **(data_kwargs or {}))
+    data = TwoDomainDigits(
+        batching=feed,
+        batch_size=data_batch_size(batch_size, variant, feed),
+        **(data_kwargs or {}),
+    )
     model = DigitsClassifier(
         variant=variant,
         feed=feed,
