@@ -12,6 +12,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_norms import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    DomainBatchNorm1d,
+    DomainBatchNorm2d,
+    domain,
+)
 from lightning_norms.stats import BNStatsReport, recompute_bn_stats
 from tests._dist import run_ddp
 
@@ -67,21 +74,26 @@ def reference_inputs(
     model: nn.Module,
     batches: list[Any],
     forward: Callable[[nn.Module, Any], Any] = lambda m, b: m(b),
-) -> dict[str, list[tuple[Tensor, dict]]]:
-    """Capture every BN layer's inputs (and kwargs) over one pass of a copy of ``model``.
+) -> dict[str, list[tuple[Tensor, Tensor | None]]]:
+    """Capture every BN layer's inputs (and per-sample domain ids) over one pass of a copy.
 
     The copy runs as the documented pass does: BN layers in train mode with their EMA frozen
-    (momentum 0), every other module in eval mode.
+    (momentum 0), every other module in eval mode. Domain ids come from the layer's own
+    ``resolve_domain`` applied to the ``domain`` the call passed (keyword or positional).
     """
     ref = copy.deepcopy(model).eval()
-    captured: dict[str, list[tuple[Tensor, dict]]] = {}
+    captured: dict[str, list[tuple[Tensor, Tensor | None]]] = {}
     for name, bn in bn_layers(ref).items():
         bn.train()
         bn.momentum = 0.0
         captured[name] = []
 
         def hook(m: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
-            captured[name].append((args[0].detach().double(), dict(kwargs)))
+            ids = None
+            if hasattr(m, "resolve_domain"):
+                given = kwargs.get("domain", args[1] if len(args) > 1 else None)
+                ids = m.resolve_domain(args[0], given)
+            captured[name].append((args[0].detach().double(), ids))
 
         bn.register_forward_pre_hook(hook, with_kwargs=True)
     with torch.no_grad():
@@ -329,23 +341,148 @@ def test_bad_arguments(kwargs: dict, error: type[Exception], match: str) -> None
         recompute_bn_stats(**args)
 
 
+def renorm_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        BatchRenorm2d(4, r_max=1.5, d_max=0.5, warmup_steps=10),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 5, 6),
+        BatchRenorm1d(6, r_max=1.2, d_max=0.2, warmup_steps=0),
+    )
+    for bn in (model[1], model[5]):  # running stats far off, so r and d clip and matter
+        bn.running_mean.fill_(0.5)
+        bn.running_var.fill_(4.0)
+        bn.num_batches_tracked.fill_(3)
+    return model
+
+
+def test_batch_renorm_exact_stats_and_step_counter_kept() -> None:
+    model = renorm_model()
+    batches = make_batches((3, 6, 5), [16, 16, 5])
+    captured = reference_inputs(model, batches)
+    before = snapshot(model)
+    report = recompute_bn_stats(model, batches, num_batches=3)
+    assert [layer.name for layer in report.layers] == ["1", "5"]
+    for name, bn in bn_layers(model).items():
+        mean, var = exact_stats([x for x, _ in captured[name]])
+        assert_close_to(bn.running_mean, mean)
+        assert_close_to(bn.running_var, var)
+        assert int(bn.num_batches_tracked) == 3  # the warm-up step counter is not advanced
+    assert snapshot(model)["momentum"] == before["momentum"]
+
+
+class DomainNet(nn.Module):
+    """Domain ids reach the layers three ways: keyword, positional and the context manager."""
+
+    def __init__(self, num_domains: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = DomainBatchNorm2d(4, num_domains)
+        self.bn2 = DomainBatchNorm2d(4, num_domains, shared_affine=True)
+        self.fc = nn.Linear(4, 5)
+        self.bn3 = DomainBatchNorm1d(5, num_domains)
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        h = torch.relu(self.bn1(self.conv(x), domain=ids))
+        h = self.bn2(h, ids.flip(0))  # positional, and not the ids the context sets
+        return self.bn3(self.fc(h.mean((2, 3))))  # ids from `domain(...)`
+
+
+def domain_forward(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Any:
+    x, ids = batch
+    with domain(model, ids):
+        return model(x, ids)
+
+
+def domain_batches(sizes: list[int], domains: list[int], seed: int) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(seed + 100)
+    choices = torch.tensor(domains)
+    out = []
+    for x in make_batches((3, 6, 5), sizes, seed):
+        ids = choices[torch.randint(len(domains), (len(x),), generator=g)]
+        x = x + ids.view(-1, 1, 1, 1).float() * 2.0  # domains differ in their statistics
+        out.append((x, ids))
+    return out
+
+
+def exact_domain_stats(
+    captured: list[tuple[Tensor, Tensor | None]],
+) -> dict[int, tuple[Tensor, Tensor]]:
+    xs = torch.cat([x for x, _ in captured])
+    ids = torch.cat([ids for _, ids in captured if ids is not None])
+    return {int(d): exact_stats([xs[ids == d]]) for d in ids.unique()}
+
+
+def test_domain_batchnorm_exact_stats_per_domain() -> None:
+    torch.manual_seed(0)
+    model = DomainNet(num_domains=3)
+    for bn in (model.bn1, model.bn2, model.bn3):
+        bn.running_mean[2].fill_(7.0)  # domain 2 never appears: must stay as it is
+        bn.running_var[2].fill_(3.0)
+        bn.num_batches_tracked.copy_(torch.tensor([4, 5, 6]))
+    batches = domain_batches([16, 16, 9], [0, 1], seed=0)
+    captured = reference_inputs(model, batches, domain_forward)
+    report = recompute_bn_stats(model, batches, num_batches=3, forward_fn=domain_forward)
+    for name in ("bn1", "bn2", "bn3"):
+        bn = getattr(model, name)
+        for d, (mean, var) in exact_domain_stats(captured[name]).items():
+            assert_close_to(bn.running_mean[d], mean)
+            assert_close_to(bn.running_var[d], var)
+        assert torch.equal(bn.running_mean[2], torch.full((bn.num_features,), 7.0))
+        assert torch.equal(bn.running_var[2], torch.full((bn.num_features,), 3.0))
+        assert bn.num_batches_tracked.tolist() == [4, 5, 6]
+    rows = [(layer.name, layer.domain) for layer in report.layers]
+    assert rows == [(n, d) for n in ("bn1", "bn2", "bn3") for d in (0, 1)]
+    assert report.unseen == ["bn1[domain=2]", "bn2[domain=2]", "bn3[domain=2]"]
+    ids = torch.cat([ids for _, ids in batches])
+    counts = {(layer.name, layer.domain): layer.count for layer in report.layers}
+    assert counts[("bn1", 0)] == int((ids == 0).sum()) * 6 * 5
+    assert counts[("bn3", 1)] == int((ids == 1).sum())
+    assert "bn2" in str(report)
+
+
+def test_domain_batchnorm_without_ids_raises_and_restores() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), DomainBatchNorm1d(4, num_domains=2))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="DomainBatchNorm1d"):
+        recompute_bn_stats(model, [torch.randn(8, 3)])
+    after = snapshot(model)
+    assert all(torch.equal(v, after["state"][k]) for k, v in before["state"].items())
+    assert after["momentum"] == before["momentum"] and after["training"] == before["training"]
+
+
 # --- DDP: every rank recomputes over its own shard ---------------------------------------------
 
 DDP_SIZES = {"uneven": ([8, 8, 5], [6, 6, 6, 6, 3]), "empty-rank": ([7, 9], [])}
+DDP_DOMAINS = ([0, 1], [1, 2])  # domain 0 only on rank 0, domain 2 only on rank 1, 3 nowhere
 
 
-def ddp_model() -> nn.Module:
-    torch.manual_seed(0)
-    return conv2d(nn.BatchNorm2d).append(SubclassBN2d(5))
+class DDPNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = conv2d(nn.BatchNorm2d).append(SubclassBN2d(5))
+        self.domain_bn = DomainBatchNorm2d(5, num_domains=4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.domain_bn(self.body(x))
 
 
-def ddp_batches(scenario: str, rank: int) -> list[Tensor]:
-    return make_batches((3, 6, 5), DDP_SIZES[scenario][rank], seed=rank + 1)
+def ddp_batches(scenario: str, rank: int) -> list[tuple[Tensor, Tensor]]:
+    return domain_batches(DDP_SIZES[scenario][rank], DDP_DOMAINS[rank], seed=rank + 1)
+
+
+def ddp_forward(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Any:
+    x, ids = batch
+    with domain(model, ids):
+        return model(x)
 
 
 def _ddp_recompute(rank: int, world_size: int, scenario: str) -> dict[str, Tensor]:
-    model = ddp_model()
-    recompute_bn_stats(model, ddp_batches(scenario, rank), num_batches=5)
+    model = DDPNet()
+    recompute_bn_stats(model, ddp_batches(scenario, rank), num_batches=5, forward_fn=ddp_forward)
     return {k: v for k, v in model.state_dict().items() if "running" in k}
 
 
@@ -353,16 +490,24 @@ def _ddp_recompute(rank: int, world_size: int, scenario: str) -> dict[str, Tenso
 @pytest.mark.parametrize("scenario", sorted(DDP_SIZES))
 def test_ddp_ranks_agree_with_single_process(scenario: str) -> None:
     rank0, rank1 = run_ddp(_ddp_recompute, scenario)
-    single = ddp_model()
+    single = DDPNet()
     all_batches = ddp_batches(scenario, 0) + ddp_batches(scenario, 1)
-    captured = reference_inputs(single, all_batches)
-    recompute_bn_stats(single, all_batches, num_batches=len(all_batches))
+    captured = reference_inputs(single, all_batches, ddp_forward)
+    recompute_bn_stats(single, all_batches, num_batches=len(all_batches), forward_fn=ddp_forward)
     for key, value in single.state_dict().items():
         if "running" not in key:
             continue
         assert torch.equal(rank0[key], rank1[key]), key
         torch.testing.assert_close(rank0[key], value, rtol=1e-6, atol=1e-6)
     for name, bn in bn_layers(single).items():
+        if name == "domain_bn":
+            stats = exact_domain_stats(captured[name])
+            assert sorted(stats) == ([0, 1, 2] if scenario == "uneven" else [0, 1])
+            for d, (mean, var) in stats.items():
+                assert_close_to(rank0["domain_bn.running_mean"][d], mean)
+                assert_close_to(rank0["domain_bn.running_var"][d], var)
+            assert torch.equal(rank0["domain_bn.running_var"][3], torch.ones(5))  # never seen
+            continue
         mean, var = exact_stats([x for x, _ in captured[name]])
         assert_close_to(rank0[f"{name}.running_mean"], mean)
         assert_close_to(rank0[f"{name}.running_var"], var)
