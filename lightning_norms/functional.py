@@ -349,6 +349,11 @@ def _expand_domains(domains: int | Tensor, x: Tensor) -> Tensor:
     return domains.to(device=x.device, dtype=torch.long)
 
 
+def _rows(x: Tensor) -> Tensor:
+    """``x`` as contiguous ``[N, C, L]`` rows (``L`` = positions per sample; also for N = 0)."""
+    return x.reshape(x.shape[0], x.shape[1], x.shape[2:].numel()).contiguous()
+
+
 def _stat_dtype(x: Tensor) -> torch.dtype:
     """Statistics are kept in fp32 at least (fp16/bf16 inputs are accumulated in fp32)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -446,7 +451,7 @@ def domain_batch_stats(
     """
     domains = _check_domains(domains, x.shape[0], num_domains, "domain_batch_stats")
     with torch.no_grad():
-        x3 = x.reshape(x.shape[0], x.shape[1], -1)
+        x3 = _rows(x)
         count, mean, m2 = _local_domain_stats(x3, _expand_domains(domains, x), num_domains)
         if _sync_world(sync, process_group):
             count, mean, m2 = _all_reduce_stats(count, mean, m2, process_group)
@@ -464,6 +469,48 @@ def _gather_rows(param: Tensor | None, ids: Tensor, n: int) -> Tensor | None:
 def _fold_domains(grad: Tensor, param: Tensor) -> Tensor:
     """A ``[D, C]`` gradient for ``param``: as is (per domain) or summed over domains (shared)."""
     return (grad if param.dim() == 2 else grad.sum(0)).to(param.dtype)
+
+
+def _normalize_rows(
+    x3: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` with per-row ``[N*C]`` values.
+
+    One ``batch_norm`` inference kernel over the ``[1, N*C, L]`` view of the rows.
+    """
+    n, c, length = x3.shape
+    if x3.numel() == 0:
+        return x3.clone()
+    flat = x3.view(1, n * c, length)
+    cudnn = torch.backends.cudnn.enabled
+    return torch.batch_norm(flat, weight, bias, mean, var, False, 0.0, eps, cudnn).view(x3.shape)
+
+
+def _row_grad_sums(g3: Tensor, x3: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row ``sum(dy)`` and ``sum(dy * (x - mean))`` as ``[N, C]``, in one fused pass."""
+    n, c, length = x3.shape
+    if x3.numel() == 0:
+        zeros = torch.zeros(n, c, dtype=mean.dtype, device=x3.device)
+        return zeros, zeros
+    ones = torch.ones(n * c, dtype=mean.dtype, device=x3.device)
+    _, row_dot, row_sum = torch.ops.aten.native_batch_norm_backward(
+        g3.view(1, n * c, length),
+        x3.view(1, n * c, length),
+        ones,
+        None,
+        None,
+        mean,
+        ones,
+        True,
+        0.0,
+        [False, True, True],
+    )
+    return row_sum.view(n, c), row_dot.view(n, c)
 
 
 class _DomainBatchNormFn(torch.autograd.Function):
@@ -489,8 +536,8 @@ class _DomainBatchNormFn(torch.autograd.Function):
         name: str,
         stats: tuple[Tensor, Tensor, Tensor] | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        n, c = x.shape[0], x.shape[1]
-        x3 = x.reshape(n, c, -1)
+        n = x.shape[0]
+        x3 = _rows(x)
         if stats is None:
             count, mean, m2 = _local_domain_stats(x3, ids, num_domains)
             if group is not None:
@@ -499,18 +546,14 @@ class _DomainBatchNormFn(torch.autograd.Function):
         else:
             count, mean, m2 = stats
         var = m2 / count.clamp(min=1).unsqueeze(1)
-        flat = x3.reshape(1, n * c, -1)
         row_mean = mean[ids].reshape(-1)
-        out = torch.batch_norm(
-            flat,
-            _gather_rows(weight, ids, n),
-            _gather_rows(bias, ids, n),
+        out = _normalize_rows(
+            x3,
             row_mean,
             var[ids].reshape(-1),
-            False,
-            0.0,
+            _gather_rows(weight, ids, n),
+            _gather_rows(bias, ids, n),
             eps,
-            torch.backends.cudnn.enabled,
         )
         invstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x3, ids, weight, count, row_mean, mean, invstd)
@@ -526,25 +569,12 @@ class _DomainBatchNormFn(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor, *_: Tensor
     ) -> tuple[Tensor | None, ...]:
         x3, ids, weight, count, row_mean, mean, invstd = ctx.saved_tensors
-        n, c = x3.shape[0], x3.shape[1]
-        num_domains = mean.shape[0]
-        g3 = grad_out.reshape(n, c, -1)
-        ones = torch.ones(n * c, dtype=mean.dtype, device=x3.device)
-        _, row_dot, row_sum = torch.ops.aten.native_batch_norm_backward(
-            g3.reshape(1, n * c, -1),
-            x3.reshape(1, n * c, -1),
-            ones,
-            None,
-            None,
-            row_mean,
-            ones,
-            True,
-            0.0,
-            [False, True, True],
-        )
+        num_domains, c = mean.shape
+        g3 = _rows(grad_out)
+        row_sum, row_dot = _row_grad_sums(g3, x3, row_mean)
         zeros = torch.zeros(num_domains, c, dtype=mean.dtype, device=x3.device)
-        sum_dy = zeros.index_add(0, ids, row_sum.view(n, c).to(mean.dtype))
-        sum_dy_xmu = zeros.index_add(0, ids, row_dot.view(n, c).to(mean.dtype))
+        sum_dy = zeros.index_add(0, ids, row_sum.to(mean.dtype))
+        sum_dy_xmu = zeros.index_add(0, ids, row_dot.to(mean.dtype))
         grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = _fold_domains(sum_dy_xmu * invstd, weight)
@@ -636,8 +666,11 @@ def _domain_batch_norm(
         )
     ids = _expand_domains(domains, x)
     if not use_batch_stats and running_mean is not None and running_var is not None:
+        x3 = _rows(x)
+        if x3.numel() == 0:
+            return x.clone()
         out = F.batch_norm(
-            x.reshape(1, n * c, -1),
+            x3.view(1, n * c, x3.shape[2]),
             running_mean[ids].reshape(-1),
             running_var[ids].reshape(-1),
             _gather_rows(weight, ids, n),
@@ -770,11 +803,10 @@ def _synced_batch_renorm(
     the normalisation and its backward (one more all-reduce) are those of the synchronised
     domain kernel with a single domain. A global count of 1 raises on every rank.
     """
-    n, c = x.shape[0], x.shape[1]
-    ids = torch.zeros(n, dtype=torch.long, device=x.device)
+    ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     group = (process_group,) if _sync_world(True, process_group) else None
     with torch.no_grad():
-        count, mean, m2 = _local_domain_stats(x.reshape(n, c, -1), ids, 1)
+        count, mean, m2 = _local_domain_stats(_rows(x), ids, 1)
         if group is not None:
             count, mean, m2 = _all_reduce_stats(count, mean, m2, process_group)
         _check_counts(count, name)

@@ -370,3 +370,22 @@ def test_stable_statistics_far_from_zero():
         assert count[d] == xd.shape[1]
         torch.testing.assert_close(mean[d].double(), xd.mean(1), atol=1e-2, rtol=0)
         torch.testing.assert_close(var[d].double(), xd.var(1, unbiased=False), atol=2e-2, rtol=0)
+
+
+def test_channels_last_gradients_and_empty_batch():
+    torch.manual_seed(12)
+    layer = DomainBatchNorm2d(4, num_domains=2)
+    ids = torch.tensor([0, 1, 1, 0, 0, 1])
+    x = torch.randn(6, 4, 5, 5)
+    grad = torch.randn(6, 4, 5, 5)
+    xs = [x.clone().requires_grad_(), x.contiguous(memory_format=torch.channels_last)]
+    xs[1].requires_grad_()
+    for xi in xs:
+        layer(xi, domain=ids).backward(grad.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, atol=ATOL, rtol=0)
+    empty = torch.randn(0, 4, 5, 5, requires_grad=True)
+    before = layer.running_mean.clone()
+    y = layer(empty, domain=torch.zeros(0, dtype=torch.long))
+    y.sum().backward()
+    assert y.shape == empty.shape and torch.equal(layer.running_mean, before)
+    assert layer.num_batches_tracked.tolist() == [2, 2]
