@@ -586,13 +586,22 @@ class _DomainBatchNormFn(torch.autograd.Function):
                 packed = torch.stack([sum_dy, sum_dy_xmu])
                 torch.distributed.all_reduce(packed, group=ctx.group[0])
                 sum_dy, sum_dy_xmu = packed[0], packed[1]
+            # dx = scale * (dy - sum_dy / M - (x - mu) * invstd^2 * sum_dy_xmu / M): the
+            # (x - mu) part is one inference batch_norm kernel (exact centring), then + scale*dy
             scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
             inv_count = 1.0 / count.clamp(min=1).unsqueeze(1)
-            coef_x = -scale * invstd.square() * sum_dy_xmu * inv_count
-            coef_1 = -scale * sum_dy * inv_count - coef_x * mean
-            grad_x = torch.addcmul(coef_1[ids].unsqueeze(2), x3, coef_x[ids].unsqueeze(2))
-            grad_x = grad_x.addcmul_(g3, scale[ids].unsqueeze(2)).to(grad_out.dtype)
-            grad_x = grad_x.view(ctx.shape)
+            coef_xmu = -scale * invstd.square() * sum_dy_xmu * inv_count
+            coef_1 = -scale * sum_dy * inv_count
+            grad_x = _normalize_rows(
+                x3,
+                row_mean,
+                torch.ones_like(row_mean),
+                coef_xmu[ids].reshape(-1),
+                coef_1[ids].reshape(-1),
+                0.0,
+            )
+            grad_x = grad_x.addcmul_(g3, scale[ids].unsqueeze(2).to(grad_x.dtype))
+            grad_x = grad_x.to(grad_out.dtype).view(ctx.shape)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
