@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from itertools import product
 from pathlib import Path
 
@@ -407,3 +409,12 @@ def test_lightning_ddp_fit_sees_exact_quotas_on_both_ranks(tmp_path: Path):
         sorted(i for s in records[0] if s["epoch"] == e for i in s["indices"]) for e in (0, 1)
     ]
     assert epoch_sets[0] != epoch_sets[1], "set_epoch did not reach the sampler"
+
+
+def test_importing_the_sampler_does_not_import_lightning():
+    code = (
+        "import sys\n"
+        "from lightning_norms.data import MixingBatchSampler, mix_real_fake\n"
+        "assert 'lightning' not in sys.modules and 'pytorch_lightning' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
