@@ -246,7 +246,9 @@ class TwoDomainDigits(L.LightningDataModule):
           (``dataloader_idx == domain``), ``batch_size`` per batch, in order.
         ``batch_size`` is per device. Under DDP each rank gets disjoint training batches of the
         same composition and the same count (see :class:`MixingBatchSampler`); Lightning's
-        default ``use_distributed_sampler=True`` shards the val/test loaders as usual.
+        default ``use_distributed_sampler=True`` shards the val/test loaders as usual (its
+        ``DistributedSampler`` repeats a few samples to even out the ranks: test on one device
+        for exact per-domain figures).
         The order of the training batches follows ``seed`` and the epoch (Lightning calls
         ``set_epoch``), the same with any ``num_workers``.
 
