@@ -8,17 +8,24 @@ plain BN layer, one per domain for ``DomainBatchNorm``) so per-domain statistics
 * :class:`BatchSpread` answers "is each training batch a fair sample of the data?". Per group
   ``g`` and channel ``c``, with ``m[n]`` the channel mean of sample ``n`` (over H, W, ...),
   ``mu_t`` the batch mean of ``m`` and ``s2_t`` its unbiased within-batch variance over the
-  ``N_t`` samples of call ``t``:
+  ``N_t`` samples of call ``t``, and ``D_k = mean_t (mu_t - mu_{t-k})^2 / 2`` the lag-``k``
+  half mean squared successive difference:
 
   .. math::
-      R = \\frac{\\sum_{t>1} (\\mu_t - \\mu_{t-1})^2 / (2 (T - 1))}{\\sum_t s^2_t / N_t \\, / \\, T}
+      R = \\frac{2 D_1 - D_2}{\\operatorname{mean}_t s^2_t / N_t}
 
-  The numerator is the von Neumann (successive-difference) estimate of the variance of the
-  batch means across calls, insensitive to the slow drift of activations while the weights
-  train; the denominator is the variance a mean of ``N`` i.i.d. samples would have. Shuffled
-  batches give ``R ~ 1`` (less with stratified or without-replacement sampling); class-sorted,
-  single-source or alternating-source batches give ``R >> 1``. Samples, not pixels, are the
-  i.i.d. units: positions inside one sample are correlated.
+  The denominator is the variance a mean of ``N`` i.i.d. samples has. For i.i.d. batches
+  ``D_1 = D_2 = Var(mu)``. While the weights train, the activations drift from step to step; a
+  random-walk drift of step variance ``q`` adds ``q / 2`` to ``D_1`` and ``q`` to ``D_2`` and
+  cancels in ``2 D_1 - D_2`` (smooth drift makes ``R`` smaller, never larger), so ``R ~ 1`` for
+  shuffled batches however fast the weights move (less with stratified or without-replacement
+  sampling). Batches whose composition changes from call to call faster
+  than that -- towers fed alternating sources, randomly ordered single-source or single-class
+  batches -- give ``R >> 1``. Slowly changing composition (a class-sorted data set read in
+  order, runs of several batches per class) is indistinguishable from weight drift by any
+  statistic of this series; ``BatchNormDoctor`` catches its usual cause, the sequential
+  sampler, directly. Samples, not pixels, are the i.i.d. units: positions inside one sample
+  are correlated.
 
 * :class:`MomentAccumulator` collects exact per-channel population moments (count, mean, M2,
   merged with Chan's parallel formula) of the inputs a BN layer sees, e.g. in validation, and
@@ -113,23 +120,35 @@ class BatchSpread:
         >>> spread = BatchSpread(1, 4, "cpu")
         >>> for _ in range(50):
         ...     _ = spread.update(torch.randn(32, 4, 3, 3))
-        >>> bool(0.5 < summarise_spread(spread.ratio(), spread.num_batches, 10)[0] < 2.0)
+        >>> bool(0.5 < summarise_spread(spread.ratio(), spread.num_batches, 20)[0] < 2.0)
         True
     """
 
     def __init__(self, num_groups: int, num_channels: int, device: torch.device | str) -> None:
         kw = {"dtype": torch.float32, "device": device}
         self.num_groups = num_groups
-        self.diff2 = torch.zeros(num_groups, num_channels, **kw)
-        self.num_diffs = torch.zeros(num_groups, **kw)
+        self.lag1 = torch.zeros(num_groups, num_channels, **kw)
+        self.lag2 = torch.zeros(num_groups, num_channels, **kw)
+        self.num_lag1 = torch.zeros(num_groups, **kw)
+        self.num_lag2 = torch.zeros(num_groups, **kw)
         self.within = torch.zeros(num_groups, num_channels, **kw)
         self.num_batches = torch.zeros(num_groups, **kw)
-        self._prev = torch.zeros(num_groups, num_channels, **kw)
-        self._has_prev = torch.zeros(num_groups, dtype=torch.bool, device=device)
+        self._prev1 = torch.zeros(num_groups, num_channels, **kw)
+        self._prev2 = torch.zeros(num_groups, num_channels, **kw)
+        self._seen = torch.zeros(num_groups, **kw)
         # the ungrouped path counts on the host: no device op for a count known on the host
-        self._host_batches = 0
-        self._host_diffs = 0
-        self._host_prev = False
+        self._host_calls = 0
+        self._host_folded = 0
+
+    def _add_lags(self, row: int, mu: Tensor) -> None:
+        if self._host_calls >= 2:
+            d = mu - self._prev1[row]
+            self.lag1[row].addcmul_(d, d)
+        if self._host_calls >= 3:
+            d = mu - self._prev2[row]
+            self.lag2[row].addcmul_(d, d)
+        self._prev2[row].copy_(self._prev1[row])
+        self._prev1[row].copy_(mu)
 
     def update(self, x: Tensor, groups: Tensor | None = None) -> Tensor | None:
         """Add one call's input ``x`` (``[N, C, *]``); ``groups``: ``LongTensor[N]`` of rows.
@@ -145,13 +164,8 @@ class BatchSpread:
                 return None
             s2, mu = torch.var_mean(m, dim=0)
             self.within[0].add_(s2, alpha=1.0 / n)
-            self._host_batches += 1
-            if self._host_prev:
-                d = mu - self._prev[0]
-                self.diff2[0].addcmul_(d, d)
-                self._host_diffs += 1
-            self._prev[0].copy_(mu)
-            self._host_prev = True
+            self._host_calls += 1
+            self._add_lags(0, mu)
             return None
         cnt = _group_counts(groups, self.num_groups, m.dtype)
         mu = _group_sums(m, groups, self.num_groups) / cnt.clamp(min=1.0)[:, None]
@@ -160,38 +174,47 @@ class BatchSpread:
         present = cnt >= 2
         self.within.addcmul_(s2, (present / cnt.clamp(min=1.0))[:, None])
         self.num_batches.add_(present)
-        both = present & self._has_prev
-        d = (mu - self._prev) * both[:, None]
-        self.diff2.addcmul_(d, d)
-        self.num_diffs.add_(both)
-        self._prev.copy_(torch.where(present[:, None], mu, self._prev))
-        self._has_prev.logical_or_(present)
+        has1 = present & (self._seen >= 1)
+        has2 = present & (self._seen >= 2)
+        d = (mu - self._prev1) * has1[:, None]
+        self.lag1.addcmul_(d, d)
+        d = (mu - self._prev2) * has2[:, None]
+        self.lag2.addcmul_(d, d)
+        self.num_lag1.add_(has1)
+        self.num_lag2.add_(has2)
+        keep = present[:, None]
+        self._prev2.copy_(torch.where(keep, self._prev1, self._prev2))
+        self._prev1.copy_(torch.where(keep, mu, self._prev1))
+        self._seen.add_(present)
         return cnt
 
     def _fold_host_counts(self) -> None:
-        if self._host_batches:
-            self.num_batches[0] += self._host_batches
-            self.num_diffs[0] += self._host_diffs
-            self._host_batches = 0
-            self._host_diffs = 0
+        n, done = self._host_calls, self._host_folded
+        if n > done:
+            self.num_batches[0] += n - done
+            self.num_lag1[0] += max(n - 1, 0) - max(done - 1, 0)
+            self.num_lag2[0] += max(n - 2, 0) - max(done - 2, 0)
+            self._host_folded = n
 
     def additive(self) -> list[Tensor]:
         """The accumulators that add up over calls and ranks (``all_reduce_spreads`` sums them)."""
         self._fold_host_counts()
-        return [self.diff2, self.num_diffs, self.within, self.num_batches]
+        return [self.lag1, self.lag2, self.num_lag1, self.num_lag2, self.within, self.num_batches]
 
     def ratio(self) -> Tensor:
         """``R`` per group and channel, ``[G, C]``; NaN where it is undefined.
 
-        Undefined: fewer than one successive difference, or a channel with zero within-batch
-        variance (a dead channel).
+        Undefined: no lag-2 difference yet, or a channel with zero within-batch variance (a
+        dead channel). ``R`` can fall below 0 by chance or under smooth drift (it is an
+        unbiased difference of two estimates); only large values matter.
         """
         self._fold_host_counts()
-        between = self.diff2 / (2.0 * self.num_diffs.clamp(min=1.0))[:, None]
+        d1 = self.lag1 / (2.0 * self.num_lag1.clamp(min=1.0))[:, None]
+        d2 = self.lag2 / (2.0 * self.num_lag2.clamp(min=1.0))[:, None]
         expected = self.within / self.num_batches.clamp(min=1.0)[:, None]
-        ok = (expected > 0) & (self.num_diffs > 0)[:, None]
+        ok = (expected > 0) & (self.num_lag2 > 0)[:, None]
         tiny = torch.finfo(torch.float32).tiny
-        return torch.where(ok, between / expected.clamp(min=tiny), torch.nan)
+        return torch.where(ok, (2.0 * d1 - d2) / expected.clamp(min=tiny), torch.nan)
 
 
 def all_reduce_spreads(spreads: list[BatchSpread]) -> None:
@@ -208,7 +231,8 @@ def summarise_spread(ratio: Tensor, num_batches: Tensor, min_batches: int) -> Te
     """One figure per group: the median of ``R`` over channels, NaN with < ``min_batches`` calls.
 
     The median makes the figure robust to a few noisy or near-dead channels; an unrepresentative
-    batch (class-sorted, single-source) shifts most channels.
+    batch (single-source, alternating sources) shifts most channels. Clamped at 0: a negative
+    ``R`` only says that smooth weight drift dominates the series.
 
     Args:
         ratio: ``[G, C]`` from :meth:`BatchSpread.ratio`.
@@ -218,9 +242,11 @@ def summarise_spread(ratio: Tensor, num_batches: Tensor, min_batches: int) -> Te
     Example:
         >>> summarise_spread(torch.tensor([[1.0, 9.0, 2.0]]), torch.tensor([20.0]), 10)
         tensor([2.])
+        >>> summarise_spread(torch.tensor([[-3.0]]), torch.tensor([20.0]), 10)
+        tensor([0.])
     """
-    med = ratio.nanmedian(dim=1).values
-    return torch.where(num_batches >= max(min_batches, 2), med, torch.nan)
+    med = ratio.nanmedian(dim=1).values.clamp(min=0.0)
+    return torch.where(num_batches >= max(min_batches, 3), med, torch.nan)
 
 
 class MomentAccumulator:
