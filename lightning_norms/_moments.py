@@ -99,6 +99,31 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     return n, mean, m2
 
 
+def merge_stacked(counts: Tensor, means: Tensor, m2s: Tensor) -> Moments:
+    """Exact merge of ``K`` stacked sets of moments at once (float64; empty parts are neutral).
+
+    ``n = sum_k n_k``, ``mean = sum_k n_k mean_k / n``,
+    ``m2 = sum_k (m2_k + n_k (mean_k - mean)**2)``: Chan's formula for ``K`` parts.
+
+    Shape:
+        - Input: ``counts[K, G]``, ``means[K, G, C]``, ``m2s[K, G, C]``.
+        - Output: ``count[G]``, ``mean[G, C]``, ``m2[G, C]``.
+
+    Example:
+        >>> x = torch.tensor([[1.0], [2.0], [4.0], [7.0], [8.0]])
+        >>> parts = [batch_moments(x[:2]), batch_moments(x[2:3]), batch_moments(x[3:])]
+        >>> n, mean, m2 = merge_stacked(*(torch.stack(p) for p in zip(*parts)))
+        >>> ref_n, ref_mean, ref_m2 = batch_moments(x)
+        >>> bool(torch.allclose(mean, ref_mean) and torch.allclose(m2, ref_m2)), n.tolist()
+        (True, [5.0])
+    """
+    n = counts.sum(0)
+    weights = counts[..., None]
+    mean = (weights * means).sum(0) / n.clamp_min(1.0)[:, None]
+    m2 = (m2s + weights * (means - mean).square()).sum(0)
+    return n, mean, m2
+
+
 def all_reduce_moments(moments: list[Moments], group: dist.ProcessGroup | None = None) -> None:
     """Merge every rank's moments in place so each rank holds the moments of all ranks' data.
 

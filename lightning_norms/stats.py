@@ -29,6 +29,7 @@ from lightning_norms._moments import (
     all_reduce_moments,
     batch_moments,
     merge_moments,
+    merge_stacked,
     zero_moments,
 )
 
@@ -139,7 +140,14 @@ def _is_domain_bn(module: nn.Module) -> bool:
 
 
 class _Collector:
-    """Accumulates one layer's exact moments over the pass."""
+    """Accumulates one layer's exact moments over the pass.
+
+    Hooks only copy each call's per-channel results into a small float64 buffer (``_CHUNK``
+    rows); full buffers are merged at once (``merge_stacked``) into the running total, which
+    keeps the per-call cost to a couple of tiny copies whatever the number of batches.
+    """
+
+    _CHUNK = 64
 
     def __init__(self, name: str, module: _BatchNorm) -> None:
         self.name = name
@@ -153,28 +161,49 @@ class _Collector:
         # (subclasses, SyncBatchNorm, this package's variants, half buffers): a pre-hook computes
         # the moments from the input, with momentum=0 so the layer's own update is a no-op.
         self.fast = type(module) in _PLAIN_BN and buffer.dtype in (torch.float32, torch.float64)
-        self.moments: Moments = zero_moments(self.num_groups, buffer.shape[-1], buffer.device)
+        channels, device = buffer.shape[-1], buffer.device
+        self.moments: Moments = zero_moments(self.num_groups, channels, device)
+        shape = (self._CHUNK, self.num_groups, channels)
+        self._counts = torch.zeros(shape[:2], dtype=torch.float64, device=device)
+        self._means = torch.zeros(shape, dtype=torch.float64, device=device)
+        self._seconds = torch.zeros(shape, dtype=torch.float64, device=device)  # m2 or var
+        self._rows = 0
 
-    def add(self, moments: Moments) -> None:
-        self.moments = merge_moments(self.moments, moments)
+    def flush(self) -> None:
+        """Merge the buffered rows into ``moments``."""
+        k, self._rows = self._rows, 0
+        if k == 0:
+            return
+        counts, means, seconds = self._counts[:k], self._means[:k], self._seconds[:k]
+        if self.fast:  # rows hold torch's unbiased batch variance: m2 = var * (n - 1)
+            seconds = seconds * (counts - 1.0)[..., None]
+        self.moments = merge_moments(self.moments, merge_stacked(counts, means, seconds))
+
+    def _next_row(self) -> int:
+        if self._rows == self._CHUNK:
+            self.flush()
+        self._rows += 1
+        return self._rows - 1
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0]
-        if not self.domain:
-            self.add(batch_moments(x))
-            return
-        domain = kwargs["domain"] if "domain" in kwargs else (args[1] if len(args) > 1 else None)
-        ids = module.resolve_domain(x, domain)  # type: ignore[operator]
-        self.add(batch_moments(x, ids.to(x.device), self.num_groups))
+        if self.domain:
+            given = kwargs["domain"] if "domain" in kwargs else (args[1] if len(args) > 1 else None)
+            ids = module.resolve_domain(x, given)  # type: ignore[operator]
+            count, mean, m2 = batch_moments(x, ids.to(x.device), self.num_groups)
+        else:
+            count, mean, m2 = batch_moments(x)
+        row = self._next_row()
+        self._counts[row].copy_(count)
+        self._means[row].copy_(mean)
+        self._seconds[row].copy_(m2)
 
     def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         bn = self.module
-        assert bn.running_mean is not None and bn.running_var is not None
-        n = args[0].numel() // bn.num_features
-        count = torch.full((1,), n, dtype=torch.float64, device=bn.running_mean.device)
-        mean = bn.running_mean.double()[None]
-        m2 = bn.running_var.double()[None] * (n - 1)
-        self.add((count, mean, m2))
+        row = self._next_row()
+        self._counts[row].fill_(args[0].numel() // bn.num_features)
+        self._means[row, 0].copy_(bn.running_mean)  # type: ignore[arg-type]
+        self._seconds[row, 0].copy_(bn.running_var)  # type: ignore[arg-type]
 
     def register(self) -> RemovableHandle:
         if self.fast:
@@ -343,6 +372,8 @@ def recompute_bn_stats(
         for handle in handles:
             handle.remove()
         handles.clear()
+        for c in collectors:
+            c.flush()
         if dist.is_available() and dist.is_initialized():
             moments = [c.moments for c in collectors]
             all_reduce_moments(moments)

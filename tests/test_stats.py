@@ -187,6 +187,20 @@ def test_custom_forward_fn_and_endless_iterator() -> None:
     assert_close_to(model[5].running_var, var)
 
 
+@pytest.mark.parametrize("bn", [nn.BatchNorm1d, SubclassBN1d])
+def test_many_small_batches(bn: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    model = mlp(bn)
+    sizes = torch.randint(2, 6, (150,), generator=torch.Generator().manual_seed(1)).tolist()
+    batches = make_batches((5,), sizes)
+    captured = reference_inputs(model, batches)
+    recompute_bn_stats(model, batches, num_batches=150)
+    for name, layer in bn_layers(model).items():
+        mean, var = exact_stats([x for x, _ in captured[name]])
+        assert_close_to(layer.running_mean, mean)
+        assert_close_to(layer.running_var, var)
+
+
 def snapshot(model: nn.Module) -> dict[str, Any]:
     return {
         "state": {k: v.clone() for k, v in model.state_dict().items()},
