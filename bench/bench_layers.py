@@ -1,9 +1,10 @@
 """Forward+backward time of each lightning-norms layer against its torch reference.
 
-Run: ``python bench/bench_layers.py [--threads 1] [--rounds 5]``. Every layer and its reference
-are timed in the same run, alternately, with ``torch.utils.benchmark`` (warm-up, then
-``blocked_autorange``); the figure is the median over rounds of each side's median, and the
-ratio ``ours / reference`` is printed. CPU only; threads are set explicitly.
+Run: ``python bench/bench_layers.py [--threads 1] [--pairs 60]``. Every layer and its reference
+are timed in the same run: after a warm-up, one forward+backward step of each, alternately
+(order flipped every pair), ``--pairs`` times. Printed: each side's median time and the median
+of the per-pair ratios ``ours / reference`` (robust to load from other processes). CPU only;
+threads are set explicitly.
 
 Targets (issue 2): BatchRenorm2d <= 1.3x nn.BatchNorm2d on a 64x64x32x32 batch,
 LayerNorm2d <= 1.2x permute + F.layer_norm, CosineConv2d <= 2x nn.Conv2d.
@@ -12,13 +13,14 @@ LayerNorm2d <= 1.2x permute + F.layer_norm, CosineConv2d <= 2x nn.Conv2d.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils import benchmark
 
 from lightning_norms import BatchRenorm2d, CosineConv2d, CosineLinear, LayerNorm2d
 
@@ -44,30 +46,32 @@ def _step_fn(module: nn.Module, x: Tensor) -> Callable[[], None]:
     return step
 
 
-def _median_time(step: Callable[[], None], min_run_time: float) -> float:
-    timer = benchmark.Timer(stmt="step()", globals={"step": step})
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+def compare(ours: nn.Module, ref: nn.Module, x: Tensor, pairs: int) -> tuple[float, float, float]:
+    """Median time of each side and median of the per-pair ratios ``ours / ref``.
 
-
-def compare(
-    name: str, ours: nn.Module, ref: nn.Module, x: Tensor, rounds: int, min_run_time: float
-) -> tuple[str, float, float]:
-    steps = {"ours": _step_fn(ours, x), "ref": _step_fn(ref, x)}
-    for step in steps.values():
-        for _ in range(3):
+    The two steps run alternately (the order flips every pair), so both sides of a pair see
+    the same machine load; the median of the pair ratios is robust to load bursts.
+    """
+    step_ours, step_ref = _step_fn(ours, x), _step_fn(ref, x)
+    for _ in range(3):
+        step_ours()
+        step_ref()
+    t_ours: list[float] = []
+    t_ref: list[float] = []
+    for i in range(pairs):
+        order = ((step_ours, t_ours), (step_ref, t_ref))
+        for step, times in order if i % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
             step()
-    times: dict[str, list[float]] = {"ours": [], "ref": []}
-    for _ in range(rounds):
-        for key, step in steps.items():
-            times[key].append(_median_time(step, min_run_time))
-    return name, statistics.median(times["ours"]), statistics.median(times["ref"])
+            times.append(time.perf_counter() - start)
+    ratio = statistics.median(a / b for a, b in zip(t_ours, t_ref, strict=True))
+    return statistics.median(t_ours), statistics.median(t_ref), ratio
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per layer")
-    parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds per measurement")
+    parser.add_argument("--pairs", type=int, default=60, help="alternating (ours, ref) pairs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -114,11 +118,14 @@ def main() -> None:
             x_lin,
         ),
     ]
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, rounds={args.rounds}")
+    print(
+        f"torch {torch.__version__}, threads={torch.get_num_threads()}, pairs={args.pairs}, "
+        f"cpus={os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at start"
+    )
     print(f"{'forward+backward':<66} {'ours ms':>9} {'ref ms':>9} {'ratio':>7}")
     for name, ours, ref, x in cases:
-        _, t_ours, t_ref = compare(name, ours, ref, x, args.rounds, args.min_run_time)
-        print(f"{name:<66} {t_ours * 1e3:9.2f} {t_ref * 1e3:9.2f} {t_ours / t_ref:6.2f}x")
+        t_ours, t_ref, ratio = compare(ours, ref, x, args.pairs)
+        print(f"{name:<66} {t_ours * 1e3:9.2f} {t_ref * 1e3:9.2f} {ratio:6.2f}x")
 
 
 if __name__ == "__main__":
