@@ -153,9 +153,13 @@ class _Collector:
         self.name = name
         self.module = module
         self.domain = _is_domain_bn(module)
-        buffer = module.running_mean
-        assert buffer is not None
-        self.num_groups = int(module.num_domains) if self.domain else 1  # type: ignore[arg-type]
+        if module.running_mean is None or module.running_var is None:
+            raise ValueError(f"{name}: a BN layer without running statistics has no collector")
+        self.mean: Tensor = module.running_mean
+        self.var: Tensor = module.running_var
+        self.tracked: Tensor | None = module.num_batches_tracked
+        buffer = self.mean
+        self.num_groups = int(getattr(module, "num_domains", 1)) if self.domain else 1
         # Exact nn.BatchNorm*d with fp32/fp64 buffers: run the layer with momentum=1 and read the
         # batch statistics torch's fused kernel already computed ("free" path). Everything else
         # (subclasses, SyncBatchNorm, this package's variants, half buffers): a pre-hook computes
@@ -199,11 +203,10 @@ class _Collector:
         self._seconds[row].copy_(m2)
 
     def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        bn = self.module
         row = self._next_row()
-        self._counts[row].fill_(args[0].numel() // bn.num_features)
-        self._means[row, 0].copy_(bn.running_mean)  # type: ignore[arg-type]
-        self._seconds[row, 0].copy_(bn.running_var)  # type: ignore[arg-type]
+        self._counts[row].fill_(args[0].numel() // self.module.num_features)
+        self._means[row, 0].copy_(self.mean)
+        self._seconds[row, 0].copy_(self.var)
 
     def register(self) -> RemovableHandle:
         if self.fast:
@@ -347,11 +350,7 @@ def recompute_bn_stats(
     modes = {m: m.training for m in model.modules()}
     momenta = [c.module.momentum for c in collectors]
     saved = [
-        (
-            c.module.running_mean.clone(),
-            c.module.running_var.clone(),  # type: ignore[union-attr]
-            None if c.module.num_batches_tracked is None else c.module.num_batches_tracked.clone(),
-        )
+        (c.mean.clone(), c.var.clone(), None if c.tracked is None else c.tracked.clone())
         for c in collectors
     ]
     handles: list[RemovableHandle] = []
@@ -363,8 +362,8 @@ def recompute_bn_stats(
         for c in collectors:
             c.module.momentum = 1.0 if c.fast else 0.0
             if c.fast:  # finite scratch values: 0 * old must vanish in the momentum-1 update
-                c.module.running_mean.zero_()  # type: ignore[union-attr]
-                c.module.running_var.fill_(1.0)  # type: ignore[union-attr]
+                c.mean.zero_()
+                c.var.fill_(1.0)
             handles.append(c.register())
         for batch in itertools.islice(batches, num_batches):
             forward(model, batch)
@@ -384,11 +383,11 @@ def recompute_bn_stats(
             handle.remove()
         for c, momentum, (mean, var, tracked_count) in zip(collectors, momenta, saved, strict=True):
             c.module.momentum = momentum
-            if tracked_count is not None:
-                c.module.num_batches_tracked.copy_(tracked_count)  # type: ignore[union-attr]
+            if c.tracked is not None and tracked_count is not None:
+                c.tracked.copy_(tracked_count)
             if not written:
-                c.module.running_mean.copy_(mean)  # type: ignore[union-attr]
-                c.module.running_var.copy_(var)  # type: ignore[union-attr]
+                c.mean.copy_(mean)
+                c.var.copy_(var)
         for m, mode in modes.items():
             m.training = mode
     if report.num_batches < num_batches:
@@ -424,20 +423,18 @@ def _write(
     """
     thin: list[str] = []
     for c, (old_mean, old_var, _) in zip(collectors, saved, strict=True):
-        bn = c.module
-        assert bn.running_mean is not None and bn.running_var is not None
         count, mean, m2 = c.moments
         seen = count >= 2
         var = m2 / (count - 1).clamp_min(1.0)[:, None]
         if c.domain:
-            bn.running_mean.copy_(torch.where(seen[:, None], mean.to(old_mean), old_mean))
-            bn.running_var.copy_(torch.where(seen[:, None], var.to(old_var), old_var))
+            c.mean.copy_(torch.where(seen[:, None], mean.to(old_mean), old_mean))
+            c.var.copy_(torch.where(seen[:, None], var.to(old_var), old_var))
         elif bool(seen[0]):
-            bn.running_mean.copy_(mean[0])
-            bn.running_var.copy_(var[0])
+            c.mean.copy_(mean[0])
+            c.var.copy_(var[0])
         else:
-            bn.running_mean.copy_(old_mean)
-            bn.running_var.copy_(old_var)
+            c.mean.copy_(old_mean)
+            c.var.copy_(old_var)
         counts = count.tolist()
         for g, n in enumerate(counts):
             domain = g if c.domain else None
@@ -448,5 +445,5 @@ def _write(
                     thin.append(label)
                 continue
             old = (old_mean[g], old_var[g]) if c.domain else (old_mean, old_var)
-            report.layers.append(_shift(c.name, domain, n, old, (mean[g], var[g]), bn.eps))
+            report.layers.append(_shift(c.name, domain, n, old, (mean[g], var[g]), c.module.eps))
     return thin

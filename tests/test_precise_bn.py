@@ -246,23 +246,24 @@ def test_progress_shown_in_tqdm_bar(tmp_path: Path, capsys: pytest.CaptureFixtur
     kwargs = trainer_kwargs(tmp_path, max_epochs=1, enable_progress_bar=True)
     bar = TQDMProgressBar(refresh_rate=1)
     Trainer(**{**kwargs, "callbacks": [bar, PreciseBN(num_batches=3)]}).fit(Net(), **loaders())
-    assert "PreciseBN" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PreciseBN: " in out, out
 
 
 def test_progress_shown_in_rich_bar(tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import RichProgressBar
 
-    descriptions: list[str] = []
+    seen: list[tuple[str, float]] = []
 
     class Spy(RichProgressBar):
         def refresh(self, hard: bool = False) -> None:
             if self.progress is not None:
-                descriptions.extend(t.description for t in self.progress.tasks)
+                seen.extend((t.description, t.completed) for t in self.progress.tasks)
             super().refresh(hard)
 
     kwargs = trainer_kwargs(tmp_path, max_epochs=1, enable_progress_bar=True)
     Trainer(**{**kwargs, "callbacks": [Spy(), PreciseBN(num_batches=3)]}).fit(Net(), **loaders())
-    assert "PreciseBN" in descriptions
+    assert ("PreciseBN", 3) in seen
 
 
 @pytest.mark.parametrize(

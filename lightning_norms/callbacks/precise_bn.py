@@ -332,11 +332,15 @@ def _length(loader: Any) -> int | None:
 
 
 def _device_batches(trainer: Trainer, source: Iterable[Any], advance: Callable[[], None]) -> Any:
-    """Generator: the source's batches, converted and moved like training batches."""
+    """Generator: the source's batches, converted and moved like training batches.
+
+    The bar advances as each batch is handed over (the consumer stops pulling after the last one,
+    so advancing after the ``yield`` would leave the bar one short).
+    """
     for batch in source:
         batch = trainer.precision_plugin.convert_input(batch)
-        yield trainer.strategy.batch_to_device(batch)
         advance()
+        yield trainer.strategy.batch_to_device(batch)
 
 
 @contextmanager
