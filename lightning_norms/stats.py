@@ -279,8 +279,11 @@ def recompute_bn_stats(
     ``forward_fn`` raises. Weights are never touched.
 
     Caveats: upstream BN layers use batch statistics, so a layer's statistics depend a little on
-    the batch size (use batches like the training ones). Other stateful modules (e.g. a module
-    keeping its own EMA in ``forward``) are run like in inference and may change.
+    the batch size (use batches like the training ones); ``BatchRenorm``'s ``r`` and ``d`` are
+    taken against the running statistics as they were before the call (frozen for the pass).
+    Per-batch moments are computed in fp32 (fp16/bf16 activations upcast) and merged in
+    float64. Other stateful modules (e.g. a module keeping its own EMA in ``forward``) are run
+    like in inference and may change.
 
     Args:
         model: the network; BN layers are found with ``model.named_modules()``.
