@@ -145,6 +145,19 @@ def test_float64_model_and_tensor_batches() -> None:
         torch.testing.assert_close(bn.running_var, var, rtol=1e-12, atol=1e-12)
 
 
+def test_bfloat16_model_stats_within_storage_precision() -> None:
+    torch.manual_seed(0)
+    model = conv2d().to(torch.bfloat16)
+    batches = [b.to(torch.bfloat16) for b in make_batches((3, 6, 5), [16, 16, 7])]
+    captured = reference_inputs(model, batches)
+    recompute_bn_stats(model, batches, num_batches=3)
+    for name, bn in bn_layers(model).items():
+        assert bn.running_var.dtype == torch.bfloat16
+        mean, var = exact_stats([x for x, _ in captured[name]])
+        torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-2, atol=1e-2)
+
+
 def test_dropout_is_off_during_the_pass() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Dropout(0.9), nn.BatchNorm1d(5))
