@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
-from collections.abc import Iterator, Sequence
+import multiprocessing as mp
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -384,3 +388,92 @@ def evaluate(model: DigitsClassifier, loaders: Sequence[Any]) -> dict[str, float
         return out
     finally:
         model.train(was_training)
+
+
+class EpochProgress(L.Callback):
+    """Reports every finished training epoch as ``sink.put(key)`` (a queue, or a local sink)."""
+
+    def __init__(self, sink: Any, key: int) -> None:
+        self._sink = sink
+        self._key = key
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sink.put(self._key)
+
+
+class _BarSink:
+    def __init__(self, bar: Any) -> None:
+        self._bar = bar
+
+    def put(self, key: int) -> None:
+        self._bar.update(1)
+
+
+def _run_task(fn: Callable[..., dict], task: dict[str, Any], sink: Any, key: int, threads: int):
+    """Run ``fn(**task)`` quietly with an epoch reporter; used in-process and in workers."""
+    task = dict(task)
+    trainer_kwargs = dict(task.pop("trainer_kwargs", None) or {})
+    trainer_kwargs.setdefault("enable_progress_bar", False)
+    trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), EpochProgress(sink, key)]
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    with torch_threads(threads), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+        try:
+            return fn(**task, trainer_kwargs=trainer_kwargs)
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def run_tasks(
+    fn: Callable[..., dict],
+    tasks: Sequence[dict[str, Any]],
+    *,
+    epochs_per_task: int,
+    jobs: int = 1,
+    threads: int = 1,
+    desc: str = "training",
+    progress: bool = True,
+    on_result: Callable[[dict], str] | None = None,
+) -> list[dict]:
+    """Run ``fn(**task, trainer_kwargs=...)`` for every task, ``jobs`` processes at a time.
+
+    One progress bar counts the training epochs of all runs; ``on_result(record)`` returns the
+    line printed as each run finishes. Results come back in the order of ``tasks`` (every run
+    seeds itself, so they do not depend on ``jobs``). Workers are spawned (safe with torch).
+    """
+    from tqdm.auto import tqdm
+
+    results: list[dict | None] = [None] * len(tasks)
+    bar = tqdm(total=len(tasks) * epochs_per_task, desc=desc, unit="epoch", disable=not progress)
+    try:
+        if jobs <= 1:
+            sink = _BarSink(bar)
+            for i, task in enumerate(tasks):
+                results[i] = _run_task(fn, task, sink, i, threads)
+                if on_result is not None:
+                    bar.write(on_result(results[i]))
+            return results  # type: ignore[return-value]
+        ctx = mp.get_context("spawn")
+        with ctx.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            queue = manager.Queue()
+            futures = {
+                pool.submit(_run_task, fn, task, queue, i, threads): i
+                for i, task in enumerate(tasks)
+            }
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                while not queue.empty():
+                    queue.get()
+                    bar.update(1)
+                for fut in done:
+                    results[futures[fut]] = fut.result()
+                    if on_result is not None:
+                        bar.write(on_result(results[futures[fut]]))
+        return results  # type: ignore[return-value]
+    finally:
+        bar.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from recipes._common import VARIANTS, torch_threads
+from recipes._common import VARIANTS, run_tasks
 
 RECORD_KEYS = ("variant", "seed", "acc_domain0", "acc_domain1", "acc")
 
@@ -72,12 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
         "32 with --data-root)",
     )
     rep.add_argument(
-        "--threads", type=int, default=1, help="torch threads (default 1: tiny model)"
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="runs trained in parallel processes (default: 2, or 1 on a 1-core machine)",
+    )
+    rep.add_argument(
+        "--threads", type=int, default=1, help="torch threads per run (default 1: tiny model)"
     )
     rep.add_argument("--accelerator", default="cpu", help="Lightning accelerator (default cpu)")
-    rep.add_argument(
-        "--no-progress", action="store_true", help="hide the per-run progress bars"
-    )
+    rep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
@@ -205,6 +210,54 @@ def verdict(
     return lines
 
 
+HEADLINE = ("mixed", "separate", "split")
+
+
+def _panel(
+    ax: Any,
+    records: Sequence[dict[str, Any]],
+    summary: dict[str, dict[str, Any]],
+    variants: Sequence[str],
+    domain_names: Sequence[str],
+    margin: float,
+) -> None:
+    """One axis: per variant, a bar per domain (seed mean) with the seeds as dots, a diamond at
+    the mean of both domains and its value ± std above; the y range fits the dots."""
+    colors = ("#4C72B0", "#DD8452")
+    width = 0.38
+    dots: list[float] = []
+    for k in range(2):
+        key = f"acc_domain{k}"
+        for i, variant in enumerate(variants):
+            x = i + (k - 0.5) * width
+            ax.bar(x, 100 * summary[variant][key][0], width * 0.92, color=colors[k], alpha=0.35,
+                   label=domain_names[k] if i == 0 else None)
+            seeds = [100 * r[key] for r in records if r["variant"] == variant]
+            dots += seeds
+            offsets = [width * 0.5 * (j - (len(seeds) - 1) / 2) / max(1, len(seeds))
+                       for j in range(len(seeds))]
+            ax.scatter([x + o for o in offsets], seeds, s=18, color=colors[k],
+                       edgecolor="black", linewidth=0.4, zorder=3)
+    means = [100 * summary[v]["acc"][0] for v in variants]
+    ax.scatter(range(len(variants)), means, marker="D", s=34, color="black", zorder=4,
+               label="mean of both domains")
+    if "mixed" in summary:
+        ax.axhline(100 * summary["mixed"]["acc"][0], color="gray", linestyle="--", linewidth=0.8,
+                   label="mixed: mean of both domains")
+    floor = max(0.0, min(dots) - margin)
+    top = 100 + 0.25 * (100 - floor)
+    for i, variant in enumerate(variants):
+        mean, std = summary[variant]["acc"]
+        ax.text(i, 100 + 0.03 * (100 - floor), f"{100 * mean:.1f}\n±{100 * std:.1f}",
+                ha="center", va="bottom", fontsize=8,
+                fontweight="bold" if variant in HEADLINE else "normal")
+    ax.set_xticks(range(len(variants)), [f"{v}\n({VARIANTS[v][1]})" for v in variants],
+                  fontsize=8)
+    ax.set_ylim(floor, top)
+    ax.set_yticks([t for t in ax.get_yticks() if floor <= t <= 100])
+    ax.spines[["top", "right"]].set_visible(False)
+
+
 def plot(
     records: Sequence[dict[str, Any]],
     summary: dict[str, dict[str, Any]],
@@ -212,52 +265,30 @@ def plot(
     path: Path,
     title: str,
 ) -> None:
-    """Save the per-domain accuracy plot: seed dots, mean bars, mean-accuracy labels."""
+    """Save the accuracy plot: the pitfall zoomed in (mixed / separate / split) on the left,
+    every variant on the right; seed dots, mean bars per domain, mean-of-domains diamonds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     variants = list(summary)
-    colors = ("#4C72B0", "#DD8452")
-    width = 0.38
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.15 * len(variants) + 1.5), 5.0))
-    lows = []
-    for k in range(2):
-        key = f"acc_domain{k}"
-        for i, variant in enumerate(variants):
-            x = i + (k - 0.5) * width
-            mean = summary[variant][key][0]
-            ax.bar(x, 100 * mean, width * 0.92, color=colors[k], alpha=0.35,
-                   label=domain_names[k] if i == 0 else None)
-            seeds = [100 * r[key] for r in records if r["variant"] == variant]
-            lows += seeds
-            jitter = [x + width * 0.25 * (j - (len(seeds) - 1) / 2) / max(1, len(seeds))
-                      for j in range(len(seeds))]
-            ax.scatter(jitter, seeds, s=18, color=colors[k], edgecolor="black", linewidth=0.4,
-                       zorder=3)
-    floor = max(0.0, min(lows) - 8)
-    means = [100 * summary[v]["acc"][0] for v in variants]
-    ax.scatter(range(len(variants)), means, marker="D", s=34, color="black", zorder=4,
-               label="mean of both domains")
-    for i, variant in enumerate(variants):
-        mean, std = summary[variant]["acc"]
-        ax.text(i, 101, f"{100 * mean:.1f}\n±{100 * std:.1f}", ha="center", va="bottom",
-                fontsize=8, fontweight="bold" if variant in ("mixed", "separate", "split")
-                else "normal")
-    if "mixed" in summary:
-        ax.axhline(100 * summary["mixed"]["acc"][0], color="gray", linestyle="--", linewidth=0.8,
-                   label="mixed: mean of both domains")
-    labels = [f"{v}\n({VARIANTS[v][1]})" for v in variants]
-    ax.set_xticks(range(len(variants)), labels, fontsize=8)
-    ax.set_ylim(floor, 108)
-    ax.set_yticks([t for t in ax.get_yticks() if floor <= t <= 100])
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=10, pad=26)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, fontsize=8,
-              frameon=False)
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
+    headline = [v for v in HEADLINE if v in summary]
+    panels = [(headline, "the pitfall, zoomed in", 1.5)] if len(headline) > 1 else []
+    panels.append((variants, "every variant", 5.0))
+    ratios = [max(2, len(v)) for v, _, _ in panels]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(1.0 * sum(ratios) + 2.5, 5.0),
+        gridspec_kw={"width_ratios": ratios}, squeeze=False,
+    )
+    for ax, (names, subtitle, margin) in zip(axes[0], panels, strict=True):
+        _panel(ax, records, summary, names, domain_names, margin)
+        ax.set_title(subtitle, fontsize=9, pad=22)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -327,34 +358,47 @@ def run_study(args: argparse.Namespace) -> dict[str, Path]:
     domain_names = list(
         getattr(TwoDomainDigits(**data_kwargs), "domain_names", ("domain 0", "domain 1"))
     )
-    records: list[dict[str, Any]] = []
-    total = len(args.variants) * args.seeds
     start = time.perf_counter()
     trainer_kwargs: dict[str, Any] = {
         "accelerator": args.accelerator,
-        "enable_progress_bar": not args.no_progress,
         "max_steps": args.max_steps,
     }
-    with torch_threads(args.threads):
-        for variant in args.variants:
-            for seed in range(args.seeds):
-                done = len(records)
-                print(f"[{done + 1}/{total}] variant={variant} seed={seed}", flush=True)
-                record = run_variant(
-                    variant,
-                    seed,
-                    max_epochs=args.epochs,
-                    batch_size=args.batch_size,
-                    data_kwargs=data_kwargs,
-                    trainer_kwargs=trainer_kwargs,
-                )
-                records.append(record)
-                print(
-                    f"    acc {domain_names[0]}={100 * record['acc_domain0']:.1f} "
-                    f"{domain_names[1]}={100 * record['acc_domain1']:.1f} "
-                    f"mean={100 * record['acc']:.1f}  ({record['seconds']:.1f}s)",
-                    flush=True,
-                )
+    tasks = [
+        {
+            "variant": variant,
+            "seed": seed,
+            "max_epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "data_kwargs": data_kwargs,
+            "trainer_kwargs": trainer_kwargs,
+        }
+        for variant in args.variants
+        for seed in range(args.seeds)
+    ]
+    jobs = min(args.jobs, len(tasks))
+    print(
+        f"two-domain study: {len(args.variants)} variants x {args.seeds} seeds, "
+        f"{args.epochs} epochs each, {jobs} process(es)",
+        flush=True,
+    )
+
+    def line(r: dict[str, Any]) -> str:
+        return (
+            f"  {r['variant']:>8} seed {r['seed']}: {domain_names[0]} "
+            f"{100 * r['acc_domain0']:5.1f}  {domain_names[1]} {100 * r['acc_domain1']:5.1f}  "
+            f"mean {100 * r['acc']:5.1f}  ({r['seconds']:.1f}s)"
+        )
+
+    records = run_tasks(
+        run_variant,
+        tasks,
+        epochs_per_task=args.epochs,
+        jobs=jobs,
+        threads=args.threads,
+        desc="two-domain study",
+        progress=not args.no_progress,
+        on_result=line,
+    )
     wall = time.perf_counter() - start
     settings = {
         "epochs": args.epochs,
