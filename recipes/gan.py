@@ -47,6 +47,7 @@ __all__ = [
     "DigitsGAN",
     "Discriminator",
     "GanCLI",
+    "GanDigits",
     "Generator",
     "cli_main",
     "run_mode",
@@ -55,6 +56,35 @@ __all__ = [
 ]
 
 MODES = ("alternating", "mixed", "split")
+
+
+class GanDigits(SingleDomainDigits):
+    """Real digits for the GAN: one domain, greyscale, in ``[-1, 1]`` (the generator's tanh).
+
+    Args:
+        domain, root, image_size, seed, num_workers: as :class:`SingleDomainDigits`.
+        batch_size: real images per step (the discriminator sees as many fakes). Default 64.
+    """
+
+    def __init__(
+        self,
+        domain: int = 0,
+        root: str | None = None,
+        batch_size: int = 64,
+        image_size: int | None = None,
+        seed: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(
+            domain=domain,
+            root=root,
+            batch_size=batch_size,
+            image_size=image_size,
+            grey=True,
+            tanh_range=True,
+            seed=seed,
+            num_workers=num_workers,
+        )
 
 
 class Generator(nn.Module):
@@ -149,12 +179,13 @@ class DigitsGAN(L.LightningModule):
         if self.hparams.mode == "alternating":
             return d(real), d(fake)
         x, is_real, _ = mix_real_fake(real, fake)
+        real_rows = is_real.bool()
         if self.hparams.mode == "split":
-            with ln.domain(d, (~is_real).long()):
+            with ln.domain(d, (~real_rows).long()):
                 out = d(x)
         else:
             out = d(x)
-        return out[is_real], out[~is_real]
+        return out[real_rows], out[~real_rows]
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()
@@ -282,6 +313,7 @@ def evaluate_gan(
     quality.update(
         judge_acc=judge_acc,
         real_confidence=real["confidence"],
+        real_classes_covered=real["classes_covered"],
         real_effective_classes=real["effective_classes"],
         real_mmd=real["mmd"],
     )
@@ -313,7 +345,7 @@ def cli_main(args: Any = None, run: bool = True) -> GanCLI:
     """Entry point: ``python -m recipes.gan fit --model.mode mixed ...``."""
     return GanCLI(
         DigitsGAN,
-        SingleDomainDigits,
+        GanDigits,
         seed_everything_default=0,
         trainer_defaults={
             "max_epochs": 60,
@@ -338,7 +370,7 @@ def run_mode(
     """Train one discriminator feed ``mode`` with ``seed``, judge it, save its grid; the record."""
     start = time.perf_counter()
     L.seed_everything(seed, workers=True, verbose=False)
-    data = SingleDomainDigits(batch_size=batch_size)
+    data = GanDigits(batch_size=batch_size)
     model = DigitsGAN(mode=mode, image_shape=tuple(data.image_shape))
     options: dict[str, Any] = {
         "max_epochs": max_epochs,

@@ -33,8 +33,9 @@ from recipes._common import VARIANTS, run_tasks
 
 RECORD_KEYS = ("variant", "seed", "acc_domain0", "acc_domain1", "acc")
 
-#: the demo's budget: tuned so that 8 variants x 3 seeds finish in about 3 minutes on 2 CPU cores
-DEFAULT_EPOCHS = 15
+#: epochs per run of each study; the demo's budget (8 variants x 3 seeds x 15 epochs, two
+#: processes) takes about 3 minutes of CPU time per core on a quiet 2-core machine
+STUDY_EPOCHS = {"two_domain": 15, "precise_bn": 3, "small_batch": 6, "gan": 60}
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_SEEDS = 3
 DEMO_IMAGE_SIZE = 8
@@ -49,10 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "report", help="run the two-domain BatchNorm study and write results, table and plot"
     )
-    rep.add_argument("--output-dir", default="runs/demo", help="default: runs/demo")
-    rep.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="seeds 0..N-1 (default 3)")
     rep.add_argument(
-        "--epochs", type=int, default=DEFAULT_EPOCHS, help=f"default {DEFAULT_EPOCHS}"
+        "--study",
+        choices=list(STUDY_EPOCHS),
+        default="two_domain",
+        help="two_domain (default: the demo), or a sweep of another recipe",
+    )
+    rep.add_argument(
+        "--output-dir", default=None, help="default: runs/demo (two_domain), else runs/<study>"
+    )
+    rep.add_argument(
+        "--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; 2 for the gan study)"
+    )
+    rep.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs per run (default: "
+        + ", ".join(f"{k} {v}" for k, v in STUDY_EPOCHS.items())
+        + ")",
     )
     rep.add_argument(
         "--max-steps",
@@ -424,9 +440,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["report", *argv]
     args = build_parser().parse_args(argv)
-    if args.seeds < 1 or args.epochs < 1 or args.batch_size < 2:
-        raise SystemExit("lightning-norms report: --seeds and --epochs >= 1, --batch-size >= 2")
-    run_study(args)
+    if args.output_dir is None:
+        args.output_dir = "runs/demo" if args.study == "two_domain" else f"runs/{args.study}"
+    if args.seeds is None:
+        args.seeds = 2 if args.study == "gan" else DEFAULT_SEEDS
+    if args.epochs is None:
+        args.epochs = STUDY_EPOCHS[args.study]
+    if args.seeds < 1 or args.epochs < 1 or args.batch_size < 2 or args.jobs < 1:
+        raise SystemExit(
+            "lightning-norms report: --seeds, --epochs and --jobs >= 1, --batch-size >= 2"
+        )
+    if args.study == "two_domain":
+        run_study(args)
+    else:
+        from recipes import sweeps
+
+        getattr(sweeps, f"run_{args.study}")(args)
     return 0
 
 
