@@ -242,6 +242,14 @@ class DigitsClassifier(L.LightningModule):
         if feed is not None and feed not in FEEDS:
             raise ValueError(f"DigitsClassifier: `feed` must be one of {FEEDS}, got {feed!r}")
         self.save_hyperparameters()
+        # plain attributes too: LightningCLI replaces ``hparams`` of a subclass with its own args
+        self.variant = variant
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.schedule = schedule
+        self.bn_momentum = bn_momentum
+        self.num_classes = num_classes
+        self.num_domains = num_domains
         self.norm, default_feed = VARIANTS[variant]
         self.feed = feed or default_feed
         self.net = SmallCNN(
@@ -321,9 +329,9 @@ class DigitsClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.Adam(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            self.parameters(), lr=self.lr, weight_decay=self.weight_decay
         )
-        if self.hparams.schedule == "constant":
+        if self.schedule == "constant":
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
@@ -379,7 +387,7 @@ def evaluate(model: DigitsClassifier, loaders: Sequence[Any]) -> dict[str, float
         out: dict[str, float] = {}
         for k, loader in enumerate(loaders):
             metric = MulticlassAccuracy(
-                model.hparams.num_classes, average="micro", sync_on_compute=False
+                model.num_classes, average="micro", sync_on_compute=False
             ).to(model.device)
             for x, y, d in loader:
                 x, y, d = x.to(model.device), y.to(model.device), d.to(model.device)

@@ -78,11 +78,10 @@ def ema_vs_precise(
 
 
 def _record(model: DigitsClassifier, seed: Any, batch_size: int, res: dict) -> dict[str, Any]:
-    hp = model.hparams
     return {
-        "variant": hp.variant,
-        "lr": hp.lr,
-        "bn_momentum": hp.bn_momentum,
+        "variant": model.variant,
+        "lr": model.lr,
+        "bn_momentum": model.bn_momentum,
         "seed": seed,
         "batch_size": batch_size,
         "acc_ema": res["ema"]["acc"],
@@ -117,8 +116,7 @@ class PreciseBNCLI(LightningCLI):
         config = self.config["fit"]
         res = ema_vs_precise(model, self.datamodule, config["precise_batches"])
         record = _record(model, config["seed_everything"], self.datamodule.batch_size, res)
-        hp = model.hparams
-        name = f"{hp.variant}_lr{hp.lr:g}_m{hp.bn_momentum:g}_seed{record['seed']}.json"
+        name = f"{model.variant}_lr{model.lr:g}_m{model.bn_momentum:g}_seed{record['seed']}.json"
         write_json(Path(config["output_dir"]) / name, record)
         if trainer.is_global_zero:
             best = max(record["acc_precise"].items(), key=lambda kv: kv[1])

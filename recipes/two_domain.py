@@ -108,10 +108,10 @@ class TwoDomainCLI(LightningCLI):
         trainer.test(model, datamodule=self.datamodule, verbose=True)
         config = self.config["fit"]
         record = {
-            "variant": model.hparams.variant,
+            "variant": model.variant,
             "feed": model.feed,
             "seed": config["seed_everything"],
-            **accuracy_record(trainer.callback_metrics, model.hparams.num_domains),
+            **accuracy_record(trainer.callback_metrics, model.num_domains),
             "epochs": trainer.current_epoch,
             "steps": trainer.global_step,
             "world_size": trainer.world_size,
