@@ -127,28 +127,27 @@ class BatchSpread:
     def __init__(self, num_groups: int, num_channels: int, device: torch.device | str) -> None:
         kw = {"dtype": torch.float32, "device": device}
         self.num_groups = num_groups
-        self.lag1 = torch.zeros(num_groups, num_channels, **kw)
-        self.lag2 = torch.zeros(num_groups, num_channels, **kw)
+        # lag-1 and lag-2 sums of squared differences side by side: one op updates both
+        self._lags = torch.zeros(num_groups, 2, num_channels, **kw)
+        self.lag1 = self._lags[:, 0]
+        self.lag2 = self._lags[:, 1]
         self.num_lag1 = torch.zeros(num_groups, **kw)
         self.num_lag2 = torch.zeros(num_groups, **kw)
         self.within = torch.zeros(num_groups, num_channels, **kw)
         self.num_batches = torch.zeros(num_groups, **kw)
-        self._prev1 = torch.zeros(num_groups, num_channels, **kw)
-        self._prev2 = torch.zeros(num_groups, num_channels, **kw)
+        self._prev = torch.zeros(num_groups, 2, num_channels, **kw)  # means 1 and 2 calls ago
         self._seen = torch.zeros(num_groups, **kw)
         # the ungrouped path counts on the host: no device op for a count known on the host
         self._host_calls = 0
         self._host_folded = 0
 
     def _add_lags(self, row: int, mu: Tensor) -> None:
-        if self._host_calls >= 2:
-            d = mu - self._prev1[row]
-            self.lag1[row].addcmul_(d, d)
-        if self._host_calls >= 3:
-            d = mu - self._prev2[row]
-            self.lag2[row].addcmul_(d, d)
-        self._prev2[row].copy_(self._prev1[row])
-        self._prev1[row].copy_(mu)
+        lags = min(self._host_calls - 1, 2)
+        if lags:
+            d = mu - self._prev[row, :lags]
+            self._lags[row, :lags].addcmul_(d, d)
+        self._prev[row, 1].copy_(self._prev[row, 0])
+        self._prev[row, 0].copy_(mu)
 
     def update(self, x: Tensor, groups: Tensor | None = None) -> Tensor | None:
         """Add one call's input ``x`` (``[N, C, *]``); ``groups``: ``LongTensor[N]`` of rows.
@@ -162,8 +161,9 @@ class BatchSpread:
             n = m.shape[0]
             if n < 2:
                 return None
-            s2, mu = torch.var_mean(m, dim=0)
-            self.within[0].add_(s2, alpha=1.0 / n)
+            # two-pass variance: torch's CPU var over dim 0 is several times slower
+            mu = m.mean(dim=0)
+            self.within[0].add_((m - mu).square_().sum(dim=0), alpha=1.0 / (n * (n - 1)))
             self._host_calls += 1
             self._add_lags(0, mu)
             return None
@@ -176,15 +176,12 @@ class BatchSpread:
         self.num_batches.add_(present)
         has1 = present & (self._seen >= 1)
         has2 = present & (self._seen >= 2)
-        d = (mu - self._prev1) * has1[:, None]
-        self.lag1.addcmul_(d, d)
-        d = (mu - self._prev2) * has2[:, None]
-        self.lag2.addcmul_(d, d)
+        d = (mu[:, None] - self._prev) * torch.stack([has1, has2], dim=1)[:, :, None]
+        self._lags.addcmul_(d, d)
         self.num_lag1.add_(has1)
         self.num_lag2.add_(has2)
-        keep = present[:, None]
-        self._prev2.copy_(torch.where(keep, self._prev1, self._prev2))
-        self._prev1.copy_(torch.where(keep, mu, self._prev1))
+        shifted = torch.stack([mu, self._prev[:, 0]], dim=1)
+        self._prev.copy_(torch.where(present[:, None, None], shifted, self._prev))
         self._seen.add_(present)
         return cnt
 
