@@ -42,7 +42,7 @@ def _worker(
 
 
 def run_ddp(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result."""
+    """Run ``fn(rank, world_size, *args)`` on gloo ranks; return each rank's result."""
     with tempfile.TemporaryDirectory() as tmpdir:
         mp.spawn(_worker, args=(world_size, fn, args, tmpdir), nprocs=world_size, join=True)
         return [
@@ -52,7 +52,7 @@ def run_ddp(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> list[Any
 
 
 def run_script(code: str, tmp_path: Path, timeout: float = 300.0) -> subprocess.CompletedProcess:
-    """Write ``code`` to ``tmp_path/script.py`` and run it with this interpreter from the repo root."""
+    """Write ``code`` to ``tmp_path/script.py``; run it with this interpreter from the repo."""
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(code))
     env = dict(os.environ)
