@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -133,6 +134,22 @@ def test_eval_mismatch_formula() -> None:
     assert math.isnan(shift.item())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_statistics_in_fp32_for_half_inputs(dtype: torch.dtype) -> None:
+    torch.manual_seed(4)
+    xs = [(torch.randn(16, 3, 4, 4) * 2 + 50).to(dtype) for _ in range(5)]
+    half, ref = BatchSpread(1, 3, "cpu"), BatchSpread(1, 3, "cpu")
+    m_half, m_ref = MomentAccumulator(1, 3, "cpu"), MomentAccumulator(1, 3, "cpu")
+    for x in xs:
+        half.update(x)
+        ref.update(x.float())
+        m_half.update(x)
+        m_ref.update(x.float())
+    assert half.within.dtype == torch.float32 and m_half.mean.dtype == torch.float32
+    torch.testing.assert_close(half.ratio(), ref.ratio(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(m_half.var(), m_ref.var())
+
+
 def _ddp_reductions(rank: int, world_size: int) -> dict[str, Tensor]:
     gen = torch.Generator().manual_seed(10 + rank)
     spread, acc = BatchSpread(1, 3, "cpu"), MomentAccumulator(2, 3, "cpu")
@@ -142,9 +159,16 @@ def _ddp_reductions(rank: int, world_size: int) -> dict[str, Tensor]:
         acc.update(x, torch.tensor([0, 1, 0, 1, 0, 0]))
     all_reduce_spreads([spread])
     all_reduce_moments([acc])
-    return {"lag1": spread.lag1, "lag2": spread.lag2, "within": spread.within,
-            "n": spread.num_batches, "n2": spread.num_lag2,
-            "count": acc.count, "mean": acc.mean, "var": acc.var()}
+    return {
+        "lag1": spread.lag1,
+        "lag2": spread.lag2,
+        "within": spread.within,
+        "n": spread.num_batches,
+        "n2": spread.num_lag2,
+        "count": acc.count,
+        "mean": acc.mean,
+        "var": acc.var(),
+    }
 
 
 @pytest.mark.ddp
@@ -278,6 +302,24 @@ def test_clean_run_raises_nothing(tmp_path: Path, capsys: pytest.CaptureFixture)
     out = capsys.readouterr().out
     assert "batch spread" in out and "mean shift" in out and "body.4" in out
     assert not any(m._forward_pre_hooks for m in model.modules())  # removed at teardown
+
+
+def test_plain_table_without_rich(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "rich", None)  # import rich... raises ImportError
+    monkeypatch.setitem(sys.modules, "rich.console", None)
+    monkeypatch.setitem(sys.modules, "rich.table", None)
+    torch.manual_seed(0)
+    x, y = _data()
+    train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    _fit(Net(_mlp()), train, None, tmp_path, BatchNormDoctor(), max_epochs=1, limit_val_batches=0)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("layer"))
+    assert lines[header].split() == ["layer", "type", "batch", "spread", "calls/step",
+                                     "samples/call", "status"]  # fmt: skip
+    assert lines[header + 1].split()[:2] == ["body.1", "BatchNorm1d"]
+    assert lines[header + 1].split()[-3:] == ["1", "32", "ok"]
 
 
 def test_unshuffled_class_sorted_loader(tmp_path: Path) -> None:

@@ -142,7 +142,9 @@ def _print_table(title: str, caption: str, columns: list[str], rows: list[list[s
     table = Table(title=title, caption=caption)
     for i, column in enumerate(columns):
         left = i in (0, 1, len(columns) - 1)
-        table.add_column(column, justify="left" if left else "right", no_wrap=i < 2)
+        # layer paths are never cut: folded onto a second line if the terminal is narrow
+        overflow = "fold" if i == 0 else "ellipsis"
+        table.add_column(column, justify="left" if left else "right", overflow=overflow)
     for row in rows:
         table.add_row(*row, style=None if row[-1] == "ok" else "bold red")
     Console().print(table)
@@ -231,13 +233,14 @@ class BatchNormDoctor(Callback):
         ``D_k = mean_t (mu_t - mu_{t-k})^2 / 2``: ``R = (2 D_1 - D_2) / mean_t (s2_t / N_t)``,
         the median over channels, the max over domains. The lag-2 term cancels the drift of the
         activations while the weights train (see :mod:`lightning_norms._diagnostics`), so
-        shuffled batches give ``R ~ 1`` at any learning rate; batches whose source changes from
-        call to call (towers fed alternating domains, real/fake GAN batches, randomly ordered
-        single-class batches) give ``R >> 1``. The first BN layer on a path is where it shows:
-        every BN re-centres each batch, so layers behind it see batch means near-constant
-        (``R << 1``). A class-sorted data set read in order changes the batch composition as
-        slowly as drift does: the ``shuffle`` check and the eval checks (running statistics of
-        the last class seen) catch that. Judged with at least ``min_batches`` training calls.
+        shuffled batches give ``R ~ 1`` however fast the weights move; batches whose source
+        changes from call to call (towers fed alternating domains, real/fake GAN batches,
+        randomly ordered single-class batches) give ``R >> 1``. The first BN layer on a path
+        is where it shows: every BN re-centres each batch, so layers behind it see batch means
+        near-constant (``R << 1``). A class-sorted data set read in order changes the batch
+        composition as slowly as drift does: the ``shuffle`` check and the eval checks (running
+        statistics of the last class seen) catch that. Judged with at least ``min_batches``
+        training calls.
     ``calls_per_step`` (training) — how often a layer runs in train mode within one training
         step (per domain for ``DomainBatchNorm``). More than one means towers sharing BN fed
         separate batches: each is normalised with its own batch statistics, while the running
@@ -438,9 +441,7 @@ class BatchNormDoctor(Callback):
             self._report_train(trainer, pl_module)
 
     @override
-    def on_validation_epoch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> None:
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._phase_before_val = self._phase
         validating = trainer.state.fn == "validate"
         if trainer.sanity_checking or not (validating or self._is_check_epoch(trainer)):
