@@ -275,15 +275,15 @@ class BatchNormDoctor(Callback):
     Args:
         check_every_n_epochs: check during every n-th training epoch and its validation
             (default ``1``); ``trainer.validate`` always checks.
-        max_batch_spread: flag ``R`` above this (default ``4.0``; shuffled data gives about 1,
-            and ``R > 4`` at batch size ``N`` means batch means differ by about
-            ``sqrt(8 / N)`` sample standard deviations more than chance).
+        max_batch_spread: flag ``R`` above this (default ``4.0``; shuffled data gives about 1;
+            two alternating sources give ``R = 1 + N delta^2``, above 4 once their means differ
+            by ``delta > sqrt(3 / N)`` per-sample standard deviations at batch size ``N``).
         max_calls_per_step: flag layers called more often per training step (default ``1``).
         min_batch_size: flag layers normalising fewer samples per call (default ``16``).
         max_mean_shift: flag an eval mean shift above this, in running standard deviations
-            (default ``0.75``; clean runs, even at aggressive learning rates, stay below 0.5).
+            (default ``0.75``; clean CNN runs with Adam or SGD up to lr 0.5 stayed below 0.5).
         max_log_var_ratio: flag a mean ``|log variance ratio|`` above this (default ``1.0``, a
-            factor of about 2.7; clean runs stay below 0.85).
+            factor of about 2.7; the same clean runs stayed below 0.85).
         min_batches: fewest training calls (per domain) before ``batch_spread`` is judged
             (default ``20``; below it chance alone can exceed the threshold).
         warmup_batches: during ``fit``, the eval checks skip a layer (per domain) whose
@@ -295,8 +295,8 @@ class BatchNormDoctor(Callback):
     Raises:
         MisconfigurationException: on a non-positive ``check_every_n_epochs``,
             ``max_calls_per_step``, ``min_batch_size``, ``min_batches`` or ``warmup_batches``,
-            or a non-positive or
-            non-finite ``max_batch_spread``, ``max_mean_shift`` or ``max_log_var_ratio``.
+            or a non-positive or non-finite ``max_batch_spread``, ``max_mean_shift`` or
+            ``max_log_var_ratio``.
 
     Example:
         >>> doctor = BatchNormDoctor(min_batch_size=8)
