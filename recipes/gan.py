@@ -23,6 +23,11 @@ Run::
     python -m recipes.gan fit --model.mode mixed --trainer.max_epochs 60
     python -m recipes.gan fit --model.mode alternating --seed_everything 1
     python -m recipes.gan fit --model.mode split --data.root /data --trainer.accelerator gpu
+    python -m recipes.gan fit --trainer.devices 2 --trainer.accelerator cpu \
+        --trainer.strategy ddp_find_unused_parameters_true
+
+(DDP needs ``ddp_find_unused_parameters_true``: each of the two manual-optimisation steps
+leaves the other network's parameters without gradients.)
 """
 
 from __future__ import annotations

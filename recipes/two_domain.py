@@ -41,6 +41,9 @@ Run (CPU, embedded data, no download)::
     python -m recipes.two_domain fit --model.variant split --data.root /data \\
         --trainer.accelerator gpu --trainer.devices 1 --model.width 32
 
+Under DDP each rank normalises with its own batch (of the same 50/50 composition); add
+``--trainer.plugins lightning_norms.NormSync`` to all-reduce the BN statistics across ranks.
+
 After ``fit`` the script tests the final weights on each domain's test loader and writes
 ``<output_dir>/<variant>_seed<seed>.json`` with per-domain and mean accuracy
 (``--output_dir``, default ``runs/two_domain``). ``lightning-norms report`` runs every variant
