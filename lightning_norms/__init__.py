@@ -8,8 +8,6 @@ Lightning when it is first touched.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -22,10 +20,10 @@ _LAZY: dict[str, str] = {
     "CosineLinear": "cosine",
     "CosineConv2d": "cosine",
     "convert_norms": "convert",
-    "DomainBatchNorm1d": "domain",
-    "DomainBatchNorm2d": "domain",
-    "DomainBatchNorm3d": "domain",
-    "domain": "domain",
+    "DomainBatchNorm1d": "domain_bn",
+    "DomainBatchNorm2d": "domain_bn",
+    "DomainBatchNorm3d": "domain_bn",
+    "domain": "domain_bn",
     "NormSync": "plugins",
 }
 
@@ -34,7 +32,7 @@ __all__ = sorted([*_LAZY, "functional", "stats", "callbacks", "data"])
 if TYPE_CHECKING:
     from lightning_norms.convert import convert_norms
     from lightning_norms.cosine import CosineConv2d, CosineLinear
-    from lightning_norms.domain import (
+    from lightning_norms.domain_bn import (
         DomainBatchNorm1d,
         DomainBatchNorm2d,
         DomainBatchNorm3d,
@@ -59,19 +57,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return __all__
 
-
-class _Package(types.ModuleType):
-    """Keeps ``lightning_norms.domain`` the context manager once the submodule is imported.
-
-    Importing ``lightning_norms.domain`` (the module defining it) makes the import system bind
-    the submodule to the package attribute of the same name; bind its ``domain`` instead.
-    ``from lightning_norms.domain import ...`` is unaffected (it reads ``sys.modules``).
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "domain" and isinstance(value, types.ModuleType):
-            value = value.domain
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

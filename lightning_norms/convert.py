@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from lightning_norms.domain import DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d
+from lightning_norms.domain_bn import DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d
 from lightning_norms.layernorm import LayerNorm2d
 from lightning_norms.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 

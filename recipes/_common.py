@@ -188,7 +188,7 @@ class SmallCNN(nn.Module):
 
 def has_domain_bn(model: nn.Module) -> bool:
     """Whether ``model`` holds a ``DomainBatchNorm`` layer (which needs domain ids)."""
-    from lightning_norms.domain import DomainBatchNorm2d
+    from lightning_norms.domain_bn import DomainBatchNorm2d
 
     return any(isinstance(m, DomainBatchNorm2d) for m in model.modules())
 

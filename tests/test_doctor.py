@@ -421,7 +421,7 @@ class DomainTowers(LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        from lightning_norms.domain import DomainBatchNorm1d
+        from lightning_norms.domain_bn import DomainBatchNorm1d
 
         self.lin = nn.Linear(DIM, 16)
         self.norm = DomainBatchNorm1d(16, num_domains=2)
@@ -443,7 +443,6 @@ class DomainTowers(LightningModule):
 
 
 def test_domain_batchnorm_per_domain_checks(tmp_path: Path) -> None:
-    pytest.importorskip("lightning_norms.domain")
     torch.manual_seed(0)
     data = _two_domains()
     train = DataLoader(data, batch_size=32, shuffle=True)

@@ -389,3 +389,11 @@ def test_channels_last_gradients_and_empty_batch():
     y.sum().backward()
     assert y.shape == empty.shape and torch.equal(layer.running_mean, before)
     assert layer.num_batches_tracked.tolist() == [2, 2]
+
+
+def test_package_domain_is_the_context_manager_after_submodule_import() -> None:
+    import lightning_norms
+    import lightning_norms.domain_bn
+
+    assert lightning_norms.domain is lightning_norms.domain_bn.domain
+    assert callable(lightning_norms.domain)
