@@ -112,7 +112,22 @@ class _SyncedBatchNorm:
     weight: Tensor | None
     bias: Tensor | None
 
-    def _init_sync(self, sync: bool, process_group: Any) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        sync: bool = True,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__(  # type: ignore[call-arg]
+            num_features, eps, momentum, affine, track_running_stats, device, dtype
+        )
         self.sync = sync
         self.process_group = process_group
 
@@ -189,22 +204,6 @@ class SyncedBatchNorm1d(_SyncedBatchNorm, nn.BatchNorm1d):
         torch.Size([8, 4])
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        sync: bool = True,
-        process_group: Any = None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self._init_sync(sync, process_group)
-
 
 class SyncedBatchNorm2d(_SyncedBatchNorm, nn.BatchNorm2d):
     r"""``nn.BatchNorm2d`` with batch statistics synchronised across ranks (CPU and GPU).
@@ -246,22 +245,6 @@ class SyncedBatchNorm2d(_SyncedBatchNorm, nn.BatchNorm2d):
         True
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        sync: bool = True,
-        process_group: Any = None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self._init_sync(sync, process_group)
-
 
 class SyncedBatchNorm3d(_SyncedBatchNorm, nn.BatchNorm3d):
     r"""``nn.BatchNorm3d`` with batch statistics synchronised across ranks (CPU and GPU).
@@ -272,22 +255,6 @@ class SyncedBatchNorm3d(_SyncedBatchNorm, nn.BatchNorm3d):
         >>> SyncedBatchNorm3d(2)(torch.randn(2, 2, 3, 3, 3)).shape
         torch.Size([2, 2, 3, 3, 3])
     """
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        sync: bool = True,
-        process_group: Any = None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self._init_sync(sync, process_group)
 
 
 _SYNCED_BATCHNORM: dict[type[nn.Module], type[nn.Module]] = {
