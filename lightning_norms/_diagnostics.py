@@ -38,6 +38,8 @@ every rank's calls.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -125,7 +127,7 @@ class BatchSpread:
     """
 
     def __init__(self, num_groups: int, num_channels: int, device: torch.device | str) -> None:
-        kw = {"dtype": torch.float32, "device": device}
+        kw: dict[str, Any] = {"dtype": torch.float32, "device": device}
         self.num_groups = num_groups
         # lag-1 and lag-2 sums of squared differences side by side: one op updates both
         self._lags = torch.zeros(num_groups, 2, num_channels, **kw)
@@ -268,7 +270,7 @@ class MomentAccumulator:
     """
 
     def __init__(self, num_groups: int, num_channels: int, device: torch.device | str) -> None:
-        kw = {"dtype": torch.float32, "device": device}
+        kw: dict[str, Any] = {"dtype": torch.float32, "device": device}
         self.num_groups = num_groups
         self.count = torch.zeros(num_groups, **kw)
         self.mean = torch.zeros(num_groups, num_channels, **kw)

@@ -16,7 +16,7 @@ on GPU only ("SyncBatchNorm layers only work with GPU modules"). This module has
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -171,7 +171,9 @@ class _SyncedBatchNorm:
             >>> synced.weight is bn.weight, synced.running_mean is bn.running_mean
             (True, True)
         """
-        return _retype(bn, cls, {"sync": True, "process_group": process_group})
+        # called on the concrete SyncedBatchNorm*d, never on the mixin itself
+        synced = cast("type[nn.Module]", cls)
+        return _retype(bn, synced, {"sync": True, "process_group": process_group})
 
     def extra_repr(self) -> str:
         text = super().extra_repr()  # type: ignore[misc]
@@ -180,7 +182,7 @@ class _SyncedBatchNorm:
         return f"{text}, sync={self.sync}"
 
 
-def _retype(module: nn.Module, cls: type, extra: dict[str, Any]) -> nn.Module:
+def _retype(module: nn.Module, cls: type[nn.Module], extra: dict[str, Any]) -> nn.Module:
     """A ``cls`` module sharing ``module``'s state objects (parameters, buffers, hooks)."""
     new = cls.__new__(cls)
     state = dict(module.__dict__)
@@ -194,7 +196,9 @@ def _retype(module: nn.Module, cls: type, extra: dict[str, Any]) -> nn.Module:
     return new
 
 
-class SyncedBatchNorm1d(_SyncedBatchNorm, nn.BatchNorm1d):
+# torch types _NormBase.weight/bias as Parameter (None when affine=False): the mixin's
+# accurate ``Tensor | None`` is flagged as incompatible
+class SyncedBatchNorm1d(_SyncedBatchNorm, nn.BatchNorm1d):  # type: ignore[misc]
     r"""``nn.BatchNorm1d`` with batch statistics synchronised across ranks (CPU and GPU).
 
     Same as :class:`SyncedBatchNorm2d`, for ``(N, C)`` or ``(N, C, L)`` inputs.
@@ -205,7 +209,9 @@ class SyncedBatchNorm1d(_SyncedBatchNorm, nn.BatchNorm1d):
     """
 
 
-class SyncedBatchNorm2d(_SyncedBatchNorm, nn.BatchNorm2d):
+# torch types _NormBase.weight/bias as Parameter (None when affine=False): the mixin's
+# accurate ``Tensor | None`` is flagged as incompatible
+class SyncedBatchNorm2d(_SyncedBatchNorm, nn.BatchNorm2d):  # type: ignore[misc]
     r"""``nn.BatchNorm2d`` with batch statistics synchronised across ranks (CPU and GPU).
 
     Ioffe & Szegedy 2015 (arXiv:1502.03167) with the batch taken over all ranks:
@@ -246,7 +252,9 @@ class SyncedBatchNorm2d(_SyncedBatchNorm, nn.BatchNorm2d):
     """
 
 
-class SyncedBatchNorm3d(_SyncedBatchNorm, nn.BatchNorm3d):
+# torch types _NormBase.weight/bias as Parameter (None when affine=False): the mixin's
+# accurate ``Tensor | None`` is flagged as incompatible
+class SyncedBatchNorm3d(_SyncedBatchNorm, nn.BatchNorm3d):  # type: ignore[misc]
     r"""``nn.BatchNorm3d`` with batch statistics synchronised across ranks (CPU and GPU).
 
     Same as :class:`SyncedBatchNorm2d`, for ``(N, C, D, H, W)`` inputs.

@@ -5,6 +5,8 @@ Every layer in the package is a thin ``nn.Module`` over one of these functions.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -525,7 +527,9 @@ class _DomainBatchNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+        # Any, as in torch's docs: FunctionCtx's stub has neither saved_tensors nor
+        # needs_input_grad, takes no None in save_for_backward, and no custom attributes
+        ctx: Any,
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
@@ -566,7 +570,7 @@ class _DomainBatchNormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor, *_: Tensor
+        ctx: Any, grad_out: Tensor, *_: Tensor
     ) -> tuple[Tensor | None, ...]:
         x3, ids, weight, count, row_mean, mean, invstd = ctx.saved_tensors
         num_domains, c = mean.shape
@@ -820,10 +824,19 @@ def _synced_batch_renorm(
             count, mean, m2 = _all_reduce_stats(count, mean, m2, process_group)
         _check_counts(count, name)
     tracked = running_mean is not None and running_var is not None
+    # when tracked, both are tensors (mypy does not narrow through the bool)
     if tracked and not _is_plain_bn(r_max, d_max):
         batch_var = m2[0] / count.clamp(min=1)
         weight, bias = _renorm_affine(
-            mean[0], batch_var, running_mean, running_var, weight, bias, eps, r_max, d_max
+            mean[0],
+            batch_var,
+            cast(Tensor, running_mean),
+            cast(Tensor, running_var),
+            weight,
+            bias,
+            eps,
+            r_max,
+            d_max,
         )
     out, count, mean, unbiased_var = _DomainBatchNormFn.apply(
         x, weight, bias, ids, 1, eps, group, name, (count, mean, m2)
@@ -831,8 +844,8 @@ def _synced_batch_renorm(
     if tracked:
         with torch.no_grad():
             _update_running_stats(
-                running_mean.view(1, -1),
-                running_var.view(1, -1),
+                cast(Tensor, running_mean).view(1, -1),
+                cast(Tensor, running_var).view(1, -1),
                 None,
                 count,
                 mean,

@@ -11,7 +11,7 @@ This module imports Lightning; ``import lightning_norms`` does not import it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, TypeGuard
 
 from lightning.pytorch.plugins.layer_sync import LayerSync
 from torch import nn
@@ -26,7 +26,12 @@ _CONVERTED = "_norm_sync_converted"
 _PREVIOUS = "_norm_sync_previous"
 
 
-def _has_sync(module: nn.Module) -> bool:
+class _HasSync(Protocol):
+    sync: bool
+    process_group: Any
+
+
+def _has_sync(module: nn.Module) -> TypeGuard[_HasSync]:
     """A BatchNorm layer of this package with ``sync``/``process_group`` attributes."""
     return (
         isinstance(module, _BatchNorm)

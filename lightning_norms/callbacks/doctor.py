@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal, Protocol, cast
 
 import lightning.pytorch as pl
 import torch
@@ -143,11 +143,17 @@ def _print_table(title: str, caption: str, columns: list[str], rows: list[list[s
     for i, column in enumerate(columns):
         left = i in (0, 1, len(columns) - 1)
         # layer paths are never cut: folded onto a second line if the terminal is narrow
-        overflow = "fold" if i == 0 else "ellipsis"
+        overflow: Literal["fold", "ellipsis"] = "fold" if i == 0 else "ellipsis"
         table.add_column(column, justify="left" if left else "right", overflow=overflow)
     for row in rows:
         table.add_row(*row, style=None if row[-1] == "ok" else "bold red")
     Console().print(table)
+
+
+class _ResolvesDomain(Protocol):
+    """A grouped BN layer (``_Probe.grouped``): one with a callable ``resolve_domain``."""
+
+    def resolve_domain(self, x: Tensor, domain: Any = None, /) -> Tensor: ...
 
 
 class _Probe:
@@ -182,7 +188,7 @@ class _Probe:
 
     def groups(self, x: Tensor, args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
         domain = kwargs.get("domain", args[1] if len(args) > 1 else None)
-        return self.module.resolve_domain(x, domain)
+        return cast(_ResolvesDomain, self.module).resolve_domain(x, domain)
 
     def record_train(self, x: Tensor, groups: Tensor | None) -> None:
         assert self.spread is not None
@@ -323,6 +329,7 @@ class BatchNormDoctor(Callback):
             "min_batches": min_batches,
             "warmup_batches": warmup_batches,
         }
+        value: float  # shared by the int and the float checks below
         for name, value in ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MisconfigurationException(

@@ -302,6 +302,7 @@ class TwoDomainDigits(L.LightningDataModule):
         super().__init__()
         if batching not in ("mixed", "separate"):
             raise ValueError(f"{_NAME}: `batching` must be 'mixed' or 'separate', got {batching!r}")
+        value: float  # shared by the int and the fraction checks below
         for name, value, low in (
             ("batch_size", batch_size, 1),
             ("num_workers", num_workers, 0),
