@@ -418,3 +418,11 @@ def test_importing_the_sampler_does_not_import_lightning():
         "assert 'lightning' not in sys.modules and 'pytorch_lightning' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_numpy_float_ratios_give_exact_quotas() -> None:
+    import numpy as np
+
+    ratios = [np.float32(0.25), np.float32(0.75)]
+    sampler = MixingBatchSampler([40, 40], batch_size=8, ratios=ratios)
+    assert sampler.quotas == [2, 6]

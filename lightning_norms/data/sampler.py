@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from numbers import Integral, Rational, Real
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,9 +56,9 @@ def _as_fraction(k: int, value: Any) -> Fraction:
     if not math.isfinite(float(value)) or value < 0:
         raise ValueError(f"{_NAME}: `ratios[{k}]` must be finite and >= 0, got {value!r}")
     # limit_denominator turns the float 0.1 into exactly 1/10, so quotas come out as intended.
-    # Fraction() takes a Rational or a float; a Real that is neither (numpy.float32) raises
-    # TypeError here instead of the ValueError above.
-    return Fraction(cast("Rational | float", value)).limit_denominator(10**9)
+    # Fraction() takes a Rational or a float: other reals (numpy.float32) go through float.
+    exact = value if isinstance(value, Rational) else float(value)
+    return Fraction(exact).limit_denominator(10**9)
 
 
 def _dist_ready() -> bool:
