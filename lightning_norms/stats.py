@@ -246,6 +246,10 @@ def _shift(
     return LayerShift(name, int(count), float(mean_shift), float(var_shift), domain)
 
 
+# warnings point at the caller of recompute_bn_stats, past the torch.no_grad() wrapper frame
+_CALLER = 3
+
+
 @torch.no_grad()
 def recompute_bn_stats(
     model: nn.Module,
@@ -338,14 +342,14 @@ def recompute_bn_stats(
         warnings.warn(
             f"recompute_bn_stats: skipping {len(skipped)} BN layer(s) without running statistics "
             f"(track_running_stats=False): {', '.join(skipped)}",
-            stacklevel=2,
+            stacklevel=_CALLER,
         )
     if not tracked:
         if not all_bn:
             warnings.warn(
                 f"recompute_bn_stats: {type(model).__name__} has no BatchNorm layer; "
                 "nothing to recompute",
-                stacklevel=2,
+                stacklevel=_CALLER,
             )
         return report
 
@@ -402,13 +406,13 @@ def recompute_bn_stats(
                 if report.num_batches
                 else "no batch came, so this process contributed nothing"
             ),
-            stacklevel=2,
+            stacklevel=_CALLER,
         )
     if report.num_batches and thin:
         warnings.warn(
             "recompute_bn_stats: fewer than two values per channel reached "
             f"{', '.join(thin)}; their running statistics were left untouched",
-            stacklevel=2,
+            stacklevel=_CALLER,
         )
     return report
 

@@ -539,3 +539,10 @@ def test_ddp_ranks_agree_with_single_process(scenario: str) -> None:
         assert_close_to(rank0[f"{name}.running_mean"], mean)
         assert_close_to(rank0[f"{name}.running_var"], var)
         assert_close_to(bn.running_var, var)
+
+
+def test_warnings_point_at_the_caller() -> None:
+    model = nn.Sequential(nn.Linear(3, 3))
+    with pytest.warns(UserWarning, match="no BatchNorm layer") as record:
+        recompute_bn_stats(model, [torch.randn(4, 3)])
+    assert record[0].filename == __file__
