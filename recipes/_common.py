@@ -35,6 +35,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
@@ -343,6 +344,31 @@ def accuracy_record(metrics: dict[str, Any], num_domains: int, stage: str = "tes
     out = {f"acc_domain{k}": float(metrics[f"{stage}/acc_domain{k}"]) for k in range(num_domains)}
     out["acc"] = float(metrics[f"{stage}/acc"])
     return out
+
+
+def recipe_cli(
+    cli_class: type[LightningCLI],
+    model_class: type[L.LightningModule],
+    datamodule_class: type[L.LightningDataModule],
+    name: str,
+    max_epochs: int,
+    args: Any = None,
+    run: bool = True,
+) -> Any:
+    """A recipe's LightningCLI with the shared defaults: seed 0, deterministic, ``runs/<name>``."""
+    return cli_class(
+        model_class,
+        datamodule_class,
+        seed_everything_default=0,
+        trainer_defaults={
+            "max_epochs": max_epochs,
+            "deterministic": True,
+            "default_root_dir": f"runs/{name}",
+        },
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
 
 
 @rank_zero_only

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 import lightning_norms as ln
 from lightning_norms.data import mix_real_fake
-from recipes._common import SingleDomainDigits, SmallCNN, write_json
+from recipes._common import SingleDomainDigits, SmallCNN, recipe_cli, write_json
 
 __all__ = [
     "MODES",
@@ -348,19 +348,7 @@ class GanCLI(LightningCLI):
 
 def cli_main(args: Any = None, run: bool = True) -> GanCLI:
     """Entry point: ``python -m recipes.gan fit --model.mode mixed ...``."""
-    return GanCLI(
-        DigitsGAN,
-        GanDigits,
-        seed_everything_default=0,
-        trainer_defaults={
-            "max_epochs": 60,
-            "deterministic": True,
-            "default_root_dir": "runs/gan",
-        },
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    return recipe_cli(GanCLI, DigitsGAN, GanDigits, "gan", 60, args, run)
 
 
 def run_mode(

@@ -41,7 +41,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_norms.data import TwoDomainDigits
 from lightning_norms.stats import recompute_bn_stats
-from recipes._common import DigitsClassifier, evaluate, forward_train_batch, write_json
+from recipes._common import (
+    DigitsClassifier,
+    evaluate,
+    forward_train_batch,
+    recipe_cli,
+    write_json,
+)
 from recipes.two_domain import batching_for
 
 __all__ = ["DEFAULT_PRECISE_BATCHES", "PreciseBNCLI", "cli_main", "ema_vs_precise", "run_setting"]
@@ -128,19 +134,7 @@ class PreciseBNCLI(LightningCLI):
 
 def cli_main(args: Any = None, run: bool = True) -> PreciseBNCLI:
     """Entry point: ``python -m recipes.precise_bn fit --model.lr 0.03 ...``."""
-    return PreciseBNCLI(
-        DigitsClassifier,
-        TwoDomainDigits,
-        seed_everything_default=0,
-        trainer_defaults={
-            "max_epochs": 3,
-            "deterministic": True,
-            "default_root_dir": "runs/precise_bn",
-        },
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    return recipe_cli(PreciseBNCLI, DigitsClassifier, TwoDomainDigits, "precise_bn", 3, args, run)
 
 
 def run_setting(

@@ -29,7 +29,13 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from recipes._common import DigitsClassifier, SingleDomainDigits, accuracy_record, write_json
+from recipes._common import (
+    DigitsClassifier,
+    SingleDomainDigits,
+    accuracy_record,
+    recipe_cli,
+    write_json,
+)
 
 __all__ = ["NORMS", "SETTINGS", "SmallBatchCLI", "SmallBatchClassifier", "cli_main", "run_setting"]
 
@@ -119,18 +125,8 @@ class SmallBatchCLI(LightningCLI):
 
 def cli_main(args: Any = None, run: bool = True) -> SmallBatchCLI:
     """Entry point: ``python -m recipes.small_batch fit --model.norm renorm ...``."""
-    return SmallBatchCLI(
-        SmallBatchClassifier,
-        SingleDomainDigits,
-        seed_everything_default=0,
-        trainer_defaults={
-            "max_epochs": 6,
-            "deterministic": True,
-            "default_root_dir": "runs/small_batch",
-        },
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
+    return recipe_cli(
+        SmallBatchCLI, SmallBatchClassifier, SingleDomainDigits, "small_batch", 6, args, run
     )
 
 

@@ -60,7 +60,13 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_norms.data import TwoDomainDigits
-from recipes._common import VARIANTS, DigitsClassifier, accuracy_record, write_json
+from recipes._common import (
+    VARIANTS,
+    DigitsClassifier,
+    accuracy_record,
+    recipe_cli,
+    write_json,
+)
 
 __all__ = ["TwoDomainCLI", "batching_for", "cli_main", "data_batch_size", "run_variant"]
 
@@ -131,19 +137,7 @@ class TwoDomainCLI(LightningCLI):
 
 def cli_main(args: Any = None, run: bool = True) -> TwoDomainCLI:
     """Entry point: ``python -m recipes.two_domain fit --model.variant split ...``."""
-    return TwoDomainCLI(
-        DigitsClassifier,
-        TwoDomainDigits,
-        seed_everything_default=0,
-        trainer_defaults={
-            "max_epochs": 15,
-            "deterministic": True,
-            "default_root_dir": "runs/two_domain",
-        },
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    return recipe_cli(TwoDomainCLI, DigitsClassifier, TwoDomainDigits, "two_domain", 15, args, run)
 
 
 def run_variant(
