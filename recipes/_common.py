@@ -371,6 +371,28 @@ def recipe_cli(
     )
 
 
+def study_trainer(
+    max_epochs: int, trainer_kwargs: dict[str, Any] | None = None, validate: bool = False
+) -> L.Trainer:
+    """The quiet single-process CPU trainer a study run uses (no logger, no checkpoints).
+
+    ``validate=False`` also switches off the validation loop; ``trainer_kwargs`` override all.
+    """
+    options: dict[str, Any] = {
+        "max_epochs": max_epochs,
+        "deterministic": True,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "accelerator": "cpu",
+        "devices": 1,
+    }
+    if not validate:
+        options.update(limit_val_batches=0, num_sanity_val_steps=0)
+    options.update(trainer_kwargs or {})
+    return L.Trainer(**options)
+
+
 @rank_zero_only
 def write_json(path: str | Path, record: Any) -> None:
     """Write ``record`` as indented JSON to ``path`` (rank zero only), creating its folder."""

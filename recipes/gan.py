@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 import lightning_norms as ln
 from lightning_norms.data import mix_real_fake
-from recipes._common import SingleDomainDigits, SmallCNN, recipe_cli, write_json
+from recipes._common import SingleDomainDigits, SmallCNN, recipe_cli, study_trainer, write_json
 
 __all__ = [
     "MODES",
@@ -365,17 +365,7 @@ def run_mode(
     L.seed_everything(seed, workers=True, verbose=False)
     data = GanDigits(batch_size=batch_size)
     model = DigitsGAN(mode=mode, image_shape=tuple(data.image_shape))
-    options: dict[str, Any] = {
-        "max_epochs": max_epochs,
-        "deterministic": True,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "accelerator": "cpu",
-        "devices": 1,
-    }
-    options.update(trainer_kwargs or {})
-    L.Trainer(**options).fit(model, datamodule=data)
+    study_trainer(max_epochs, trainer_kwargs, validate=True).fit(model, datamodule=data)
     quality, samples = evaluate_gan(model, data, seed=seed)
     save_grid(samples[:128], Path(output_dir) / f"{mode}_seed{seed}.png")
     return {"mode": mode, "seed": seed, **quality, "seconds": time.perf_counter() - start}

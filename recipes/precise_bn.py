@@ -46,6 +46,7 @@ from recipes._common import (
     evaluate,
     forward_train_batch,
     recipe_cli,
+    study_trainer,
     write_json,
 )
 from recipes.two_domain import batching_for
@@ -164,19 +165,7 @@ def run_setting(
         num_classes=data.num_classes,
         num_domains=data.num_domains,
     )
-    options: dict[str, Any] = {
-        "max_epochs": max_epochs,
-        "deterministic": True,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "limit_val_batches": 0,
-        "num_sanity_val_steps": 0,
-        "accelerator": "cpu",
-        "devices": 1,
-    }
-    options.update(trainer_kwargs or {})
-    L.Trainer(**options).fit(model, datamodule=data)
+    study_trainer(max_epochs, trainer_kwargs).fit(model, datamodule=data)
     res = ema_vs_precise(model, data, precise_batches)
     record = _record(model, seed, batch_size, res)
     record["seconds"] = round(time.perf_counter() - start, 2)

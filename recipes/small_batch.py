@@ -34,6 +34,7 @@ from recipes._common import (
     SingleDomainDigits,
     accuracy_record,
     recipe_cli,
+    study_trainer,
     write_json,
 )
 
@@ -144,19 +145,7 @@ def run_setting(
     L.seed_everything(seed, workers=True, verbose=False)
     data = SingleDomainDigits(batch_size=batch_size, order=order)
     model = SmallBatchClassifier(norm=norm, image_shape=data.image_shape)
-    options: dict[str, Any] = {
-        "max_epochs": max_epochs,
-        "deterministic": True,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "limit_val_batches": 0,
-        "num_sanity_val_steps": 0,
-        "accelerator": "cpu",
-        "devices": 1,
-    }
-    options.update(trainer_kwargs or {})
-    trainer = L.Trainer(**options)
+    trainer = study_trainer(max_epochs, trainer_kwargs)
     trainer.fit(model, datamodule=data)
     trainer.test(model, datamodule=data, verbose=False)
     return {

@@ -65,6 +65,7 @@ from recipes._common import (
     DigitsClassifier,
     accuracy_record,
     recipe_cli,
+    study_trainer,
     write_json,
 )
 
@@ -173,19 +174,7 @@ def run_variant(
         num_domains=data.num_domains,
         **model_kwargs,
     )
-    options: dict[str, Any] = {
-        "max_epochs": max_epochs,
-        "deterministic": True,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "limit_val_batches": 0,
-        "num_sanity_val_steps": 0,
-        "accelerator": "cpu",
-        "devices": 1,
-    }
-    options.update(trainer_kwargs or {})
-    trainer = L.Trainer(**options)
+    trainer = study_trainer(max_epochs, trainer_kwargs)
     trainer.fit(model, datamodule=data)
     trainer.test(model, datamodule=data, verbose=False)
     record = {"variant": variant, "seed": seed}
