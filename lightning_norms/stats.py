@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -33,11 +34,26 @@ from lightning_norms._moments import (
     zero_moments,
 )
 
-__all__ = ["BNStatsReport", "LayerShift", "recompute_bn_stats"]
+__all__ = ["BNStatsReport", "LayerShift", "is_recomputing", "recompute_bn_stats"]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+_RECOMPUTING = threading.local()
+
+
+def is_recomputing() -> bool:
+    """Whether :func:`recompute_bn_stats` is running its pass in this thread.
+
+    Hooks that count training calls of BN layers (``BatchNormDoctor``) use it to ignore the
+    recompute pass, whatever the order of the callbacks.
+
+    Example:
+        >>> is_recomputing()
+        False
+    """
+    return getattr(_RECOMPUTING, "depth", 0) > 0
 
 
 @dataclass(frozen=True)
@@ -362,6 +378,7 @@ def recompute_bn_stats(
     ]
     handles: list[RemovableHandle] = []
     written = False
+    _RECOMPUTING.depth = getattr(_RECOMPUTING, "depth", 0) + 1
     try:
         model.eval()
         for _, bn in all_bn:
@@ -386,6 +403,7 @@ def recompute_bn_stats(
         thin = _write(collectors, saved, report)
         written = True
     finally:
+        _RECOMPUTING.depth -= 1
         for handle in handles:
             handle.remove()
         for c, momentum, (mean, var, tracked_count) in zip(collectors, momenta, saved, strict=True):

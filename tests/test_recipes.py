@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from recipes._common import (
+from lightning_norms.recipes._common import (
     VARIANTS,
     ClassSortedBatchSampler,
     DigitsClassifier,
     SingleDomainDigits,
     SmallCNN,
 )
-from recipes.report import RECORD_KEYS, main, summarise, verdict
+from lightning_norms.recipes.report import RECORD_KEYS, main, summarise, verdict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,7 +213,7 @@ def test_summary_and_verdict_follow_the_numbers() -> None:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_domain_cli_fast_dev_run(tmp_path: Path, variant: str) -> None:
-    from recipes.two_domain import cli_main
+    from lightning_norms.recipes.two_domain import cli_main
 
     cli_main(args=_fit_args(tmp_path, "--model.variant", variant, "--data.image_size", "8"))
     record = json.loads((tmp_path / "out" / f"{variant}_seed0.json").read_text())
@@ -224,7 +224,7 @@ def test_two_domain_cli_fast_dev_run(tmp_path: Path, variant: str) -> None:
 
 
 def test_two_domain_cli_feed_override_links_batching(tmp_path: Path) -> None:
-    from recipes.two_domain import cli_main
+    from lightning_norms.recipes.two_domain import cli_main
 
     args = _fit_args(tmp_path, "--model.variant", "group", "--model.feed", "mixed")[1:]
     cli = cli_main(args=args, run=False)
@@ -234,7 +234,7 @@ def test_two_domain_cli_feed_override_links_batching(tmp_path: Path) -> None:
 
 
 def test_precise_bn_cli_fast_dev_run(tmp_path: Path) -> None:
-    from recipes.precise_bn import cli_main
+    from lightning_norms.recipes.precise_bn import cli_main
 
     cli_main(args=_fit_args(tmp_path, "--precise_batches", "[1, 3]", "--data.image_size", "8"))
     (path,) = (tmp_path / "out").glob("*.json")
@@ -244,7 +244,7 @@ def test_precise_bn_cli_fast_dev_run(tmp_path: Path) -> None:
 
 
 def test_small_batch_cli_fast_dev_run(tmp_path: Path) -> None:
-    from recipes.small_batch import cli_main
+    from lightning_norms.recipes.small_batch import cli_main
 
     args = ["--model.norm", "renorm", "--data.batch_size", "4", "--data.order", "class_sorted"]
     cli_main(args=_fit_args(tmp_path, *args))
@@ -254,7 +254,7 @@ def test_small_batch_cli_fast_dev_run(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["alternating", "mixed", "split"])
 def test_gan_cli_fast_dev_run(tmp_path: Path, mode: str) -> None:
-    from recipes.gan import cli_main
+    from lightning_norms.recipes.gan import cli_main
 
     cli_main(args=_fit_args(tmp_path, "--model.mode", mode))
     record = json.loads((tmp_path / "out" / f"{mode}_seed0.json").read_text())
@@ -264,7 +264,7 @@ def test_gan_cli_fast_dev_run(tmp_path: Path, mode: str) -> None:
 
 
 def test_gan_mmd_separates_distributions() -> None:
-    from recipes.gan import _mmd2
+    from lightning_norms.recipes.gan import _mmd2
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(200, 4, generator=g), torch.randn(200, 4, generator=g)

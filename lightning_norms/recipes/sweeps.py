@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from recipes._common import run_tasks
+from lightning_norms.recipes._common import run_tasks
 
 __all__ = ["run_gan", "run_precise_bn", "run_small_batch"]
 
@@ -73,7 +73,7 @@ def _run(
 
 def run_precise_bn(args: argparse.Namespace) -> Path:
     """EMA vs PreciseBN over learning rates x BN momenta x seeds (constant learning rate)."""
-    from recipes.precise_bn import DEFAULT_PRECISE_BATCHES, run_setting
+    from lightning_norms.recipes.precise_bn import DEFAULT_PRECISE_BATCHES, run_setting
 
     tasks = [
         {"lr": lr, "bn_momentum": m, "seed": s}
@@ -102,7 +102,7 @@ def run_precise_bn(args: argparse.Namespace) -> Path:
 
 def run_small_batch(args: argparse.Namespace) -> Path:
     """BN vs BatchRenorm vs GroupNorm at batches 2, 4, 32 and class-sorted batches of 32."""
-    from recipes.small_batch import NORMS, SETTINGS, run_setting
+    from lightning_norms.recipes.small_batch import NORMS, SETTINGS, run_setting
 
     tasks = [
         {"norm": norm, "batch_size": b, "order": order, "seed": s}
@@ -137,7 +137,7 @@ def run_small_batch(args: argparse.Namespace) -> Path:
 
 def run_gan(args: argparse.Namespace) -> Path:
     """DCGAN discriminator fed alternating / mixed / split batches; sample quality per mode."""
-    from recipes.gan import MODES, run_mode
+    from lightning_norms.recipes.gan import MODES, run_mode
 
     tasks = [
         {"mode": mode, "seed": s, "output_dir": args.output_dir}
