@@ -11,11 +11,12 @@ ranks with Chan's parallel formula — not an EMA, and not an average of per-bat
 
 from __future__ import annotations
 
-import itertools
+import inspect
 import math
 import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,17 +44,35 @@ _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _RECOMPUTING = threading.local()
 
 
+class _DefaultInt(int):
+    """An ``int`` default that can be told apart from the same value passed explicitly."""
+
+
+# `num_batches`'s default (200); `num_samples` may only be combined with this default.
+_DEFAULT_NUM_BATCHES: int = _DefaultInt(200)
+
+
 def is_recomputing() -> bool:
     """Whether :func:`recompute_bn_stats` is running its pass in this thread.
 
-    Hooks that count training calls of BN layers (``BatchNormDoctor``) use it to ignore the
-    recompute pass, whatever the order of the callbacks.
+    True from the first forward of the pass until every layer's state has been restored (on
+    success and on error). Hooks that count training calls of BN layers (``BatchNormDoctor``)
+    use it to ignore the recompute pass, whatever the order of the callbacks.
 
     Example:
         >>> is_recomputing()
         False
     """
     return getattr(_RECOMPUTING, "depth", 0) > 0
+
+
+@contextmanager
+def _recomputing() -> Iterator[None]:
+    _RECOMPUTING.depth = getattr(_RECOMPUTING, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _RECOMPUTING.depth -= 1
 
 
 @dataclass(frozen=True)
@@ -81,7 +100,11 @@ class BNStatsReport:
         layers: one entry per recomputed layer, or per recomputed domain of a
             ``DomainBatchNorm`` layer (``domain`` set), in module order.
         num_batches: batches this process drew from ``batches``.
-        num_batches_requested: the ``num_batches`` cap that was asked for.
+        num_batches_requested: the ``num_batches`` cap that was asked for (``None`` when the
+            pass was capped by ``num_samples``).
+        num_samples: samples this process drew (dim 0 of each batch's first tensor; batches
+            without a tensor count 0).
+        num_samples_requested: the ``num_samples`` cap, or ``None``.
         skipped: layers without running statistics (``track_running_stats=False``).
         unseen: layers (``"name"``) or domains (``"name[domain=d]"``) that received fewer than
             two values per channel in total (a domain absent from the data, a layer the forward
@@ -90,7 +113,9 @@ class BNStatsReport:
 
     layers: list[LayerShift] = field(default_factory=list)
     num_batches: int = 0
-    num_batches_requested: int = 0
+    num_batches_requested: int | None = 0
+    num_samples: int = 0
+    num_samples_requested: int | None = None
     skipped: list[str] = field(default_factory=list)
     unseen: list[str] = field(default_factory=list)
 
@@ -108,9 +133,13 @@ class BNStatsReport:
         return len(self.layers)
 
     def __str__(self) -> str:
+        if self.num_samples_requested is None:
+            asked = f"asked for {self.num_batches_requested}"
+        else:
+            asked = f"{self.num_samples} samples, asked for {self.num_samples_requested} samples"
         title = (
             f"BN statistics recomputed for {len(self.layers)} layer(s) over {self.num_batches} "
-            f"batch(es) (asked for {self.num_batches_requested})"
+            f"batch(es) ({asked})"
         )
         header = ("layer", "domain", "count", "mean shift", "var shift")
         rows = [
@@ -151,43 +180,97 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def _batch_size(batch: Any) -> int | None:
+    """Samples in a batch: dim 0 of its first tensor (searching tuples, lists and dicts)."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    items = batch.values() if isinstance(batch, Mapping) else batch
+    if not isinstance(batch, (Mapping, tuple, list)):
+        return None
+    for item in items:
+        size = _batch_size(item)
+        if size is not None:
+            return size
+    return None
+
+
+def _takes_one_input(model: nn.Module) -> bool:
+    """Whether ``model.forward`` can be called with a single positional argument."""
+    try:
+        inspect.signature(model.forward).bind(None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to inspect (a builtin): assume it can
+        return True
+    return True
+
+
 def _is_domain_bn(module: nn.Module) -> bool:
     return callable(getattr(module, "resolve_domain", None)) and hasattr(module, "num_domains")
 
 
 class _Collector:
-    """Accumulates one layer's exact moments over the pass.
+    """Accumulates one layer's exact moments over the pass, and owns its state for the pass.
 
     Hooks only copy each call's per-channel results into a small float64 buffer (``_CHUNK``
     rows); full buffers are merged at once (``merge_stacked``) into the running total, which
     keeps the per-call cost to a couple of tiny copies whatever the number of batches.
+    ``domains`` maps the rows of the moments to the buffers: ``[None]`` for a plain layer (the
+    whole buffer), ``[0, ..., D-1]`` for a ``DomainBatchNorm``, ``[k]`` when only domain ``k`` is
+    recomputed (every batch is routed to it).
     """
 
     _CHUNK = 64
 
-    def __init__(self, name: str, module: _BatchNorm) -> None:
+    def __init__(self, name: str, module: _BatchNorm, target: int | None = None) -> None:
+        if module.running_mean is None or module.running_var is None:
+            raise ValueError(f"{name}: a BN layer without running statistics has no collector")
         self.name = name
         self.module = module
         self.domain = _is_domain_bn(module)
-        if module.running_mean is None or module.running_var is None:
-            raise ValueError(f"{name}: a BN layer without running statistics has no collector")
+        self.target = target if self.domain else None
         self.mean: Tensor = module.running_mean
         self.var: Tensor = module.running_var
         self.tracked: Tensor | None = module.num_batches_tracked
-        buffer = self.mean
-        self.num_groups = int(getattr(module, "num_domains", 1)) if self.domain else 1
+        self.old = (self.mean.clone(), self.var.clone())
+        self.old_tracked = None if self.tracked is None else self.tracked.clone()
+        self.momentum = module.momentum
+        if not self.domain:
+            self.domains: list[int | None] = [None]
+        elif self.target is None:
+            self.domains = list(range(int(getattr(module, "num_domains", 1))))
+        else:
+            self.domains = [self.target]
         # Exact nn.BatchNorm*d with fp32/fp64 buffers: run the layer with momentum=1 and read the
         # batch statistics torch's fused kernel already computed ("free" path). Everything else
         # (subclasses, SyncBatchNorm, this package's variants, half buffers): a pre-hook computes
         # the moments from the input, with momentum=0 so the layer's own update is a no-op.
-        self.fast = type(module) in _PLAIN_BN and buffer.dtype in (torch.float32, torch.float64)
-        channels, device = buffer.shape[-1], buffer.device
-        self.moments: Moments = zero_moments(self.num_groups, channels, device)
-        shape = (self._CHUNK, self.num_groups, channels)
+        self.fast = type(module) in _PLAIN_BN and self.mean.dtype in (torch.float32, torch.float64)
+        groups, channels, device = len(self.domains), self.mean.shape[-1], self.mean.device
+        self.moments: Moments = zero_moments(groups, channels, device)
+        shape = (self._CHUNK, groups, channels)
         self._counts = torch.zeros(shape[:2], dtype=torch.float64, device=device)
         self._means = torch.zeros(shape, dtype=torch.float64, device=device)
         self._seconds = torch.zeros(shape, dtype=torch.float64, device=device)  # m2 or var
         self._rows = 0
+
+    def start(self) -> RemovableHandle:
+        """Freeze the layer's own EMA for the pass and attach the hook."""
+        self.module.momentum = 1.0 if self.fast else 0.0
+        if self.fast:  # finite scratch values: 0 * old must vanish in the momentum-1 update
+            self.mean.zero_()
+            self.var.fill_(1.0)
+            return self.module.register_forward_hook(self.post_hook)
+        return self.module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
+
+    def restore(self, keep_statistics: bool) -> None:
+        """Put back momentum and step counter, and the statistics unless ``keep_statistics``."""
+        self.module.momentum = self.momentum
+        if self.tracked is not None and self.old_tracked is not None:
+            self.tracked.copy_(self.old_tracked)
+        if not keep_statistics:
+            self.mean.copy_(self.old[0])
+            self.var.copy_(self.old[1])
 
     def flush(self) -> None:
         """Merge the buffered rows into ``moments``."""
@@ -205,18 +288,24 @@ class _Collector:
         self._rows += 1
         return self._rows - 1
 
-    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0]
-        if self.domain:
-            given = kwargs["domain"] if "domain" in kwargs else (args[1] if len(args) > 1 else None)
-            ids = module.resolve_domain(x, given)  # type: ignore[operator]
-            count, mean, m2 = batch_moments(x, ids.to(x.device), self.num_groups)
-        else:
-            count, mean, m2 = batch_moments(x)
+    def _store(self, count: Tensor, mean: Tensor, m2: Tensor) -> None:
         row = self._next_row()
         self._counts[row].copy_(count)
         self._means[row].copy_(mean)
         self._seconds[row].copy_(m2)
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        x = args[0]
+        if self.target is not None:  # route the whole batch to the recomputed domain
+            self._store(*batch_moments(x))
+            return args[:1], {**kwargs, "domain": self.target}
+        if self.domain:
+            given = kwargs["domain"] if "domain" in kwargs else (args[1] if len(args) > 1 else None)
+            ids = module.resolve_domain(x, given)  # type: ignore[operator]
+            self._store(*batch_moments(x, ids.to(x.device), len(self.domains)))
+        else:
+            self._store(*batch_moments(x))
+        return None
 
     def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         row = self._next_row()
@@ -224,27 +313,33 @@ class _Collector:
         self._means[row, 0].copy_(self.mean)
         self._seconds[row, 0].copy_(self.var)
 
-    def register(self) -> RemovableHandle:
-        if self.fast:
-            return self.module.register_forward_hook(self.post_hook)
-        return self.module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
+    def write(self, report: BNStatsReport) -> list[str]:
+        """Write the merged moments into the buffers; return the unexpectedly thin rows.
 
-
-def _check_args(model: Any, batches: Any, num_batches: Any, forward_fn: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"recompute_bn_stats: `model` must be an nn.Module, got {type(model)}")
-    if not isinstance(batches, Iterable):
-        raise TypeError(
-            f"recompute_bn_stats: `batches` must be an iterable of batches, got {type(batches)}"
-        )
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int):
-        raise TypeError(f"recompute_bn_stats: `num_batches` must be an int, got {num_batches!r}")
-    if num_batches < 1:
-        raise ValueError(f"recompute_bn_stats: `num_batches` must be >= 1, got {num_batches}")
-    if forward_fn is not None and not callable(forward_fn):
-        raise TypeError(
-            f"recompute_bn_stats: `forward_fn` must be callable or None, got {type(forward_fn)}"
-        )
+        Rows with fewer than two values per channel keep their original statistics and go to
+        ``report.unseen``; they are returned for a warning unless they are domains of a fully
+        recomputed ``DomainBatchNorm`` that got no data at all (an absent domain is expected).
+        """
+        count, mean, m2 = self.moments
+        var = m2 / (count - 1).clamp_min(1.0)[:, None]
+        thin: list[str] = []
+        for row, (d, n) in enumerate(zip(self.domains, count.tolist(), strict=True)):
+            index = slice(None) if d is None else d
+            old = (self.old[0][index], self.old[1][index])
+            if n < 2:
+                self.mean[index] = old[0]
+                self.var[index] = old[1]
+                label = self.name if d is None else f"{self.name}[domain={d}]"
+                report.unseen.append(label)
+                if n > 0 or not self.domain or self.target is not None:
+                    thin.append(label)
+                continue
+            self.mean[index] = mean[row].to(self.mean.dtype)
+            self.var[index] = var[row].to(self.var.dtype)
+            report.layers.append(
+                _shift(self.name, d, n, old, (mean[row], var[row]), self.module.eps)
+            )
+        return thin
 
 
 def _shift(
@@ -262,25 +357,220 @@ def _shift(
     return LayerShift(name, int(count), float(mean_shift), float(var_shift), domain)
 
 
+def _check_count(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"recompute_bn_stats: `{name}` must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"recompute_bn_stats: `{name}` must be >= 1, got {value}")
+
+
+def _check_args(
+    model: Any, batches: Any, num_batches: Any, forward_fn: Any, num_samples: Any, domain: Any
+) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"recompute_bn_stats: `model` must be an nn.Module, got {type(model)}")
+    if not isinstance(batches, Iterable):
+        raise TypeError(
+            f"recompute_bn_stats: `batches` must be an iterable of batches, got {type(batches)}"
+        )
+    _check_count(num_batches, "num_batches")
+    if num_samples is not None:
+        _check_count(num_samples, "num_samples")
+        if num_batches is not _DEFAULT_NUM_BATCHES:
+            raise ValueError(
+                "recompute_bn_stats: pass `num_batches` or `num_samples`, not both "
+                f"(got num_batches={num_batches}, num_samples={num_samples})"
+            )
+    if forward_fn is not None and not callable(forward_fn):
+        raise TypeError(
+            f"recompute_bn_stats: `forward_fn` must be callable or None, got {type(forward_fn)}"
+        )
+    if domain is not None:
+        if isinstance(domain, bool) or not isinstance(domain, int):
+            raise TypeError(f"recompute_bn_stats: `domain` must be an int or None, got {domain!r}")
+        if domain < 0:
+            raise ValueError(f"recompute_bn_stats: `domain` must be >= 0, got {domain}")
+
+
+def _check_domain_layers(layers: list[tuple[str, _BatchNorm]], domain: int) -> None:
+    domain_layers = [(name, m) for name, m in layers if _is_domain_bn(m)]
+    if not domain_layers:
+        raise ValueError(
+            f"recompute_bn_stats: `domain={domain}` given, but the model has no DomainBatchNorm "
+            "layer with running statistics"
+        )
+    for name, m in domain_layers:
+        num_domains = int(getattr(m, "num_domains", 1))
+        if domain >= num_domains:
+            raise ValueError(
+                f"recompute_bn_stats: `domain={domain}` is out of range for layer "
+                f"{name or '<model>'} ({type(m).__name__} with num_domains={num_domains})"
+            )
+
+
 # warnings point at the caller of recompute_bn_stats, past the torch.no_grad() wrapper frame
 _CALLER = 3
+
+
+def _plan(
+    model: nn.Module, report: BNStatsReport, domain: int | None
+) -> tuple[list[_Collector], list[nn.Module]]:
+    """The collectors for the layers to recompute, and the BN layers to run in train mode.
+
+    Layers without running statistics always normalise with batch statistics (train mode);
+    with ``domain`` set, the layers that keep their buffers run in eval mode, as at inference.
+    """
+    all_bn = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    tracked = [
+        (n, m) for n, m in all_bn if m.running_mean is not None and m.running_var is not None
+    ]
+    report.skipped = [name for name, m in all_bn if m.running_mean is None or m.running_var is None]
+    if domain is not None:
+        _check_domain_layers(tracked, domain)
+        tracked = [(name, m) for name, m in tracked if _is_domain_bn(m)]
+    if report.skipped:
+        warnings.warn(
+            f"recompute_bn_stats: skipping {len(report.skipped)} BN layer(s) without running "
+            f"statistics (track_running_stats=False): {', '.join(report.skipped)}",
+            stacklevel=_CALLER + 1,
+        )
+    if not all_bn:
+        warnings.warn(
+            f"recompute_bn_stats: {type(model).__name__} has no BatchNorm layer; "
+            "nothing to recompute",
+            stacklevel=_CALLER + 1,
+        )
+    recomputed = {id(m) for _, m in tracked}
+    train: list[nn.Module] = [m for _, m in all_bn if id(m) in recomputed or m.running_mean is None]
+    return [_Collector(name, m, domain) for name, m in tracked], train
+
+
+@contextmanager
+def _pass_state(
+    model: nn.Module, train: list[nn.Module], collectors: list[_Collector]
+) -> Iterator[None]:
+    """Modes and hooks for the pass; everything restored on exit (statistics too, on error).
+
+    Every module is in eval mode (dropout off: the statistics are meant for inference, where
+    train-mode dropout would inflate the variances, Li et al. 2019) except the ``train`` BN
+    layers. The collected layers' EMA is frozen and their step counters put back.
+    """
+    modes = {m: m.training for m in model.modules()}
+    handles: list[RemovableHandle] = []
+    completed = False
+    try:
+        model.eval()
+        for m in train:
+            m.training = True
+        for c in collectors:
+            handles.append(c.start())
+        yield
+        completed = True
+    finally:
+        for handle in handles:
+            handle.remove()
+        for c in collectors:
+            c.restore(keep_statistics=completed)
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _run_pass(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward_fn: ForwardFn | None,
+    report: BNStatsReport,
+) -> None:
+    """Feed batches until the cap (``num_batches``, or ``num_samples`` seen) or the end."""
+    by_samples = report.num_samples_requested is not None
+    iterator = iter(batches)
+    while True:
+        if by_samples and report.num_samples >= (report.num_samples_requested or 0):
+            return
+        if not by_samples and report.num_batches >= (report.num_batches_requested or 0):
+            return
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        size = _batch_size(batch)
+        if size is None and by_samples:
+            raise TypeError(
+                "recompute_bn_stats: `num_samples` needs batches whose size can be read (a "
+                f"tensor, or a tuple/list/dict holding one), got a {type(batch).__name__}; "
+                "use `num_batches` instead"
+            )
+        _forward(model, batch, forward_fn)
+        report.num_batches += 1
+        report.num_samples += size or 0
+
+
+def _forward(model: nn.Module, batch: Any, forward_fn: ForwardFn | None) -> None:
+    if forward_fn is not None:
+        forward_fn(model, batch)
+        return
+    try:
+        _default_forward(model, batch)
+    except TypeError as err:
+        if _takes_one_input(model):
+            raise
+        raise TypeError(
+            f"recompute_bn_stats: {type(model).__name__}.forward needs more than the batch's "
+            "input, and the default forward runs `model(batch[0])` (tuple/list batches) or "
+            "`model(batch)`. Pass `forward_fn(model, batch)` that runs one batch (with "
+            "PreciseBN: `forward_fn=` or define `precise_bn_forward(batch)` on the "
+            f"LightningModule). The call failed with: {err}"
+        ) from err
+
+
+def _warn_after(report: BNStatsReport, thin: list[str]) -> None:
+    if report.num_samples_requested is not None:
+        asked, came = report.num_samples_requested, report.num_samples
+        if came < asked:
+            warnings.warn(
+                f"recompute_bn_stats: got {came} sample(s) in {report.num_batches} batch(es), "
+                f"asked for {asked} (num_samples={asked}); "
+                + (f"the statistics use the {came} that came" if came else _NOTHING),
+                stacklevel=_CALLER + 1,
+            )
+    elif report.num_batches < (asked := report.num_batches_requested or 0):
+        came = report.num_batches
+        warnings.warn(
+            f"recompute_bn_stats: got {came} batch(es), asked for {asked} "
+            f"(num_batches={asked}); "
+            + (f"the statistics use the {came} that came" if came else _NOTHING),
+            stacklevel=_CALLER + 1,
+        )
+    if report.num_batches and thin:
+        warnings.warn(
+            "recompute_bn_stats: fewer than two values per channel reached "
+            f"{', '.join(thin)}; their running statistics were left untouched",
+            stacklevel=_CALLER + 1,
+        )
+
+
+_NOTHING = "no batch came, so this process contributed nothing"
 
 
 @torch.no_grad()
 def recompute_bn_stats(
     model: nn.Module,
     batches: Iterable[Any],
-    num_batches: int = 200,
+    num_batches: int = _DEFAULT_NUM_BATCHES,
     forward_fn: ForwardFn | None = None,
+    *,
+    num_samples: int | None = None,
+    domain: int | None = None,
 ) -> BNStatsReport:
     """Set every BN layer's running statistics to the exact statistics of the data (precise BN).
 
     Precise BN: He et al. 2016; Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm".
-    One pass over at most ``num_batches`` batches under ``torch.no_grad()``. Every
-    ``_BatchNorm`` layer (``nn.BatchNorm*d``, ``SyncBatchNorm``, ``BatchRenorm*d``,
-    ``DomainBatchNorm*d`` per domain) runs in train mode, so each normalises with batch
-    statistics as in training, and records the count, mean and centred sum of squares of its
-    inputs per batch; they are merged exactly (Chan et al. 1979) and written as
+    One pass over at most ``num_batches`` batches (or until ``num_samples`` samples were seen)
+    under ``torch.no_grad()``. Every ``_BatchNorm`` layer (``nn.BatchNorm*d``,
+    ``SyncBatchNorm``, ``BatchRenorm*d``, ``DomainBatchNorm*d`` per domain) runs in train mode,
+    so each normalises with batch statistics as in training, and records the count, mean and
+    centred sum of squares of its inputs per batch; they are merged exactly (Chan et al. 1979)
+    and written as
 
         running_mean = sum(x) / n,    running_var = sum((x - running_mean)**2) / (n - 1)
 
@@ -292,26 +582,38 @@ def recompute_bn_stats(
     rank must call this (with its own shard; counts may differ), and all end with identical
     buffers equal to one process seeing every rank's batches.
 
+    ``domain=k`` is AdaBN (Li et al. 2016, "Revisiting Batch Normalization for Practical Domain
+    Adaptation"): adapt a trained model to a new domain from unlabeled data. Every batch is
+    routed to domain ``k`` of every ``DomainBatchNorm`` (whatever ids the forward passes), only
+    those domains are recomputed, and every other layer keeps its buffers and runs as at
+    inference (plain BN layers in eval mode, with their running statistics).
+
     The layers' own EMA updates do not leak: ``momentum`` is set for the pass (to 1 for exact
     ``nn.BatchNorm*d``, whose fused kernel then hands over the batch statistics, else to 0) and
     restored, with every module's ``training`` flag, ``num_batches_tracked`` (BatchRenorm's step
     counter) and, if anything fails, the original running statistics, in ``finally``, even when
-    ``forward_fn`` raises. Weights are never touched.
+    ``forward_fn`` raises. Weights are never touched. :func:`is_recomputing` is True throughout.
 
     Caveats: upstream BN layers use batch statistics, so a layer's statistics depend a little on
     the batch size (use batches like the training ones); ``BatchRenorm``'s ``r`` and ``d`` are
     taken against the running statistics as they were before the call (frozen for the pass).
     Per-batch moments are computed in fp32 (fp16/bf16 activations upcast) and merged in
     float64. Other stateful modules (e.g. a module keeping its own EMA in ``forward``) are run
-    like in inference and may change.
+    like in inference and may change. Under DDP ``num_batches`` and ``num_samples`` count per
+    process.
 
     Args:
         model: the network; BN layers are found with ``model.named_modules()``.
-        batches: any iterable of batches, including an endless iterator (``num_batches`` caps
-            it). Batches must already be on the model's device.
+        batches: any iterable of batches, including an endless iterator (``num_batches`` or
+            ``num_samples`` caps it). Batches must already be on the model's device.
         num_batches: how many batches to use at most. Default: ``200``.
         forward_fn: ``forward_fn(model, batch)`` runs one batch. Default: ``None``, meaning
             ``model(batch[0])`` for a tuple/list batch and ``model(batch)`` otherwise.
+        num_samples: instead of ``num_batches``: stop once this many samples were seen (dim 0
+            of the batch's first tensor); the batch that crosses it is used whole. Passing it
+            together with ``num_batches`` raises. Default: ``None``.
+        domain: recompute only this domain of every ``DomainBatchNorm`` (AdaBN, see above).
+            Default: ``None`` (every layer, every domain seen).
 
     Returns:
         A :class:`BNStatsReport` with, per layer (per domain), the count and how far the old
@@ -320,15 +622,21 @@ def recompute_bn_stats(
     Warns:
         UserWarning: when no BN layer has running statistics (the model is left alone and an
             empty report returned); when layers with ``track_running_stats=False`` are skipped
-            (one warning naming them); when fewer batches than ``num_batches`` came (the message
-            says how many came and how many were asked for; what came is used); when no batch
-            came at all or a layer/domain got fewer than two values per channel (its buffers are
-            left untouched, nothing is raised, so DDP ranks stay in step).
+            (one warning naming them); when fewer batches than ``num_batches`` (fewer samples
+            than ``num_samples``) came (the message says how many came and how many were asked
+            for; what came is used); when no batch came at all or a layer/domain got fewer than
+            two values per channel (its buffers are left untouched, nothing is raised, so DDP
+            ranks stay in step).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, ``batches`` not iterable, ``num_batches``
-            not an int, ``forward_fn`` not callable.
-        ValueError: ``num_batches < 1``.
+        TypeError: ``model`` is not an ``nn.Module``, ``batches`` not iterable, ``num_batches``,
+            ``num_samples`` or ``domain`` not an int, ``forward_fn`` not callable; a batch
+            without a size under ``num_samples``; the default forward on a model whose
+            ``forward`` needs more than the input (the message names ``forward_fn`` and
+            ``precise_bn_forward``).
+        ValueError: ``num_batches < 1``, ``num_samples < 1``, both given, ``domain < 0``, or
+            ``domain`` given and the model has no ``DomainBatchNorm`` or one with too few
+            domains (named).
 
     Shape:
         - Each batch: whatever ``forward_fn`` (or the model) accepts.
@@ -345,130 +653,23 @@ def recompute_bn_stats(
         True
         >>> report.layers[0].name, report.layers[0].count
         ('1', 40)
+        >>> recompute_bn_stats(model, data, num_samples=20).num_batches  # 8 + 8 + 8 >= 20
+        3
     """
-    _check_args(model, batches, num_batches, forward_fn)
-    forward = forward_fn if forward_fn is not None else _default_forward
-    all_bn = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
-    tracked = [
-        (name, m) for name, m in all_bn if m.running_mean is not None and m.running_var is not None
-    ]
-    skipped = [name for name, m in all_bn if (name, m) not in tracked]
-    report = BNStatsReport(num_batches_requested=num_batches, skipped=skipped)
-    if skipped:
-        warnings.warn(
-            f"recompute_bn_stats: skipping {len(skipped)} BN layer(s) without running statistics "
-            f"(track_running_stats=False): {', '.join(skipped)}",
-            stacklevel=_CALLER,
-        )
-    if not tracked:
-        if not all_bn:
-            warnings.warn(
-                f"recompute_bn_stats: {type(model).__name__} has no BatchNorm layer; "
-                "nothing to recompute",
-                stacklevel=_CALLER,
-            )
+    _check_args(model, batches, num_batches, forward_fn, num_samples, domain)
+    report = BNStatsReport(
+        num_batches_requested=None if num_samples is not None else int(num_batches),
+        num_samples_requested=num_samples,
+    )
+    collectors, train = _plan(model, report, domain)
+    if not collectors:
         return report
-
-    collectors = [_Collector(name, m) for name, m in tracked]
-    modes = {m: m.training for m in model.modules()}
-    momenta = [c.module.momentum for c in collectors]
-    saved = [
-        (c.mean.clone(), c.var.clone(), None if c.tracked is None else c.tracked.clone())
-        for c in collectors
-    ]
-    handles: list[RemovableHandle] = []
-    written = False
-    _RECOMPUTING.depth = getattr(_RECOMPUTING, "depth", 0) + 1
-    try:
-        model.eval()
-        for _, bn in all_bn:
-            bn.training = True
-        for c in collectors:
-            c.module.momentum = 1.0 if c.fast else 0.0
-            if c.fast:  # finite scratch values: 0 * old must vanish in the momentum-1 update
-                c.mean.zero_()
-                c.var.fill_(1.0)
-            handles.append(c.register())
-        for batch in itertools.islice(batches, num_batches):
-            forward(model, batch)
-            report.num_batches += 1
-        for handle in handles:
-            handle.remove()
-        handles.clear()
+    with _recomputing(), _pass_state(model, train, collectors):
+        _run_pass(model, batches, forward_fn, report)
         for c in collectors:
             c.flush()
         if dist.is_available() and dist.is_initialized():
-            moments = [c.moments for c in collectors]
-            all_reduce_moments(moments)
-        thin = _write(collectors, saved, report)
-        written = True
-    finally:
-        _RECOMPUTING.depth -= 1
-        for handle in handles:
-            handle.remove()
-        for c, momentum, (mean, var, tracked_count) in zip(collectors, momenta, saved, strict=True):
-            c.module.momentum = momentum
-            if c.tracked is not None and tracked_count is not None:
-                c.tracked.copy_(tracked_count)
-            if not written:
-                c.mean.copy_(mean)
-                c.var.copy_(var)
-        for m, mode in modes.items():
-            m.training = mode
-    if report.num_batches < num_batches:
-        warnings.warn(
-            f"recompute_bn_stats: got {report.num_batches} batch(es), asked for {num_batches} "
-            f"(num_batches={num_batches}); "
-            + (
-                f"the statistics use the {report.num_batches} that came"
-                if report.num_batches
-                else "no batch came, so this process contributed nothing"
-            ),
-            stacklevel=_CALLER,
-        )
-    if report.num_batches and thin:
-        warnings.warn(
-            "recompute_bn_stats: fewer than two values per channel reached "
-            f"{', '.join(thin)}; their running statistics were left untouched",
-            stacklevel=_CALLER,
-        )
+            all_reduce_moments([c.moments for c in collectors])
+        thin = [label for c in collectors for label in c.write(report)]
+    _warn_after(report, thin)
     return report
-
-
-def _write(
-    collectors: list[_Collector],
-    saved: list[tuple[Tensor, Tensor, Tensor | None]],
-    report: BNStatsReport,
-) -> list[str]:
-    """Write the merged moments into the buffers; return the unexpectedly thin layers/domains.
-
-    Layers and domains with fewer than two values per channel keep their original statistics
-    and go to ``report.unseen``; those are returned for a warning except domains that got no
-    data at all (a domain absent from the data is expected to stay untouched).
-    """
-    thin: list[str] = []
-    for c, (old_mean, old_var, _) in zip(collectors, saved, strict=True):
-        count, mean, m2 = c.moments
-        seen = count >= 2
-        var = m2 / (count - 1).clamp_min(1.0)[:, None]
-        if c.domain:
-            c.mean.copy_(torch.where(seen[:, None], mean.to(old_mean), old_mean))
-            c.var.copy_(torch.where(seen[:, None], var.to(old_var), old_var))
-        elif bool(seen[0]):
-            c.mean.copy_(mean[0])
-            c.var.copy_(var[0])
-        else:
-            c.mean.copy_(old_mean)
-            c.var.copy_(old_var)
-        counts = count.tolist()
-        for g, n in enumerate(counts):
-            domain = g if c.domain else None
-            label = c.name if domain is None else f"{c.name}[domain={domain}]"
-            if n < 2:
-                report.unseen.append(label)
-                if n > 0 or not c.domain:
-                    thin.append(label)
-                continue
-            old = (old_mean[g], old_var[g]) if c.domain else (old_mean, old_var)
-            report.layers.append(_shift(c.name, domain, n, old, (mean[g], var[g]), c.module.eps))
-    return thin
