@@ -546,3 +546,235 @@ def test_warnings_point_at_the_caller() -> None:
     with pytest.warns(UserWarning, match="no BatchNorm layer") as record:
         recompute_bn_stats(model, [torch.randn(4, 3)])
     assert record[0].filename == __file__
+
+
+# --- num_samples --------------------------------------------------------------------------------
+
+
+class CountingIterator:
+    """An iterator over ``batches`` that counts how many were taken from it."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches = batches
+        self.taken = 0
+
+    def __iter__(self) -> CountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self.taken == len(self.batches):
+            raise StopIteration
+        self.taken += 1
+        return self.batches[self.taken - 1]
+
+
+@pytest.mark.parametrize(("num_samples", "used"), [(1, 1), (8, 1), (9, 2), (16, 2), (20, 3)])
+def test_num_samples_stops_after_the_crossing_batch(num_samples: int, used: int) -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    xs = make_batches((5,), [8, 8, 8, 8, 5])
+    captured = reference_inputs(model, xs[:used])
+    source = CountingIterator([(x, torch.zeros(len(x))) for x in xs])
+    report = recompute_bn_stats(model, source, num_samples=num_samples)
+    assert source.taken == used  # nothing drawn past the batch that crossed the cap
+    assert report.num_batches == used and report.num_samples == 8 * used
+    assert report.num_samples_requested == num_samples and report.num_batches_requested is None
+    for name, layer in bn_layers(model).items():
+        mean, var = exact_stats([x for x, _ in captured[name]])
+        assert_close_to(layer.running_mean, mean)
+        assert_close_to(layer.running_var, var)
+    assert f"asked for {num_samples} samples" in str(report)
+
+
+def test_num_samples_counts_dict_batches_and_endless_iterators() -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    xs = make_batches((5,), [6, 4])
+    captured = reference_inputs(model, xs + xs)
+    batches = itertools.cycle([{"meta": "x", "x": x} for x in xs])
+    report = recompute_bn_stats(model, batches, forward_fn=lambda m, b: m(b["x"]), num_samples=17)
+    assert (report.num_batches, report.num_samples) == (4, 20)
+    mean, var = exact_stats([x for x, _ in captured["5"]])
+    assert_close_to(model[5].running_mean, mean)
+    assert_close_to(model[5].running_var, var)
+
+
+def test_num_samples_short_loader_warns_with_both_numbers() -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    xs = make_batches((5,), [8, 8, 5])
+    captured = reference_inputs(model, xs)
+    with pytest.warns(UserWarning, match=r"got 21 sample\(s\) in 3 batch\(es\), asked for 100"):
+        report = recompute_bn_stats(model, xs, num_samples=100)
+    assert report.num_samples == 21
+    mean, var = exact_stats([x for x, _ in captured["1"]])
+    assert_close_to(model[1].running_var, var)
+    assert_close_to(model[1].running_mean, mean)
+
+
+def test_num_samples_needs_readable_batch_sizes_and_restores() -> None:
+    model = mlp()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="`num_samples`"):
+        recompute_bn_stats(model, ["not a tensor"], forward_fn=lambda m, b: None, num_samples=4)
+    after = snapshot(model)
+    assert all(torch.equal(v, after["state"][k]) for k, v in before["state"].items())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_samples": 0}, ValueError, "`num_samples` must be >= 1, got 0"),
+        ({"num_samples": 2.0}, TypeError, "`num_samples`"),
+        ({"num_samples": 4, "num_batches": 3}, ValueError, "`num_batches` or `num_samples`"),
+        ({"num_samples": 4, "num_batches": 200}, ValueError, "not both"),  # explicit 200 too
+        ({"domain": True}, TypeError, "`domain`"),
+        ({"domain": -1}, ValueError, "`domain` must be >= 0"),
+        ({"domain": 0}, ValueError, "no DomainBatchNorm"),
+    ],
+)
+def test_bad_num_samples_and_domain(kwargs: dict, error: type[Exception], match: str) -> None:
+    model = mlp()
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        recompute_bn_stats(model, [torch.randn(4, 5)], **kwargs)
+    after = snapshot(model)
+    assert all(torch.equal(v, after["state"][k]) for k, v in before["state"].items())
+
+
+# --- domain=k (AdaBN) ---------------------------------------------------------------------------
+
+
+class AdaNet(nn.Module):
+    """Plain BN (shared) upstream of per-domain layers; ids passed explicitly and by context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.plain = nn.BatchNorm2d(4)
+        self.dbn = DomainBatchNorm2d(4, num_domains=3)
+        self.fc = nn.Linear(4, 5)
+        self.dbn1d = DomainBatchNorm1d(5, num_domains=3)
+        with torch.no_grad():  # trained-looking buffers, far from the data
+            self.plain.running_mean.uniform_(-1.0, 1.0)
+            self.plain.running_var.uniform_(0.5, 2.0)
+            for bn in (self.dbn, self.dbn1d):
+                bn.running_mean.uniform_(-1.0, 1.0)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.num_batches_tracked.copy_(torch.tensor([3, 4, 5]))
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        h = torch.relu(self.dbn(self.plain(self.conv(x)), domain=ids))
+        with domain(self, ids):
+            return self.dbn1d(self.fc(h.mean((2, 3))))
+
+
+def adabn_reference(model: AdaNet, batches: list[tuple[Tensor, Tensor]], k: int) -> dict:
+    """Exact float64 statistics of what each domain layer sees at inference on domain ``k``.
+
+    A copy runs every batch with all ids set to ``k``: plain BN in eval mode (its running
+    statistics, as at inference), the domain layers in train mode (batch statistics).
+    """
+    ref = copy.deepcopy(model).eval()
+    inputs: dict[str, list[Tensor]] = {"dbn": [], "dbn1d": []}
+    for name in inputs:
+        layer = getattr(ref, name)
+        layer.train()
+        layer.momentum = 0.0
+        layer.register_forward_pre_hook(
+            lambda m, args, name=name: inputs[name].append(args[0].double())
+        )
+    with torch.no_grad():
+        for x, ids in batches:
+            ref(x, torch.full_like(ids, k))
+    return {name: exact_stats(xs) for name, xs in inputs.items()}
+
+
+def test_domain_k_recomputes_only_that_domain_exactly() -> None:
+    model = AdaNet()
+    before = copy.deepcopy(model.state_dict())
+    batches = domain_batches([16, 16, 9], [0, 1], seed=3)  # ids 0/1 in the batches: ignored
+    expected = adabn_reference(model, batches, k=2)
+    report = recompute_bn_stats(model, batches, 3, lambda m, b: m(*b), domain=2)
+    for name in ("dbn", "dbn1d"):
+        mean, var = expected[name]
+        layer = getattr(model, name)
+        assert_close_to(layer.running_mean[2], mean)
+        assert_close_to(layer.running_var[2], var)
+        for key in ("running_mean", "running_var"):  # domains 0 and 1 untouched, bit for bit
+            assert torch.equal(getattr(layer, key)[:2], before[f"{name}.{key}"][:2])
+        assert layer.num_batches_tracked.tolist() == [3, 4, 5]
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(model.plain, key), before[f"plain.{key}"])
+    assert [(layer.name, layer.domain) for layer in report.layers] == [("dbn", 2), ("dbn1d", 2)]
+    assert report.layers[0].count == 41 * 6 * 5 and report.layers[1].count == 41
+    assert model.training and all(m.momentum == 0.1 for m in (model.plain, model.dbn))
+
+
+def test_domain_k_out_of_range_names_the_layer_and_changes_nothing() -> None:
+    model = nn.Sequential(DomainBatchNorm1d(3, num_domains=4), DomainBatchNorm1d(3, num_domains=2))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"`domain=2`.*layer 1 .*num_domains=2"):
+        recompute_bn_stats(model, [torch.randn(4, 3)], domain=2)
+    after = snapshot(model)
+    assert all(torch.equal(v, after["state"][k]) for k, v in before["state"].items())
+
+
+# --- forward errors and is_recomputing ----------------------------------------------------------
+
+
+class TwoInputNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x: Tensor, scale: Tensor) -> Tensor:
+        return self.bn(x * scale)
+
+
+def test_default_forward_on_a_two_input_model_names_forward_fn() -> None:
+    model = TwoInputNet()
+    before = snapshot(model)
+    batches = [(torch.randn(4, 3), torch.ones(4, 1))]
+    with pytest.raises(TypeError, match=r"`forward_fn\(model, batch\)`.*precise_bn_forward"):
+        recompute_bn_stats(model, batches)
+    after = snapshot(model)
+    assert all(torch.equal(v, after["state"][k]) for k, v in before["state"].items())
+    recompute_bn_stats(model, batches, num_batches=1, forward_fn=lambda m, b: m(*b))
+    assert_close_to(model.bn.running_mean, batches[0][0].double().mean(0))
+
+
+def test_type_error_inside_a_one_input_forward_is_not_rewritten() -> None:
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.bn(x) + "oops"  # type: ignore[operator]
+
+    with pytest.raises(TypeError) as info:
+        recompute_bn_stats(Broken(), [torch.randn(4, 3)])
+    assert "forward_fn" not in str(info.value)
+
+
+def test_is_recomputing_during_every_forward_of_the_pass_and_after_errors() -> None:
+    from lightning_norms.stats import is_recomputing
+
+    model = mlp()
+    flags: list[bool] = []
+    model[1].register_forward_pre_hook(lambda m, a: flags.append(is_recomputing()))
+    recompute_bn_stats(model, make_batches((5,), [4, 4, 4]), num_batches=3)
+    assert flags == [True, True, True] and not is_recomputing()
+    model(torch.randn(4, 5))  # an ordinary training call afterwards
+    assert flags[-1] is False
+
+    def failing(m: nn.Module, batch: Tensor) -> Tensor:
+        if len(flags) == 6:
+            raise RuntimeError("boom")
+        return m(batch)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        recompute_bn_stats(model, make_batches((5,), [4, 4, 4]), forward_fn=failing)
+    assert flags[4:] == [True, True] and not is_recomputing()
