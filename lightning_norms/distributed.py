@@ -33,34 +33,14 @@ __all__ = [
 ]
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; the gradient of every rank's input is the sum of all ranks' gradients."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, tensor: Tensor, group: Any
-    ) -> Tensor:
-        ctx.group = group  # type: ignore[attr-defined]
-        out = tensor.clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
-    ) -> tuple[Tensor, None]:
-        out = grad.contiguous().clone()
-        dist.all_reduce(out, group=ctx.group)  # type: ignore[attr-defined]
-        return out, None
-
-
 def all_reduce_sum(tensor: Tensor, process_group: Any = None) -> Tensor:
     r"""Differentiable sum of ``tensor`` over the ranks of ``process_group``.
 
     :math:`y = \sum_r x_r` on every rank. Since every rank's loss depends on every rank's
     input, :math:`\partial L / \partial x_r = \sum_{r'} \partial L_{r'} / \partial y`: the
     backward is an all-reduce of the gradient as well (``L = \sum_r L_r``, what DDP optimises
-    up to its ``1 / world_size``). Without an initialised process group it returns a copy.
+    up to its ``1 / world_size``); that backward is itself differentiable, so gradients of any
+    order are correct. Without an initialised process group it returns a copy.
 
     Args:
         tensor: the local tensor (not modified).
@@ -77,7 +57,7 @@ def all_reduce_sum(tensor: Tensor, process_group: Any = None) -> Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return tensor.clone()
-    return _AllReduceSum.apply(tensor, process_group)
+    return LF._AllReduceSum.apply(tensor, process_group)
 
 
 def is_sync_active(module: nn.Module) -> bool:
@@ -132,28 +112,27 @@ class _SyncedBatchNorm:
         self.process_group = process_group
 
     def forward(self, input: Tensor) -> Tensor:
-        if not is_sync_active(self):  # type: ignore[arg-type]
-            return super().forward(input)  # type: ignore[misc]
         self._check_input_dim(input)  # type: ignore[attr-defined]
-        factor = 0.0 if self.momentum is None else self.momentum
-        tracked = self.track_running_stats and self.running_mean is not None
-        if tracked and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+        tracked = not self.training or self.track_running_stats
+        running_mean = self.running_mean if tracked else None
+        running_var = self.running_var if tracked else None
+        counter = self.num_batches_tracked if self.training and tracked else None
+        # one domain: row 0 of [1, C] views of the buffers (the same storage); in one process
+        # (or eval) this is nn.BatchNorm's own F.batch_norm call, advancing the counter only
+        # after it succeeded and not for an empty batch
         return LF._domain_batch_norm(
             input,
             0,
             1,
-            self.running_mean.view(1, -1) if tracked and self.running_mean is not None else None,
-            self.running_var.view(1, -1) if tracked and self.running_var is not None else None,
+            None if running_mean is None else running_mean.view(1, -1),
+            None if running_var is None else running_var.view(1, -1),
             self.weight,
             self.bias,
-            True,
-            factor,
+            self.training,
+            self.momentum,
             self.eps,
-            None,
-            True,
+            None if counter is None else counter.view(1),
+            self.sync,
             self.process_group,
             f"{type(self).__name__}({self.num_features})",
         )

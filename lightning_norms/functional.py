@@ -365,14 +365,17 @@ def _local_domain_stats(x3: Tensor, ids: Tensor, num_domains: int) -> tuple[Tens
     """Per-domain element count ``[D]``, mean ``[D, C]`` and sum of squared deviations.
 
     Two exact passes per ``(sample, channel)`` row (mean, then the norm of the centred row),
-    merged per domain with Chan's formula: no ``E[x^2] - E[x]^2`` cancellation.
+    merged per domain with Chan's formula: no ``E[x^2] - E[x]^2`` cancellation. An empty
+    input (a rank without data) counts nothing.
     """
     n, c, length = x3.shape
     dtype = _stat_dtype(x3)
-    row_mean = x3.mean(2, dtype=dtype)
-    row_m2 = torch.linalg.vector_norm(x3 - row_mean.unsqueeze(2), dim=2, dtype=dtype).square()
     zeros = torch.zeros(num_domains, c, dtype=dtype, device=x3.device)
     samples = torch.zeros(num_domains, dtype=dtype, device=x3.device)
+    if x3.numel() == 0:
+        return samples, zeros, zeros.clone()
+    row_mean = x3.mean(2, dtype=dtype)
+    row_m2 = torch.linalg.vector_norm(x3 - row_mean.unsqueeze(2), dim=2, dtype=dtype).square()
     samples.index_add_(0, ids, torch.ones(n, dtype=dtype, device=x3.device))
     mean = zeros.index_add(0, ids, row_mean) / samples.clamp(min=1).unsqueeze(1)
     spread = (row_mean - mean[ids]).square().mul_(length).add_(row_m2)
@@ -409,6 +412,45 @@ def _check_counts(count: Tensor, name: str) -> None:
             f"{name}: expected more than 1 value per channel when training, got 1 for "
             f"domain(s) {which}"
         )
+
+
+def _domain_stats(
+    x3: Tensor,
+    ids: Tensor,
+    num_domains: int,
+    group: tuple[torch.distributed.ProcessGroup | None] | None,
+    name: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-domain ``(count, mean, M2)`` of ``[N, C, L]`` rows, global over ``group``; checked.
+
+    No gradient (the backward accounts for the statistics' dependence on ``x``). Raises before
+    any state changes, on every rank alike when synchronised.
+    """
+    with torch.no_grad():
+        count, mean, m2 = _local_domain_stats(x3, ids, num_domains)
+        if group is not None:
+            count, mean, m2 = _all_reduce_stats(count, mean, m2, group[0])
+    _check_counts(count, name)
+    return count, mean, m2
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of every rank's input is the sum of all ranks' gradients.
+
+    The backward is itself an ``_AllReduceSum``, so gradients of any order are correct
+    (gradient penalties through synchronised layers).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return _AllReduceSum.apply(grad, ctx.group), None
 
 
 def domain_batch_stats(
@@ -460,12 +502,16 @@ def domain_batch_stats(
         return count, mean, m2 / count.clamp(min=1).unsqueeze(1)
 
 
-def _gather_rows(param: Tensor | None, ids: Tensor, n: int) -> Tensor | None:
-    """Per-``(sample, channel)`` values of a ``[D, C]`` (per domain) or ``[C]`` (shared) tensor."""
+def _gather_rows(param: Tensor | None, ids: Tensor, n: int, dtype: torch.dtype) -> Tensor | None:
+    """Per-``(sample, channel)`` ``[N*C]`` values of a ``[D, C]`` (per domain) or ``[C]`` tensor.
+
+    In ``dtype`` (the statistics' dtype): fp16/bf16 parameters are used in fp32, as the fp32
+    statistics they are combined with.
+    """
     if param is None:
         return None
     rows = param[ids] if param.dim() == 2 else param.expand(n, -1)
-    return rows.reshape(-1)
+    return rows.reshape(-1).to(dtype)
 
 
 def _fold_domains(grad: Tensor, param: Tensor) -> Tensor:
@@ -483,14 +529,15 @@ def _normalize_rows(
 ) -> Tensor:
     """``(x - mean) / sqrt(var + eps) * weight + bias`` with per-row ``[N*C]`` values.
 
-    One ``batch_norm`` inference kernel over the ``[1, N*C, L]`` view of the rows.
+    One ``batch_norm`` inference kernel over the ``[1, N*C, L]`` view of the rows; returns
+    that kernel's own ``[1, N*C, L]`` tensor (not a view), in ``x3``'s dtype.
     """
     n, c, length = x3.shape
     if x3.numel() == 0:
-        return x3.clone()
+        return x3.reshape(1, n * c, length).clone()
     flat = x3.view(1, n * c, length)
     cudnn = torch.backends.cudnn.enabled
-    return torch.batch_norm(flat, weight, bias, mean, var, False, 0.0, eps, cudnn).view(x3.shape)
+    return torch.batch_norm(flat, weight, bias, mean, var, False, 0.0, eps, cudnn)
 
 
 def _row_grad_sums(g3: Tensor, x3: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
@@ -515,14 +562,109 @@ def _row_grad_sums(g3: Tensor, x3: Tensor, mean: Tensor) -> tuple[Tensor, Tensor
     return row_sum.view(n, c), row_dot.view(n, c)
 
 
-class _DomainBatchNormFn(torch.autograd.Function):
-    """BatchNorm with per-domain batch statistics, forward and backward in a few fused passes.
+Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
 
-    Forward: per-row statistics, merged per domain (and across ranks), then one ``batch_norm``
-    inference kernel over the ``[1, N*C, L]`` view with per-row mean/var/affine gathered from
-    the domains. Backward: one ``native_batch_norm_backward`` pass for the per-row sums
-    ``sum(dy)`` and ``sum(dy * (x - mu_d))``, merged per domain (and all-reduced across ranks,
-    as torch's SyncBatchNorm does), then BatchNorm's input gradient as ``A*dy + B*x + C``.
+
+def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
+    """First-order gradients of :class:`_DomainBatchNormFn` in a few fused passes (no graph)."""
+    x3, ids, weight, count, row_mean, mean, invstd = saved
+    num_domains, c = mean.shape
+    g3 = g3.contiguous()
+    row_sum, row_dot = _row_grad_sums(g3, x3, row_mean)
+    zeros = torch.zeros(num_domains, c, dtype=mean.dtype, device=x3.device)
+    sum_dy = zeros.index_add(0, ids, row_sum.to(mean.dtype))
+    sum_dy_xmu = zeros.index_add(0, ids, row_dot.to(mean.dtype))
+    grad_weight = grad_bias = grad_x = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        grad_weight = _fold_domains(sum_dy_xmu * invstd, weight)
+    if ctx.needs_input_grad[2]:
+        grad_bias = _fold_domains(sum_dy, ctx.bias_like)
+    if ctx.needs_input_grad[0]:
+        if ctx.group is not None:
+            packed = torch.stack([sum_dy, sum_dy_xmu])
+            torch.distributed.all_reduce(packed, group=ctx.group[0])
+            sum_dy, sum_dy_xmu = packed[0], packed[1]
+        # dx = scale * (dy - sum_dy / M - (x - mu) * invstd^2 * sum_dy_xmu / M): the
+        # (x - mu) part is one inference batch_norm kernel (exact centring), then + scale*dy
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        inv_count = 1.0 / count.clamp(min=1).unsqueeze(1)
+        coef_xmu = -scale * invstd.square() * sum_dy_xmu * inv_count
+        coef_1 = -scale * sum_dy * inv_count
+        grad_x = _normalize_rows(
+            x3,
+            row_mean,
+            torch.ones_like(row_mean),
+            coef_xmu[ids].reshape(-1),
+            coef_1[ids].reshape(-1),
+            0.0,
+        ).view(x3.shape)
+        grad_x = grad_x.addcmul_(g3, scale[ids].unsqueeze(2).to(grad_x.dtype))
+    return grad_x, grad_weight, grad_bias
+
+
+def _graph_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
+    r"""Gradients of :class:`_DomainBatchNormFn` from differentiable ops (``create_graph``).
+
+    BatchNorm's backward per domain :math:`d`, with :math:`\mu_d, \sigma_d` recomputed from
+    the saved input (through a differentiable all-reduce when synchronised) and
+    :math:`\hat x = (x - \mu_d) / \sigma_d`:
+
+    .. math::
+
+        \partial\beta_d = \textstyle\sum_d \partial y,\quad
+        \partial\gamma_d = \textstyle\sum_d \partial y\,\hat x,\quad
+        \partial x = \frac{\gamma_d}{\sigma_d}\left(\partial y - \mathrm{E}_d[\partial y]
+        - \hat x\, \mathrm{E}_d[\partial y\, \hat x]\right)
+
+    (means over the domain's elements on all ranks), in fp32 at least. Autograd
+    differentiates this graph, so double backward (gradient penalties) is exact.
+    """
+    x3, ids, weight, count, _, mean, _ = saved
+    group = ctx.group
+    num_domains, c = mean.shape
+    xf, gf = x3.to(mean.dtype), g3.to(mean.dtype)
+    inv_count = count.clamp(min=1).reciprocal().unsqueeze(1)
+
+    def domain_sum(rows: Tensor, across_ranks: bool) -> Tensor:
+        total = rows.new_zeros(num_domains, c).index_add(0, ids, rows)
+        if across_ranks and group is not None:
+            return _AllReduceSum.apply(total, group[0])
+        return total
+
+    centred = xf - (domain_sum(xf.sum(2), True) * inv_count)[ids].unsqueeze(2)
+    invstd = torch.rsqrt(domain_sum(centred.square().sum(2), True) * inv_count + ctx.eps)
+    x_hat = centred * invstd[ids].unsqueeze(2)
+    sum_dy = domain_sum(gf.sum(2), False)
+    sum_dy_xhat = domain_sum((gf * x_hat).sum(2), False)
+    grad_weight = grad_bias = grad_x = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        grad_weight = _fold_domains(sum_dy_xhat, weight)
+    if ctx.needs_input_grad[2]:
+        grad_bias = _fold_domains(sum_dy, ctx.bias_like)
+    if ctx.needs_input_grad[0]:
+        sums = torch.stack([sum_dy, sum_dy_xhat]) * inv_count
+        if group is not None:
+            sums = _AllReduceSum.apply(sums, group[0])
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        grad_x = scale[ids].unsqueeze(2) * (
+            gf - sums[0][ids].unsqueeze(2) - x_hat * sums[1][ids].unsqueeze(2)
+        )
+        grad_x = grad_x.to(x3.dtype)
+    return grad_x, grad_weight, grad_bias
+
+
+class _DomainBatchNormFn(torch.autograd.Function):
+    """BatchNorm of ``[N, C, L]`` rows with given per-domain batch statistics.
+
+    Forward: one ``batch_norm`` inference kernel over the ``[1, N*C, L]`` view with per-row
+    mean/var/affine gathered from the domains' ``(count, mean, M2)`` (global when
+    synchronised); the output is that kernel's own ``[1, N*C, L]`` tensor, never a view, so an
+    inplace op after the layer (``nn.ReLU(inplace=True)``, ``out += identity``) is legal.
+    Backward: :func:`_fused_grads` (one ``native_batch_norm_backward`` pass for the per-row
+    sums, merged per domain and all-reduced across ranks as torch's SyncBatchNorm does, then
+    ``A*dy + B*x + C``), or, when a graph of the gradient is asked for (``create_graph=True``:
+    grad mode is on inside ``backward``), :func:`_graph_grads` on the saved input, which stays
+    connected to the graph.
     """
 
     @staticmethod
@@ -530,83 +672,41 @@ class _DomainBatchNormFn(torch.autograd.Function):
         # Any, as in torch's docs: FunctionCtx's stub has neither saved_tensors nor
         # needs_input_grad, takes no None in save_for_backward, and no custom attributes
         ctx: Any,
-        x: Tensor,
+        x3: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
         ids: Tensor,
-        num_domains: int,
         eps: float,
         group: tuple[torch.distributed.ProcessGroup | None] | None,
-        name: str,
-        stats: tuple[Tensor, Tensor, Tensor] | None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        n = x.shape[0]
-        x3 = _rows(x)
-        if stats is None:
-            count, mean, m2 = _local_domain_stats(x3, ids, num_domains)
-            if group is not None:
-                count, mean, m2 = _all_reduce_stats(count, mean, m2, group[0])
-            _check_counts(count, name)
-        else:
-            count, mean, m2 = stats
+        stats: tuple[Tensor, Tensor, Tensor],
+    ) -> Tensor:
+        n = x3.shape[0]
+        count, mean, m2 = stats
         var = m2 / count.clamp(min=1).unsqueeze(1)
         row_mean = mean[ids].reshape(-1)
         out = _normalize_rows(
             x3,
             row_mean,
             var[ids].reshape(-1),
-            _gather_rows(weight, ids, n),
-            _gather_rows(bias, ids, n),
+            _gather_rows(weight, ids, n, mean.dtype),
+            _gather_rows(bias, ids, n, mean.dtype),
             eps,
         )
         invstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x3, ids, weight, count, row_mean, mean, invstd)
-        ctx.group = group
+        ctx.eps, ctx.group = eps, group
         ctx.bias_like = bias.detach() if bias is not None else None
-        ctx.shape = x.shape
-        unbiased = m2 / (count - 1).clamp(min=1).unsqueeze(1)
-        ctx.mark_non_differentiable(count, mean, unbiased)
-        return out.view(x.shape), count, mean, unbiased
+        return out
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: Any, grad_out: Tensor, *_: Tensor
+        ctx: Any, grad_out: Tensor
     ) -> tuple[Tensor | None, ...]:
-        x3, ids, weight, count, row_mean, mean, invstd = ctx.saved_tensors
-        num_domains, c = mean.shape
-        g3 = _rows(grad_out)
-        row_sum, row_dot = _row_grad_sums(g3, x3, row_mean)
-        zeros = torch.zeros(num_domains, c, dtype=mean.dtype, device=x3.device)
-        sum_dy = zeros.index_add(0, ids, row_sum.to(mean.dtype))
-        sum_dy_xmu = zeros.index_add(0, ids, row_dot.to(mean.dtype))
-        grad_weight = grad_bias = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = _fold_domains(sum_dy_xmu * invstd, weight)
-        if ctx.needs_input_grad[2]:
-            grad_bias = _fold_domains(sum_dy, ctx.bias_like)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            if ctx.group is not None:
-                packed = torch.stack([sum_dy, sum_dy_xmu])
-                torch.distributed.all_reduce(packed, group=ctx.group[0])
-                sum_dy, sum_dy_xmu = packed[0], packed[1]
-            # dx = scale * (dy - sum_dy / M - (x - mu) * invstd^2 * sum_dy_xmu / M): the
-            # (x - mu) part is one inference batch_norm kernel (exact centring), then + scale*dy
-            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            inv_count = 1.0 / count.clamp(min=1).unsqueeze(1)
-            coef_xmu = -scale * invstd.square() * sum_dy_xmu * inv_count
-            coef_1 = -scale * sum_dy * inv_count
-            grad_x = _normalize_rows(
-                x3,
-                row_mean,
-                torch.ones_like(row_mean),
-                coef_xmu[ids].reshape(-1),
-                coef_1[ids].reshape(-1),
-                0.0,
-            )
-            grad_x = grad_x.addcmul_(g3, scale[ids].unsqueeze(2).to(grad_x.dtype))
-            grad_x = grad_x.to(grad_out.dtype).view(ctx.shape)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+        saved = ctx.saved_tensors
+        g3 = grad_out.reshape(saved[0].shape)
+        grad_fn = _graph_grads if torch.is_grad_enabled() else _fused_grads
+        grads = grad_fn(ctx, saved, g3)
+        return (*grads, None, None, None, None)
 
 
 def _update_running_stats(
@@ -634,6 +734,61 @@ def _update_running_stats(
     running_var.mul_(keep).add_(unbiased_var.to(running_var.dtype) * factor)
 
 
+def _empty_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """Output of a batch without elements: empty, attached to ``weight``/``bias`` (zero grads).
+
+    What ``F.batch_norm`` returns for an empty input; nothing is computed or updated.
+    """
+    out = x.clone()
+    if weight is not None and weight.numel():
+        out = out * weight.flatten()[0]
+    if bias is not None and bias.numel():
+        out = out + bias.flatten()[0]
+    return out
+
+
+def _int_domain_batch_norm(
+    x: Tensor,
+    domain: int,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    use_batch_stats: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+    name: str,
+) -> Tensor:
+    """A whole batch of one domain: one ``F.batch_norm`` on row views of the buffers.
+
+    ``num_batches_tracked`` (given in training only) is advanced after the kernel succeeded.
+    """
+    if use_batch_stats and x.numel() <= x.shape[1]:
+        raise ValueError(
+            f"{name}: expected more than 1 value per channel when training, got input of "
+            f"shape {tuple(x.shape)}"
+        )
+    per_domain_affine = weight is not None and weight.dim() == 2
+    tracked = running_mean is not None and num_batches_tracked is not None
+    factor = 0.0 if momentum is None else momentum
+    if tracked and momentum is None and num_batches_tracked is not None:
+        factor = 1.0 / (float(num_batches_tracked[domain]) + 1.0)
+    out = F.batch_norm(
+        x,
+        None if running_mean is None else running_mean[domain],
+        None if running_var is None else running_var[domain],
+        weight[domain] if per_domain_affine and weight is not None else weight,
+        bias[domain] if per_domain_affine and bias is not None else bias,
+        use_batch_stats,
+        factor,
+        eps,
+    )
+    if tracked and num_batches_tracked is not None:
+        num_batches_tracked[domain].add_(1)
+    return out
+
+
 def _domain_batch_norm(
     x: Tensor,
     domains: int | Tensor,
@@ -650,58 +805,52 @@ def _domain_batch_norm(
     process_group: torch.distributed.ProcessGroup | None,
     name: str,
 ) -> Tensor:
-    """:func:`domain_batch_norm` on validated domain ids, with ``name`` in error messages."""
+    """:func:`domain_batch_norm` on validated domain ids, with ``name`` in error messages.
+
+    Every check runs before any buffer changes: a call that raises leaves them as they were.
+    """
     use_batch_stats = training or running_mean is None or running_var is None
     group = (process_group,) if training and _sync_world(sync, process_group) else None
-    per_domain_affine = weight is not None and weight.dim() == 2
-    n, c = x.shape[0], x.shape[1]
+    if x.numel() == 0 and group is None:  # synced: every rank must join the collectives
+        return _empty_batch_norm(x, weight, bias)
     if isinstance(domains, int) and group is None:
-        if use_batch_stats and x.numel() <= c:
-            raise ValueError(
-                f"{name}: expected more than 1 value per channel when training, got input of "
-                f"shape {tuple(x.shape)}"
-            )
-        factor = 0.0 if momentum is None else momentum
-        tracked = training and running_mean is not None
-        if tracked and num_batches_tracked is not None:
-            num_batches_tracked[domains].add_(1)
-            if momentum is None:
-                factor = 1.0 / float(num_batches_tracked[domains])
-        return F.batch_norm(
+        return _int_domain_batch_norm(
             x,
-            None if running_mean is None else running_mean[domains],
-            None if running_var is None else running_var[domains],
-            weight[domains] if per_domain_affine and weight is not None else weight,
-            bias[domains] if per_domain_affine and bias is not None else bias,
+            domains,
+            running_mean,
+            running_var,
+            weight,
+            bias,
             use_batch_stats,
-            factor,
+            momentum,
             eps,
+            num_batches_tracked if training else None,
+            name,
         )
     ids = _expand_domains(domains, x)
+    x3 = _rows(x)
+    n, c = x3.shape[0], x3.shape[1]
     if not use_batch_stats and running_mean is not None and running_var is not None:
-        x3 = _rows(x)
-        if x3.numel() == 0:
-            return x.clone()
         out = F.batch_norm(
             x3.view(1, n * c, x3.shape[2]),
             running_mean[ids].reshape(-1),
             running_var[ids].reshape(-1),
-            _gather_rows(weight, ids, n),
-            _gather_rows(bias, ids, n),
+            _gather_rows(weight, ids, n, running_mean.dtype),
+            _gather_rows(bias, ids, n, running_mean.dtype),
             False,
             0.0,
             eps,
         )
         return out.view(x.shape)
-    out, count, mean, unbiased_var = _DomainBatchNormFn.apply(
-        x, weight, bias, ids, num_domains, eps, group, name, None
-    )
+    count, mean, m2 = _domain_stats(x3, ids, num_domains, group, name)
+    out = _DomainBatchNormFn.apply(x3, weight, bias, ids, eps, group, (count, mean, m2))
     if training and running_mean is not None and running_var is not None:
         with torch.no_grad():
+            unbiased_var = m2 / (count - 1).clamp(min=1).unsqueeze(1)
             _update_running_stats(
                 running_mean, running_var, num_batches_tracked, count, mean, unbiased_var, momentum
             )
-    return out
+    return out.view(x.shape)
 
 
 def domain_batch_norm(
@@ -818,18 +967,14 @@ def _synced_batch_renorm(
     """
     ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     group = (process_group,) if _sync_world(True, process_group) else None
-    with torch.no_grad():
-        count, mean, m2 = _local_domain_stats(_rows(x), ids, 1)
-        if group is not None:
-            count, mean, m2 = _all_reduce_stats(count, mean, m2, process_group)
-        _check_counts(count, name)
+    x3 = _rows(x)
+    count, mean, m2 = _domain_stats(x3, ids, 1, group, name)
     tracked = running_mean is not None and running_var is not None
     # when tracked, both are tensors (mypy does not narrow through the bool)
     if tracked and not _is_plain_bn(r_max, d_max):
-        batch_var = m2[0] / count.clamp(min=1)
         weight, bias = _renorm_affine(
             mean[0],
-            batch_var,
+            m2[0] / count.clamp(min=1),
             cast(Tensor, running_mean),
             cast(Tensor, running_var),
             weight,
@@ -838,9 +983,7 @@ def _synced_batch_renorm(
             r_max,
             d_max,
         )
-    out, count, mean, unbiased_var = _DomainBatchNormFn.apply(
-        x, weight, bias, ids, 1, eps, group, name, (count, mean, m2)
-    )
+    out = _DomainBatchNormFn.apply(x3, weight, bias, ids, eps, group, (count, mean, m2))
     if tracked:
         with torch.no_grad():
             _update_running_stats(
@@ -849,7 +992,7 @@ def _synced_batch_renorm(
                 None,
                 count,
                 mean,
-                unbiased_var,
+                m2 / (count - 1).clamp(min=1).unsqueeze(1),
                 momentum,
             )
-    return out
+    return out.view(x.shape)
