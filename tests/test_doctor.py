@@ -218,10 +218,10 @@ def _data(n: int = 1024, seed: int = 0, shift: float = 0.0) -> tuple[Tensor, Ten
     return centers[y] + torch.randn(n, DIM, generator=gen) + shift, y
 
 
-def _mlp(momentum: float = 0.1) -> nn.Sequential:
+def _mlp(momentum: float = 0.1, bias: bool = False) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(DIM, 16), nn.BatchNorm1d(16), nn.ReLU(),
-        nn.Linear(16, 16), nn.BatchNorm1d(16, momentum=momentum), nn.ReLU(),
+        nn.Linear(DIM, 16, bias=bias), nn.BatchNorm1d(16), nn.ReLU(),
+        nn.Linear(16, 16, bias=bias), nn.BatchNorm1d(16, momentum=momentum), nn.ReLU(),
         nn.Linear(16, CLASSES),
     )  # fmt: skip
 
@@ -305,7 +305,7 @@ def test_clean_run_raises_nothing(tmp_path: Path, capsys: pytest.CaptureFixture)
 
 
 def test_plain_table_without_rich(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "rich", None)  # import rich... raises ImportError
     monkeypatch.setitem(sys.modules, "rich.console", None)
@@ -313,13 +313,15 @@ def test_plain_table_without_rich(
     torch.manual_seed(0)
     x, y = _data()
     train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
-    _fit(Net(_mlp()), train, None, tmp_path, BatchNormDoctor(), max_epochs=1, limit_val_batches=0)
-    lines = capsys.readouterr().out.splitlines()
+    with caplog.at_level("INFO"):  # without rich the table goes through Lightning's logging
+        _fit(Net(_mlp()), train, None, tmp_path, BatchNormDoctor(), max_epochs=1,
+             limit_val_batches=0)  # fmt: skip
+    lines = caplog.text.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("layer"))
     assert lines[header].split() == ["layer", "type", "batch", "spread", "calls/step",
-                                     "samples/call", "status"]  # fmt: skip
+                                     "samples/call", "biased", "input", "status"]  # fmt: skip
     assert lines[header + 1].split()[:2] == ["body.1", "BatchNorm1d"]
-    assert lines[header + 1].split()[-3:] == ["1", "32", "ok"]
+    assert lines[header + 1].split()[-4:] == ["1", "32", "0.00", "ok"]
 
 
 def test_unshuffled_class_sorted_loader(tmp_path: Path) -> None:
@@ -380,7 +382,7 @@ class TwoTowers(LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.tower = nn.Sequential(nn.Linear(DIM, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.tower = nn.Sequential(nn.Linear(DIM, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU())
         self.head = nn.Sequential(nn.BatchNorm1d(16), nn.Linear(16, CLASSES))
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
@@ -423,7 +425,7 @@ class DomainTowers(LightningModule):
         super().__init__()
         from lightning_norms.domain_bn import DomainBatchNorm1d
 
-        self.lin = nn.Linear(DIM, 16)
+        self.lin = nn.Linear(DIM, 16, bias=False)
         self.norm = DomainBatchNorm1d(16, num_domains=2)
         self.head = nn.Linear(16, CLASSES)
 
@@ -476,7 +478,7 @@ def test_domain_batchnorm_per_domain_checks(tmp_path: Path) -> None:
 
 def test_stale_running_stats(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    body = _mlp(momentum=1e-4)  # body.4 barely moves its running stats
+    body = _mlp(momentum=1e-4, bias=True)  # body.4 barely moves its running stats
     with torch.no_grad():
         body[3].bias.fill_(3.0)  # and its inputs sit far from the initial (0, 1)
     x, y = _data()
@@ -501,7 +503,7 @@ def test_train_validation_shift(tmp_path: Path) -> None:
     val = DataLoader(TensorDataset(xv, yv), batch_size=64)
     doctor = BatchNormDoctor()
     with pytest.warns(BatchNormDoctorWarning):
-        _fit(Net(_mlp()), train, val, tmp_path, doctor, max_epochs=2)
+        _fit(Net(_mlp(bias=True)), train, val, tmp_path, doctor, max_epochs=2)
     found = _by_check(doctor.findings)
     assert "body.1" in found["eval_mean_shift"]
     assert found["eval_mean_shift"]["body.1"] == max(found["eval_mean_shift"].values())
@@ -511,9 +513,9 @@ class ConvNet(LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
             nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES),
         )  # fmt: skip
 
@@ -606,3 +608,214 @@ def test_ddp_findings_agree_across_ranks(tmp_path: Path) -> None:
     assert metrics["bn_doctor/batch_size/head.0"] == 32.0  # 16 + 16 per device
     assert metrics["bn_doctor/batch_size/tower.1"] == 16.0
     assert "bn_doctor/eval_mean_shift/head.0" in metrics
+
+
+# ------------------------------------------------------- with PreciseBN, in either order (issue 10)
+class ResNet(LightningModule):
+    """torchvision's resnet18 (inplace ReLU, residual ``+=``) on small inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torchvision
+
+        self.net = torchvision.models.resnet18(num_classes=CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        self(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _resnet_fit_with_precise_bn(
+    tmp_path: Path, precise_first: bool
+) -> tuple[BatchNormDoctor, ResNet, dict[str, Tensor], str]:
+    from lightning_norms.callbacks import PreciseBN
+
+    gen = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.randn(64, 3, 32, 32, generator=gen), torch.arange(64) % CLASSES)
+    val = TensorDataset(torch.randn(32, 3, 32, 32, generator=gen))
+    torch.manual_seed(0)
+    model = ResNet()
+    doctor = BatchNormDoctor(warmup_batches=1)
+    precise = PreciseBN(num_batches=2, dataloader="val")  # exact stats of the validation data
+    callbacks = [precise, doctor] if precise_first else [doctor, precise]
+    trainer = Trainer(
+        default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=callbacks,
+    )  # fmt: skip
+    loader = DataLoader(train, batch_size=16, shuffle=True, generator=torch.Generator())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(model, loader, DataLoader(val, batch_size=16))
+    metrics = {k: v.clone() for k, v in trainer.callback_metrics.items()}
+    return doctor, model, metrics, "\n".join(_doctor_warnings(record))
+
+
+def test_precise_bn_forwards_never_count_whatever_the_order(tmp_path: Path) -> None:
+    runs = {
+        first: _resnet_fit_with_precise_bn(tmp_path / str(first), first) for first in (True, False)
+    }
+    (doctor, model, metrics, warned), (doctor_r, _, metrics_r, warned_r) = runs[True], runs[False]
+    assert doctor.findings == doctor_r.findings == []  # no "ran 3 times in one training step"
+    assert warned == warned_r == ""
+    num_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert num_bn == 20
+    for check in ("calls_per_step", "batch_size"):
+        figures = {k: v.item() for k, v in metrics.items() if k.startswith(f"bn_doctor/{check}/")}
+        assert len(figures) == num_bn
+        assert set(figures.values()) == ({1.0} if check == "calls_per_step" else {16.0})
+    # identical figures, train and eval checks, in either order
+    assert metrics.keys() == metrics_r.keys()
+    for key in metrics:
+        assert torch.equal(metrics[key], metrics_r[key]), key
+    # PreciseBN set net.bn1 to the exact statistics of its validation inputs (conv1 output, which
+    # no BN precedes): the eval check must read a float64 mismatch of ~0 for it
+    gen = torch.Generator().manual_seed(0)
+    torch.randn(64, 3, 32, 32, generator=gen)
+    xv = torch.randn(32, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        h = model.net.conv1(xv).double()
+    bn = model.net.bn1
+    mu, var = h.mean((0, 2, 3)), h.var((0, 2, 3))
+    rm, rv = bn.running_mean.double(), bn.running_var.double()
+    shift = ((mu - rm).abs() / (rv + bn.eps).sqrt()).mean().item()
+    lvr = ((var + bn.eps).log() - (rv + bn.eps).log()).abs().mean().item()
+    assert shift < 1e-5 and lvr < 1e-5
+    assert metrics["bn_doctor/eval_mean_shift/net.bn1"].item() == pytest.approx(shift, abs=1e-5)
+    assert metrics["bn_doctor/eval_var_ratio/net.bn1"].item() == pytest.approx(lvr, abs=1e-5)
+    # deeper layers see eval-mode inputs, PreciseBN measured train-mode ones: a real mismatch
+    assert metrics["bn_doctor/eval_mean_shift/net.layer4.1.bn2"].item() > 1e-3
+
+
+def test_train_table_comes_first_and_unjudged_layers_are_not_ok(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("rich", "rich.console", "rich.table"):  # the tables go through logging
+        monkeypatch.setitem(sys.modules, name, None)
+    torch.manual_seed(0)
+    x, y = _data(160)
+    xv, yv = _data(64, seed=1)
+    train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)  # 5 steps < 20
+    val = DataLoader(TensorDataset(xv, yv), batch_size=64)
+    doctor = BatchNormDoctor(warmup_batches=5)
+    with caplog.at_level("INFO"):
+        _fit(Net(_mlp()), train, val, tmp_path, doctor, max_epochs=2, num_sanity_val_steps=0)
+    text = caplog.text
+    titles = [f"epoch {e}: {q}" for e in (0, 1) for q in ("are training", "do running stats")]
+    positions = [text.index(t) for t in titles]
+    assert positions == sorted(positions)  # train table, then eval table, each epoch
+    train_rows = [line.split() for line in text.splitlines() if line.startswith("body.")]
+    assert len(train_rows) == 8  # 2 layers x 2 tables x 2 epochs
+    # batch spread needs min_batches=20 calls: never "ok" before; eval judged once warmed up
+    epoch0_train, epoch0_eval = train_rows[0:2], train_rows[2:4]
+    assert all(r[2] == "n/a" and r[-3:] == ["too", "few", "batches"] for r in epoch0_train)
+    assert all(r[2] != "n/a" and r[-1] != "batches" for r in epoch0_eval)  # 5 steps >= warmup 5
+    doctor = BatchNormDoctor(warmup_batches=100)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        _fit(Net(_mlp()), train, val, tmp_path, doctor, max_epochs=1, num_sanity_val_steps=0)
+    rows = [line.split() for line in caplog.text.splitlines() if line.startswith("body.")]
+    assert [r[2:] for r in rows[2:]] == [["n/a", "n/a", "too", "few", "batches"]] * 2
+
+
+def test_spread_figure_against_float64_formula(tmp_path: Path) -> None:
+    """End to end: the logged figure of a BN fed the raw batches equals R computed in float64."""
+    torch.manual_seed(0)
+    x, y = _data(32 * 24)
+    x = x + 2.0 * torch.randn(24, 1, DIM).repeat_interleave(32, 0).reshape(-1, DIM)
+    train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=False)
+    body = nn.Sequential(nn.BatchNorm1d(DIM), nn.Linear(DIM, CLASSES))
+    with pytest.warns(BatchNormDoctorWarning, match="does not shuffle"):
+        trainer = _fit(Net(body), train, None, tmp_path, BatchNormDoctor(), max_epochs=1,
+                       limit_val_batches=0)  # fmt: skip
+    mu = torch.stack([b.double().mean(0) for b in x.split(32)])
+    within = torch.stack([b.double().var(0) / 32 for b in x.split(32)]).mean(0)
+    d1 = (mu[1:] - mu[:-1]).square().mean(0) / 2
+    d2 = (mu[2:] - mu[:-2]).square().mean(0) / 2
+    expected = ((2 * d1 - d2) / within).median().clamp(min=0).item()
+    assert expected > 4  # the planted per-batch offsets
+    figure = trainer.callback_metrics["bn_doctor/batch_spread/body.0"].item()
+    assert figure == pytest.approx(expected, rel=1e-4)
+
+
+def test_sync_batchnorm_is_refused(tmp_path: Path) -> None:
+    x, y = _data(64)
+    trainer = Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=1,
+                      logger=False, sync_batchnorm=True, callbacks=[BatchNormDoctor()])  # fmt: skip
+    model = Net(_mlp())
+    with pytest.raises(ValueError, match=r"BatchNormDoctor.*NormSync"):
+        trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=32))
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+class BiasedNet(LightningModule):
+    """Three conv/linear -> BN pairs: only where the biased layer's output *is* the BN input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)  # bias -> bn: flagged
+        self.bn = nn.BatchNorm2d(8)
+        self.conv_relu = nn.Conv2d(8, 8, 3, padding=1)  # bias -> inplace ReLU -> bn: not flagged
+        self.relu = nn.ReLU(inplace=True)
+        self.bn_after_relu = nn.BatchNorm2d(8)
+        self.lin = nn.Linear(8, 8, bias=False)  # no bias -> bn: not flagged
+        self.bn_lin = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, CLASSES)
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        h = self.bn_after_relu(self.relu(self.conv_relu(self.bn(self.conv(batch[0])))))
+        return F.cross_entropy(self.head(self.bn_lin(self.lin(h.mean((2, 3))))), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_bias_feeding_bn_is_flagged(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(128, 3, 6, 6), torch.randint(0, CLASSES, (128,)))
+    doctor = BatchNormDoctor()
+    with pytest.warns(BatchNormDoctorWarning, match=r"`bn` gets its input straight from `conv`"):
+        trainer = _fit(BiasedNet(), DataLoader(data, batch_size=16, shuffle=True), None,
+                       tmp_path, doctor, max_epochs=1, limit_val_batches=0)  # fmt: skip
+    found = _by_check(doctor.findings)
+    assert found == {"redundant_bias": {"bn": 1.0}}  # every one of the 8 calls
+    assert "bias=False" in found_message(doctor, "redundant_bias")
+    metrics = trainer.callback_metrics
+    assert metrics["bn_doctor/redundant_bias/bn"].item() == 1.0
+    assert metrics["bn_doctor/redundant_bias/bn_after_relu"].item() == 0.0
+    assert metrics["bn_doctor/redundant_bias/bn_lin"].item() == 0.0
+    assert not any(m._forward_hooks for m in trainer.lightning_module.modules())
+
+
+@pytest.mark.parametrize(
+    ("log_figures", "logged"),
+    [
+        (True, {"batch_spread", "calls_per_step", "batch_size", "redundant_bias"}),
+        (False, set()),
+        (["batch_size"], {"batch_size"}),
+        ("calls_per_step", {"calls_per_step"}),
+    ],
+)
+def test_log_figures_chooses_what_is_logged(tmp_path: Path, log_figures: object, logged: set):
+    torch.manual_seed(0)
+    x, y = _data(256)
+    train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    doctor = BatchNormDoctor(min_batches=5, log_figures=log_figures)  # type: ignore[arg-type]
+    trainer = _fit(Net(_mlp()), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
+    keys = [k for k in trainer.callback_metrics if k.startswith("bn_doctor/")]
+    assert {k.split("/")[1] for k in keys} == logged
+    assert len(keys) == 2 * len(logged)  # both BN layers
+
+
+@pytest.mark.parametrize("log_figures", [["batch_spread", "nope"], 3, [1]])
+def test_bad_log_figures(log_figures: object) -> None:
+    with pytest.raises(MisconfigurationException, match="`log_figures`"):
+        BatchNormDoctor(log_figures=log_figures)  # type: ignore[arg-type]

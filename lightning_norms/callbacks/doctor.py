@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, Protocol, cast
@@ -13,11 +14,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_norms._diagnostics import (
@@ -29,6 +32,8 @@ from lightning_norms._diagnostics import (
     eval_mismatch,
     summarise_spread,
 )
+from lightning_norms.callbacks._checks import check_no_torch_sync_batchnorm
+from lightning_norms.stats import is_recomputing
 
 __all__ = ["BNFinding", "BatchNormDoctor", "BatchNormDoctorWarning"]
 
@@ -36,12 +41,13 @@ CHECKS = (
     "batch_spread",
     "calls_per_step",
     "batch_size",
+    "redundant_bias",
     "eval_mean_shift",
     "eval_var_ratio",
     "shuffle",
 )
-_TRAIN_CHECKS = frozenset({"batch_spread", "calls_per_step", "batch_size"})
-_EVAL_CHECKS = frozenset({"eval_mean_shift", "eval_var_ratio"})
+TOO_FEW = "too few batches"
+"""Status of a layer a check cannot judge yet (never ``ok``)."""
 
 
 class BatchNormDoctorWarning(UserWarning):
@@ -53,7 +59,7 @@ class BNFinding:
     """One problem found by ``BatchNormDoctor``.
 
     Attributes:
-        check: one of ``batch_spread``, ``calls_per_step``, ``batch_size``,
+        check: one of ``batch_spread``, ``calls_per_step``, ``batch_size``, ``redundant_bias``,
             ``eval_mean_shift``, ``eval_var_ratio``, ``shuffle``.
         layer: the BN layer's module path inside the LightningModule (e.g. ``body.1``); for
             ``shuffle`` the DataLoader (``train_dataloader``, ``train_dataloader[1]``, ...).
@@ -128,8 +134,20 @@ def _fmt(value: float, spec: str) -> str:
     return "n/a" if math.isnan(value) else format(value, spec)
 
 
+def _epoch_training_done(trainer: pl.Trainer) -> bool:
+    """Whether the batch that just ended was the epoch's last (its validation runs next)."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    max_steps_reached = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+    return (
+        progress.is_last_batch
+        or progress.current.ready == trainer.num_training_batches
+        or max_steps_reached
+    )
+
+
 @rank_zero_only
 def _print_table(title: str, caption: str, columns: list[str], rows: list[list[str]]) -> None:
+    """One table through a rich console, or as plain text through logging without rich."""
     try:
         from rich.console import Console
         from rich.table import Table
@@ -137,7 +155,7 @@ def _print_table(title: str, caption: str, columns: list[str], rows: list[list[s
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
         lines = [title, "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
         lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-        print("\n".join([*lines, caption]))
+        rank_zero_info("\n".join([*lines, caption]))
         return
     table = Table(title=title, caption=caption)
     for i, column in enumerate(columns):
@@ -145,8 +163,9 @@ def _print_table(title: str, caption: str, columns: list[str], rows: list[list[s
         # layer paths are never cut: folded onto a second line if the terminal is narrow
         overflow: Literal["fold", "ellipsis"] = "fold" if i == 0 else "ellipsis"
         table.add_column(column, justify="left" if left else "right", overflow=overflow)
+    styles = {"ok": None, TOO_FEW: "yellow"}
     for row in rows:
-        table.add_row(*row, style=None if row[-1] == "ok" else "bold red")
+        table.add_row(*row, style=styles.get(row[-1], "bold red"))
     Console().print(table)
 
 
@@ -164,12 +183,14 @@ class _Probe:
         self.module = module
         self.grouped = callable(getattr(module, "resolve_domain", None))
         self.num_groups = int(getattr(module, "num_domains", 1)) if self.grouped else 1
-        self.handle: Any = None
         self.spread: BatchSpread | None = None
         self.moments: MomentAccumulator | None = None
         self.calls = 0
         self.max_calls = 0
         self.max_batch = 0
+        self.train_calls = 0
+        self.biased_calls = 0
+        self.bias_source = ""
         self.step_calls: Tensor | None = None
         self.max_group_calls: Tensor | None = None
         self.max_group_batch: Tensor | None = None
@@ -178,6 +199,8 @@ class _Probe:
         c = self.module.num_features
         self.spread = BatchSpread(self.num_groups, c, device)
         self.calls = self.max_calls = self.max_batch = 0
+        self.train_calls = self.biased_calls = 0
+        self.bias_source = ""
         if self.grouped:
             self.step_calls = torch.zeros(self.num_groups, device=device)
             self.max_group_calls = torch.zeros(self.num_groups, device=device)
@@ -190,8 +213,12 @@ class _Probe:
         domain = kwargs.get("domain", args[1] if len(args) > 1 else None)
         return cast(_ResolvesDomain, self.module).resolve_domain(x, domain)
 
-    def record_train(self, x: Tensor, groups: Tensor | None) -> None:
+    def record_train(self, x: Tensor, groups: Tensor | None, bias_source: str | None) -> None:
         assert self.spread is not None
+        self.train_calls += 1
+        if bias_source is not None:
+            self.biased_calls += 1
+            self.bias_source = bias_source
         if groups is None:
             self.spread.update(x)
             self.calls += 1
@@ -211,16 +238,166 @@ class _Probe:
             self.max_calls = max(self.max_calls, self.calls)
             self.calls = 0
 
-    def step_figures(self) -> tuple[Tensor, Tensor]:
-        """Largest calls per step and largest samples per call, per group, as tensors."""
+    def step_figures(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Per group: most calls per step, most samples per call; the biased-input fraction."""
+        device = self.spread.within.device if self.spread is not None else None
+        biased = torch.tensor([self.biased_calls / max(self.train_calls, 1)], device=device)
         if self.grouped:
             assert self.max_group_calls is not None and self.max_group_batch is not None
-            return self.max_group_calls, self.max_group_batch
-        device = self.spread.within.device if self.spread is not None else None
+            return self.max_group_calls, self.max_group_batch, biased
         return (
             torch.tensor([float(self.max_calls)], device=device),
             torch.tensor([float(self.max_batch)], device=device),
+            biased,
         )
+
+
+# ------------------------------------------------------------------- the checks, as a table
+def _spread_text(probe: _Probe, value: float, threshold: float) -> str:
+    return (
+        "sees training batches that are not a fair sample of the data: the batch means of its "
+        f"input vary {value:.1f}x more from batch to batch than random batches would "
+        f"(threshold {threshold:g}). Shuffle the training data and put every source in every "
+        "batch (`lightning_norms.data.MixingBatchSampler`), or give each source its own "
+        f"statistics (`lightning_norms.DomainBatchNorm{_dim_suffix(probe.module)}`)."
+    )
+
+
+def _calls_text(probe: _Probe, value: float, threshold: float) -> str:
+    per = " for the same domain" if probe.grouped else ""
+    return (
+        f"ran {int(value)} times{per} in one training step (threshold {threshold:g}): towers "
+        "sharing BatchNorm fed separate batches are each normalised with their own batch "
+        "statistics, while the running statistics used at eval average them. Feed one mixed "
+        "batch (`lightning_norms.data.MixingBatchSampler`; `lightning_norms.data.mix_real_fake` "
+        "for GAN discriminators) or give each source its own statistics with "
+        f"`lightning_norms.DomainBatchNorm{_dim_suffix(probe.module)}`."
+    )
+
+
+def _batch_text(probe: _Probe, value: float, threshold: float) -> str:
+    per = " for the same domain" if probe.grouped else ""
+    return (
+        f"normalises only {int(value)} samples per call{per} on this device (threshold "
+        f"{threshold:g}): its batch statistics are noisy. Use "
+        f"`lightning_norms.BatchRenorm{_dim_suffix(probe.module)}`, a batch-independent norm "
+        "(`lightning_norms.convert_norms(model, 'group')` for GroupNorm), or synchronise the "
+        "statistics across devices with `Trainer(plugins=[lightning_norms.NormSync()])`."
+    )
+
+
+def _bias_text(probe: _Probe, value: float, threshold: float) -> str:
+    return (
+        f"gets its input straight from `{probe.bias_source}` ({value:.0%} of its training "
+        "calls), whose bias the normalisation cancels: BN subtracts the batch mean of every "
+        "channel, a per-channel constant included (the BN paper drops it). Build "
+        f"`{probe.bias_source}` with `bias=False`; the BN layer's own bias is the shift that "
+        "trains."
+    )
+
+
+def _eval_remedy(probe: _Probe) -> str:
+    return (
+        "the running statistics lag behind the weights or the validation data differ from "
+        "training. Recompute exact statistics after training with "
+        "`lightning_norms.callbacks.PreciseBN` (or `lightning_norms.stats.recompute_bn_stats`); "
+        "if sources differ, give each its own statistics with "
+        f"`lightning_norms.DomainBatchNorm{_dim_suffix(probe.module)}`."
+    )
+
+
+def _shift_text(probe: _Probe, value: float, threshold: float) -> str:
+    return (
+        f"is evaluated with a running mean {value:.2f} running standard deviations away from "
+        f"the mean of its validation inputs (threshold {threshold:g}): {_eval_remedy(probe)}"
+    )
+
+
+def _var_text(probe: _Probe, value: float, threshold: float) -> str:
+    return (
+        "is evaluated with a running variance that differs from the variance of its validation "
+        f"inputs by a mean |log ratio| of {value:.2f} (about x{math.exp(value):.1f}; threshold "
+        f"{threshold:g}): {_eval_remedy(probe)}"
+    )
+
+
+@dataclass(frozen=True)
+class _Check:
+    """One per-layer check: the figure it reads, how it is judged, what the finding says."""
+
+    name: str
+    phase: Literal["train", "eval"]
+    column: str
+    spec: str  # format of the figure in the table
+    threshold: str  # the BatchNormDoctor attribute that holds the threshold
+    below: bool  # flag figures below the threshold (else above it)
+    text: Callable[[_Probe, float, float], str]
+    exempt: tuple[str, ...] = ()  # class-name prefixes of layers this check does not judge
+
+
+_CHECK_TABLE = (
+    _Check("batch_spread", "train", "batch spread", ".2f", "_max_spread", False, _spread_text),
+    _Check("calls_per_step", "train", "calls/step", ".0f", "_max_calls", False, _calls_text),
+    _Check(
+        "batch_size",
+        "train",
+        "samples/call",
+        ".0f",
+        "_min_batch",
+        True,
+        _batch_text,
+        exempt=("BatchRenorm",),  # designed for small batches
+    ),
+    _Check("redundant_bias", "train", "biased input", ".2f", "_max_bias", False, _bias_text),
+    _Check("eval_mean_shift", "eval", "mean shift", ".3f", "_max_shift", False, _shift_text),
+    _Check("eval_var_ratio", "eval", "log var ratio", ".3f", "_max_lvr", False, _var_text),
+)
+_FIGURES = tuple(c.name for c in _CHECK_TABLE)
+_QUESTIONS = {
+    "train": "are training batches fair samples?",
+    "eval": "do running stats match the validation data?",
+}
+
+
+def _status(verdicts: list[str]) -> str:
+    """A table row's status: the failed checks, else ``too few batches`` if any, else ``ok``."""
+    failed = [v for v in verdicts if v not in ("ok", TOO_FEW)]
+    if failed:
+        return ", ".join(failed)
+    return TOO_FEW if TOO_FEW in verdicts else "ok"
+
+
+def _check_arguments(ints: dict[str, Any], floats: dict[str, Any]) -> None:
+    for name, value in ints.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MisconfigurationException(
+                f"`{name}` should be a positive integer, got {value!r}."
+            )
+    for name, value in floats.items():
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise MisconfigurationException(
+                f"`{name}` should be a positive finite number, got {value!r}."
+            )
+
+
+def _figures_to_log(log_figures: bool | str | Iterable[str]) -> frozenset[str]:
+    """Validate ``log_figures``: ``True`` (all), ``False`` (none), one name or several."""
+    if isinstance(log_figures, bool):
+        return frozenset(_FIGURES if log_figures else ())
+    names = [log_figures] if isinstance(log_figures, str) else log_figures
+    if isinstance(names, Iterable):
+        names = list(names)
+        if all(isinstance(n, str) and n in _FIGURES for n in names):
+            return frozenset(names)
+    raise MisconfigurationException(
+        f"`log_figures` should be True, False or figure names among {list(_FIGURES)}, "
+        f"got {log_figures!r}."
+    )
 
 
 class BatchNormDoctor(Callback):
@@ -230,10 +407,10 @@ class BatchNormDoctor(Callback):
     batch a fair sample of the data, and do the running statistics used at test time match the
     data? This callback answers both, per BN layer (any ``torch.nn.modules.batchnorm._BatchNorm``:
     torch's, ``SyncBatchNorm``, ``BatchRenorm*d``, ``DomainBatchNorm*d``), with forward pre-hooks
-    that reduce each call to per-channel figures on the device (no host sync per step), plus three
-    common causes:
+    that reduce each call to per-channel figures on the device (no host sync per step), plus
+    common causes. The training checks:
 
-    ``batch_spread`` (training) — between-batch vs within-batch spread of the activation means.
+    ``batch_spread`` — between-batch vs within-batch spread of the activation means.
         With ``m`` the per-sample channel means, ``mu_t`` their batch mean over call ``t``,
         ``s2_t / N_t`` the variance a mean of ``N_t`` i.i.d. samples would have and
         ``D_k = mean_t (mu_t - mu_{t-k})^2 / 2``: ``R = (2 D_1 - D_2) / mean_t (s2_t / N_t)``,
@@ -247,36 +424,45 @@ class BatchNormDoctor(Callback):
         composition as slowly as drift does: the ``shuffle`` check and the eval checks (running
         statistics of the last class seen) catch that. Judged with at least ``min_batches``
         training calls.
-    ``calls_per_step`` (training) — how often a layer runs in train mode within one training
-        step (per domain for ``DomainBatchNorm``). More than one means towers sharing BN fed
-        separate batches: each is normalised with its own batch statistics, while the running
+    ``calls_per_step`` — how often a layer runs in train mode within one training step (per
+        domain for ``DomainBatchNorm``). More than one means towers sharing BN fed separate
+        batches: each is normalised with its own batch statistics, while the running
         statistics used at eval average them (the MNIST/SVHN pitfall).
-    ``batch_size`` (training) — the most samples one call normalised together on this device
-        (per domain for ``DomainBatchNorm``; times the group size for layers that sync their
-        statistics). Samples, not pixels, are the independent units. ``BatchRenorm*d`` layers,
-        designed for small batches, are exempt.
-    ``eval_mean_shift`` / ``eval_var_ratio`` (validation) — exact per-channel mean ``mu`` and
-        variance ``v`` of every eval-mode input over the whole validation epoch (per domain for
-        ``DomainBatchNorm``, merged over ranks), compared with the running statistics the layer
-        normalises with: ``|mu - running_mean| / sqrt(running_var + eps)`` and
-        ``|log((v + eps) / (running_var + eps))|``, averaged over channels: the mean and log
-        variance of the layer's normalised eval output, 0 when they match. Flags EMA lag (tiny
-        momentum, fast-moving weights) and train/validation mismatch. Sanity-check validation
-        is skipped.
-    ``shuffle`` — the training DataLoader reads in order (``SequentialSampler``, or a sampler
-        with ``shuffle=False``); warned once.
+    ``batch_size`` — the most samples one call normalised together on this device (per domain
+        for ``DomainBatchNorm``; times the group size for layers that sync their statistics).
+        Samples, not pixels, are the independent units. ``BatchRenorm*d`` layers, designed for
+        small batches, are exempt.
+    ``redundant_bias`` — the fraction of training calls whose input is the very output tensor
+        of a ``Linear`` / ``Conv*d`` with a bias (seen by forward hooks: the BN input *is* that
+        tensor, unmodified since, so an inplace ReLU in between or a reshape clears it). BN
+        subtracts the batch mean per channel, so ``BN(Wx + b) = BN(Wx)``: the bias never
+        reaches the output (Ioffe & Szegedy 2015 drop it). Flagged above 0.
+
+    The eval checks (``eval_mean_shift`` / ``eval_var_ratio``, at each validation run) take the
+    exact per-channel mean ``mu`` and variance ``v`` of every eval-mode input over the whole
+    validation epoch (per domain for ``DomainBatchNorm``, merged over ranks) and compare them
+    with the running statistics the layer normalises with: ``|mu - running_mean| /
+    sqrt(running_var + eps)`` and ``|log((v + eps) / (running_var + eps))|``, averaged over
+    channels: the mean and log variance of the layer's normalised eval output, 0 when they
+    match. They flag EMA lag (tiny momentum, fast-moving weights) and train/validation
+    mismatch. Sanity-check validation is skipped. Finally ``shuffle``: the training DataLoader
+    reads in order (``SequentialSampler``, or a sampler with ``shuffle=False``); warned once.
 
     Each finding is one ``rank_zero_warn`` (category :class:`BatchNormDoctorWarning`) naming the
-    layer's module path, the figure and the remedy this package offers. Each check epoch prints a
-    table of the training checks (at the end of the training epoch) and one of the eval checks
-    (after each validation run), with rich when it is installed, on rank zero; figures are
-    logged as ``bn_doctor/<check>/<layer>``. :attr:`findings` holds the findings of the last
-    check epoch (or ``trainer.validate`` run). Under DDP the figures are merged over ranks
-    (sums for the statistics, maxima for counts), so every rank reports the same findings.
+    layer's module path, the figure and the remedy this package offers. Each check epoch prints
+    one table per question on rank zero, the training one first (right after the epoch's last
+    training batch, before its validation), then the eval one (after each validation run),
+    through a rich console, or through Lightning's logging (``rank_zero_info``) without rich. A
+    layer a check cannot judge yet shows ``too few batches``, never ``ok``. The figures named
+    by ``log_figures`` are logged as ``bn_doctor/<check>/<layer>``. :attr:`findings` holds the
+    findings of the last check epoch (or ``trainer.validate`` run). Under DDP the figures are
+    merged over ranks (sums for the statistics, maxima for counts), so every rank reports the
+    same findings.
 
-    Gradient checkpointing that re-runs a BN layer in train mode counts as a second call (it
-    also updates its running statistics twice). Hooks are installed at the start of ``fit`` /
-    ``validate`` and removed at teardown.
+    The forwards of :func:`lightning_norms.stats.recompute_bn_stats` (``PreciseBN``) are
+    ignored, whatever the callback order. Gradient checkpointing that re-runs a BN layer in
+    train mode counts as a second call (it also updates its running statistics twice). Hooks
+    are installed at the start of ``fit`` / ``validate`` and removed at teardown.
 
     Args:
         check_every_n_epochs: check during every n-th training epoch and its validation
@@ -297,15 +483,21 @@ class BatchNormDoctor(Callback):
             0.1 its running statistics still hold ``0.9^n`` of their initial values, an EMA
             warm-up rather than a finding. A layer whose momentum is too small to forget them
             in that many batches is flagged. ``trainer.validate`` judges every layer.
+        log_figures: which figures go to the logger: ``True`` (default, all), ``False`` (none),
+            or one or several of ``batch_spread``, ``calls_per_step``, ``batch_size``,
+            ``redundant_bias``, ``eval_mean_shift``, ``eval_var_ratio``.
 
     Raises:
         MisconfigurationException: on a non-positive ``check_every_n_epochs``,
             ``max_calls_per_step``, ``min_batch_size``, ``min_batches`` or ``warmup_batches``,
-            or a non-positive or non-finite ``max_batch_spread``, ``max_mean_shift`` or
-            ``max_log_var_ratio``.
+            a non-positive or non-finite ``max_batch_spread``, ``max_mean_shift`` or
+            ``max_log_var_ratio``, or an unknown figure in ``log_figures``.
+        ValueError: in ``setup``, with ``Trainer(sync_batchnorm=True)``, which would replace
+            this package's layers with ``torch.nn.SyncBatchNorm``; use
+            ``plugins=[lightning_norms.NormSync()]``.
 
     Example:
-        >>> doctor = BatchNormDoctor(min_batch_size=8)
+        >>> doctor = BatchNormDoctor(min_batch_size=8, log_figures=["batch_spread"])
         >>> doctor.findings
         []
         >>> # trainer = Trainer(callbacks=[doctor]); trainer.fit(model)
@@ -321,76 +513,83 @@ class BatchNormDoctor(Callback):
         max_log_var_ratio: float = 1.0,
         min_batches: int = 20,
         warmup_batches: int = 30,
+        log_figures: bool | str | Iterable[str] = True,
     ) -> None:
-        ints = {
-            "check_every_n_epochs": check_every_n_epochs,
-            "max_calls_per_step": max_calls_per_step,
-            "min_batch_size": min_batch_size,
-            "min_batches": min_batches,
-            "warmup_batches": warmup_batches,
-        }
-        value: float  # shared by the int and the float checks below
-        for name, value in ints.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MisconfigurationException(
-                    f"`{name}` should be a positive integer, got {value!r}."
-                )
-        floats = {
-            "max_batch_spread": max_batch_spread,
-            "max_mean_shift": max_mean_shift,
-            "max_log_var_ratio": max_log_var_ratio,
-        }
-        for name, value in floats.items():
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise MisconfigurationException(
-                    f"`{name}` should be a positive finite number, got {value!r}."
-                )
+        _check_arguments(
+            {
+                "check_every_n_epochs": check_every_n_epochs,
+                "max_calls_per_step": max_calls_per_step,
+                "min_batch_size": min_batch_size,
+                "min_batches": min_batches,
+                "warmup_batches": warmup_batches,
+            },
+            {
+                "max_batch_spread": max_batch_spread,
+                "max_mean_shift": max_mean_shift,
+                "max_log_var_ratio": max_log_var_ratio,
+            },
+        )
+        self._log_figures = _figures_to_log(log_figures)
         self._every = check_every_n_epochs
         self._max_spread = float(max_batch_spread)
         self._max_calls = max_calls_per_step
         self._min_batch = min_batch_size
+        self._max_bias = 0.0
         self._max_shift = float(max_mean_shift)
         self._max_lvr = float(max_log_var_ratio)
         self._min_batches = min_batches
         self._warmup = warmup_batches
         self.findings: list[BNFinding] = []
         self._probes: list[_Probe] = []
+        self._handles: list[RemovableHandle] = []
+        # this step's outputs of biased Linear/Conv layers: id -> (tensor ref, version, name)
+        self._biased_outputs: dict[int, tuple[weakref.ref[Tensor], int, str]] = {}
         self._phase: str | None = None
         self._phase_before_val: str | None = None
         self._warned_shuffle: set[str] = set()
 
     # ----------------------------------------------------------------- hooks on the BN layers
     def _install(self, pl_module: pl.LightningModule) -> None:
-        if self._probes:
+        if self._handles:
             return
         for name, module in pl_module.named_modules():
             if isinstance(module, _BatchNorm):
                 probe = _Probe(name, module)
-                probe.handle = module.register_forward_pre_hook(
-                    partial(self._pre_hook, probe), with_kwargs=True
-                )
+                hook = partial(self._pre_hook, probe)
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
                 self._probes.append(probe)
+            elif isinstance(module, (nn.Linear, _ConvNd)) and module.bias is not None:
+                self._handles.append(module.register_forward_hook(partial(self._bias_hook, name)))
 
     def _remove(self) -> None:
-        for probe in self._probes:
-            probe.handle.remove()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         self._probes = []
+        self._biased_outputs.clear()
         self._phase = None
+
+    def _bias_hook(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._phase == "train" and isinstance(output, Tensor) and not is_recomputing():
+            self._biased_outputs[id(output)] = (weakref.ref(output), output._version, name)
+
+    def _bias_source(self, x: Tensor) -> str | None:
+        """The biased layer whose unmodified output tensor ``x`` is, if any."""
+        entry = self._biased_outputs.get(id(x))
+        if entry is None:
+            return None
+        ref, version, name = entry
+        return name if ref() is x and x._version == version else None
 
     def _pre_hook(
         self, probe: _Probe, module: _BatchNorm, args: tuple, kwargs: dict[str, Any]
     ) -> None:
         phase = self._phase
-        if phase is None or not args or not isinstance(args[0], Tensor) or args[0].dim() < 2:
+        if phase is None or is_recomputing() or not args or not isinstance(args[0], Tensor):
             return
-        if phase == "train" and not module.training:
+        if args[0].dim() < 2 or module.training != (phase == "train"):
             return
-        if phase == "val" and (module.training or module.running_mean is None):
+        if phase == "val" and module.running_mean is None:
             return
         x = args[0].detach()
         groups = None
@@ -400,7 +599,7 @@ class BatchNormDoctor(Callback):
             except ValueError:
                 return  # the layer's own forward raises the same error
         if phase == "train":
-            probe.record_train(x, groups)
+            probe.record_train(x, groups, self._bias_source(args[0]))
         else:
             assert probe.moments is not None
             probe.moments.update(x, groups)
@@ -409,6 +608,10 @@ class BatchNormDoctor(Callback):
         return (trainer.current_epoch + 1) % self._every == 0
 
     # ------------------------------------------------------------------- Lightning hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_no_torch_sync_batchnorm(trainer, "BatchNormDoctor")
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._install(pl_module)
@@ -437,13 +640,18 @@ class BatchNormDoctor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self._phase == "train":
-            for probe in self._probes:
-                probe.end_step()
+        if self._phase != "train":
+            return
+        for probe in self._probes:
+            probe.end_step()
+        self._biased_outputs.clear()
+        if _epoch_training_done(trainer):  # the training table comes before validation's
+            self._phase = None
+            self._report_train(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._phase == "train":
+        if self._phase == "train":  # an epoch cut short without a last-batch signal
             self._phase = None
             self._report_train(trainer, pl_module)
 
@@ -492,117 +700,84 @@ class BatchNormDoctor(Callback):
                 self._warned_shuffle.add(name)
                 rank_zero_warn(message, category=BatchNormDoctorWarning)
 
-    def _flag(self, check: str, probe: _Probe, value: float, threshold: float, text: str) -> None:
-        message = f"BatchNormDoctor: BN layer `{probe.name}` {text}"
-        self.findings.append(BNFinding(check, probe.name, value, threshold, message))
+    def _judge(
+        self, check: _Check, probe: _Probe, value: float, pl_module: pl.LightningModule
+    ) -> str:
+        """Log one figure and judge it: ``ok``, ``too few batches`` or the check's name."""
+        if check.name in self._log_figures and not math.isnan(value):
+            name = f"bn_doctor/{check.name}/{probe.name}"
+            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+        if math.isnan(value):
+            return TOO_FEW
+        threshold = float(getattr(self, check.threshold))
+        exempt = type(probe.module).__name__.startswith(check.exempt)
+        if exempt or not (value < threshold if check.below else value > threshold):
+            return "ok"
+        message = f"BatchNormDoctor: BN layer `{probe.name}` {check.text(probe, value, threshold)}"
+        self.findings.append(BNFinding(check.name, probe.name, value, threshold, message))
         rank_zero_warn(message, category=BatchNormDoctorWarning)
+        return check.name
 
-    def _log(self, pl_module: pl.LightningModule, check: str, probe: _Probe, value: float) -> None:
-        if not math.isnan(value):
-            pl_module.log(f"bn_doctor/{check}/{probe.name}", value, sync_dist=True)
+    def _report(
+        self,
+        phase: Literal["train", "eval"],
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        probes: list[_Probe],
+        figures: list[list[float]],
+    ) -> None:
+        """Judge every figure of one phase's checks and print that phase's table."""
+        checks = [c for c in _CHECK_TABLE if c.phase == phase]
+        rows = []
+        for probe, values in zip(probes, figures, strict=True):
+            pairs = list(zip(checks, values, strict=True))
+            verdicts = [self._judge(c, probe, v, pl_module) for c, v in pairs]
+            cells = [_fmt(v, c.spec) for c, v in pairs]
+            rows.append([probe.name, type(probe.module).__name__, *cells, _status(verdicts)])
+        limits = [
+            f"{c.column} {'<' if c.below else '>'} {getattr(self, c.threshold):g}" for c in checks
+        ]
+        _print_table(
+            f"BatchNormDoctor, epoch {trainer.current_epoch}: {_QUESTIONS[phase]}",
+            "flagged: " + ", ".join(limits),
+            ["layer", "type", *(c.column for c in checks), "status"],
+            rows,
+        )
 
     def _report_train(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._probes:
             return
-        spreads = [p.spread for p in self._probes if p.spread is not None]
-        all_reduce_spreads(spreads)
+        all_reduce_spreads([p.spread for p in self._probes if p.spread is not None])
         step = [p.step_figures() for p in self._probes]
-        all_reduce_max_([t for pair in step for t in pair])
+        all_reduce_max_([t for figures in step for t in figures])
         rows = []
-        for probe, (calls, batch) in zip(self._probes, step, strict=True):
+        for probe, (calls, batch, biased) in zip(self._probes, step, strict=True):
             assert probe.spread is not None
             spread = summarise_spread(
                 probe.spread.ratio(), probe.spread.num_batches, self._min_batches
             )
             seen = batch[batch > 0]
             smallest = seen.min() if seen.numel() else torch.tensor(math.nan, device=batch.device)
-            rows.append(torch.stack([_nanmax(spread), calls.max(), smallest]))
+            smallest = smallest * _sync_world_size(probe.module)
+            rows.append(torch.stack([_nanmax(spread), calls.max(), smallest, biased.max()]))
         figures = torch.stack(rows).tolist()  # the one host sync of the check
-        table = []
-        for probe, (spread_v, calls_v, batch_v) in zip(self._probes, figures, strict=True):
-            d = _dim_suffix(probe.module)
-            batch_v *= _sync_world_size(probe.module)
-            per = " for the same domain" if probe.grouped else ""
-            failed = []
-            if spread_v > self._max_spread:
-                failed.append("batch_spread")
-                self._flag(
-                    "batch_spread",
-                    probe,
-                    spread_v,
-                    self._max_spread,
-                    f"sees training batches that are not a fair sample of the data: the batch "
-                    f"means of its input vary {spread_v:.1f}x more from batch to batch than "
-                    f"random batches would (threshold {self._max_spread:g}). Shuffle the "
-                    "training data and put every source in every batch "
-                    "(`lightning_norms.data.MixingBatchSampler`), or give each source its own "
-                    f"statistics (`lightning_norms.DomainBatchNorm{d}`).",
-                )
-            if calls_v > self._max_calls:
-                failed.append("calls_per_step")
-                self._flag(
-                    "calls_per_step",
-                    probe,
-                    calls_v,
-                    float(self._max_calls),
-                    f"ran {int(calls_v)} times{per} in one training step (threshold "
-                    f"{self._max_calls}): towers sharing BatchNorm fed separate batches are "
-                    "each normalised with their own batch statistics, while the running "
-                    "statistics used at eval average them. Feed one mixed batch "
-                    "(`lightning_norms.data.MixingBatchSampler`; "
-                    "`lightning_norms.data.mix_real_fake` for GAN discriminators) or give each "
-                    f"source its own statistics with `lightning_norms.DomainBatchNorm{d}`.",
-                )
-            exempt = type(probe.module).__name__.startswith("BatchRenorm")
-            if not exempt and batch_v < self._min_batch:
-                failed.append("batch_size")
-                self._flag(
-                    "batch_size",
-                    probe,
-                    batch_v,
-                    float(self._min_batch),
-                    f"normalises only {int(batch_v)} samples per call{per} on this device "
-                    f"(threshold {self._min_batch}): its batch statistics are noisy. Use "
-                    f"`lightning_norms.BatchRenorm{d}`, a batch-independent norm "
-                    "(`lightning_norms.convert_norms(model, 'group')` for GroupNorm), or "
-                    "synchronise the statistics across devices with "
-                    "`Trainer(plugins=[lightning_norms.NormSync()])`.",
-                )
-            self._log(pl_module, "batch_spread", probe, spread_v)
-            self._log(pl_module, "calls_per_step", probe, calls_v)
-            self._log(pl_module, "batch_size", probe, batch_v)
-            table.append(
-                [
-                    probe.name,
-                    type(probe.module).__name__,
-                    _fmt(spread_v, ".2f"),
-                    _fmt(calls_v, ".0f"),
-                    _fmt(batch_v, ".0f"),
-                    ", ".join(failed) or "ok",
-                ]
-            )
-        _print_table(
-            f"BatchNormDoctor, epoch {trainer.current_epoch}: are training batches fair samples?",
-            f"flagged: batch spread > {self._max_spread:g}, calls/step > {self._max_calls}, "
-            f"samples/call < {self._min_batch}",
-            ["layer", "type", "batch spread", "calls/step", "samples/call", "status"],
-            table,
-        )
+        self._report("train", trainer, pl_module, self._probes, figures)
 
     def _report_eval(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.findings = [f for f in self.findings if f.check not in _EVAL_CHECKS]
-        probes = [p for p in self._probes if p.moments is not None]
+        eval_checks = {c.name for c in _CHECK_TABLE if c.phase == "eval"}
+        self.findings = [f for f in self.findings if f.check not in eval_checks]
+        probes = [
+            p for p in self._probes if p.moments is not None and p.module.running_var is not None
+        ]
         if not probes:
             return
-        accs = [p.moments for p in probes if p.moments is not None]
+        accs = [cast(MomentAccumulator, p.moments) for p in probes]
         all_reduce_moments(accs)
         fitting = trainer.state.fn == "fit"
         rows = []
         for probe, acc in zip(probes, accs, strict=True):
             module = probe.module
-            if module.running_mean is None or module.running_var is None:
-                rows.append(torch.full((2,), math.nan, device=acc.mean.device))
-                continue
+            assert module.running_mean is not None and module.running_var is not None
             count = acc.count
             tracked = module.num_batches_tracked
             if fitting and tracked is not None:
@@ -611,57 +786,4 @@ class BatchNormDoctor(Callback):
                 count, acc.mean, acc.var(), module.running_mean, module.running_var, module.eps
             )
             rows.append(torch.stack([_nanmax(shift), _nanmax(lvr)]))
-        figures = torch.stack(rows).tolist()
-        table = []
-        for probe, (shift_v, lvr_v) in zip(probes, figures, strict=True):
-            d = _dim_suffix(probe.module)
-            remedy = (
-                "Recompute exact statistics after training with "
-                "`lightning_norms.callbacks.PreciseBN` (or "
-                "`lightning_norms.stats.recompute_bn_stats`); if sources differ, give each its "
-                f"own statistics with `lightning_norms.DomainBatchNorm{d}`."
-            )
-            failed = []
-            if shift_v > self._max_shift:
-                failed.append("eval_mean_shift")
-                self._flag(
-                    "eval_mean_shift",
-                    probe,
-                    shift_v,
-                    self._max_shift,
-                    f"is evaluated with a running mean {shift_v:.2f} running standard "
-                    "deviations away from the mean of its validation inputs (threshold "
-                    f"{self._max_shift:g}): the running statistics lag behind the weights or "
-                    f"the validation data differ from training. {remedy}",
-                )
-            if lvr_v > self._max_lvr:
-                failed.append("eval_var_ratio")
-                self._flag(
-                    "eval_var_ratio",
-                    probe,
-                    lvr_v,
-                    self._max_lvr,
-                    "is evaluated with a running variance that differs from the variance of "
-                    f"its validation inputs by a mean |log ratio| of {lvr_v:.2f} (about "
-                    f"x{math.exp(lvr_v):.1f}; threshold {self._max_lvr:g}): the running "
-                    "statistics lag behind the weights or the validation data differ from "
-                    f"training. {remedy}",
-                )
-            self._log(pl_module, "eval_mean_shift", probe, shift_v)
-            self._log(pl_module, "eval_var_ratio", probe, lvr_v)
-            table.append(
-                [
-                    probe.name,
-                    type(probe.module).__name__,
-                    _fmt(shift_v, ".3f"),
-                    _fmt(lvr_v, ".3f"),
-                    ", ".join(failed) or "ok",
-                ]
-            )
-        _print_table(
-            f"BatchNormDoctor, epoch {trainer.current_epoch}: do running stats match the "
-            "validation data?",
-            f"flagged: mean shift > {self._max_shift:g}, |log var ratio| > {self._max_lvr:g}",
-            ["layer", "type", "mean shift", "log var ratio", "status"],
-            table,
-        )
+        self._report("eval", trainer, pl_module, probes, torch.stack(rows).tolist())
