@@ -1,0 +1,323 @@
+"""The model zoo: real torchvision / timm models x every ``convert_norms`` target (API.md).
+
+Each case builds the model with ``weights=None`` and seeded, non-trivial BatchNorm state,
+converts it, and checks against the original model (the reference): eval outputs equal where
+the target is exact in eval, one real training step (mixed per-sample domain ids for
+``"domain"``) with finite loss and gradients and the buffers changed as the target promises,
+a ``state_dict`` round trip into a freshly built model (``torch.equal``), and the way back to
+``"batch"`` (``nn.BatchNorm2d`` everywhere, same count, same eval output; timm's
+``BatchNormAct2d`` activation kept). Then ``channels_last``, bf16 autocast and
+``torch.compile`` on a domain-BN ResNet-18, and a WGAN-GP gradient penalty through every
+BatchNorm variant against float64 references.
+
+Eval tolerances: the converted layers compute the same affine map as the original but through
+other kernels (``F.batch_norm`` on ``[num_domains, C]`` rows, ``x * scale + shift`` in
+``FrozenBatchNorm2d``), so each layer may differ by a few float32 ulps; over up to 121 layers
+(DenseNet-121) that stays below ``1e-4`` of the output's scale (measured: <= 2e-6).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from lightning_norms import BatchRenorm2d, DomainBatchNorm2d, LayerNorm2d, convert_norms
+from lightning_norms.distributed import SyncedBatchNorm2d
+from tests._zoo import (
+    EVAL_EXACT,
+    TARGETS,
+    ZOO,
+    build,
+    convert,
+    deterministic,
+    inputs,
+    norm_layers,
+    run,
+)
+
+pytest.importorskip("timm")
+
+# the class every norm layer has after convert_norms(model, target)
+TARGET_TYPE: dict[str, type[nn.Module]] = {
+    "domain": DomainBatchNorm2d,
+    "renorm": BatchRenorm2d,
+    "layer2d": LayerNorm2d,
+    "group": nn.GroupNorm,
+    "batch": nn.BatchNorm2d,
+    "frozen": FrozenBatchNorm2d,
+}
+
+
+def assert_eval_close(actual: Tensor, expected: Tensor) -> None:
+    """Equal up to float32 rounding accumulated over the layers (module docstring)."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * scale)
+
+
+def leaf_types(model: nn.Module) -> Counter[str]:
+    """Leaf modules other than norms and ``Identity``, by class: what a conversion must keep."""
+    skip = (*TARGET_TYPE.values(), torch.nn.modules.batchnorm._BatchNorm, nn.Identity)
+    return Counter(
+        type(m).__name__
+        for m in model.modules()
+        if not isinstance(m, skip) and next(m.children(), None) is None
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, ids: int | Tensor | None) -> Tensor:
+    """``model``'s eval output (routed to ``ids`` when given)."""
+    return run(model.eval(), x, ids)
+
+
+def check_converted(model: nn.Module, original: nn.Module, target: str) -> None:
+    """Every BN layer became ``target``'s class (same count) and nothing else was lost."""
+    cls = TARGET_TYPE[target]
+    norms = {id(m) for _, m in norm_layers(original)}
+    already = sum(type(m) is cls and id(m) not in norms for m in original.modules())
+    count = sum(type(m) is cls for m in model.modules())
+    assert count == len(norms) + already, (target, count, len(norms), already)
+    if target in ("layer2d", "group"):
+        assert norm_layers(model) == []
+    else:
+        assert all(type(m) is cls for _, m in norm_layers(model))
+    # timm's BatchNormAct2d: its activation (and anything else after the norm) is kept
+    assert leaf_types(model) == leaf_types(original)
+
+
+def train_step(
+    model: nn.Module, target: str, x: Tensor, y: Tensor, ids: Tensor | None
+) -> None:
+    """One SGD step; finite loss and gradients; buffers changed as ``target`` promises."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    with deterministic():
+        out = run(model, x, ids)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    torch.optim.SGD(model.parameters(), lr=0.01).step()
+    model.eval()
+    after = model.state_dict()
+    for name, layer in norm_layers(model):
+        mean, var = f"{name}.running_mean", f"{name}.running_var"
+        if target == "frozen":
+            for key in (mean, var, f"{name}.weight", f"{name}.bias"):
+                assert torch.equal(after[key], before[key]), key
+        elif target == "domain":
+            grad = layer.weight.grad
+            for k in range(2):  # both domains were in the batch: both rows changed
+                assert not torch.equal(after[mean][k], before[mean][k]), (mean, k)
+                assert not torch.equal(after[var][k], before[var][k]), (var, k)
+                assert grad[k].abs().sum() > 0, (name, k)
+        else:
+            assert not torch.equal(after[mean], before[mean]), mean
+            assert not torch.equal(after[var], before[var]), var
+            key = f"{name}.num_batches_tracked"
+            assert after[key] == before[key] + 1, key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("name", list(ZOO))
+def test_convert_train_round_trip(name: str, target: str) -> None:
+    original = build(name)
+    x, y, ids = inputs()
+    routed = ids if target == "domain" else None  # mixed ids: sample i goes to domain ids[i]
+    reference = evaluate(original, x, None)
+    model = convert(copy.deepcopy(original), target)
+    check_converted(model, original, target)
+    if target in EVAL_EXACT:  # "domain": every domain starts as the original BN
+        assert_eval_close(evaluate(model, x, routed), reference)
+
+    train_step(model, target, x, y, routed)
+    trained = evaluate(model, x, routed)
+
+    fresh = convert(build(name, seed=1), target)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(evaluate(fresh, x, routed), trained)
+
+    # back to plain BatchNorm; from "domain", domain 1's state (which training changed), which
+    # in eval gives the samples routed to domain 1 their outputs
+    back = convert_norms(model, "batch", **({"domain": 1} if target == "domain" else {}))
+    rows = ids == 1 if target == "domain" else slice(None)
+    if target in EVAL_EXACT:
+        check_converted(back, original, "batch")
+        assert_eval_close(evaluate(back, x, None)[rows], trained[rows])
+    else:  # no BatchNorm left to convert: nothing changes
+        check_converted(back, original, target)
+        assert torch.equal(evaluate(back, x, None), trained)
+
+
+@pytest.mark.parametrize("name", [n for n in ZOO if n.startswith("timm")])
+def test_timm_batchnormact_renorm_and_back_keeps_the_activation(name: str) -> None:
+    """The quick, targeted version of the BatchNormAct2d check (no training)."""
+    original = build(name)
+    x, _, _ = inputs(n=2)
+    with torch.no_grad():
+        reference = original(x)
+        model = convert_norms(convert_norms(copy.deepcopy(original), "renorm"), "batch")
+        assert [type(m) for _, m in norm_layers(model)] == [nn.BatchNorm2d] * len(
+            norm_layers(original)
+        )
+        assert leaf_types(model) == leaf_types(original)
+        assert_eval_close(model(x), reference)
+
+
+# --- a WGAN-GP gradient penalty through every BatchNorm variant (float64 references) ---
+
+GP_IDS = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+
+
+class _Critic(nn.Module):
+    """conv -> norm -> SiLU -> strided conv -> norm -> SiLU -> mean -> linear, as a GAN's D."""
+
+    def __init__(self, norm: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm1 = norm(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.norm2 = norm(4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.silu(self.norm1(self.conv1(x)))
+        h = F.silu(self.norm2(self.conv2(h)))
+        return self.head(h.mean((2, 3)))
+
+
+class _FormulaNorm(nn.Module):
+    """Reference BatchNorm / BatchRenorm in plain tensor ops, so autograd derives every order.
+
+    ``y = w * ((x - mu_B) / sigma_B * r + d) + b``; plain BN has ``r = 1, d = 0``; with
+    ``renorm=(r_max, d_max)`` ``r`` and ``d`` come from the running statistics, detached.
+    """
+
+    def __init__(self, layer: nn.Module, renorm: tuple[float, float] | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.bias = nn.Parameter(layer.bias.detach().clone())
+        self.eps = layer.eps
+        self.renorm = renorm
+        self.running = (layer.running_mean.clone(), layer.running_var.clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean((0, 2, 3), keepdim=True)
+        var = (x - mean).square().mean((0, 2, 3), keepdim=True)
+        sigma_b = (var + self.eps).sqrt()
+        y = (x - mean) / sigma_b
+        if self.renorm is not None:
+            r_max, d_max = self.renorm
+            run_mean, run_var = (t.view(1, -1, 1, 1) for t in self.running)
+            sigma = (run_var + self.eps).sqrt()
+            r = (sigma_b / sigma).clamp(1 / r_max, r_max).detach()
+            d = ((mean - run_mean) / sigma).clamp(-d_max, d_max).detach()
+            y = y * r + d
+        return y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+class _PerDomainNorm(nn.Module):
+    """Reference DomainBatchNorm: each domain's sub-batch through its own BatchNorm."""
+
+    def __init__(self, layer: DomainBatchNorm2d, ids: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.bias = nn.Parameter(layer.bias.detach().clone())
+        self.eps = layer.eps
+        self.ids = ids
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.zeros_like(x)
+        for k in self.ids.unique().tolist():
+            rows = self.ids == k
+            w, b = self.weight[k], self.bias[k]
+            bn = F.batch_norm(x[rows], None, None, w, b, training=True, eps=self.eps)
+            out = out.index_put((rows,), bn)
+        return out
+
+
+_DOMAIN_INT = torch.full((8,), 1)
+# variant -> (its norm layer, the reference norm built from a layer, domain ids to route)
+GP_VARIANTS: dict[str, tuple[Callable[[int], nn.Module], Callable[..., nn.Module], object]] = {
+    "batchnorm": (nn.BatchNorm2d, _FormulaNorm, None),
+    "synced_single_process": (SyncedBatchNorm2d, _FormulaNorm, None),
+    "renorm": (
+        lambda c: BatchRenorm2d(c, r_max=1.5, d_max=0.5, warmup_steps=0),
+        lambda layer: _FormulaNorm(layer, renorm=(1.5, 0.5)),
+        None,
+    ),
+    "domain_mixed_ids": (
+        lambda c: DomainBatchNorm2d(c, num_domains=2),
+        lambda layer: _PerDomainNorm(layer, GP_IDS),
+        GP_IDS,
+    ),
+    "domain_int": (
+        lambda c: DomainBatchNorm2d(c, num_domains=2),
+        lambda layer: _PerDomainNorm(layer, _DOMAIN_INT),
+        1,
+    ),
+    "domain_sync_single_process": (
+        lambda c: DomainBatchNorm2d(c, num_domains=2, sync=True),
+        lambda layer: _PerDomainNorm(layer, GP_IDS),
+        GP_IDS,
+    ),
+}
+
+
+def _gradient_penalty(
+    model: nn.Module, x_hat: Tensor, ids: int | Tensor | None
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """WGAN-GP: ``mean((|dD/dx_hat| - 1)^2)``, backpropagated to the parameters."""
+    x_hat = x_hat.clone().requires_grad_(True)
+    out = run(model, x_hat, ids)
+    (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
+    penalty = (grad.flatten(1).norm(dim=1) - 1).square().mean()
+    penalty.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return penalty.detach(), grad.detach(), grads
+
+
+@pytest.mark.parametrize("variant", list(GP_VARIANTS))
+def test_gradient_penalty_matches_reference(variant: str) -> None:
+    norm, reference_norm, ids = GP_VARIANTS[variant]
+    torch.manual_seed(0)
+    critic = _Critic(norm).double().train()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in (critic.norm1, critic.norm2):
+            layer.weight.copy_(torch.rand(layer.weight.shape, generator=gen) + 0.5)
+            layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen) - 0.5)
+            layer.running_mean.copy_(torch.rand(layer.running_mean.shape, generator=gen) - 0.5)
+            layer.running_var.copy_(torch.rand(layer.running_var.shape, generator=gen) + 0.5)
+    reference = copy.deepcopy(critic)
+    reference.norm1 = reference_norm(critic.norm1)
+    reference.norm2 = reference_norm(critic.norm2)
+    real = torch.randn(8, 3, 6, 6, dtype=torch.float64, generator=gen) * 2 + 1
+    fake = torch.randn(8, 3, 6, 6, dtype=torch.float64, generator=gen)
+    alpha = torch.rand(8, 1, 1, 1, dtype=torch.float64, generator=gen)
+    x_hat = alpha * real + (1 - alpha) * fake
+
+    penalty, grad, grads = _gradient_penalty(critic, x_hat, ids)
+    ref_penalty, ref_grad, ref_grads = _gradient_penalty(reference, x_hat, None)
+
+    assert ref_penalty > 1e-3  # a penalty that can be wrong
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)  # first order
+    torch.testing.assert_close(penalty, ref_penalty, rtol=1e-9, atol=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for name, expected in ref_grads.items():  # second order: d penalty / d parameters
+        if name == "head.bias":  # dD/dx does not depend on it
+            assert expected is None and grads[name] is None
+            continue
+        assert expected.abs().max() > 0, name
+        torch.testing.assert_close(
+            grads[name], expected, rtol=1e-7, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}"
+        )
