@@ -326,3 +326,121 @@ def test_ddp_ranks_end_with_identical_exact_buffers(tmp_path: Path) -> None:
     mean, var = exact_bn_input_stats(model, make_data(96, 0).tensors[0])
     torch.testing.assert_close(rank0["net.1.running_mean"].double(), mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rank0["net.1.running_var"].double(), var, rtol=1e-5, atol=1e-5)
+
+
+# --- issue 10: resume mid-epoch, 1-sample tail, forward errors, sync_batchnorm -------------------
+
+
+class BufferSpy(Callback):
+    """Copies the first BN layer's buffers whenever validation starts (what validation sees)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, Tensor, Tensor]] = []
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        bn = pl_module.net[1]
+        self.seen.append((trainer.global_step, bn.running_mean.clone(), bn.running_var.clone()))
+
+
+def assert_exact_for(model: Net, data: Tensor, mean: Tensor, var: Tensor) -> None:
+    """``mean``/``var`` are the exact statistics of ``model``'s first BN inputs over ``data``."""
+    ref_mean, ref_var = exact_bn_input_stats(model, data)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "every_n_train_steps"])
+def test_resume_mid_epoch_recomputes_at_the_epochs_real_end(tmp_path: Path, stop: str) -> None:
+    ckpt_dir = tmp_path / "ckpt"
+    first = Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            max_epochs=1,
+            max_steps=5 if stop == "max_steps" else -1,
+            limit_val_batches=0,
+            enable_checkpointing=True,
+            callbacks=[
+                PreciseBN(num_batches=8),
+                ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=5, save_top_k=-1),
+            ],
+        )
+    )
+    first.fit(Net(), **loaders())
+    spy, resumed = BufferSpy(), PreciseBN(num_batches=8)
+    model = Net()
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[resumed, spy]))
+    trainer.fit(model, ckpt_path=str(ckpt_dir / "epoch=0-step=5.ckpt"), **loaders())
+    assert [(e["when"], e["epoch"], e["step"]) for e in resumed.history][-1:] == [
+        ("epoch_end", 0, 8)
+    ]
+    ((step, mean, var),) = spy.seen
+    assert step == 8  # the validation at the epoch's real end saw exact statistics
+    assert_exact_for(model, make_data(128, 0).tensors[0], mean, var)
+
+
+def test_val_loader_with_a_one_sample_tail_batch(tmp_path: Path) -> None:
+    val = make_data(65, 1)  # 4 batches of 16 and a tail of 1
+    model = Net()
+    callback = PreciseBN(num_batches=10, dataloader="val")
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[callback]))
+    with pytest.warns(UserWarning, match="has 5 batches"):
+        trainer.fit(model, DataLoader(make_data(64, 0), batch_size=16), DataLoader(val, 16))
+    assert [entry["num_batches"] for entry in callback.history] == [4]
+    bn = model.net[1]
+    assert_exact_for(model, val.tensors[0][:64], bn.running_mean, bn.running_var)
+
+
+def test_forward_needing_more_than_x_is_refused_in_setup(tmp_path: Path) -> None:
+    class TwoInputs(Net):
+        def forward(self, x: Tensor, scale: float = 1.0, *, shift: Tensor) -> Tensor:
+            return self.net(x * scale + shift)
+
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+            x, y = batch
+            return F.cross_entropy(self(x, shift=torch.zeros(())), y)
+
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[PreciseBN()]))
+    with pytest.raises(MisconfigurationException, match=r"precise_bn_forward.*forward_fn"):
+        trainer.fit(TwoInputs(), **loaders())
+    callback = PreciseBN(num_batches=2, forward_fn=lambda m, b: m(b[0], shift=torch.zeros(())))
+    kwargs = trainer_kwargs(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[callback])
+    Trainer(**kwargs).fit(TwoInputs(), **loaders())
+    assert callback.history[0]["num_batches"] == 2
+
+
+def test_sync_batchnorm_is_refused_in_setup_before_the_model_is_converted(tmp_path: Path) -> None:
+    model = Net()
+    kwargs = trainer_kwargs(tmp_path, max_epochs=1, sync_batchnorm=True)
+    trainer = Trainer(**kwargs, callbacks=[PreciseBN()])
+    with pytest.raises(ValueError, match="NormSync"):
+        trainer.fit(model, **loaders())
+    assert type(model.net[1]) is nn.BatchNorm1d  # setup ran before strategy.setup converted it
+    ddp = Trainer(**{**kwargs, "strategy": "ddp", "devices": 2})  # nothing launched yet
+    with pytest.raises(ValueError, match=r"PreciseBN.*sync_batchnorm=True.*NormSync"):
+        PreciseBN().setup(ddp, Net(), "fit")
+    PreciseBN().setup(Trainer(**trainer_kwargs(tmp_path)), Net(), "fit")  # no sync: accepted
+
+
+# --- num_samples ----------------------------------------------------------------------------------
+
+
+def test_num_samples_uses_the_batch_that_crosses_it(tmp_path: Path) -> None:
+    model = Net()
+    callback = PreciseBN(num_samples=40)  # batches of 16: 16, 32, 48 -> three batches
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[callback])).fit(model, **loaders())
+    assert [(e["num_batches"], e["num_samples"]) for e in callback.history] == [(3, 48)]
+    bn = model.net[1]
+    assert_exact_for(model, make_data(128, 0).tensors[0][:48], bn.running_mean, bn.running_var)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_samples": 0}, "`num_samples`"),
+        ({"num_samples": True}, "`num_samples`"),
+        ({"num_samples": 10, "num_batches": 200}, "`num_batches` or `num_samples`"),
+    ],
+)
+def test_bad_num_samples(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(MisconfigurationException, match=match):
+        PreciseBN(**kwargs)

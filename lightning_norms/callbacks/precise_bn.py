@@ -9,6 +9,7 @@ of ``fit``, via :func:`lightning_norms.stats.recompute_bn_stats`.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -16,13 +17,29 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    RichProgressBar,
+    StochasticWeightAveraging,
+    TQDMProgressBar,
+)
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
-from lightning_norms.stats import BNStatsReport, ForwardFn, recompute_bn_stats
+from lightning_norms.callbacks._checks import check_no_torch_sync_batchnorm
+from lightning_norms.stats import (
+    _DEFAULT_NUM_BATCHES,
+    BNStatsReport,
+    ForwardFn,
+    _batch_size,
+    _default_forward,
+    _takes_one_input,
+    recompute_bn_stats,
+)
 
 __all__ = ["PreciseBN"]
 
@@ -37,27 +54,44 @@ class PreciseBN(Callback):
     weights moved, so they lag the weights (badly with a high learning rate, a small
     ``momentum`` or few steps). This callback calls
     :func:`~lightning_norms.stats.recompute_bn_stats` (exact merged mean and unbiased variance
-    over ``num_batches`` batches) at the end of every ``every_n_epochs``-th training epoch,
-    right after its last training batch and therefore before that epoch's validation sees the
-    model, and once more at the end of ``fit`` if the weights changed since.
+    over ``num_batches`` batches, or ``num_samples`` samples) at the end of every
+    ``every_n_epochs``-th training epoch, right after its last training batch and therefore
+    before that epoch's validation sees the model, and once more at the end of ``fit`` if the
+    weights changed since. When training stops mid-epoch (``Trainer.should_stop``, e.g. early
+    stopping), it recomputes before the validation that follows; a run that resumes from a
+    mid-epoch checkpoint still recomputes at that epoch's real end.
 
     The batches come from a fresh iterator of the chosen loader (the training iterator is never
     touched), are converted and moved like training batches (the precision plugin's
     ``convert_input`` and the strategy's ``batch_to_device``, so ``transfer_batch_to_device``
     and the ``on_*_batch_transfer`` hooks apply) and run under the precision plugin's forward
-    context. Under DDP each rank uses its own shard (the loader's ``DistributedSampler``) and
-    the sums are all-reduced, so all ranks end with identical buffers. Progress shows in the
-    Trainer's progress bar (a ``PreciseBN`` bar under TQDM or Rich). Logged:
+    context. Batches of one sample (a loader's tail) are skipped: a BN layer in train mode
+    cannot normalise one value per channel. Under DDP each rank uses its own shard (the
+    loader's ``DistributedSampler``) and the sums are all-reduced, so all ranks end with
+    identical buffers; ``num_batches`` / ``num_samples`` count per process. Progress shows in
+    the Trainer's progress bar (a ``PreciseBN`` bar under TQDM or Rich). Logged:
     ``precise_bn/mean_shift`` and ``precise_bn/var_shift`` (see
-    :class:`~lightning_norms.stats.BNStatsReport`). The latest report is ``last_report``; a summary
-    of every run (``when``: ``"epoch_end"``/``"fit_end"``, ``epoch`` and ``step`` as the trainer
-    counted them, ``num_batches``, ``mean_shift``, ``var_shift``) is kept in ``history``, which
-    is saved in checkpoints with the callback's progress, so a resumed run continues where it
-    left off.
+    :class:`~lightning_norms.stats.BNStatsReport`). The latest report is ``last_report``; a
+    summary of every run (``when``: ``"epoch_end"``/``"fit_end"``, ``epoch`` and ``step`` as the
+    trainer counted them, ``num_batches``, ``num_samples``, ``mean_shift``, ``var_shift``) is
+    kept in ``history``, which is saved in checkpoints with the callback's progress, so a
+    resumed run continues where it left off.
 
     How a batch is run: ``forward_fn(model, batch)`` if given, else the LightningModule's
     ``precise_bn_forward(batch)`` if it defines one (route domains, unpack custom batches),
     else ``model(batch[0])`` for tuple/list batches and ``model(batch)`` otherwise.
+
+    Weight averaging: every ``torch.optim.swa_utils.AveragedModel`` inside the LightningModule
+    gets the exact statistics of its own (averaged) weights in the same pass, each batch run
+    as ``forward_fn(averaged, batch)`` if ``forward_fn`` is given, else
+    ``averaged(batch[0])`` / ``averaged(batch)`` (``torch.optim.swa_utils.update_bn`` would
+    average per-batch variances instead, which is biased low). With Lightning's
+    ``StochasticWeightAveraging`` the averaged weights end up in the module itself; this
+    callback's end-of-fit recompute runs after that callback's ``on_train_end`` (it moves
+    itself behind it in ``trainer.callbacks``), so the final statistics are those of the
+    averaged weights whatever the order the callbacks were given in. With either kind of
+    averaging the end-of-fit recompute always runs (averaged weights change outside training
+    batches).
 
     Caveats: with ``persistent_workers=True`` torch hands out one shared iterator per loader;
     the recompute runs only after the epoch's last training batch, so nothing training needs is
@@ -71,11 +105,15 @@ class PreciseBN(Callback):
             by batch, so per-domain loaders all contribute), or any re-iterable of batches such
             as a ``DataLoader``. Default: ``"train"``.
         forward_fn: ``forward_fn(model, batch)``; see above. Default: ``None``.
+        num_samples: instead of ``num_batches``: samples per recompute (the batch that crosses
+            it is used whole; passing both raises). Default: ``None``.
 
     Raises:
         MisconfigurationException: a bad argument (named in backticks), or in ``setup`` a
-            LightningModule with neither ``forward`` nor ``precise_bn_forward`` and no
-            ``forward_fn``.
+            LightningModule whose ``forward`` is missing or needs more than the input, with
+            neither ``precise_bn_forward`` nor ``forward_fn``.
+        ValueError: in ``setup``, ``Trainer(sync_batchnorm=True)`` (use
+            ``plugins=[lightning_norms.NormSync()]``).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -88,43 +126,20 @@ class PreciseBN(Callback):
 
     def __init__(
         self,
-        num_batches: int = 200,
+        num_batches: int = _DEFAULT_NUM_BATCHES,
         every_n_epochs: int = 1,
         dataloader: str | Iterable[Any] = "train",
         forward_fn: ForwardFn | None = None,
+        *,
+        num_samples: int | None = None,
     ) -> None:
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise MisconfigurationException(
-                f"`num_batches` must be an int >= 1, got {num_batches!r}"
-            )
-        if (
-            isinstance(every_n_epochs, bool)
-            or not isinstance(every_n_epochs, int)
-            or every_n_epochs < 1
-        ):
-            raise MisconfigurationException(
-                f"`every_n_epochs` must be an int >= 1, got {every_n_epochs!r}"
-            )
-        if isinstance(dataloader, str):
-            if dataloader not in _LOADER_NAMES:
-                raise MisconfigurationException(
-                    f"`dataloader` must be 'train', 'val' or an iterable of batches, "
-                    f"got {dataloader!r}"
-                )
-        elif not isinstance(dataloader, Iterable):
-            raise MisconfigurationException(
-                f"`dataloader` must be 'train', 'val' or an iterable of batches, "
-                f"got {type(dataloader).__name__}"
-            )
-        if forward_fn is not None and not callable(forward_fn):
-            raise MisconfigurationException(
-                f"`forward_fn` must be callable or None, got {type(forward_fn).__name__}"
-            )
+        _check_init_args(num_batches, every_n_epochs, dataloader, forward_fn, num_samples)
         self._num_batches = num_batches
+        self._num_samples = num_samples
         self._every_n_epochs = every_n_epochs
         self._dataloader = dataloader
         self._forward_fn = forward_fn
-        self._last_epoch = -1  # last epoch whose end was recomputed
+        self._last_epoch = -1  # last epoch whose real end was recomputed
         self._dirty = False  # weights trained since the last recompute
         self._warned_short = False
         self.history: list[dict[str, Any]] = []
@@ -132,13 +147,23 @@ class PreciseBN(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or self._forward_fn is not None:
+        check_no_torch_sync_batchnorm(trainer, "PreciseBN")
+        if stage != "fit":
             return
-        has_forward = type(pl_module).forward is not LightningModule.forward
-        if not has_forward and not callable(getattr(pl_module, "precise_bn_forward", None)):
+        _run_after_swa(trainer, self)
+        if self._forward_fn is not None or callable(getattr(pl_module, "precise_bn_forward", None)):
+            return
+        name = type(pl_module).__name__
+        if type(pl_module).forward is LightningModule.forward:
             raise MisconfigurationException(
-                f"PreciseBN needs to run batches through {type(pl_module).__name__}: define its "
+                f"PreciseBN needs to run batches through {name}: define its "
                 "`forward` or `precise_bn_forward(batch)`, or pass `forward_fn`"
+            )
+        if not _takes_one_input(pl_module):
+            raise MisconfigurationException(
+                f"PreciseBN runs `{name}(batch[0])` by default, but {name}.forward needs more "
+                "than the input: define `precise_bn_forward(batch)` on it, or pass "
+                "`forward_fn(model, batch)`"
             )
 
     @override
@@ -154,6 +179,8 @@ class PreciseBN(Callback):
         # Validation at the end of the epoch runs right after this hook: recompute now.
         if self._epoch_training_done(trainer):
             self._epoch_end(trainer, pl_module)
+        elif trainer.should_stop:  # stopping mid-epoch: a validation may follow right away
+            self._recompute(trainer, pl_module, log_to_module=True)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -162,7 +189,9 @@ class PreciseBN(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._dirty:
+        # Weight averaging may change weights without a training batch (SWA's transfer in its
+        # own on_train_end, an AveragedModel updated in on_train_epoch_end): always recompute.
+        if self._dirty or _averages_weights(trainer, pl_module):
             self._recompute(trainer, pl_module, log_to_module=False)
 
     @override
@@ -181,13 +210,13 @@ class PreciseBN(Callback):
 
     @staticmethod
     def _epoch_training_done(trainer: Trainer) -> bool:
+        """The epoch's last training batch just ran (not a ``max_steps`` stop mid-epoch).
+
+        A mid-epoch stop must not count as the epoch's end: a run resumed from a checkpoint
+        taken there finishes the epoch and must recompute at its real end.
+        """
         progress = trainer.fit_loop.epoch_loop.batch_progress
-        max_steps_reached = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
-        return (
-            progress.is_last_batch
-            or progress.current.ready == trainer.num_training_batches
-            or max_steps_reached
-        )
+        return progress.is_last_batch or progress.current.ready == trainer.num_training_batches
 
     def _epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -200,8 +229,35 @@ class PreciseBN(Callback):
         source = self._source(trainer)
         if source is None:
             return
-        num_batches = self._num_batches
+        num_batches, total = self._pass_length(source)
+        forward = _with_averaged_models(pl_module, self._forward(pl_module), self._forward_fn)
+        with _progress_bar(trainer, total) as advance:
+            batches = _device_batches(trainer, source, advance)
+            try:
+                with trainer.precision_plugin.forward_context():
+                    if self._num_samples is None:
+                        report = recompute_bn_stats(pl_module, batches, num_batches, forward)
+                    else:
+                        report = recompute_bn_stats(
+                            pl_module, batches, forward_fn=forward, num_samples=self._num_samples
+                        )
+            finally:
+                batches.close()
+        self._dirty = False
+        self.last_report = report
+        if report.layers:
+            self._log(trainer, pl_module, report, log_to_module)
+
+    def _pass_length(self, source: Iterable[Any]) -> tuple[int, int | None]:
+        """``num_batches`` capped by the loader's length (warned once), and the bar's total."""
         length = _length(source)
+        if self._num_samples is not None:
+            batch_size = getattr(source, "batch_size", None)
+            if not isinstance(batch_size, int) or batch_size < 1:
+                return self._num_batches, length
+            needed = math.ceil(self._num_samples / batch_size)
+            return self._num_batches, needed if length is None else min(needed, length)
+        num_batches = self._num_batches
         if length is not None and 0 < length < num_batches:
             if not self._warned_short:
                 rank_zero_warn(
@@ -210,18 +266,15 @@ class PreciseBN(Callback):
                 )
                 self._warned_short = True
             num_batches = length
-        forward = self._forward(pl_module)
-        with _progress_bar(trainer, num_batches) as advance:
-            batches = _device_batches(trainer, source, advance)
-            try:
-                with trainer.precision_plugin.forward_context():
-                    report = recompute_bn_stats(pl_module, batches, num_batches, forward)
-            finally:
-                batches.close()
-        self._dirty = False
-        self.last_report = report
-        if not report.layers:
-            return
+        return num_batches, num_batches
+
+    def _log(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        report: BNStatsReport,
+        log_to_module: bool,
+    ) -> None:
         metrics = {
             "precise_bn/mean_shift": report.mean_shift,
             "precise_bn/var_shift": report.var_shift,
@@ -232,6 +285,7 @@ class PreciseBN(Callback):
                 "epoch": trainer.current_epoch,
                 "step": trainer.global_step,
                 "num_batches": report.num_batches,
+                "num_samples": report.num_samples,
                 "mean_shift": report.mean_shift,
                 "var_shift": report.var_shift,
             }
@@ -280,6 +334,78 @@ class PreciseBN(Callback):
         if isinstance(loaders, (list, tuple)):
             return _Interleaved(list(loaders))
         return loaders
+
+
+def _check_init_args(
+    num_batches: Any, every_n_epochs: Any, dataloader: Any, forward_fn: Any, num_samples: Any
+) -> None:
+    for name, value in (("num_batches", num_batches), ("every_n_epochs", every_n_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MisconfigurationException(f"`{name}` must be an int >= 1, got {value!r}")
+    if num_samples is not None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise MisconfigurationException(
+                f"`num_samples` must be an int >= 1 or None, got {num_samples!r}"
+            )
+        if num_batches is not _DEFAULT_NUM_BATCHES:
+            raise MisconfigurationException(
+                "pass `num_batches` or `num_samples`, not both "
+                f"(got num_batches={num_batches}, num_samples={num_samples})"
+            )
+    if isinstance(dataloader, str):
+        if dataloader not in _LOADER_NAMES:
+            raise MisconfigurationException(
+                f"`dataloader` must be 'train', 'val' or an iterable of batches, got {dataloader!r}"
+            )
+    elif not isinstance(dataloader, Iterable):
+        raise MisconfigurationException(
+            "`dataloader` must be 'train', 'val' or an iterable of batches, "
+            f"got {type(dataloader).__name__}"
+        )
+    if forward_fn is not None and not callable(forward_fn):
+        raise MisconfigurationException(
+            f"`forward_fn` must be callable or None, got {type(forward_fn).__name__}"
+        )
+
+
+def _run_after_swa(trainer: Trainer, callback: Callback) -> None:
+    """Move ``callback`` right behind the last ``StochasticWeightAveraging`` in the trainer.
+
+    SWA copies the averaged weights into the module in its ``on_train_end``; the end-of-fit
+    recompute must see them. A new list is assigned (the one being iterated is not mutated),
+    and checkpoint callbacks, which Lightning keeps last, stay behind both.
+    """
+    callbacks: list[Callback] = list(trainer.callbacks)  # type: ignore[attr-defined]
+    swa = [i for i, c in enumerate(callbacks) if isinstance(c, StochasticWeightAveraging)]
+    if not swa or callbacks.index(callback) > swa[-1]:
+        return
+    callbacks.remove(callback)
+    callbacks.insert(swa[-1], callback)  # the SWA callback moved down by one
+    trainer.callbacks = callbacks  # type: ignore[attr-defined]
+
+
+def _averages_weights(trainer: Trainer, pl_module: nn.Module) -> bool:
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    return any(isinstance(c, StochasticWeightAveraging) for c in callbacks) or any(
+        isinstance(m, AveragedModel) for m in pl_module.modules()
+    )
+
+
+def _with_averaged_models(
+    pl_module: nn.Module, forward: ForwardFn | None, forward_fn: ForwardFn | None
+) -> ForwardFn | None:
+    """``forward``, plus each ``AveragedModel`` inside ``pl_module`` run on the same batch."""
+    averaged = [m for m in pl_module.modules() if isinstance(m, AveragedModel)]
+    if not averaged:
+        return forward
+    run_averaged = forward_fn if forward_fn is not None else _default_forward
+
+    def forward_all(model: nn.Module, batch: Any) -> None:
+        (forward if forward is not None else _default_forward)(model, batch)
+        for average in averaged:
+            run_averaged(average, batch)
+
+    return forward_all
 
 
 class _Interleaved:
@@ -335,17 +461,23 @@ def _device_batches(trainer: Trainer, source: Iterable[Any], advance: Callable[[
     """Generator: the source's batches, converted and moved like training batches.
 
     The bar advances as each batch is handed over (the consumer stops pulling after the last one,
-    so advancing after the ``yield`` would leave the bar one short).
+    so advancing after the ``yield`` would leave the bar one short). One-sample batches (a
+    loader's tail) are skipped: BN in train mode cannot take one value per channel.
     """
     for batch in source:
+        if _batch_size(batch) == 1:
+            continue
         batch = trainer.precision_plugin.convert_input(batch)
         advance()
         yield trainer.strategy.batch_to_device(batch)
 
 
 @contextmanager
-def _progress_bar(trainer: Trainer, total: int) -> Iterator[Callable[[], None]]:
-    """A ``PreciseBN`` bar in the Trainer's TQDM or Rich progress display (no-op otherwise)."""
+def _progress_bar(trainer: Trainer, total: int | None) -> Iterator[Callable[[], None]]:
+    """A ``PreciseBN`` bar in the Trainer's TQDM or Rich progress display (no-op otherwise).
+
+    ``total=None`` (a ``num_samples`` pass over a loader without a batch size) shows a count.
+    """
     bar = trainer.progress_bar_callback
     if isinstance(bar, RichProgressBar) and bar.is_enabled and bar.progress is not None:
         progress = bar.progress
