@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lightning-norms-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint docs wheel bench venv clean
 
 venv: $(STAMP)
 
@@ -21,16 +21,25 @@ demo: $(STAMP)
 	$(PY) -m recipes.report
 
 test: $(STAMP)
-	$(PY) -m ruff check lightning_norms recipes tests bench
+	$(PY) -m ruff check lightning_norms recipes tests bench docs
 	$(PY) -m mypy lightning_norms
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check lightning_norms recipes tests bench
+	$(PY) -m ruff check lightning_norms recipes tests bench docs
 	$(PY) -m mypy lightning_norms
+
+# API reference from the docstrings (mkdocs-material + mkdocstrings), warning-free or failing;
+# written to build/site
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# the wheel and sdist, under dist/ (no build isolation: setuptools comes with the dev extra)
+wheel: $(STAMP)
+	$(PY) -m build --no-isolation --outdir dist .
 
 bench: $(STAMP)
 	$(PY) bench/bench_layers.py
 
 clean:
-	rm -rf $(VENV) runs lightning_logs
+	rm -rf $(VENV) runs lightning_logs build dist
