@@ -5,6 +5,7 @@ Every layer in the package is a thin ``nn.Module`` over one of these functions.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, cast
 
 import torch
@@ -211,6 +212,18 @@ def _safe_norm(sum_sq: Tensor) -> Tensor:
     return sum_sq.clamp_min(torch.finfo(sum_sq.dtype).tiny).sqrt()
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` upcast to fp32 when it is fp16/bf16 (norms of those overflow or lose precision)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _full_precision(x: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """A context in which ``x``'s device runs without autocast (only entered when it is on)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
     r"""Cosine between each input vector and each weight row (Cosine Normalization).
 
@@ -221,7 +234,9 @@ def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
 
         y_{o} = \frac{w_o \cdot x}{\lVert w_o \rVert \lVert x \rVert + \epsilon} \in [-1, 1]
 
-    A zero input (or weight row) gives 0 with finite gradients.
+    A zero input (or weight row) gives 0 with finite gradients. The norms are taken in (at
+    least) fp32, outside autocast, so fp16/bf16 inputs neither overflow nor lose precision there;
+    the output has the dtype of the dot product (``F.linear``'s, autocast's under autocast).
 
     Args:
         x: input, features in the last dim.
@@ -237,9 +252,11 @@ def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
         tensor([[1.0000, 0.7071],
                 [0.0000, 0.0000]])
     """
-    x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    w_norm = torch.linalg.vector_norm(weight, dim=1)
-    return F.linear(x, weight) / (x_norm * w_norm + eps)
+    dot = F.linear(x, weight)
+    with _full_precision(x):
+        x_norm = torch.linalg.vector_norm(_at_least_fp32(x), dim=-1, keepdim=True)
+        w_norm = torch.linalg.vector_norm(_at_least_fp32(weight), dim=1)
+    return (dot / (x_norm * w_norm + eps)).to(dot.dtype)
 
 
 def cosine_conv2d(
@@ -263,7 +280,9 @@ def cosine_conv2d(
     where :math:`p_{n,i,j}` is the (zero-padded) input patch of ``o``'s group seen by output
     position ``(i, j)``. :math:`\lVert p \rVert^2` is a convolution of the channel-summed
     ``x**2`` with a ones kernel using the same stride, padding and dilation. A zero patch gives
-    0 with finite gradients. Under fp16/bf16 the patch norms are taken in fp32.
+    0 with finite gradients. The squares and norms are taken in (at least) fp32, outside
+    autocast: an fp16 ``x**2`` overflows from ``|x| > 256``. The output has the dtype of the
+    convolution (``F.conv2d``'s, autocast's under autocast).
 
     Args:
         x: input.
@@ -285,15 +304,14 @@ def cosine_conv2d(
     """
     out = F.conv2d(x, weight, None, stride, padding, dilation, groups)
     c = x.shape[1]
-    sq = x.square()
-    if c != groups:
-        sq = sq.unflatten(1, (groups, c // groups)).sum(2)
-    ones = torch.ones(groups, 1, *weight.shape[2:], dtype=sq.dtype, device=x.device)
-    patch_sq = F.conv2d(sq, ones, None, stride, padding, dilation, groups)
-    if patch_sq.dtype in (torch.float16, torch.bfloat16):
-        patch_sq = patch_sq.float()
-    patch_norm = _safe_norm(patch_sq).unsqueeze(2)
-    w_norm = torch.linalg.vector_norm(weight.flatten(1), dim=1, dtype=patch_norm.dtype)
+    with _full_precision(x):
+        sq = _at_least_fp32(x).square()
+        if c != groups:
+            sq = sq.unflatten(1, (groups, c // groups)).sum(2)
+        ones = torch.ones(groups, 1, *weight.shape[2:], dtype=sq.dtype, device=x.device)
+        patch_sq = F.conv2d(sq, ones, None, stride, padding, dilation, groups)
+        patch_norm = _safe_norm(patch_sq).unsqueeze(2)
+        w_norm = torch.linalg.vector_norm(weight.flatten(1), dim=1, dtype=patch_norm.dtype)
     denom = patch_norm * w_norm.view(groups, -1, 1, 1) + eps
     return (out.unflatten(1, (groups, -1)) / denom).flatten(1, 2).to(out.dtype)
 

@@ -185,3 +185,90 @@ def test_bad_arguments() -> None:
         CosineConv2d(3, 4, 3, padding="full")
     with pytest.raises(ValueError, match="padding='same' needs stride=1, got stride=2"):
         CosineConv2d(3, 4, 3, stride=2, padding="same")
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["module", "autocast"])
+def test_low_precision_large_activations_match_float64(kind: str, dtype, mode: str) -> None:
+    """Issue 10 item 3: |x| > 256 overflowed x**2 in fp16 and the conv output was all zeros."""
+    torch.manual_seed(7)
+    if kind == "conv":
+        m: nn.Module = CosineConv2d(8, 6, 3, padding=1, groups=2)
+        x = torch.randn(2, 8, 7, 7) * 300
+    else:
+        m = CosineLinear(64, 6)
+        x = torch.randn(5, 64) * 300
+    if mode == "module":
+        m = m.to(dtype)
+        x_in = x.to(dtype).requires_grad_(True)
+        with torch.autocast("cpu", enabled=False):
+            y = m(x_in)
+    else:
+        x_in = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=dtype):
+            y = m(x_in)
+    assert y.dtype == dtype
+    # reference: the formula in float64 on the values the low-precision dot product sees
+    x64 = x.to(dtype).double().requires_grad_(True)
+    w64 = m.weight.detach().to(dtype).double().requires_grad_(True)
+    if kind == "conv":
+        ref = _unfold_reference(x64, w64, (1, 1), (1, 1), (1, 1), 2)
+    else:
+        ref = _linear_reference(x64, w64)
+    assert ref.abs().max() > 0.1  # far from the all-zero output of the bug
+    atol = 1e-3 if dtype == torch.float16 else 8e-3
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=atol)
+    grad_out = torch.randn_like(ref)
+    y.backward(grad_out.to(dtype))
+    ref.backward(grad_out)
+    rel = 4e-3 if dtype == torch.float16 else 2e-2
+    for got, want in ((x_in.grad, x64.grad), (m.weight.grad, w64.grad)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=rel * want.abs().max())
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=mode == "autocast"):
+        zero = m(torch.zeros_like(x_in))
+    assert torch.equal(zero, torch.zeros_like(zero))
+
+
+def test_double_backward_gradgradcheck_float64() -> None:
+    torch.manual_seed(8)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w: cosine_conv2d(x, w, stride=2, padding=1, groups=2), (x, w)
+    )
+    xl = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    wl = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(cosine_linear, (xl, wl))
+    conv = CosineConv2d(4, 3, 2, padding=1, dtype=torch.float64)
+    lin = CosineLinear(5, 2, dtype=torch.float64)
+    assert torch.autograd.gradgradcheck(lambda x, w: conv._call_impl(x) * w.sum(), (x, w))
+    assert torch.autograd.gradgradcheck(lin, (xl,))
+    # a gradient penalty through the module equals the one through the float64 formula
+    xc = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(conv(xc).square().sum(), xc, create_graph=True)
+    g.square().sum().backward()
+    w_ref = conv.weight.detach().clone().requires_grad_(True)
+    x_ref = xc.detach().clone().requires_grad_(True)
+    out = _unfold_reference(x_ref, w_ref, (1, 1), (1, 1), (1, 1), 1)
+    (g_ref,) = torch.autograd.grad(out.square().sum(), x_ref, create_graph=True)
+    g_ref.square().sum().backward()
+    torch.testing.assert_close(conv.weight.grad, w_ref.grad, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("m", "shape"), [(CosineConv2d(3, 4, 3, padding=1), (2, 3, 5, 5)), (CosineLinear(3, 4), (2, 3))]
+)
+def test_inplace_after_the_layer_and_empty_batch(m: nn.Module, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(9)
+    x = torch.randn(shape, requires_grad=True)
+    y = m(x)
+    y += 0.1  # residual add, then an inplace activation
+    y.relu_()
+    y.sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    (m(x_ref) + 0.1).relu().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
+    empty = m(torch.randn(0, *shape[1:]))
+    assert empty.shape == (0, *m(x).shape[1:])
