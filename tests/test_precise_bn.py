@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    ModelCheckpoint,
+    StochasticWeightAveraging,
+    TQDMProgressBar,
+)
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_norms.callbacks import PreciseBN
@@ -444,3 +450,110 @@ def test_num_samples_uses_the_batch_that_crosses_it(tmp_path: Path) -> None:
 def test_bad_num_samples(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(MisconfigurationException, match=match):
         PreciseBN(**kwargs)
+
+
+# --- weight averaging: the statistics of the averaged weights -----------------------------------
+
+
+def swa_fit(
+    tmp_path: Path, precise_first: bool, with_precise: bool = True, **kwargs: Any
+) -> tuple[Net, StochasticWeightAveraging]:
+    seed_everything(0)
+    model = Net(lr=0.1)
+    swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=2)
+    precise = [PreciseBN(num_batches=8)] if with_precise else []
+    callbacks = [*precise, swa] if precise_first else [swa, *precise]
+    Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, **kwargs)).fit(model, **loaders())
+    return model, swa
+
+
+def assert_averaged_weights_in(model: Net, swa: StochasticWeightAveraging) -> None:
+    average = swa._average_model
+    assert average is not None
+    for p, q in zip(model.parameters(), average.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("precise_first", [True, False])
+@pytest.mark.parametrize(
+    "stop", [{"max_epochs": 3}, {"max_epochs": -1, "max_steps": 24}], ids=["epochs", "steps"]
+)
+def test_swa_callback_gets_exact_stats_of_the_averaged_weights(
+    tmp_path: Path, precise_first: bool, stop: dict[str, int]
+) -> None:
+    # "epochs": SWA runs its own update_bn epoch; "steps": SWA copies the averaged weights in
+    # its on_train_end, after which the statistics must be recomputed whatever the order.
+    model, swa = swa_fit(tmp_path, precise_first, **stop)
+    assert_averaged_weights_in(model, swa)
+    bn = model.net[1]
+    assert_exact_for(model, make_data(128, 0).tensors[0], bn.running_mean, bn.running_var)
+    assert bn.momentum == 0.01  # SWA's momentum=None pass restored
+
+
+def test_swa_alone_averages_per_batch_variances(tmp_path: Path) -> None:
+    """The reference tells SWA's own update_bn result apart from the exact statistics."""
+    model, swa = swa_fit(tmp_path, precise_first=True, with_precise=False, max_epochs=3)
+    assert_averaged_weights_in(model, swa)
+    _, var = exact_bn_input_stats(model, make_data(128, 0).tensors[0])
+    error = ((model.net[1].running_var.double() - var).abs() / var).max()
+    assert error > 1e-3
+
+
+class EmaNet(Net):
+    """Keeps a weight average of ``net`` (updated once per epoch, as in torch's SWA recipe)."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.1)
+        self.ema = AveragedModel(self.net)
+
+    def on_train_epoch_end(self) -> None:
+        self.ema.update_parameters(self.net)
+
+
+def test_averaged_model_inside_the_module_gets_exact_stats(tmp_path: Path) -> None:
+    model = EmaNet()
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[PreciseBN(8)]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fewer than two values")
+        trainer.fit(model, **loaders())
+    data = make_data(128, 0).tensors[0]
+    assert int(model.ema.n_averaged) == 2
+    for net in (model.net, model.ema.module):
+        with torch.no_grad():
+            acts = net[0](data).double()
+        torch.testing.assert_close(net[1].running_mean.double(), acts.mean(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(net[1].running_var.double(), acts.var(0), rtol=1e-5, atol=1e-5)
+
+
+# --- more feature combinations --------------------------------------------------------------------
+
+
+def test_accumulate_grad_batches(tmp_path: Path) -> None:
+    spy, callback = BufferSpy(), PreciseBN(num_batches=7)
+    model = Net()
+    kwargs = trainer_kwargs(tmp_path, max_epochs=2, accumulate_grad_batches=2)
+    train = DataLoader(make_data(112, 0), batch_size=16)  # 7 batches: the last step is odd
+    Trainer(**kwargs, callbacks=[callback, spy]).fit(model, train, loaders()["val_dataloaders"])
+    assert [(e["when"], e["epoch"], e["step"]) for e in callback.history] == [
+        ("epoch_end", 0, 4),
+        ("epoch_end", 1, 8),
+    ]
+    assert [step for step, _, _ in spy.seen] == [4, 8]
+    _, mean, var = spy.seen[-1]
+    assert_exact_for(model, make_data(112, 0).tensors[0], mean, var)
+
+
+def test_bf16_mixed_precision(tmp_path: Path) -> None:
+    model = Net()
+    callback = PreciseBN(num_batches=8)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, precision="bf16-mixed"))
+    trainer.callbacks.append(callback)
+    trainer.fit(model, **loaders())
+    assert callback.history[0]["num_batches"] == 8
+    data = make_data(128, 0).tensors[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        acts = model.net[0](data)
+    assert acts.dtype == torch.bfloat16 and model.net[1].running_var.dtype == torch.float32
+    mean, var = acts.double().mean(0), acts.double().var(0)  # the bf16 activations, exactly
+    torch.testing.assert_close(model.net[1].running_mean.double(), mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.net[1].running_var.double(), var, rtol=1e-4, atol=1e-4)
