@@ -740,13 +740,15 @@ def _update_running_stats(
     present = count > 0
     if num_batches_tracked is not None:
         num_batches_tracked.add_(present.to(num_batches_tracked.dtype))
+    # in the buffers' dtype: a float32 factor would round fp64 updates (momentum 0.1)
+    factor = present.to(running_mean.dtype)
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        factor = present / num_batches_tracked.clamp(min=1)
+        factor = factor / num_batches_tracked.clamp(min=1).to(factor.dtype)
     else:
-        factor = present * momentum
-    factor = factor.to(running_mean.dtype).unsqueeze(1)
+        factor = factor * momentum
+    factor = factor.unsqueeze(1)
     keep = 1 - factor
     running_mean.mul_(keep).add_(mean.to(running_mean.dtype) * factor)
     running_var.mul_(keep).add_(unbiased_var.to(running_var.dtype) * factor)

@@ -397,3 +397,284 @@ def test_package_domain_is_the_context_manager_after_submodule_import() -> None:
 
     assert lightning_norms.domain is lightning_norms.domain_bn.domain
     assert callable(lightning_norms.domain)
+
+
+# --- hardening (issue 10): inplace ops, fp16/bf16, empty batches, rejected calls, compile ---
+
+
+def _batchnorms(layer: nn.Module, dtype: torch.dtype) -> list[nn.Module]:
+    """One ``nn.BatchNorm2d`` in ``dtype`` per domain with that domain's current state."""
+    refs = []
+    for d in range(layer.num_domains):
+        bn = nn.BatchNorm2d(layer.num_features, momentum=layer.momentum, dtype=dtype)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn, name).copy_(getattr(layer, name)[d])
+        refs.append(bn.train(layer.training))
+    return refs
+
+
+def _per_domain_reference(
+    refs: list[nn.Module], x: torch.Tensor, ids: torch.Tensor, block
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block(bn, x_d)`` per domain through its own BatchNorm (``refs``): output and dx."""
+    out = torch.empty_like(x)
+    grad = torch.zeros_like(x)
+    for d, bn in enumerate(refs):
+        mask = ids == d
+        if not mask.any():
+            continue
+        xd = x.detach()[mask].requires_grad_()
+        yd = block(bn, xd)
+        yd.to(torch.promote_types(yd.dtype, torch.float32)).square().sum().backward()
+        out[mask], grad[mask] = yd.detach(), xd.grad
+    return out, grad
+
+
+def _relu_residual(norm, x: torch.Tensor) -> torch.Tensor:
+    """``relu_(norm(x) += x)``: the inplace ops of a torchvision ResNet block after a norm."""
+    out = norm(x)
+    out += x
+    return torch.relu_(out)
+
+
+@pytest.mark.parametrize(
+    ("domains", "sync", "training"),
+    [
+        (torch.tensor([0, 1, 1, 0, 1, 0]), False, True),
+        (torch.tensor([0, 1, 1, 0, 1, 0]), True, True),  # one process: the synced kernel
+        (1, False, True),
+        (torch.tensor([0, 1, 1, 0, 1, 0]), False, False),
+    ],
+    ids=["per_sample", "per_sample_sync", "int", "per_sample_eval"],
+)
+def test_inplace_ops_after_the_layer(domains, sync, training):
+    """Regression: per-sample outputs were views of the autograd Function's result."""
+    torch.manual_seed(13)
+    layer = DomainBatchNorm2d(3, num_domains=2, sync=sync).train(training)
+    _randomise(layer)
+    refs = _batchnorms(layer, torch.float32)
+    x = torch.randn(6, 3, 4, 4, requires_grad=True)
+    ids = domains if isinstance(domains, torch.Tensor) else torch.full((6,), domains)
+    y = _relu_residual(lambda t: layer(t, domain=domains), x)
+    y.square().sum().backward()
+    ref_y, ref_grad = _per_domain_reference(refs, x, ids, _relu_residual)
+    torch.testing.assert_close(y, ref_y, atol=ATOL, rtol=0)
+    torch.testing.assert_close(x.grad, ref_grad, atol=1e-4, rtol=1e-5)
+    for d, bn in enumerate(refs):
+        if (ids == d).any():
+            torch.testing.assert_close(layer.weight.grad[d], bn.weight.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_converted_resnet18_trains_with_mixed_ids():
+    """Regression: a torchvision ResNet (inplace ReLU, ``out += identity``) with mixed ids.
+
+    Every other layer works per sample, so the mixed batch equals each domain's sub-batch run
+    through its own copy of the model with an ``int`` domain (outputs, summed parameter
+    gradients, per-domain running statistics).
+    """
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(14)
+    model = torchvision.models.resnet18(num_classes=5).double()  # fp64: a tight comparison
+    model = convert_norms(model, "domain", num_domains=2)
+    refs = [copy.deepcopy(model) for _ in range(2)]
+    ids = torch.tensor([0, 1, 1, 0, 1, 0])
+    x = torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    with domain(model, ids):
+        out = model(x)
+    out.square().sum().backward()
+    for d, ref in enumerate(refs):
+        with domain(ref, d):
+            out_d = ref(x[ids == d])
+        out_d.square().sum().backward()
+        torch.testing.assert_close(out[ids == d], out_d, atol=1e-10, rtol=1e-10)
+    for (name, p), p0, p1 in zip(
+        model.named_parameters(), refs[0].parameters(), refs[1].parameters(), strict=True
+    ):
+        torch.testing.assert_close(p.grad, p0.grad + p1.grad, atol=1e-8, rtol=1e-8, msg=name)
+    for m, m0, m1 in zip(model.modules(), refs[0].modules(), refs[1].modules(), strict=True):
+        if isinstance(m, DomainBatchNorm2d):
+            torch.testing.assert_close(m.running_var[0], m0.running_var[0])
+            torch.testing.assert_close(m.running_var[1], m1.running_var[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("domains", [torch.tensor([0, 1, 1, 0, 1, 0, 0, 1]), 1])
+def test_half_precision_module_matches_batchnorm_per_domain(dtype, domains):
+    """Regression: a bf16/fp16 module with per-sample ids raised a dtype mismatch."""
+    torch.manual_seed(15)
+    layer = DomainBatchNorm2d(3, num_domains=2)
+    _randomise(layer)
+    layer.to(dtype)
+    refs = _batchnorms(layer, dtype)
+    ids = domains if isinstance(domains, torch.Tensor) else torch.full((8,), domains)
+    x = (torch.randn(8, 3, 4, 4) * 2 + 3).to(dtype).requires_grad_()
+    y = layer(x, domain=domains)
+    y.float().square().sum().backward()
+    assert y.dtype == x.grad.dtype == layer.weight.grad.dtype == layer.running_mean.dtype == dtype
+    ref_y, ref_grad = _per_domain_reference(refs, x, ids, lambda bn, t: bn(t))
+    tol = {"atol": 0.05, "rtol": 0.02}
+    torch.testing.assert_close(y.float(), ref_y.float(), **tol)
+    torch.testing.assert_close(x.grad.float(), ref_grad.float(), atol=0.1, rtol=0.05)
+    for d, bn in enumerate(refs):
+        if (ids == d).any():
+            torch.testing.assert_close(
+                layer.running_mean[d].float(), bn.running_mean.float(), **tol
+            )
+            torch.testing.assert_close(layer.running_var[d].float(), bn.running_var.float(), **tol)
+            torch.testing.assert_close(
+                layer.weight.grad[d].float(), bn.weight.grad.float(), atol=0.5, rtol=0.05
+            )
+    layer.eval()
+    torch.testing.assert_close(
+        layer(x, domain=domains).float(),
+        torch.cat([refs[int(d)].eval()(x[i : i + 1]) for i, d in enumerate(ids)]).float(),
+        **tol,
+    )
+
+
+def test_autocast_bf16_matches_batchnorm_per_domain():
+    torch.manual_seed(16)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    layer = DomainBatchNorm2d(4, num_domains=2)
+    _randomise(layer)
+    refs = _references(layer, nn.BatchNorm2d)
+    ids = torch.tensor([1, 0, 0, 1, 1, 0])
+    x = torch.randn(6, 3, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(conv(x), domain=ids)
+        ref = [bn(conv(x[ids == d])) for d, bn in enumerate(refs)]
+    assert y.dtype == ref[0].dtype == torch.bfloat16
+    assert layer.running_mean.dtype == torch.float32
+    for d, bn in enumerate(refs):
+        torch.testing.assert_close(y[ids == d].float(), ref[d].float(), atol=0.05, rtol=0.02)
+        torch.testing.assert_close(layer.running_var[d], bn.running_var, atol=0.02, rtol=0.01)
+
+
+def _buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.named_buffers()}
+
+
+def _assert_buffers_equal(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    for key, value in module.named_buffers():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize(
+    ("domains", "sync", "training"),
+    [
+        (0, False, True),
+        (torch.zeros(0, dtype=torch.long), False, True),
+        (torch.zeros(0, dtype=torch.long), True, True),
+        (1, True, True),
+        (torch.zeros(0, dtype=torch.long), False, False),
+        (1, False, False),
+    ],
+    ids=["int", "per_sample", "per_sample_sync", "int_sync", "eval_per_sample", "eval_int"],
+)
+def test_empty_batch_returns_empty_and_leaves_buffers(domains, sync, training):
+    """Regression: an empty batch with an ``int`` domain raised in training."""
+    layer = DomainBatchNorm2d(3, num_domains=2, momentum=None, sync=sync).train(training)
+    _randomise(layer)
+    before = _buffers(layer)
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    y = layer(x, domain=domains)
+    ref = nn.BatchNorm2d(3).train(training)(x)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    y.sum().backward()
+    assert torch.equal(layer.weight.grad, torch.zeros(2, 3))
+    assert x.grad.shape == x.shape
+    _assert_buffers_equal(layer, before)
+
+
+@pytest.mark.parametrize(
+    ("make", "call"),
+    [
+        (lambda: DomainBatchNorm2d(3, 2), lambda m: m(torch.randn(1, 3, 1, 1), domain=0)),
+        (lambda: DomainBatchNorm2d(3, 2), lambda m: m(torch.randn(4, 3, 2, 2).double(), 1)),
+        (
+            lambda: DomainBatchNorm2d(3, 2, momentum=None),
+            lambda m: m(torch.randn(4, 3, 2, 2).double(), domain=1),
+        ),
+        (
+            lambda: DomainBatchNorm1d(3, 2),
+            lambda m: m(torch.randn(3, 3), domain=torch.tensor([0, 0, 1])),
+        ),
+        (lambda: DomainBatchNorm2d(3, 2), lambda m: m(torch.randn(2, 3, 2, 2), domain=2)),
+        (lambda: DomainBatchNorm2d(3, 2), lambda m: m(torch.randn(2, 4, 2, 2), domain=0)),
+    ],
+    ids=["one_value", "dtype", "dtype_cumulative", "per_sample_one_value", "bad_id", "shape"],
+)
+def test_rejected_call_leaves_every_buffer(make, call):
+    """Regression: a call that raised still advanced ``num_batches_tracked``."""
+    torch.manual_seed(17)
+    layer = make()
+    layer(
+        torch.randn(4, 3, 2, 2).flatten(2)
+        if isinstance(layer, DomainBatchNorm1d)
+        else torch.randn(4, 3, 2, 2),
+        domain=torch.tensor([0, 1, 0, 1]),
+    )
+    before = _buffers(layer)
+    with pytest.raises((ValueError, RuntimeError)):
+        call(layer)
+    _assert_buffers_equal(layer, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    ("domains", "training"),
+    [
+        (torch.tensor([2, 0, 1, 0, 2, 2, 1, 0]), True),
+        (1, True),
+        (torch.tensor([2, 0, 1, 0, 2, 2, 1, 0]), False),
+    ],
+    ids=["per_sample", "int", "eval"],
+)
+def test_first_order_gradients_equal_batchnorm_per_domain(dtype, channels_last, domains, training):
+    torch.manual_seed(18)
+    layer = DomainBatchNorm2d(4, num_domains=3, dtype=dtype).train(training)
+    _randomise(layer)
+    ids = domains if isinstance(domains, torch.Tensor) else torch.full((8,), domains)
+    x = torch.randn(8, 4, 5, 3, dtype=dtype) * 2 - 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    refs = _batchnorms(layer, dtype)
+    y = layer(x, domain=domains)
+    y.square().sum().backward()
+    ref_y, ref_grad = _per_domain_reference(refs, x, ids, lambda bn, t: bn(t))
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-10, "rtol": 1e-10}
+    torch.testing.assert_close(y, ref_y, **tol)
+    torch.testing.assert_close(x.grad, ref_grad, **tol)
+    for d, bn in enumerate(refs):
+        if (ids == d).any():
+            torch.testing.assert_close(layer.weight.grad[d], bn.weight.grad, **tol)
+            torch.testing.assert_close(layer.bias.grad[d], bn.bias.grad, **tol)
+            torch.testing.assert_close(layer.running_var[d], bn.running_var, **tol)
+
+
+@pytest.mark.slow
+def test_torch_compile_equals_eager():
+    torch.manual_seed(19)
+    eager = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), DomainBatchNorm2d(4, num_domains=2), nn.ReLU(inplace=True)
+    )
+    _randomise(eager[1])
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model)
+    for ids in (torch.tensor([0, 1, 1, 0, 1, 0]), 1):
+        x = torch.randn(6, 3, 5, 5)
+        outs = []
+        for net, m in ((eager, eager), (compiled, model)):
+            m.zero_grad()
+            with domain(m, ids):
+                y = net(x)
+            y.square().sum().backward()
+            outs.append((y.detach(), [p.grad.clone() for p in m.parameters()]))
+        torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
+        for g_compiled, g_eager in zip(outs[1][1], outs[0][1], strict=True):
+            torch.testing.assert_close(g_compiled, g_eager, atol=1e-4, rtol=1e-4)
+    for key, value in model.named_buffers():
+        torch.testing.assert_close(value, dict(eager.named_buffers())[key], atol=1e-6, rtol=0)
