@@ -557,3 +557,56 @@ def test_bf16_mixed_precision(tmp_path: Path) -> None:
     mean, var = acts.double().mean(0), acts.double().var(0)  # the bf16 activations, exactly
     torch.testing.assert_close(model.net[1].running_mean.double(), mean, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(model.net[1].running_var.double(), var, rtol=1e-4, atol=1e-4)
+
+
+# --- BatchNormDoctor never counts the recompute pass --------------------------------------------
+
+
+class ResNet(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        import torchvision
+
+        seed_everything(0)
+        self.model = torchvision.models.resnet18(weights=None, num_classes=10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def doctor_findings(tmp_path: Path, precise_first: bool) -> tuple[list[Any], list[str]]:
+    from lightning_norms.callbacks import BatchNormDoctor
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, 32, 32, generator=g), torch.arange(8) % 10)
+    doctor, precise = BatchNormDoctor(), PreciseBN(num_batches=4)
+    callbacks = [precise, doctor] if precise_first else [doctor, precise]
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=callbacks))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(ResNet(), DataLoader(data, batch_size=2), DataLoader(data, batch_size=2))
+    assert len(precise.history) == 1  # the recompute ran (4 forwards of every BN layer)
+    return doctor.findings, [str(w.message) for w in record]
+
+
+@pytest.mark.slow
+def test_doctor_ignores_the_recompute_pass_in_either_order(tmp_path: Path) -> None:
+    first, first_messages = doctor_findings(tmp_path, precise_first=True)
+    second, second_messages = doctor_findings(tmp_path, precise_first=False)
+    for messages in (first_messages, second_messages):
+        assert not [m for m in messages if "times in one training step" in m]
+    assert [f.check for f in first if f.check == "calls_per_step"] == []
+    assert [(f.check, f.layer, f.threshold) for f in first] == [
+        (f.check, f.layer, f.threshold) for f in second
+    ]
+    for a, b in zip(first, second, strict=True):
+        assert a.value == pytest.approx(b.value, rel=1e-6, nan_ok=True)
