@@ -1,16 +1,22 @@
-"""Lightning callbacks: ``PreciseBN`` (exact population statistics) and ``BatchNormDoctor``."""
+"""Lightning callbacks: ``PreciseBN`` (exact population statistics), ``BatchNormDoctor`` and
+``FreezeBatchNorm``."""
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
-_LAZY: dict[str, str] = {"PreciseBN": "precise_bn", "BatchNormDoctor": "doctor"}
+_LAZY: dict[str, str] = {
+    "PreciseBN": "precise_bn",
+    "BatchNormDoctor": "doctor",
+    "FreezeBatchNorm": "freeze",
+}
 
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:
     from lightning_norms.callbacks.doctor import BatchNormDoctor
+    from lightning_norms.callbacks.freeze import FreezeBatchNorm
     from lightning_norms.callbacks.precise_bn import PreciseBN
 
 

@@ -1,0 +1,233 @@
+"""``FreezeBatchNorm``: keep chosen BatchNorm layers in eval mode while the rest trains."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from typing_extensions import override
+
+from lightning_norms.callbacks._checks import check_no_torch_sync_batchnorm
+
+__all__ = ["FreezeBatchNorm"]
+
+
+def _patterns(modules: Any) -> tuple[str, ...] | None:
+    """Validate ``modules``: ``None``, one pattern or a sequence of non-empty patterns."""
+    if modules is None:
+        return None
+    patterns = (modules,) if isinstance(modules, str) else modules
+    if (
+        isinstance(patterns, Sequence)
+        and patterns
+        and all(isinstance(p, str) and p for p in patterns)
+    ):
+        return tuple(patterns)
+    raise MisconfigurationException(
+        "`modules` should be None (every BatchNorm layer), a module-name pattern such as "
+        f"'backbone.*' or a non-empty list of them, got {modules!r}."
+    )
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """``fnmatch`` ``pattern`` against a module name or any module containing it."""
+    parts = name.split(".")
+    return any(fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
+
+
+def _select_layers(
+    model: nn.Module, patterns: tuple[str, ...] | None
+) -> tuple[list[tuple[str, _BatchNorm]], list[str]]:
+    """The BatchNorm layers with running statistics that ``patterns`` choose, in module order.
+
+    A layer is chosen when a pattern matches its ``named_modules()`` name or the name of a
+    module that contains it (``"backbone"`` chooses every BN layer inside ``backbone``);
+    ``None`` chooses all. Layers without running statistics (``track_running_stats=False``)
+    have nothing to freeze and are never chosen.
+
+    Returns:
+        ``(layers, unmatched)``: ``(name, layer)`` pairs and the patterns that chose nothing.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
+        >>> [name for name, _ in _select_layers(net, ("1", "fc*"))[0]]
+        ['1']
+        >>> _select_layers(net, ("1", "fc*"))[1]
+        ['fc*']
+    """
+    layers = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and m.running_mean is not None
+    ]
+    if patterns is None:
+        return layers, []
+    chosen = [(n, m) for n, m in layers if any(_matches(n, p) for p in patterns)]
+    unmatched = [p for p in patterns if not any(_matches(n, p) for n, _ in layers)]
+    return chosen, unmatched
+
+
+class FreezeBatchNorm(Callback):
+    r"""Keeps chosen BatchNorm layers in eval mode — running statistics fixed — while training.
+
+    Fine-tuning a pretrained network on small or different data, the usual remedy for the
+    BatchNorm pitfalls of the project's SEEDS (Ioffe & Szegedy 2015: at inference BN computes
+    ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``) is to keep the
+    pretrained statistics: a frozen layer normalises with its running statistics in training
+    too, and never updates them (nor ``num_batches_tracked``), so they stay bit-identical across
+    epochs. Lightning puts the whole model back into train mode at the start of fit and after
+    every validation run (restoring the modes it saw, unless the LightningModule overrides
+    ``on_validation_model_train``); this callback sets ``training = False`` on each chosen layer
+    at the start of every training epoch and before every training batch, so no training
+    forward ever sees them in train mode, whatever calls ``model.train()`` in between. Only the
+    BN layer itself is switched: what a subclass runs after the norm (timm's ``BatchNormAct2d``
+    activation and dropout) keeps the model's mode.
+
+    The affine parameters (``gamma``, ``beta``) keep training unless ``train_affine=False``,
+    which sets their ``requires_grad`` to ``False`` (and back to ``True`` for those it turned
+    off, when the layers are released). ``BaseFinetuning`` callbacks may freeze and unfreeze
+    the same modules: the freeze is re-applied before every batch, so the order of the
+    callbacks does not matter, and parameters that ``BaseFinetuning`` unfreezes while they are
+    held are handed back trainable on release. The layers are released at the start of epoch
+    ``until_epoch`` (they train normally from then on) and at the end of ``fit``, also when it
+    fails: every layer gets back the mode it had when first frozen.
+
+    ``Trainer(sync_batchnorm=True)`` is refused (it would replace this package's layers with
+    ``torch.nn.SyncBatchNorm``); use ``plugins=[lightning_norms.NormSync()]``.
+    ``PreciseBN`` / ``recompute_bn_stats`` recompute every BN layer, frozen ones included.
+
+    Args:
+        modules: which BN layers (default ``None``: every ``_BatchNorm`` layer with running
+            statistics, torch's and this package's): one ``fnmatch`` module-name pattern or a
+            list of them, matched against the names of ``LightningModule.named_modules()``; a
+            pattern naming a module chooses every BN layer inside it (``"backbone"``,
+            ``"net.layer[12]*"``). A pattern that chooses no BN layer is warned about.
+        train_affine: keep training the affine parameters of the frozen layers (default
+            ``True``).
+        until_epoch: release the layers at the start of this epoch (default ``None``: frozen
+            for the whole fit).
+
+    Raises:
+        MisconfigurationException: on a ``modules`` that is not ``None``, a pattern or a
+            non-empty list of patterns, a non-bool ``train_affine`` or an ``until_epoch`` that
+            is not a positive integer.
+        ValueError: in ``setup``, with ``Trainer(sync_batchnorm=True)``.
+
+    Example:
+        >>> freeze = FreezeBatchNorm(modules="backbone", train_affine=False, until_epoch=5)
+        >>> # Trainer(callbacks=[freeze]).fit(model): backbone BN statistics fixed for 5 epochs
+    """
+
+    def __init__(
+        self,
+        modules: str | Sequence[str] | None = None,
+        train_affine: bool = True,
+        until_epoch: int | None = None,
+    ) -> None:
+        if not isinstance(train_affine, bool):
+            raise MisconfigurationException(
+                f"`train_affine` should be True or False, got {train_affine!r}."
+            )
+        if until_epoch is not None and (
+            isinstance(until_epoch, bool) or not isinstance(until_epoch, int) or until_epoch < 1
+        ):
+            raise MisconfigurationException(
+                f"`until_epoch` should be None or a positive integer, got {until_epoch!r}."
+            )
+        self._patterns = _patterns(modules)
+        self._train_affine = train_affine
+        self._until_epoch = until_epoch
+        self._layers: list[tuple[str, _BatchNorm]] = []
+        self._modes: dict[_BatchNorm, bool] = {}  # each layer's mode when first frozen
+        self._held: dict[int, nn.Parameter] = {}  # affine parameters this callback turned off
+        self._frozen = False
+
+    @property
+    def frozen_layers(self) -> list[str]:
+        """Names of the layers currently held in eval mode."""
+        return [name for name, _ in self._layers] if self._frozen else []
+
+    # ----------------------------------------------------------------------- freeze / release
+    def _freeze(self) -> None:
+        for _, layer in self._layers:
+            self._modes.setdefault(layer, layer.training)
+            layer.training = False
+            if self._train_affine:
+                continue
+            for p in layer.parameters(recurse=False):
+                if p.requires_grad:
+                    p.requires_grad_(False)
+                    self._held[id(p)] = p
+        self._frozen = True
+
+    def _release(self) -> None:
+        for layer, mode in self._modes.items():
+            layer.training = mode
+        for p in self._held.values():
+            p.requires_grad_(True)
+        self._modes.clear()
+        self._held.clear()
+        self._frozen = False
+
+    # ----------------------------------------------------------------------- Lightning hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_no_torch_sync_batchnorm(trainer, "FreezeBatchNorm")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the strategy's setup: layer-sync plugins (NormSync) have replaced their layers
+        self._layers, unmatched = _select_layers(pl_module, self._patterns)
+        for pattern in unmatched:
+            rank_zero_warn(
+                f"FreezeBatchNorm: the pattern {pattern!r} in `modules` matches no BatchNorm "
+                f"layer with running statistics in {type(pl_module).__name__}."
+            )
+        if not self._layers and not unmatched:
+            rank_zero_warn(
+                f"FreezeBatchNorm: {type(pl_module).__name__} has no BatchNorm layer with "
+                "running statistics to freeze."
+            )
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._until_epoch is not None and trainer.current_epoch >= self._until_epoch:
+            if self._frozen:
+                self._release()
+                rank_zero_info(
+                    f"FreezeBatchNorm: {len(self._layers)} BatchNorm layer(s) train again "
+                    f"from epoch {trainer.current_epoch}."
+                )
+            return
+        if not self._frozen and self._layers:
+            rank_zero_info(
+                f"FreezeBatchNorm: {len(self._layers)} BatchNorm layer(s) in eval mode "
+                "(running statistics fixed"
+                + ("" if self._train_affine else ", affine parameters frozen")
+                + ")."
+            )
+        self._freeze()
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._frozen:
+            self._freeze()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._release()
