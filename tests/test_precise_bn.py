@@ -610,3 +610,41 @@ def test_doctor_ignores_the_recompute_pass_in_either_order(tmp_path: Path) -> No
     ]
     for a, b in zip(first, second, strict=True):
         assert a.value == pytest.approx(b.value, rel=1e-6, nan_ok=True)
+
+
+DDP_SWA_SCRIPT = """
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import StochasticWeightAveraging
+from torch.utils.data import DataLoader
+
+from lightning_norms.callbacks import PreciseBN
+from tests.test_precise_bn import Net, make_data
+
+seed_everything(0)
+model = Net(lr=0.1)
+swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=2)
+trainer = Trainer(
+    strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, logger=False,
+    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    num_sanity_val_steps=0, callbacks=[PreciseBN(num_batches=6), swa],
+)
+trainer.fit(model, DataLoader(make_data(96, 0), batch_size=8), DataLoader(make_data(32, 1), 8))
+average = [p.detach().clone() for p in swa._average_model.parameters()]
+torch.save({"state": model.state_dict(), "average": average}, f"rank{trainer.global_rank}.pt")
+"""
+
+
+@pytest.mark.ddp
+def test_ddp_swa_ranks_end_with_exact_stats_of_the_averaged_weights(tmp_path: Path) -> None:
+    run_script(DDP_SWA_SCRIPT, tmp_path)
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    for key in rank0["state"]:
+        assert torch.equal(rank0["state"][key], rank1["state"][key]), key
+    model = Net()
+    model.load_state_dict(rank0["state"])
+    for p, q in zip(model.parameters(), rank0["average"], strict=True):
+        assert torch.equal(p, q)  # the averaged weights are in the module
+    bn = model.net[1]
+    assert_exact_for(model, make_data(96, 0).tensors[0], bn.running_mean, bn.running_var)
