@@ -206,7 +206,10 @@ class SyncedBatchNorm2d(_SyncedBatchNorm, nn.BatchNorm2d):  # type: ignore[misc]
     statistics and updates the running statistics identically (unbiased with the global
     count); the backward all-reduces ``sum(dy)`` and ``sum(dy * (x - mu))`` so input gradients
     are those of one process on the whole batch (parameter gradients stay local, DDP averages
-    them). Everywhere else (eval, one process) it *is* ``nn.BatchNorm2d``. Unlike
+    them). Everywhere else (eval, one process) it computes what ``nn.BatchNorm2d`` computes
+    (the same ``F.batch_norm`` call), except that an empty batch or a call that raises leaves
+    every buffer, ``num_batches_tracked`` included, as it was (``nn.BatchNorm2d`` counts
+    both); an inplace op on the output is fine on every path. Unlike
     ``torch.nn.SyncBatchNorm`` it runs on CPU (gloo) as well as GPU (nccl). Same parameters,
     buffers and ``state_dict`` as ``nn.BatchNorm2d``.
 

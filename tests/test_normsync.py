@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -85,6 +86,60 @@ def test_synced_layer_single_process_is_batchnorm():
     assert "sync=True" in repr(synced)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("training", [True, False])
+def test_synced_layer_single_process_matches_batchnorm_with_inplace_ops(momentum, training):
+    """Regression: an inplace op after a synced layer's output (``out += identity``, ReLU)."""
+    torch.manual_seed(1)
+    bn = nn.BatchNorm2d(3, momentum=momentum).train(training)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.running_var.uniform_(0.5, 2)
+    synced = SyncedBatchNorm2d.from_batchnorm(copy.deepcopy(bn))
+    x = torch.randn(4, 3, 5, 5)
+    x_grads = []
+    for layer in (bn, synced):
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        out += xi
+        torch.relu_(out).square().sum().backward()
+        x_grads.append(xi.grad)
+    torch.testing.assert_close(x_grads[1], x_grads[0], atol=0, rtol=0)
+    torch.testing.assert_close(synced.weight.grad, bn.weight.grad, atol=0, rtol=0)
+    for key, value in bn.named_buffers():
+        assert torch.equal(getattr(synced, key), value), key
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_synced_layer_empty_batch_leaves_every_buffer(training):
+    """Regression: the single-process path (nn.BatchNorm2d's) counted an empty batch."""
+    synced = SyncedBatchNorm2d(3, momentum=None).train(training)
+    synced(torch.randn(4, 3, 2, 2))
+    before = {k: v.clone() for k, v in synced.named_buffers()}
+    x = torch.randn(0, 3, 2, 2, requires_grad=True)
+    y = synced(x)
+    y.sum().backward()
+    assert y.shape == x.shape and torch.equal(synced.weight.grad, torch.zeros(3))
+    for key, value in synced.named_buffers():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [torch.randn(1, 3, 1, 1), torch.randn(4, 3, 2, 2).double(), torch.randn(4, 2, 2, 2)],
+    ids=["one_value", "dtype", "channels"],
+)
+def test_synced_layer_rejected_call_leaves_every_buffer(bad):
+    """Regression: the single-process path advanced ``num_batches_tracked``, then raised."""
+    synced = SyncedBatchNorm2d(3)
+    synced(torch.randn(4, 3, 2, 2))
+    before = {k: v.clone() for k, v in synced.named_buffers()}
+    with pytest.raises((ValueError, RuntimeError)):
+        synced(bad)
+    for key, value in synced.named_buffers():
+        assert torch.equal(value, before[key]), key
+
+
 def test_import_does_not_import_lightning():
     code = (
         "import sys, lightning_norms, lightning_norms.distributed, torch\n"
@@ -142,8 +197,10 @@ class Net(LightningModule):
     def training_step(self, batch, batch_idx):
         x, d = batch
         h = self.conv(x)
-        h = self.bn(h) + self.control(h)
-        h = self.renorm(self.dbn(h, domain=d))
+        h = self.bn(h)
+        h += self.control(self.conv(x))  # inplace on a synced layer's output
+        h = torch.relu_(self.dbn(h, domain=d))  # and after a synced DomainBatchNorm
+        h = nn.functional.relu(self.renorm(h), inplace=True)
         self.seen.add((type(self.bn).__name__, self.dbn.sync, self.renorm.sync))
         return self.head(h.mean((2, 3))).square().mean()
 
