@@ -83,13 +83,17 @@ def _loaders(size: int = 16, n: int = 64) -> tuple[DataLoader, DataLoader]:
     return train, DataLoader(TensorDataset(x[:32], y[:32]), batch_size=16)
 
 
-def _fit(model: Net, callbacks: list[Callback], tmp_path: Path, max_epochs: int = 2) -> Trainer:
-    trainer = Trainer(
-        default_root_dir=tmp_path, max_epochs=max_epochs, accelerator="cpu", devices=1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=callbacks,
-    )  # fmt: skip
-    trainer.fit(model, *_loaders())
+def _fit(
+    model: Net, callbacks: list[Callback], tmp_path: Path, max_epochs: int = 2, **kw: Any
+) -> Trainer:
+    options: dict[str, Any] = {
+        "default_root_dir": tmp_path, "max_epochs": max_epochs, "accelerator": "cpu",
+        "devices": 1, "logger": False, "enable_checkpointing": False,
+        "enable_progress_bar": False, "enable_model_summary": False, "callbacks": callbacks,
+    }  # fmt: skip
+    ckpt_path = kw.pop("ckpt_path", None)
+    trainer = Trainer(**{**options, **kw})
+    trainer.fit(model, *_loaders(), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -314,3 +318,23 @@ def test_with_base_finetuning(tmp_path: Path, freeze_first: bool) -> None:
     assert any(p is model.backbone[1].weight for p in group)
     assert all(p.requires_grad for m in model.bns() for p in m.parameters())
     assert all(m.training and m.track_running_stats for m in model.bns())
+
+
+def test_resume_mid_epoch_stays_frozen(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    torch.manual_seed(0)
+    model = Net(_backbone(), nn.Linear(8, CLASSES))
+    buffers = _state(model, BUFFERS)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    _fit(model, [FreezeBatchNorm(until_epoch=2), ckpt], tmp_path, 1, enable_checkpointing=True)
+    mid = tmp_path / "epoch=0-step=2.ckpt"
+    assert mid.exists()
+    resumed = Net(_backbone(), nn.Linear(8, CLASSES))
+    _fit(resumed, [FreezeBatchNorm(until_epoch=2)], tmp_path, 3, ckpt_path=mid)
+    # 2 steps left of epoch 0 and epoch 1 frozen, epoch 2 released
+    assert resumed.modes == [[False, False]] * 6 + [[True, True]] * 4
+    first, second, _ = resumed.snapshots
+    _assert_equal({k: first[k] for k in buffers}, buffers)
+    _assert_equal({k: second[k] for k in buffers}, buffers)
+    assert {v.item() for v in _state(resumed, ("num_batches_tracked",)).values()} == {4}

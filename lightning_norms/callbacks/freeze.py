@@ -196,31 +196,33 @@ class FreezeBatchNorm(Callback):
                 "running statistics to freeze."
             )
 
+    def _sync(self, trainer: pl.Trainer) -> None:
+        """Frozen before ``until_epoch``, released from it on (also right after a resume)."""
+        if self._until_epoch is None or trainer.current_epoch < self._until_epoch:
+            if not self._frozen and self._layers:
+                rank_zero_info(
+                    f"FreezeBatchNorm: {len(self._layers)} BatchNorm layer(s) in eval mode "
+                    "(running statistics fixed"
+                    + ("" if self._train_affine else ", affine parameters frozen")
+                    + ")."
+                )
+            self._freeze()
+        elif self._frozen:
+            self._release()
+            rank_zero_info(
+                f"FreezeBatchNorm: {len(self._layers)} BatchNorm layer(s) train again from "
+                f"epoch {trainer.current_epoch}."
+            )
+
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._until_epoch is not None and trainer.current_epoch >= self._until_epoch:
-            if self._frozen:
-                self._release()
-                rank_zero_info(
-                    f"FreezeBatchNorm: {len(self._layers)} BatchNorm layer(s) train again "
-                    f"from epoch {trainer.current_epoch}."
-                )
-            return
-        if not self._frozen and self._layers:
-            rank_zero_info(
-                f"FreezeBatchNorm: {len(self._layers)} BatchNorm layer(s) in eval mode "
-                "(running statistics fixed"
-                + ("" if self._train_affine else ", affine parameters frozen")
-                + ")."
-            )
-        self._freeze()
+        self._sync(trainer)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._frozen:
-            self._freeze()
+        self._sync(trainer)  # after any model.train() since the epoch started
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
