@@ -85,17 +85,30 @@ class _BatchRenorm(_BatchNorm):
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         synced = is_sync_active(self)
         if use_batch_stats and not synced:  # synced: the global count is checked on every rank
+            if input.numel() == 0:  # as nn.BatchNorm*d: an empty output, no statistics to take
+                return LF.batch_renorm(
+                    input, None, None, self.weight, self.bias, True, 0.0, self.eps
+                )
             self._check_batch_size(input)
+        step = None
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            step = self.num_batches_tracked
+        out = self._normalize(input, use_batch_stats, synced, step)
+        if step is not None:  # only a call that succeeded counts as a step
+            step.add_(1)
+        return out
+
+    def _normalize(
+        self, input: Tensor, use_batch_stats: bool, synced: bool, step: Tensor | None
+    ) -> Tensor:
+        """The forward's computation; ``step``: the step counter (``None``: no running update)."""
         factor = 0.0 if self.momentum is None else self.momentum
         r_max: float | Tensor = 1.0
         d_max: float | Tensor = 0.0
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            r_max, d_max = LF.renorm_limits(
-                self.r_max, self.d_max, self.num_batches_tracked, self.warmup_steps
-            )
-            self.num_batches_tracked.add_(1)
+        if step is not None:
+            r_max, d_max = LF.renorm_limits(self.r_max, self.d_max, step, self.warmup_steps)
             if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+                factor = 1.0 / (float(step) + 1.0)
         tracked = not self.training or self.track_running_stats
         if synced:
             return LF._synced_batch_renorm(

@@ -107,3 +107,58 @@ def test_module_attributes_and_state_dict() -> None:
 def test_bad_input(shape: tuple[int, ...], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         LayerNorm2d(4)(torch.randn(shape))
+
+
+def test_double_backward_gradgradcheck_float64() -> None:
+    torch.manual_seed(4)
+    m = LayerNorm2d(3, dtype=torch.float64)
+    _randomise(m)
+    x = torch.randn(2, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = m.weight.detach().clone().requires_grad_(True)
+    b = m.bias.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: layer_norm2d(x, w, b, 1e-6), (x, w, b))
+    assert torch.autograd.gradgradcheck(m, (x,))
+
+
+def _layer_norm_float64(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """The formula written out in float64: per pixel over the channels."""
+    mean = x.mean(1, keepdim=True)
+    var = x.var(1, unbiased=False, keepdim=True)
+    return (x - mean) / (var + eps).sqrt() * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["module", "autocast"])
+def test_low_precision_matches_float64(dtype: torch.dtype, mode: str) -> None:
+    torch.manual_seed(5)
+    m = LayerNorm2d(16)
+    _randomise(m)
+    x = (torch.randn(2, 16, 5, 5) * 300 + 1000).to(dtype)  # x**2 overflows fp16
+    if mode == "module":
+        m = m.to(dtype)
+    x_in = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype, enabled=mode == "autocast"):
+        y = m(x_in)
+    assert y.dtype == dtype
+    ref = _layer_norm_float64(
+        x.double(), m.weight.detach().double(), m.bias.detach().double(), m.eps
+    )
+    atol = 1e-2 if dtype == torch.float16 else 6e-2
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=atol)
+    y.float().square().sum().backward()
+    assert torch.isfinite(x_in.grad).all() and torch.isfinite(m.weight.grad).all()
+
+
+def test_inplace_after_the_layer_and_empty_batch() -> None:
+    torch.manual_seed(6)
+    m = LayerNorm2d(4)
+    _randomise(m)
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    y = m(x)
+    y += x  # residual add, then an inplace activation (the output is a permuted view)
+    y.relu_()
+    y.sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    (m(x_ref) + x_ref).relu().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
+    assert m(torch.randn(0, 4, 3, 3)).shape == (0, 4, 3, 3)

@@ -406,3 +406,147 @@ def test_torch_compile_every_layer() -> None:
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
     x = torch.randn(6, 3, 8, 8)
     torch.testing.assert_close(compiled.eval()(x), eager.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def _buffers(m: nn.Module) -> dict[str, Tensor]:
+    return {name: b.clone() for name, b in m.named_buffers()}
+
+
+def _assert_same_buffers(m: nn.Module, before: dict[str, Tensor]) -> None:
+    after = dict(m.named_buffers())
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+
+
+@pytest.mark.parametrize(("cls", "ref_cls", "shape"), CASES)
+@pytest.mark.parametrize("empty_dim", [0, -1])
+def test_empty_batch_in_training_returns_empty_and_keeps_buffers(
+    cls: type[_BatchNorm], ref_cls: type[_BatchNorm], shape: tuple[int, ...], empty_dim: int
+) -> None:
+    """Issue 10 item 5: an empty training batch raised; nn.BatchNorm*d returns an empty output."""
+    if empty_dim == -1 and len(shape) == 2:
+        pytest.skip("(N, C) has no spatial dim")
+    ours = cls(5, r_max=2.0, d_max=1.0, warmup_steps=0)
+    ref = ref_cls(5)
+    _randomise(ours, ref)
+    ours.num_batches_tracked.fill_(7)
+    before = _buffers(ours)
+    empty = list(shape)
+    empty[empty_dim] = 0
+    x = torch.randn(empty, requires_grad=True)
+    y, y_ref = ours(x), ref(x)
+    assert y.shape == y_ref.shape == x.shape
+    _assert_same_buffers(ours, before)  # num_batches_tracked included
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=0, atol=0)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(ours.weight.grad, torch.zeros(5))
+    assert ours.momentum == 0.1 and int(ours.num_batches_tracked) == 7
+
+
+def _bad_calls() -> list[tuple[type[Exception], Tensor]]:
+    return [
+        (RuntimeError, torch.randn(8, 4, 3, 3, dtype=torch.float64)),  # fails inside the kernel
+        (ValueError, torch.randn(1, 4, 1, 1)),  # one value per channel
+        (ValueError, torch.randn(8, 3, 3, 3)),  # wrong channel count
+        (ValueError, torch.randn(8, 4, 3)),  # wrong rank
+    ]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("r_max", [1.0, 2.0])
+def test_a_call_that_raises_leaves_every_buffer(momentum: float | None, r_max: float) -> None:
+    """Issue 10 item 6: a rejected call advanced num_batches_tracked (and so the warm-up)."""
+    torch.manual_seed(11)
+    m = BatchRenorm2d(4, momentum=momentum, r_max=r_max, d_max=r_max - 1, warmup_steps=10)
+    ref = BatchRenorm2d(4, momentum=momentum, r_max=r_max, d_max=r_max - 1, warmup_steps=10)
+    _randomise(m, ref)
+    x = torch.randn(8, 4, 3, 3) * 2 + 1
+    m(x)
+    ref(x)
+    before = _buffers(m)
+    for error, bad in _bad_calls():
+        with pytest.raises(error):
+            m(bad)
+        _assert_same_buffers(m, before)
+    # the next good call is the second step for both: same limits, same running update
+    x2 = torch.randn(8, 4, 3, 3) * 3 - 1
+    torch.testing.assert_close(m(x2), ref(x2), rtol=0, atol=0)
+    for (name, a), b in zip(m.named_buffers(), ref.buffers(), strict=True):
+        assert torch.equal(a, b), name
+    assert int(m.num_batches_tracked) == 2
+
+
+def test_double_backward_gradgradcheck_float64() -> None:
+    torch.manual_seed(4)
+    x = (torch.randn(4, 3, 3, 3, dtype=torch.float64) * 0.2 + 0.5).requires_grad_(True)
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    # running statistics far from the batch's: r and d clip (constants), as in test_gradcheck
+    rm = torch.tensor([5.0, -5.0, 4.0], dtype=torch.float64)
+    rv = torch.tensor([9.0, 0.001, 4.0], dtype=torch.float64)
+    for training in (True, False):
+
+        def fn(x: Tensor, w: Tensor, b: Tensor, training: bool = training) -> Tensor:
+            return batch_renorm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, 2.0, 1.0)
+
+        assert torch.autograd.gradgradcheck(fn, (x, w, b))
+    m = BatchRenorm2d(3, r_max=2.0, d_max=1.0, warmup_steps=0, dtype=torch.float64)
+
+    def module_fn(x: Tensor) -> Tensor:
+        m.running_mean, m.running_var = rm.clone(), rv.clone()  # fresh buffers per call
+        return m(x)
+
+    assert torch.autograd.gradgradcheck(module_fn, (x,))
+
+
+def test_gradient_penalty_with_plain_limits_equals_batchnorm() -> None:
+    torch.manual_seed(12)
+    ours = BatchRenorm2d(3, r_max=1.0, d_max=0.0, dtype=torch.float64)
+    ref = nn.BatchNorm2d(3, dtype=torch.float64)
+    _randomise(ours, ref)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    for m in (ours, ref):
+        xi = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(m(xi).pow(3).sum(), xi, create_graph=True)
+        g.square().sum().backward()
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["module", "autocast"])
+def test_low_precision_matches_float64_formula(dtype: torch.dtype, mode: str) -> None:
+    torch.manual_seed(13)
+    m = BatchRenorm2d(4, r_max=1.5, d_max=0.5, warmup_steps=0)
+    _randomise(m)
+    with torch.no_grad():
+        m.running_mean.mul_(40).add_(100)
+        m.running_var.mul_(900)
+    x = torch.randn(8, 4, 5, 5) * 30 + 100  # large mean: E[x^2] - E[x]^2 would cancel in fp16
+    if mode == "module":
+        m = m.to(dtype)
+    rm0, rv0 = m.running_mean.double(), m.running_var.double()  # r, d use the stats before
+    if mode == "module":
+        with torch.autocast("cpu", enabled=False):
+            y = m(x.to(dtype))
+    else:
+        with torch.autocast("cpu", dtype=dtype):
+            y = m(x.to(dtype))
+        assert m.running_mean.dtype == torch.float32
+    assert y.dtype == dtype
+    x64 = x.to(dtype).double()
+    ref = _reference(
+        x64, rm0, rv0, m.weight.double().detach(), m.bias.double().detach(), m.eps, 1.5, 0.5
+    )
+    assert ref.std() > 0.5
+    atol = 8e-3 if dtype == torch.float16 else 4e-2
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=atol)
+    # batch statistics in fp32: the running update is the float64 one, rounded to the buffers
+    dims = (0, 2, 3)
+    n = x64.numel() / 4
+    want_mean = 0.9 * rm0 + 0.1 * x64.mean(dims)
+    want_var = 0.9 * rv0 + 0.1 * x64.var(dims, unbiased=False) * n / (n - 1)
+    rtol = 2e-3 if dtype == torch.float16 else 8e-3  # a rounding of the buffer's dtype
+    torch.testing.assert_close(m.running_mean.double(), want_mean, rtol=rtol, atol=0)
+    torch.testing.assert_close(m.running_var.double(), want_var, rtol=rtol, atol=0)
