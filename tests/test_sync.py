@@ -15,7 +15,12 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_norms import BatchRenorm1d, BatchRenorm2d, DomainBatchNorm1d, DomainBatchNorm2d
-from lightning_norms.distributed import SyncedBatchNorm2d, all_reduce_sum, is_sync_active
+from lightning_norms.distributed import (
+    SyncedBatchNorm1d,
+    SyncedBatchNorm2d,
+    all_reduce_sum,
+    is_sync_active,
+)
 from tests._dist import run_ddp
 
 pytestmark = pytest.mark.ddp
@@ -124,6 +129,88 @@ CASES = ["domain2d", "domain_int", "domain1d_one_each", "renorm2d", "renorm1d_on
 CASES += ["synced_bn"]
 
 
+class _PenaltyNet(nn.Module):
+    """Every synced layer with inplace ops after it, for a gradient penalty through them."""
+
+    def __init__(self, sync: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, padding=1, dtype=torch.float64)
+        self.dbn = DomainBatchNorm2d(3, num_domains=3, sync=sync, dtype=torch.float64)
+        self.conv2 = nn.Conv2d(3, 3, 1, dtype=torch.float64)
+        self.bn = SyncedBatchNorm2d(3, sync=sync, dtype=torch.float64)
+        self.renorm = BatchRenorm2d(3, warmup_steps=0, sync=sync, dtype=torch.float64)
+        with torch.no_grad():
+            self.renorm.running_mean.fill_(0.3)  # r and d inside their limits: renormalising
+            self.renorm.running_var.fill_(0.8)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.relu_(self.dbn(self.conv1(x), domain=ids))
+        out = self.bn(self.conv2(h))
+        out += h
+        return self.renorm(out)
+
+
+def _penalty_step(
+    x: torch.Tensor, ids: torch.Tensor, c: torch.Tensor, sync: bool
+) -> dict[str, Any]:
+    """WGAN-GP / R1: ``|d/dx sum(sin(f(x)) * c)|^2``, then its gradients."""
+    torch.manual_seed(31)
+    model = _PenaltyNet(sync)
+    x = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad((model(x, ids).sin() * c).sum(), x, create_graph=True)
+    grad.square().sum().backward()
+    return {
+        "x_grad": x.grad,
+        "grads": {name: p.grad.clone() for name, p in model.named_parameters()},
+        "buffers": {name: b.clone() for name, b in model.named_buffers()},
+    }
+
+
+def _penalty_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input, domain ids (domain 2 only in rank 0's half), readout weights."""
+    gen = torch.Generator().manual_seed(32)
+    x = torch.randn(8, 2, 3, 3, generator=gen, dtype=torch.float64) * 2 + 1
+    c = torch.randn(8, 3, 3, 3, generator=gen, dtype=torch.float64)
+    return x, torch.tensor([0, 2, 1, 2, 0, 1, 1, 0]), c
+
+
+def _empty_rank_cases(rank: int) -> dict[str, Any]:
+    """Rank 1 holds no samples: it still joins the collectives; buffers follow rank 0's data."""
+    torch.manual_seed(33)
+    out: dict[str, Any] = {}
+    x = torch.randn(4, 3, 2, 2) + 1
+    ids = torch.tensor([0, 1, 1, 0])
+    layers = {
+        "domain": DomainBatchNorm2d(3, num_domains=2, sync=True),
+        "synced_bn": SyncedBatchNorm2d(3, momentum=None),
+    }
+    for key, layer in layers.items():
+        xr = (x if rank == 0 else x[:0]).clone().requires_grad_()
+        kwargs = {"domain": ids if rank == 0 else ids[:0]} if key == "domain" else {}
+        y = layer(xr, **kwargs)
+        y.square().sum().backward()
+        out[key] = {
+            "y": y.detach(),
+            "x_grad": xr.grad,
+            "buffers": {k: v.clone() for k, v in layer.named_buffers()},
+        }
+    # nothing anywhere: an all-empty global batch leaves every buffer
+    layer = SyncedBatchNorm2d(3)
+    layer(torch.randn(0, 3, 2, 2)).sum().backward()
+    out["all_empty_untouched"] = layer.num_batches_tracked.item() == 0 and torch.equal(
+        layer.running_var, torch.ones(3)
+    )
+    # one value per channel over all ranks: ValueError on both, every buffer as it was
+    layer = SyncedBatchNorm1d(3)
+    try:
+        layer(torch.randn(1 - rank, 3))
+        out["single_error"] = None
+    except ValueError as err:
+        out["single_error"] = str(err)
+    out["single_buffers"] = {k: v.clone() for k, v in layer.named_buffers()}
+    return out
+
+
 def _ddp_worker(rank: int, world_size: int) -> dict[str, Any]:
     torch.manual_seed(123)
     results: dict[str, Any] = {}
@@ -162,6 +249,11 @@ def _ddp_worker(rank: int, world_size: int) -> dict[str, Any]:
     ids = torch.tensor([0, 1, 1, 1, 0, 0, 1, 0])[rank * 4 : (rank + 1) * 4]
     ddp(x, domain=ids).square().sum().backward()
     results["ddp_grads"] = [p.grad.clone() for p in model.parameters()]
+
+    x, ids, c = _penalty_batch()
+    part = slice(rank * 4, (rank + 1) * 4)
+    results["penalty"] = _penalty_step(x[part], ids[part], c[part], sync=True)
+    results["empty_rank"] = _empty_rank_cases(rank)
     return results
 
 
@@ -230,3 +322,57 @@ def test_inside_torch_ddp(ddp_results):
         assert torch.equal(g0, g1)
         # DDP averages the ranks' gradients of their loss halves: half the whole batch's
         torch.testing.assert_close(g0, p.grad / 2, atol=1e-4, rtol=1e-5)
+
+
+def test_gradient_penalty_through_synced_layers(ddp_results):
+    """Double backward across ranks equals one process on the concatenated batch.
+
+    Regression: the synced kernel's gradient had no graph (wrong penalty gradients), and the
+    inplace ops after the synced layers raised.
+    """
+    x, ids, c = _penalty_batch()
+    ref = _penalty_step(x, ids, c, sync=False)
+    ranks = [r["penalty"] for r in ddp_results]
+    x_grad = torch.cat([r["x_grad"] for r in ranks])
+    torch.testing.assert_close(x_grad, ref["x_grad"], atol=1e-9, rtol=1e-7)
+    for name, grad in ref["grads"].items():  # local per rank: their sum is the whole batch's
+        total = ranks[0]["grads"][name] + ranks[1]["grads"][name]
+        torch.testing.assert_close(total, grad, atol=1e-9, rtol=1e-7, msg=name)
+    for name, buf in ref["buffers"].items():
+        assert torch.equal(ranks[0]["buffers"][name], ranks[1]["buffers"][name]), name
+        torch.testing.assert_close(ranks[0]["buffers"][name], buf, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("case", ["domain", "synced_bn"])
+def test_rank_without_samples(ddp_results, case):
+    """An empty local batch: empty output, and both ranks update like one process on rank 0's."""
+    torch.manual_seed(33)
+    x = torch.randn(4, 3, 2, 2) + 1
+    if case == "domain":
+        layer = DomainBatchNorm2d(3, num_domains=2)
+        kwargs = {"domain": torch.tensor([0, 1, 1, 0])}
+    else:
+        layer = SyncedBatchNorm2d(3, momentum=None)
+        kwargs = {}
+    x.requires_grad_()
+    y = layer(x, **kwargs)
+    y.square().sum().backward()
+    rank0, rank1 = (r["empty_rank"][case] for r in ddp_results)
+    torch.testing.assert_close(rank0["y"], y.detach(), atol=ATOL, rtol=0)
+    torch.testing.assert_close(rank0["x_grad"], x.grad, atol=ATOL, rtol=0)
+    assert rank1["y"].shape == (0, 3, 2, 2) and rank1["x_grad"].shape == (0, 3, 2, 2)
+    for key, value in layer.named_buffers():
+        assert torch.equal(rank0["buffers"][key], rank1["buffers"][key]), key
+        torch.testing.assert_close(rank0["buffers"][key], value, atol=ATOL, rtol=0)
+
+
+def test_all_empty_and_global_single_value_leave_buffers(ddp_results):
+    """Regression: SyncedBatchNorm counted the batch before the global check raised."""
+    fresh = SyncedBatchNorm1d(3)
+    for r in ddp_results:
+        cases = r["empty_rank"]
+        assert cases["all_empty_untouched"]
+        assert "SyncedBatchNorm1d(3)" in cases["single_error"]
+        assert "more than 1 value per channel" in cases["single_error"]
+        for key, value in fresh.named_buffers():
+            assert torch.equal(cases["single_buffers"][key], value), key
