@@ -20,6 +20,8 @@ _LAZY: dict[str, str] = {
     "CosineLinear": "cosine",
     "CosineConv2d": "cosine",
     "convert_norms": "convert",
+    "create_norm": "convert",
+    "bn_modules": "convert",
     "DomainBatchNorm1d": "domain_bn",
     "DomainBatchNorm2d": "domain_bn",
     "DomainBatchNorm3d": "domain_bn",
@@ -30,7 +32,7 @@ _LAZY: dict[str, str] = {
 __all__ = sorted([*_LAZY, "functional", "stats", "callbacks", "data"])
 
 if TYPE_CHECKING:
-    from lightning_norms.convert import convert_norms
+    from lightning_norms.convert import bn_modules, convert_norms, create_norm
     from lightning_norms.cosine import CosineConv2d, CosineLinear
     from lightning_norms.domain_bn import (
         DomainBatchNorm1d,

@@ -1,9 +1,16 @@
-"""Swap the BatchNorm layers of a model for another normalisation, keeping their state."""
+"""Swap the BatchNorm layers of a model for another normalisation, keeping their state.
+
+One name -> builder table (``create_norm``) serves both the layer factory and the converter.
+``torchvision`` is never imported here: its ``FrozenBatchNorm2d`` is imported when a
+``"frozen"`` layer is built and recognised by its qualified class name otherwise.
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from typing import Any
 
 import torch
@@ -11,220 +18,532 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from lightning_norms.domain_bn import DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d
+from lightning_norms.distributed import SyncedBatchNorm1d, SyncedBatchNorm2d, SyncedBatchNorm3d
+from lightning_norms.domain_bn import (
+    DomainBatchNorm1d,
+    DomainBatchNorm2d,
+    DomainBatchNorm3d,
+    _DomainBatchNorm,
+)
 from lightning_norms.layernorm import LayerNorm2d
 from lightning_norms.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
-__all__ = ["convert_norms"]
+__all__ = ["bn_modules", "convert_norms", "create_norm"]
 
-
-def _rank(bn: _BatchNorm, path: str) -> int:
-    """Spatial rank of a ``*BatchNorm{1,2,3}d`` (1, 2 or 3), from its class name."""
-    suffix = type(bn).__name__[-2:]
-    if suffix not in ("1d", "2d", "3d"):
-        raise ValueError(
-            f"convert_norms: cannot tell the input rank of {type(bn).__name__} at {path!r}; "
-            "only *BatchNorm1d/2d/3d layers are converted (revert a SyncBatchNorm with "
-            "nn.SyncBatchNorm.revert_sync_batchnorm(model) first)"
-        )
-    return int(suffix[0])
-
-
-def _factory(bn: _BatchNorm) -> dict[str, Any]:
-    """``device``/``dtype`` of ``bn``'s floating-point state (defaults when it has none)."""
-    for tensor in (bn.weight, bn.running_mean):
-        if tensor is not None:
-            return {"device": tensor.device, "dtype": tensor.dtype}
-    return {}
-
-
-def _carry(src: _BatchNorm, dst: nn.Module, names: tuple[str, ...], path: str) -> None:
-    """Copy the parameters/buffers ``names`` that both modules have (``requires_grad`` too)."""
-    with torch.no_grad():
-        for name in names:
-            source: Tensor | None = getattr(src, name, None)
-            target: Tensor | None = getattr(dst, name, None)
-            if source is None or target is None:
-                continue
-            if source.shape != target.shape:
-                raise ValueError(
-                    f"convert_norms: cannot carry `{name}` of shape {list(source.shape)} from "
-                    f"{type(src).__name__} at {path!r} into {type(dst).__name__} "
-                    f"(shape {list(target.shape)})"
-                )
-            target.copy_(source)
-            if isinstance(target, nn.Parameter):
-                target.requires_grad_(source.requires_grad)
-
-
-_AFFINE = ("weight", "bias")
+# BatchNorm layers with fixed statistics that are not `_BatchNorm`s (buffers weight, bias,
+# running_mean, running_var), by qualified class name: torchvision is not imported to check.
+_FROZEN = {
+    "torchvision.ops.misc.FrozenBatchNorm2d",
+    "timm.layers.norm_act.FrozenBatchNormAct2d",
+}
+# Subclasses whose forward is `norm -> children...`: the children, in the order applied.
+_TAKE_APART = {
+    "timm.layers.norm_act.BatchNormAct2d": ("drop", "act"),
+    "timm.models.layers.norm_act.BatchNormAct2d": ("drop", "act"),
+    "timm.layers.norm_act.FrozenBatchNormAct2d": ("drop", "act"),
+}
+# classes whose forward is a plain normalisation (their subclasses may inherit it)
+_PLAIN = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    DomainBatchNorm1d,
+    DomainBatchNorm2d,
+    DomainBatchNorm3d,
+    SyncedBatchNorm1d,
+    SyncedBatchNorm2d,
+    SyncedBatchNorm3d,
+)
+_BN_SETTINGS = ("eps", "momentum", "affine", "track_running_stats")
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def _to_renorm(
-    bn: _BatchNorm,
-    path: str,
+def _qualname(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _is_frozen(module: nn.Module) -> bool:
+    return _qualname(module) in _FROZEN
+
+
+def _is_bn(module: nn.Module) -> bool:
+    """A BatchNorm-type layer: any ``_BatchNorm`` (ours included) or a frozen BatchNorm."""
+    return isinstance(module, _BatchNorm) or _is_frozen(module)
+
+
+def bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every BatchNorm-type layer of ``model``, as ``(name, module)`` in ``named_modules()`` order.
+
+    Every ``torch.nn.modules.batchnorm._BatchNorm`` (``nn.BatchNorm1d/2d/3d``,
+    ``nn.SyncBatchNorm``, this package's ``BatchRenorm*d`` / ``DomainBatchNorm*d``, subclasses
+    such as timm's ``BatchNormAct2d``) and the frozen ones (torchvision's
+    ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d``), in training or eval mode; a layer
+    shared by several parents is listed once, under its first name. fvcore's
+    ``get_bn_modules`` (used by its PreciseBN) differs on purpose: it keeps only the layers in
+    training mode, of the exact torch BatchNorm types, because it lists what PreciseBN should
+    recompute; this lists what :func:`convert_norms` can replace.
+
+    Args:
+        model: any module (a BatchNorm layer itself is listed under the name ``""``).
+
+    Returns:
+        ``[(name, module), ...]``.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        >>> [(name, type(m).__name__) for name, m in bn_modules(net)]
+        [('1', 'BatchNorm2d')]
+    """
+    return [(name, m) for name, m in model.named_modules() if _is_bn(m)]
+
+
+def _pick(classes: tuple[type[nn.Module], ...], dims: int, name: str) -> type[nn.Module]:
+    if isinstance(dims, bool) or dims not in (1, 2, 3):
+        raise ValueError(f"create_norm({name!r}): `dims` must be 1, 2 or 3, got {dims!r}")
+    return classes[dims - 1]
+
+
+def _only_2d(dims: int, name: str, hint: str) -> None:
+    if dims != 2:
+        raise ValueError(
+            f"create_norm({name!r}): only 2d layers (4D N, C, H, W inputs), got dims={dims!r}{hint}"
+        )
+
+
+def _make_batch(
+    num_features: int,
+    dims: int = 2,
     *,
+    eps: float = 1e-5,
+    momentum: float | None = 0.1,
+    affine: bool = True,
+    track_running_stats: bool = True,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    cls = _pick((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), dims, "batch")
+    return cls(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
+
+def _make_renorm(
+    num_features: int,
+    dims: int = 2,
+    *,
+    eps: float = 1e-5,
+    momentum: float | None = 0.1,
+    affine: bool = True,
+    track_running_stats: bool = True,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
     r_max: float = 3.0,
     d_max: float = 5.0,
     warmup_steps: int = 5000,
     sync: bool = False,
     process_group: Any = None,
 ) -> nn.Module:
-    """``BatchRenorm*d`` with ``bn``'s settings, affine and running statistics."""
-    cls = (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d)[_rank(bn, path) - 1]
-    new = cls(
-        bn.num_features,
-        bn.eps,
-        bn.momentum,
-        bn.affine,
-        bn.track_running_stats,
-        **_factory(bn),
-        r_max=r_max,
-        d_max=d_max,
-        warmup_steps=warmup_steps,
+    cls = _pick((BatchRenorm1d, BatchRenorm2d, BatchRenorm3d), dims, "renorm")
+    return cls(
+        num_features,
+        eps,
+        momentum,
+        affine,
+        track_running_stats,
+        device,
+        dtype,
+        r_max,
+        d_max,
+        warmup_steps,
         sync=sync,
         process_group=process_group,
     )
-    _carry(bn, new, _STATE, path)
-    return new
 
 
-def _to_batch(bn: _BatchNorm, path: str) -> nn.Module:
-    """Plain ``nn.BatchNorm*d`` with ``bn``'s settings, affine and running statistics."""
-    cls = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[_rank(bn, path) - 1]
-    new = cls(
-        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **_factory(bn)
-    )
-    _carry(bn, new, _STATE, path)
-    return new
-
-
-def _to_layer2d(bn: _BatchNorm, path: str, *, eps: float = 1e-6) -> nn.Module:
-    """``LayerNorm2d`` (channels at every pixel) carrying ``bn``'s affine; 4D inputs only."""
-    if _rank(bn, path) != 2:
-        raise ValueError(
-            f"convert_norms(to='layer2d'): {type(bn).__name__} at {path!r} does not normalise "
-            "4D (N, C, H, W) maps; LayerNorm2d only replaces *BatchNorm2d (use to='group' with "
-            "num_groups=1 for a LayerNorm over each sample)"
-        )
-    new = LayerNorm2d(bn.num_features, eps=eps, affine=bn.affine, **_factory(bn))
-    _carry(bn, new, _AFFINE, path)
-    return new
-
-
-def _to_group(bn: _BatchNorm, path: str, *, num_groups: int, eps: float = 1e-5) -> nn.Module:
-    """``nn.GroupNorm(num_groups, C)`` carrying ``bn``'s affine (1 group: per-sample LN)."""
-    _rank(bn, path)
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(
-            f"convert_norms(to='group'): `num_groups` must be a positive int, got {num_groups!r}"
-        )
-    if bn.num_features % num_groups:
-        raise ValueError(
-            f"convert_norms(to='group'): num_groups={num_groups} does not divide the "
-            f"{bn.num_features} channels of {type(bn).__name__} at {path!r}"
-        )
-    new = nn.GroupNorm(num_groups, bn.num_features, eps=eps, affine=bn.affine, **_factory(bn))
-    _carry(bn, new, _AFFINE, path)
-    return new
-
-
-def _to_domain(
-    bn: _BatchNorm,
-    path: str,
+def _make_domain(
+    num_features: int,
+    dims: int = 2,
     *,
     num_domains: int,
+    eps: float = 1e-5,
+    momentum: float | None = 0.1,
+    affine: bool = True,
+    track_running_stats: bool = True,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
     shared_affine: bool = False,
     sync: bool = False,
     process_group: Any = None,
 ) -> nn.Module:
-    """``DomainBatchNorm*d`` with ``bn``'s settings, its affine and running stats per domain."""
-    if isinstance(bn, (DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d)):
+    cls = _pick((DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d), dims, "domain")
+    return cls(
+        num_features,
+        num_domains,
+        eps,
+        momentum,
+        affine,
+        track_running_stats,
+        device,
+        dtype,
+        shared_affine,
+        sync=sync,
+        process_group=process_group,
+    )
+
+
+def _make_layer2d(
+    num_features: int,
+    dims: int = 2,
+    *,
+    eps: float = 1e-6,
+    affine: bool = True,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    hint = " (use 'group' with num_groups=1 for a LayerNorm over each sample)"
+    _only_2d(dims, "layer2d", hint)
+    return LayerNorm2d(num_features, eps, affine, device, dtype)
+
+
+def _make_group(
+    num_features: int,
+    dims: int = 2,
+    *,
+    num_groups: int,
+    eps: float = 1e-5,
+    affine: bool = True,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    _pick((nn.GroupNorm,) * 3, dims, "group")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
         raise ValueError(
-            f"convert_norms(to='domain'): {type(bn).__name__} at {path!r} is already domain-split"
+            f"create_norm('group'): `num_groups` must be a positive int, got {num_groups!r}"
         )
-    cls = (DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d)[_rank(bn, path) - 1]
-    new = cls.from_batchnorm(bn, num_domains, shared_affine=shared_affine)
-    new.sync, new.process_group = sync, process_group
-    for name in _AFFINE:
-        source, target = getattr(bn, name), getattr(new, name)
-        if source is not None and target is not None:
-            target.requires_grad_(source.requires_grad)
-    return new
+    if num_features % num_groups:
+        raise ValueError(
+            f"create_norm('group'): num_groups={num_groups} does not divide the "
+            f"{num_features} channels"
+        )
+    return nn.GroupNorm(num_groups, num_features, eps, affine, device, dtype)
 
 
-# name -> converter(bn, path, **kwargs) -> new module. A converter's keyword-only parameters are
-# the kwargs `convert_norms` accepts for that target; those without a default are required.
-_CONVERTERS: dict[str, Callable[..., nn.Module]] = {
-    "renorm": _to_renorm,
-    "layer2d": _to_layer2d,
-    "group": _to_group,
-    "batch": _to_batch,
-    "domain": _to_domain,
+def _make_frozen(
+    num_features: int,
+    dims: int = 2,
+    *,
+    eps: float = 1e-5,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    _only_2d(dims, "frozen", " (torchvision's FrozenBatchNorm2d)")
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    return FrozenBatchNorm2d(num_features, eps).to(device=device, dtype=dtype)
+
+
+def _make_none(num_features: int, dims: int = 2) -> nn.Module:
+    return nn.Identity()
+
+
+# name -> (builder, the source layer's settings convert_norms carries into it)
+_NORMS: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
+    "batch": (_make_batch, _BN_SETTINGS),
+    "renorm": (_make_renorm, _BN_SETTINGS),
+    "domain": (_make_domain, _BN_SETTINGS),
+    "frozen": (_make_frozen, ("eps",)),
+    "layer2d": (_make_layer2d, ("affine",)),
+    "group": (_make_group, ("affine",)),
+    "none": (_make_none, ()),
 }
 
 
-def _check_kwargs(to: str, converter: Callable[..., nn.Module], kwargs: dict[str, Any]) -> None:
+def _check_kwargs(
+    where: str, builder: Callable[..., nn.Module], kwargs: dict[str, Any], taken: Iterable[str]
+) -> None:
+    """Required keyword arguments present, no unknown ones (``taken``: not the caller's)."""
     params = [
         p
-        for p in inspect.signature(converter).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        for p in inspect.signature(builder).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in taken
     ]
     missing = [
         p.name for p in params if p.default is inspect.Parameter.empty and p.name not in kwargs
     ]
     if missing:
-        raise ValueError(f"convert_norms(to={to!r}) needs the keyword argument(s) {missing}")
+        raise ValueError(f"{where} needs the keyword argument(s) {missing}")
     unknown = sorted(set(kwargs) - {p.name for p in params})
     if unknown:
-        allowed = [p.name for p in params]
         raise TypeError(
-            f"convert_norms(to={to!r}) got unexpected keyword argument(s) {unknown}; "
-            f"it accepts {allowed}"
+            f"{where} got unexpected keyword argument(s) {unknown}; it accepts "
+            f"{[p.name for p in params]}"
         )
 
 
-def convert_norms(model: nn.Module, to: str, **kwargs: Any) -> nn.Module:
+def create_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
+    """Build one normalisation layer by name: the factory behind :func:`convert_norms`.
+
+    The names (and their keyword arguments, passed to the layer's constructor):
+
+    - ``"batch"``: ``nn.BatchNorm{dims}d`` (``eps``, ``momentum``, ``affine``,
+      ``track_running_stats``, ``device``, ``dtype``).
+    - ``"renorm"``: ``BatchRenorm{dims}d`` (Ioffe 2017; the same, plus ``r_max``, ``d_max``,
+      ``warmup_steps``, ``sync``, ``process_group``).
+    - ``"domain"``: ``DomainBatchNorm{dims}d`` (required ``num_domains``; the BatchNorm ones,
+      plus ``shared_affine``, ``sync``, ``process_group``).
+    - ``"frozen"``: torchvision's ``FrozenBatchNorm2d`` (statistics and affine fixed; ``eps``,
+      ``device``, ``dtype``; ``dims=2`` only).
+    - ``"layer2d"``: :class:`~lightning_norms.LayerNorm2d` (Ba et al. 2016 over the channels;
+      ``eps`` default ``1e-6``, ``affine``, ``device``, ``dtype``; ``dims=2`` only).
+    - ``"group"``: ``nn.GroupNorm`` (Wu & He 2018; required ``num_groups``, ``1`` = LayerNorm
+      over each sample; ``eps``, ``affine``, ``device``, ``dtype``).
+    - ``"none"``: ``nn.Identity``.
+
+    Args:
+        name: one of the names above.
+        num_features: channels ``C``.
+        **kwargs: ``dims`` (1, 2 or 3: the input rank of the BatchNorm kinds; default ``2``)
+            and the layer's keyword arguments above.
+
+    Returns:
+        The new layer (fresh parameters and statistics).
+
+    Raises:
+        ValueError: an unknown ``name``, a missing required argument, a ``dims`` the kind
+            does not take, a ``num_groups`` that does not divide ``num_features``.
+        TypeError: a keyword argument the kind does not take.
+
+    Example:
+        >>> create_norm("group", 8, num_groups=2)
+        GroupNorm(2, 8, eps=1e-05, affine=True...)
+        >>> create_norm("renorm", 8, dims=1, warmup_steps=100)
+        BatchRenorm1d(8, eps=1e-05, ..., r_max=3.0, d_max=5.0, warmup_steps=100)
+    """
+    if name not in _NORMS:
+        raise ValueError(f"create_norm: unknown `name`={name!r}; choose one of {sorted(_NORMS)}")
+    builder = _NORMS[name][0]
+    dims = kwargs.pop("dims", 2)
+    _check_kwargs(f"create_norm({name!r})", builder, kwargs, ())
+    return builder(num_features, dims, **kwargs)
+
+
+@dataclass
+class _Source:
+    """What a BatchNorm-type layer hands on to its replacement."""
+
+    dims: int
+    settings: dict[str, Any]
+    factory: dict[str, Any]
+    state: dict[str, Tensor]
+    requires_grad: dict[str, bool]
+    training: bool
+    after: list[nn.Module] = field(default_factory=list)
+
+
+def _rank(bn: nn.Module, where: str) -> int:
+    """Spatial rank (1, 2 or 3) of a ``*BatchNorm{1,2,3}d``: its (or a base class's) name."""
+    for cls in type(bn).__mro__:
+        if cls.__name__[-2:] in ("1d", "2d", "3d") and (
+            issubclass(cls, _BatchNorm) or _is_frozen(bn)
+        ):
+            return int(cls.__name__[-2])
+    raise ValueError(
+        f"convert_norms: cannot tell the input rank of {type(bn).__name__} at {where!r}; "
+        "only *BatchNorm1d/2d/3d layers are converted (revert a SyncBatchNorm with "
+        "nn.SyncBatchNorm.revert_sync_batchnorm(model) first)"
+    )
+
+
+def _after(bn: nn.Module, where: str) -> list[nn.Module]:
+    """The modules ``bn``'s forward applies after the norm, or ``ValueError`` if unknown."""
+    names = _TAKE_APART.get(_qualname(bn))
+    if names is not None:
+        return [m for m in (getattr(bn, n) for n in names) if not isinstance(m, nn.Identity)]
+    if _is_frozen(bn) or any(type(bn).forward is cls.forward for cls in _PLAIN):
+        return []
+    raise ValueError(
+        f"convert_norms: {type(bn).__name__} at {where!r} overrides the BatchNorm forward "
+        "(it may add behaviour after the norm, e.g. an activation) and cannot be taken apart; "
+        "exclude it (`exclude=`) or replace it by hand"
+    )
+
+
+def _domain_row(bn: _DomainBatchNorm, where: str, domain: int | None) -> int:
+    if domain is None:
+        if bn.num_domains == 1:
+            return 0
+        raise ValueError(
+            f"convert_norms: {type(bn).__name__} at {where!r} has {bn.num_domains} domains; "
+            "name the one whose state the new layer carries with `domain=k`"
+        )
+    if isinstance(domain, bool) or not isinstance(domain, int):
+        raise ValueError(f"convert_norms: `domain` must be an int, got {domain!r}")
+    if not 0 <= domain < bn.num_domains:
+        raise ValueError(
+            f"convert_norms: domain={domain} is outside [0, {bn.num_domains}) for "
+            f"{type(bn).__name__} at {where!r}"
+        )
+    return domain
+
+
+def _state(bn: nn.Module, where: str, domain: int | None) -> dict[str, Tensor]:
+    """The per-channel ``[C]`` state of ``bn`` (of domain ``k`` for a ``DomainBatchNorm``)."""
+    state = {n: t.detach() for n in _STATE if isinstance(t := getattr(bn, n, None), Tensor)}
+    if isinstance(bn, _DomainBatchNorm):
+        row = _domain_row(bn, where, domain)
+        state = {
+            n: t[row] if t.dim() == 2 or n == "num_batches_tracked" else t for n, t in state.items()
+        }
+    return state
+
+
+def _describe(bn: nn.Module, where: str, domain: int | None) -> _Source:
+    """Read everything the replacement of ``bn`` needs; raises on a layer it cannot take."""
+    if isinstance(bn, LazyModuleMixin) and bn.has_uninitialized_params():
+        raise ValueError(
+            f"convert_norms: {type(bn).__name__} at {where!r} is not initialised yet; "
+            "run one forward pass first"
+        )
+    after, dims = _after(bn, where), _rank(bn, where)
+    state = _state(bn, where, domain)
+    ref = state.get("running_mean", state.get("weight"))
+    factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+    if _is_frozen(bn):
+        settings: dict[str, Any] = {"eps": bn.eps}
+        requires_grad: dict[str, bool] = {}
+    else:
+        settings = {name: getattr(bn, name) for name in _BN_SETTINGS}
+        requires_grad = {
+            n: p.requires_grad for n in ("weight", "bias") if (p := getattr(bn, n)) is not None
+        }
+    return _Source(dims, settings, factory, state, requires_grad, bn.training, after)
+
+
+def _carry(src: _Source, new: nn.Module) -> None:
+    """Copy ``src``'s state into ``new`` wherever ``new`` has it (every domain's row)."""
+    with torch.no_grad():
+        for name, value in src.state.items():
+            target = getattr(new, name, None)
+            if isinstance(target, Tensor):
+                target.copy_(value.expand_as(target))
+        for name, flag in src.requires_grad.items():
+            target = getattr(new, name, None)
+            if isinstance(target, nn.Parameter):
+                target.requires_grad_(flag)
+
+
+def _replacement(
+    bn: nn.Module, where: str, to: str, kwargs: dict[str, Any], domain: int | None
+) -> nn.Module:
+    """The new module for ``bn``: the new norm, then what ``bn`` applied after its norm."""
+    if to == "domain" and isinstance(bn, _DomainBatchNorm):
+        raise ValueError(
+            f"convert_norms(to='domain'): {type(bn).__name__} at {where!r} is already domain-split"
+        )
+    src = _describe(bn, where, domain)
+    builder, carried = _NORMS[to]
+    if to == "frozen" and "running_mean" not in src.state:
+        raise ValueError(
+            f"convert_norms(to='frozen'): {type(bn).__name__} at {where!r} has no running "
+            "statistics to freeze (track_running_stats=False)"
+        )
+    settings = {k: v for k, v in src.settings.items() if k in carried}
+    try:
+        new = builder(_num_features(bn), src.dims, **settings, **src.factory, **kwargs)
+    except ValueError as err:  # the builder's message without its "create_norm(...): "
+        reason = str(err).split(": ", 1)[-1]
+        raise ValueError(
+            f"convert_norms(to={to!r}): {type(bn).__name__} at {where!r}: {reason}"
+        ) from err
+    _carry(src, new)
+    new.train(src.training)
+    return nn.Sequential(new, *src.after) if src.after else new
+
+
+def _num_features(bn: nn.Module) -> int:
+    if isinstance(bn, _BatchNorm):
+        return bn.num_features
+    return int(bn.get_buffer("running_var").shape[-1])
+
+
+def _selected(name: str, include: list[str] | None, exclude: list[str]) -> bool:
+    if include is not None and not any(fnmatch(name, p) for p in include):
+        return False
+    return not any(fnmatch(name, p) for p in exclude)
+
+
+def _patterns(value: str | Iterable[str] | None, arg: str) -> list[str] | None:
+    if value is None:
+        return None
+    patterns = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"convert_norms: `{arg}` must be a str or a list of str, got {value!r}")
+    return patterns
+
+
+def convert_norms(
+    model: nn.Module,
+    to: str,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
     """Replace every BatchNorm layer inside ``model`` with another normalisation, in place.
 
     The "restructure the model" remedies of the BatchNorm pitfall (2017 article) in one call:
-    swap ``nn.BatchNorm1d/2d/3d`` (and this package's BatchNorm variants) for Batch
-    Renormalization (Ioffe 2017), LayerNorm over channels, GroupNorm/LayerNorm (Wu & He 2018),
-    or back to plain BatchNorm. Each new layer keeps the old one's ``num_features``, ``eps``,
-    ``momentum``, ``affine``, ``track_running_stats`` where it has them, and carries over the
-    affine weights (with their ``requires_grad``) and the running statistics (with
-    ``num_batches_tracked``: a converted pretrained model starts past BatchRenorm's warm-up)
-    where the target has them, on the same device and dtype and in the same training mode.
-    A layer shared by several parents is replaced by one shared new layer. Hooks registered on
-    the old layers are not carried over.
+    swap the BatchNorm-type layers (see :func:`bn_modules`: ``nn.BatchNorm1d/2d/3d``, this
+    package's variants, torchvision's ``FrozenBatchNorm2d``) for Batch Renormalization
+    (Ioffe 2017), domain-split BatchNorm, frozen BatchNorm, LayerNorm over channels,
+    GroupNorm/LayerNorm (Wu & He 2018), or back to plain BatchNorm. Each new layer is built by
+    :func:`create_norm` with the old one's ``eps``, ``momentum``, ``affine``,
+    ``track_running_stats`` where the target has them, and carries over the affine weights
+    (with their ``requires_grad``) and the running statistics (with ``num_batches_tracked``: a
+    converted pretrained model starts past BatchRenorm's warm-up) where the target has them, on
+    the same device and dtype and in the same training mode. A ``DomainBatchNorm`` hands on the
+    state of domain ``domain=k`` (may be omitted with one domain); a new ``DomainBatchNorm``
+    starts every domain from the old layer's state. A layer shared by several parents is
+    replaced by one shared new layer. Hooks registered on the old layers are not carried over.
 
-    Targets and their keyword arguments:
+    A subclass that applies modules after its norm (timm's ``BatchNormAct2d``: drop, then
+    activation) becomes ``nn.Sequential(new_norm, drop, act)`` (``nn.Identity`` parts left
+    out), so the activation stays; its state-dict keys move under ``.0``. A subclass with
+    another forward of its own raises ``ValueError`` naming it. All or nothing: every selected
+    layer is checked and its replacement built before any is swapped in, so a call that raises
+    leaves the model as it was.
 
-    - ``"renorm"``: ``BatchRenorm1d/2d/3d``; optional ``r_max``, ``d_max``, ``warmup_steps``,
-      ``sync``, ``process_group``.
-    - ``"layer2d"``: :class:`~lightning_norms.LayerNorm2d` (``*BatchNorm2d`` only); optional
-      ``eps`` (default ``1e-6``).
-    - ``"group"``: ``nn.GroupNorm``; required ``num_groups`` (``1`` = LayerNorm over each whole
-      sample); optional ``eps`` (default ``1e-5``).
-    - ``"batch"``: ``nn.BatchNorm1d/2d/3d``.
-    - ``"domain"``: ``DomainBatchNorm1d/2d/3d``; required ``num_domains`` (every domain starts
-      from the old layer's affine and running statistics); optional ``shared_affine``,
-      ``sync``, ``process_group``.
+    Targets (``to``) and their keyword arguments:
+
+    - ``"renorm"``: optional ``r_max``, ``d_max``, ``warmup_steps``, ``sync``, ``process_group``.
+    - ``"domain"``: required ``num_domains``; optional ``shared_affine``, ``sync``,
+      ``process_group``.
+    - ``"batch"``: none. ``"frozen"``: none (2d layers with running statistics only).
+    - ``"layer2d"``: optional ``eps`` (default ``1e-6``); 2d layers only.
+    - ``"group"``: required ``num_groups``; optional ``eps`` (default ``1e-5``).
 
     Args:
         model: the model, modified in place.
         to: the target kind, one of the names above.
-        **kwargs: the target's keyword arguments.
+        include: ``fnmatch`` pattern(s) of ``named_modules()`` names; only matching layers
+            change. Default: ``None`` (all).
+        exclude: pattern(s) of layers left as they are, e.g. ``["layer4*", "fc*"]``.
+            Default: ``None``.
+        **kwargs: the target's keyword arguments, and ``domain=k`` (an ``int``) for the
+            ``DomainBatchNorm`` layers converted to a single-statistics kind.
 
     Returns:
-        ``model`` (or the new layer when ``model`` itself is a BatchNorm layer).
+        ``model`` (or the new layer when ``model`` itself is a selected BatchNorm layer).
 
     Raises:
-        ValueError: for an unknown ``to``, a missing required keyword argument, a layer the
-            target cannot replace (e.g. ``BatchNorm1d`` to ``"layer2d"``, a ``num_groups`` that
-            does not divide the channels, an uninitialised lazy layer, a ``SyncBatchNorm``).
-        TypeError: for a keyword argument the target does not take.
+        ValueError: an unknown ``to``, a missing required keyword argument, a layer the target
+            cannot take (e.g. ``BatchNorm1d`` to ``"layer2d"`` or ``"frozen"``, a ``num_groups``
+            that does not divide the channels, an uninitialised lazy layer, a
+            ``SyncBatchNorm``, a subclass it cannot take apart), a ``DomainBatchNorm`` with
+            several domains and no ``domain``.
+        TypeError: a keyword argument the target does not take, or bad ``include``/``exclude``.
 
     Example:
         >>> from torch import nn
@@ -234,36 +553,21 @@ def convert_norms(model: nn.Module, to: str, **kwargs: Any) -> nn.Module:
         >>> convert_norms(net, "group", num_groups=1)[1]
         GroupNorm(1, 8, eps=1e-05, affine=True...)
     """
-    if to not in _CONVERTERS:
-        raise ValueError(f"convert_norms: unknown `to`={to!r}; choose one of {sorted(_CONVERTERS)}")
-    converter = _CONVERTERS[to]
-    _check_kwargs(to, converter, kwargs)
-    return _convert(model, "", converter, kwargs, {})
-
-
-def _convert(
-    module: nn.Module,
-    path: str,
-    converter: Callable[..., nn.Module],
-    kwargs: dict[str, Any],
-    done: dict[int, nn.Module],
-) -> nn.Module:
-    if id(module) in done:
-        return done[id(module)]
-    if isinstance(module, _BatchNorm):
-        where = path or "<model>"
-        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
-            raise ValueError(
-                f"convert_norms: {type(module).__name__} at {where!r} is not initialised yet; "
-                "run one forward pass first"
-            )
-        new = converter(module, where, **kwargs)
-        new.train(module.training)
-        done[id(module)] = new
-        return new
-    for name, child in module.named_children():
-        new_child = _convert(child, f"{path}.{name}" if path else name, converter, kwargs, done)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    done[id(module)] = module
-    return module
+    if to not in _NORMS or to == "none":
+        choices = sorted(set(_NORMS) - {"none"})
+        raise ValueError(f"convert_norms: unknown `to`={to!r}; choose one of {choices}")
+    domain = kwargs.pop("domain", None)
+    builder, carried = _NORMS[to]
+    _check_kwargs(f"convert_norms(to={to!r})", builder, kwargs, (*carried, "device", "dtype"))
+    keep, drop = _patterns(include, "include"), _patterns(exclude, "exclude") or []
+    new: dict[int, nn.Module] = {}
+    for name, module in model.named_modules():
+        if _is_bn(module) and _selected(name, keep, drop):
+            new[id(module)] = _replacement(module, name or "<model>", to, kwargs, domain)
+    if id(model) in new:
+        return new[id(model)]
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if id(child) in new:
+                setattr(parent, name, new[id(child)])
+    return model

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models import resnet18
 
-from lightning_norms import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, LayerNorm2d, convert_norms
+from lightning_norms import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    DomainBatchNorm1d,
+    DomainBatchNorm2d,
+    LayerNorm2d,
+    bn_modules,
+    convert_norms,
+    create_norm,
+    domain,
+)
 
 
 def _trained_resnet18() -> nn.Module:
@@ -139,7 +150,7 @@ def test_converts_a_batchnorm_at_the_root() -> None:
             "layer2d",
             {},
             ValueError,
-            r"BatchNorm1d at '1' does not normalise 4D",
+            r"to='layer2d'\): BatchNorm1d at '1': only 2d layers \(4D N, C, H, W .* dims=1",
         ),
         (
             nn.Sequential(nn.SyncBatchNorm(4)),
@@ -154,3 +165,271 @@ def test_converts_a_batchnorm_at_the_root() -> None:
 def test_errors(model: nn.Module, to: str, kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         convert_norms(model, to, **kwargs)
+
+
+def _randomise_bns(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial affine and running statistics in every BatchNorm-type layer."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in bn_modules(model):
+            for name, low, high in (("weight", 0.5, 1.5), ("bias", -0.2, 0.2)):
+                t = getattr(m, name)
+                if t is not None:
+                    t.copy_(torch.rand(t.shape, generator=g) * (high - low) + low)
+            if m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def _snapshot(model: nn.Module) -> tuple[list[tuple[str, int]], dict[str, Tensor]]:
+    """Module identities by name and a copy of the state: what an all-or-nothing call keeps."""
+    ids = [(name, id(m)) for name, m in model.named_modules()]
+    return ids, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model: nn.Module, snap: tuple[list[tuple[str, int]], dict]) -> None:
+    ids, state = snap
+    assert [(name, id(m)) for name, m in model.named_modules()] == ids
+    new_state = model.state_dict()
+    assert new_state.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(new_state[key], value), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_100", "regnety_002"])
+def test_timm_batchnormact_keeps_its_activation(name: str) -> None:
+    """Issue 10 item 11: BatchNormAct2d lost its activation (efficientnet_b0 off by ~84)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    _randomise_bns(model)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    count = len(bn_modules(model))
+    acts = sum(isinstance(m, (nn.ReLU, nn.SiLU, nn.Hardswish)) for m in model.modules())
+    for to, kwargs in (
+        ("batch", {}),
+        ("renorm", {"r_max": 1.0, "d_max": 0.0}),
+        ("domain", {"num_domains": 1}),
+        ("batch", {}),  # back from one domain: `domain` may be omitted
+    ):
+        convert_norms(model, to, **kwargs)
+        kinds = {type(m) for _, m in bn_modules(model)}
+        assert len(bn_modules(model)) == count and len(kinds) == 1, kinds
+        assert sum(isinstance(m, (nn.ReLU, nn.SiLU, nn.Hardswish)) for m in model.modules()) == acts
+        with torch.no_grad(), domain(model, 0):
+            torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4, msg=to)
+
+
+def test_batchnormact_order_and_training_flag() -> None:
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+    layer = norm_act.BatchNormAct2d(4, act_layer=nn.ReLU, drop_layer=nn.Dropout)
+    _randomise_bns(layer)
+    layer.eval()
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), layer)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        expected = model(x)
+    act, drop = layer.act, layer.drop
+    convert_norms(model, "renorm")
+    new = model[1]
+    assert isinstance(new, nn.Sequential) and [type(m) for m in new] == [
+        BatchRenorm2d,
+        nn.Dropout,
+        nn.ReLU,
+    ]
+    assert new[1] is drop and new[2] is act and not new[0].training
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_a_subclass_it_cannot_take_apart_raises_and_changes_nothing() -> None:
+    class ScaledBN(nn.BatchNorm2d):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x) * 2
+
+    class PlainSubclass(nn.BatchNorm2d):
+        pass
+
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Sequential(ScaledBN(3)), PlainSubclass(3))
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"ScaledBN at '1.0' overrides the BatchNorm forward"):
+        convert_norms(model, "renorm")
+    _assert_unchanged(model, snap)
+    convert_norms(model, "renorm", exclude="1.*")
+    assert type(model[0]) is BatchRenorm2d and type(model[2]) is BatchRenorm2d
+    assert type(model[1][0]) is ScaledBN
+
+
+def _domain_model() -> nn.Module:
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1),
+        DomainBatchNorm2d(4, 3),
+        nn.Flatten(),
+        DomainBatchNorm1d(4 * 25, 3, shared_affine=True),
+    )
+    with torch.no_grad():
+        for m in (model[1], model[3]):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_()
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.num_batches_tracked.copy_(torch.tensor([5, 6, 7]))
+    return model.eval()
+
+
+@pytest.mark.parametrize("to", ["batch", "renorm", "frozen"])
+def test_domain_batchnorm_converts_back_carrying_the_named_domain(to: str) -> None:
+    """Issue 10 item 7: a DomainBatchNorm could not be converted to any other kind."""
+    model = _domain_model()
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        expected = model[3](model[2](model[1](model[0](x), domain=1)), domain=1)
+    if to == "frozen":
+        model = model[:2]
+        with torch.no_grad():
+            expected = model[1](model[0](x), domain=1)
+    convert_norms(model, to, domain=1)
+    assert not any(isinstance(m, (DomainBatchNorm1d, DomainBatchNorm2d)) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    if to != "frozen":
+        assert int(model[1].num_batches_tracked) == 6
+
+
+def test_domain_batchnorm_with_several_domains_needs_domain() -> None:
+    model = _domain_model()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"DomainBatchNorm1d at '3' has 3 domains; name the one"):
+        convert_norms(model, "batch", exclude="1")
+    with pytest.raises(ValueError, match=r"domain=3 is outside \[0, 3\)"):
+        convert_norms(model, "batch", domain=3)
+    with pytest.raises(ValueError, match=r"already domain-split"):
+        convert_norms(model, "domain", num_domains=2)
+    _assert_unchanged(model, snap)
+
+
+def test_all_or_nothing_when_one_layer_cannot_be_converted() -> None:
+    """Issue 10 item 7: a failure half-way left a half-converted model."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.BatchNorm1d(4))
+    _randomise_bns(model)
+    snap = _snapshot(model)
+    for to in ("layer2d", "frozen"):
+        with pytest.raises(ValueError, match=rf"to='{to}'\): BatchNorm1d at '3': only 2d"):
+            convert_norms(model, to)
+        _assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match="num_groups=3 does not divide"):
+        convert_norms(nn.Sequential(nn.BatchNorm2d(6), nn.BatchNorm2d(4)), "group", num_groups=3)
+    with pytest.raises(ValueError, match="no running statistics to freeze"):
+        convert_norms(nn.BatchNorm2d(4, track_running_stats=False), "frozen")
+
+
+def test_resnet18_to_frozen_equals_torchvision_and_back() -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = _trained_resnet18()
+    x = torch.randn(2, 3, 32, 32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(x)
+    convert_norms(model.train(), "frozen")
+    frozen = bn_modules(model)
+    assert len(frozen) == 20 and all(type(m) is FrozenBatchNorm2d for _, m in frozen)
+    # torchvision's own way to load a BatchNorm checkpoint into a frozen model
+    reference = resnet18(weights=None, num_classes=10, norm_layer=FrozenBatchNorm2d)
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        out = model(x)  # training mode: the statistics are fixed anyway
+        torch.testing.assert_close(out, reference(x), rtol=0, atol=0)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    for to, kwargs in (("renorm", {}), ("domain", {"num_domains": 2}), ("batch", {})):
+        convert_norms(model, to, **kwargs)
+        model.eval()
+        with torch.no_grad(), domain(model, 1):
+            torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+        if to == "domain":
+            convert_norms(model, "frozen", domain=0)
+    for key, value in model.state_dict().items():
+        if not key.endswith("num_batches_tracked"):  # frozen layers keep no step counter
+            torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
+
+
+def test_include_and_exclude_patterns_on_resnet18() -> None:
+    model = _trained_resnet18()
+    convert_norms(model, "renorm", exclude=["layer4*"])
+    for name, m in bn_modules(model):
+        assert type(m) is (nn.BatchNorm2d if name.startswith("layer4") else BatchRenorm2d), name
+    convert_norms(model, "group", num_groups=2, include="layer1.*", exclude=["*.bn2"])
+    groups = [name for name, m in model.named_modules() if isinstance(m, nn.GroupNorm)]
+    assert groups == ["layer1.0.bn1", "layer1.1.bn1"]
+    with pytest.raises(TypeError, match="`include` must be a str or a list of str"):
+        convert_norms(model, "batch", include=[3])
+
+
+def test_bn_modules_lists_every_batchnorm_type_in_order() -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1),
+        nn.BatchNorm2d(4).eval(),
+        nn.Sequential(BatchRenorm2d(4), nn.ReLU(), DomainBatchNorm2d(4, 2)),
+        FrozenBatchNorm2d(4),
+        nn.GroupNorm(2, 4),
+        LayerNorm2d(4),
+        nn.SyncBatchNorm(4),
+    )
+    names = [name for name, _ in bn_modules(model)]
+    assert names == ["1", "2.0", "2.2", "3", "6"]
+    assert [m for _, m in bn_modules(model)] == [
+        model[1],
+        model[2][0],
+        model[2][2],
+        model[3],
+        model[6],
+    ]
+    # a BatchNorm layer itself is listed under the name ""
+    bn = nn.BatchNorm1d(3)
+    assert bn_modules(bn) == [("", bn)]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "cls", "reference"),
+    [
+        ("batch", {"dims": 1, "momentum": None}, nn.BatchNorm1d, nn.BatchNorm1d(6, momentum=None)),
+        ("batch", {}, nn.BatchNorm2d, nn.BatchNorm2d(6)),
+        ("renorm", {"dims": 3, "warmup_steps": 7}, BatchRenorm3d, BatchRenorm3d(6, warmup_steps=7)),
+        ("domain", {"num_domains": 2}, DomainBatchNorm2d, DomainBatchNorm2d(6, 2)),
+        ("layer2d", {"eps": 1e-5}, LayerNorm2d, LayerNorm2d(6, eps=1e-5)),
+        ("group", {"num_groups": 3}, nn.GroupNorm, nn.GroupNorm(3, 6)),
+        ("none", {}, nn.Identity, nn.Identity()),
+    ],
+)
+def test_create_norm_builds_the_named_layer(
+    name: str, kwargs: dict, cls: type, reference: nn.Module
+) -> None:
+    layer = create_norm(name, 6, **kwargs)
+    assert type(layer) is cls and repr(layer) == repr(reference)
+    assert layer.state_dict().keys() == reference.state_dict().keys()
+
+
+def test_create_norm_frozen_and_errors() -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    frozen = create_norm("frozen", 4, dtype=torch.float64)
+    assert type(frozen) is FrozenBatchNorm2d and frozen.running_var.dtype == torch.float64
+    with pytest.raises(ValueError, match=r"unknown `name`='instance'"):
+        create_norm("instance", 4)
+    with pytest.raises(ValueError, match=r"create_norm\('frozen'\): only 2d .* got dims=3"):
+        create_norm("frozen", 4, dims=3)
+    with pytest.raises(ValueError, match=r"`dims` must be 1, 2 or 3, got 4"):
+        create_norm("batch", 4, dims=4)
+    with pytest.raises(ValueError, match=r"needs the keyword argument\(s\) \['num_domains'\]"):
+        create_norm("domain", 4)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['momentum'\]"):
+        create_norm("group", 4, num_groups=2, momentum=0.1)
+    with pytest.raises(ValueError, match=r"unknown `to`='none'"):
+        convert_norms(nn.BatchNorm2d(4), "none")
