@@ -249,7 +249,15 @@ class DomainBatchNorm2d(_DomainBatchNorm):
     Buffers: ``running_mean``/``running_var`` ``[num_domains, C]``; ``num_batches_tracked``
     ``LongTensor[num_domains]``, the number of training batches each domain appeared in (so
     ``momentum=None``, a cumulative average, is exact per domain; a domain absent from a batch
-    keeps its statistics and its count).
+    keeps its statistics and its count). An empty batch, or a call that raises, leaves every
+    buffer as it was.
+
+    Gradients of any order are exact (a gradient penalty through the layer, per-sample ids
+    and ``sync`` included): the custom backward switches to differentiable ops when a graph
+    of the gradient is asked for (``create_graph=True``). The output is never a view, so
+    ``nn.ReLU(inplace=True)`` or ``out += identity`` after the layer are fine. A fp16/bf16
+    module (or input under ``torch.autocast``) takes its statistics in fp32 and returns the
+    input's dtype, as ``nn.BatchNorm2d``.
 
     With ``sync=True`` (or a ``process_group``), in training under ``torch.distributed``, the
     per-domain counts, means and sums of squared deviations are all-reduced (one fp64

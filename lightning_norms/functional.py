@@ -809,6 +809,29 @@ def _int_domain_batch_norm(
     return out
 
 
+def _eval_rows(
+    x3: Tensor,
+    ids: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Eval with per-sample ids: one inference kernel with every row's domain statistics."""
+    n, c, length = x3.shape
+    return F.batch_norm(
+        x3.view(1, n * c, length),
+        running_mean[ids].reshape(-1),
+        running_var[ids].reshape(-1),
+        _gather_rows(weight, ids, n, running_mean.dtype),
+        _gather_rows(bias, ids, n, running_mean.dtype),
+        False,
+        0.0,
+        eps,
+    )
+
+
 def _domain_batch_norm(
     x: Tensor,
     domains: int | Tensor,
@@ -849,19 +872,8 @@ def _domain_batch_norm(
         )
     ids = _expand_domains(domains, x)
     x3 = _rows(x)
-    n, c = x3.shape[0], x3.shape[1]
     if not use_batch_stats and running_mean is not None and running_var is not None:
-        out = F.batch_norm(
-            x3.view(1, n * c, x3.shape[2]),
-            running_mean[ids].reshape(-1),
-            running_var[ids].reshape(-1),
-            _gather_rows(weight, ids, n, running_mean.dtype),
-            _gather_rows(bias, ids, n, running_mean.dtype),
-            False,
-            0.0,
-            eps,
-        )
-        return out.view(x.shape)
+        return _eval_rows(x3, ids, running_mean, running_var, weight, bias, eps).view(x.shape)
     count, mean, m2 = _domain_stats(x3, ids, num_domains, group, name)
     out = _DomainBatchNormFn.apply(x3, weight, bias, ids, eps, group, (count, mean, m2))
     if training and running_mean is not None and running_var is not None:
@@ -907,6 +919,11 @@ def domain_batch_norm(
     ``num_batches_tracked``, are left untouched. With ``sync`` (or a ``process_group``) in
     training under ``torch.distributed``, batch statistics and the backward's sums are
     all-reduced so every rank normalises with the global per-domain statistics.
+
+    As ``F.batch_norm``: statistics in fp32 for fp16/bf16 inputs or parameters, output in the
+    input's dtype; an empty batch gives an empty output and changes no buffer; a call that
+    raises changes no buffer; the output is never a view (inplace ops after it are fine); and
+    double backward (gradient penalties) is exact on every path, synchronised ones included.
 
     Args:
         x: input with channels in dim 1.
