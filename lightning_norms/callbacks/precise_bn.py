@@ -57,9 +57,9 @@ class PreciseBN(Callback):
     over ``num_batches`` batches, or ``num_samples`` samples) at the end of every
     ``every_n_epochs``-th training epoch, right after its last training batch and therefore
     before that epoch's validation sees the model, and once more at the end of ``fit`` if the
-    weights changed since. When training stops mid-epoch (``Trainer.should_stop``, e.g. early
-    stopping), it recomputes before the validation that follows; a run that resumes from a
-    mid-epoch checkpoint still recomputes at that epoch's real end.
+    weights changed since. A stop in the middle of an epoch (``max_steps``) is not that epoch's
+    end: the recompute then happens at the end of ``fit``, and a run resumed from a checkpoint
+    taken there still recomputes at the epoch's real end.
 
     The batches come from a fresh iterator of the chosen loader (the training iterator is never
     touched), are converted and moved like training batches (the precision plugin's
@@ -179,8 +179,6 @@ class PreciseBN(Callback):
         # Validation at the end of the epoch runs right after this hook: recompute now.
         if self._epoch_training_done(trainer):
             self._epoch_end(trainer, pl_module)
-        elif trainer.should_stop:  # stopping mid-epoch: a validation may follow right away
-            self._recompute(trainer, pl_module, log_to_module=True)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
