@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -135,6 +136,68 @@ def deterministic() -> Iterator[None]:
         yield
     finally:
         torch.set_rng_state(state)
+
+
+# --- the gradient-penalty tests' critic (float64) ---
+
+
+GP_IDS = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+
+
+class Critic(nn.Module):
+    """conv -> norm -> SiLU -> strided conv -> norm -> SiLU -> mean -> linear, as a GAN's D."""
+
+    def __init__(self, norm: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm1 = norm(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.norm2 = norm(4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.silu(self.norm1(self.conv1(x)))
+        h = F.silu(self.norm2(self.conv2(h)))
+        return self.head(h.mean((2, 3)))
+
+
+def make_critic(norm: Callable[[int], nn.Module]) -> Critic:
+    """A seeded float64 critic in training mode, its norms' affine and running stats random."""
+    torch.manual_seed(0)
+    critic = Critic(norm).double().train()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in (critic.norm1, critic.norm2):
+            layer.weight.copy_(torch.rand(layer.weight.shape, generator=gen) + 0.5)
+            layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen) - 0.5)
+            layer.running_mean.copy_(torch.rand(layer.running_mean.shape, generator=gen) - 0.5)
+            layer.running_var.copy_(torch.rand(layer.running_var.shape, generator=gen) + 0.5)
+    return critic
+
+
+def interpolates() -> Tensor:
+    """WGAN-GP's ``x_hat``: 8 random interpolations between "real" and "fake" images."""
+    gen = torch.Generator().manual_seed(2)
+    real = torch.randn(8, 3, 6, 6, dtype=torch.float64, generator=gen) * 2 + 1
+    fake = torch.randn(8, 3, 6, 6, dtype=torch.float64, generator=gen)
+    alpha = torch.rand(8, 1, 1, 1, dtype=torch.float64, generator=gen)
+    return alpha * real + (1 - alpha) * fake
+
+
+def gradient_penalty(
+    model: nn.Module, x_hat: Tensor, ids: int | Tensor | None, total: int | None = None
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """WGAN-GP: ``sum((|dD/dx_hat| - 1)^2) / total``, backpropagated to the parameters.
+
+    ``total`` (default: the batch size) is the global batch size when a rank holds a part.
+    """
+    x_hat = x_hat.clone().requires_grad_(True)
+    out = run(model, x_hat, ids)
+    (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
+    penalty = (grad.flatten(1).norm(dim=1) - 1).square().sum() / (total or x_hat.shape[0])
+    penalty.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return penalty.detach(), grad.detach(), grads
 
 
 # --- the DDP tests' model: torchvision BasicBlocks (inplace ReLU, `out += identity`) ---

@@ -32,13 +32,17 @@ from lightning_norms import BatchRenorm2d, DomainBatchNorm2d, LayerNorm2d, conve
 from lightning_norms.distributed import SyncedBatchNorm2d
 from tests._zoo import (
     EVAL_EXACT,
+    GP_IDS,
     NUM_CLASSES,
     TARGETS,
     ZOO,
     build,
     convert,
     deterministic,
+    gradient_penalty,
     inputs,
+    interpolates,
+    make_critic,
     norm_layers,
     run,
 )
@@ -287,26 +291,6 @@ def test_domain_resnet18_compiled_matches_eager() -> None:
 
 # --- a WGAN-GP gradient penalty through every BatchNorm variant (float64 references) ---
 
-GP_IDS = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
-
-
-class _Critic(nn.Module):
-    """conv -> norm -> SiLU -> strided conv -> norm -> SiLU -> mean -> linear, as a GAN's D."""
-
-    def __init__(self, norm: Callable[[int], nn.Module]) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.norm1 = norm(4)
-        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
-        self.norm2 = norm(4)
-        self.head = nn.Linear(4, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = F.silu(self.norm1(self.conv1(x)))
-        h = F.silu(self.norm2(self.conv2(h)))
-        return self.head(h.mean((2, 3)))
-
-
 class _FormulaNorm(nn.Module):
     """Reference BatchNorm / BatchRenorm in plain tensor ops, so autograd derives every order.
 
@@ -385,41 +369,17 @@ GP_VARIANTS: dict[str, tuple[Callable[[int], nn.Module], Callable[..., nn.Module
 }
 
 
-def _gradient_penalty(
-    model: nn.Module, x_hat: Tensor, ids: int | Tensor | None
-) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """WGAN-GP: ``mean((|dD/dx_hat| - 1)^2)``, backpropagated to the parameters."""
-    x_hat = x_hat.clone().requires_grad_(True)
-    out = run(model, x_hat, ids)
-    (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
-    penalty = (grad.flatten(1).norm(dim=1) - 1).square().mean()
-    penalty.backward()
-    grads = {name: p.grad for name, p in model.named_parameters()}
-    return penalty.detach(), grad.detach(), grads
-
-
 @pytest.mark.parametrize("variant", list(GP_VARIANTS))
 def test_gradient_penalty_matches_reference(variant: str) -> None:
     norm, reference_norm, ids = GP_VARIANTS[variant]
-    torch.manual_seed(0)
-    critic = _Critic(norm).double().train()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in (critic.norm1, critic.norm2):
-            layer.weight.copy_(torch.rand(layer.weight.shape, generator=gen) + 0.5)
-            layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen) - 0.5)
-            layer.running_mean.copy_(torch.rand(layer.running_mean.shape, generator=gen) - 0.5)
-            layer.running_var.copy_(torch.rand(layer.running_var.shape, generator=gen) + 0.5)
+    critic = make_critic(norm)
     reference = copy.deepcopy(critic)
     reference.norm1 = reference_norm(critic.norm1)
     reference.norm2 = reference_norm(critic.norm2)
-    real = torch.randn(8, 3, 6, 6, dtype=torch.float64, generator=gen) * 2 + 1
-    fake = torch.randn(8, 3, 6, 6, dtype=torch.float64, generator=gen)
-    alpha = torch.rand(8, 1, 1, 1, dtype=torch.float64, generator=gen)
-    x_hat = alpha * real + (1 - alpha) * fake
+    x_hat = interpolates()
 
-    penalty, grad, grads = _gradient_penalty(critic, x_hat, ids)
-    ref_penalty, ref_grad, ref_grads = _gradient_penalty(reference, x_hat, None)
+    penalty, grad, grads = gradient_penalty(critic, x_hat, ids)
+    ref_penalty, ref_grad, ref_grads = gradient_penalty(reference, x_hat, None)
 
     assert ref_penalty > 1e-3  # a penalty that can be wrong
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)  # first order

@@ -1,4 +1,6 @@
-"""A real 2-process gloo DDP fit with ``NormSync`` on torchvision residual blocks (inplace ReLU).
+"""Real 2-process gloo DDP: a Lightning fit with ``NormSync``, and gradient penalties.
+
+A 2-process gloo DDP fit with ``NormSync`` on torchvision residual blocks (inplace ReLU).
 
 ``Trainer(accelerator="cpu", devices=2, strategy="ddp", plugins=[NormSync()])`` trains
 ``tests._zoo.ResidualNet`` — a torchvision ``BasicBlock`` with ``nn.BatchNorm2d`` (turned into a
@@ -8,6 +10,10 @@ data. The reference is one process training the same network on the concatenated
 synced statistics and DDP's averaged gradients make the two runs the same computation, so the
 running statistics and weights must agree (float32 rounding of the all-reduced sums), and both
 ranks must end bit-identical.
+
+The gradient penalty (WGAN-GP, double backward) through each synced layer on two ranks, each
+holding half of the batch, must give the penalty and the parameter gradients (summed over the
+ranks, as DDP's all-reduce does) of one process running the same layers on the whole batch.
 """
 
 from __future__ import annotations
@@ -17,8 +23,17 @@ import torch
 import torch.nn.functional as F
 
 import lightning_norms
-from tests._dist import run_script
-from tests._zoo import ResidualNet, residual_sample
+from lightning_norms import BatchRenorm2d, DomainBatchNorm2d
+from lightning_norms.distributed import SyncedBatchNorm2d
+from tests._dist import run_ddp, run_script
+from tests._zoo import (
+    GP_IDS,
+    ResidualNet,
+    gradient_penalty,
+    interpolates,
+    make_critic,
+    residual_sample,
+)
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
@@ -119,3 +134,50 @@ def test_ddp_fit_with_normsync_matches_single_process_global_batch(tmp_path):
     local = _reference(list(seen[0]))
     for key in ("block.bn1.running_var", "domain_block.bn2.running_mean"):
         assert not torch.allclose(local[key], expected[key], rtol=1e-2, atol=1e-3), key
+
+
+# synced layer -> per-sample domain ids of the whole batch (None: not a domain layer)
+SYNCED = {
+    "synced_bn": (SyncedBatchNorm2d, None),
+    "domain_sync_mixed_ids": (lambda c: DomainBatchNorm2d(c, num_domains=2, sync=True), GP_IDS),
+    "renorm_sync": (
+        lambda c: BatchRenorm2d(c, r_max=1.5, d_max=0.5, warmup_steps=0, sync=True),
+        None,
+    ),
+}
+HALVES = (torch.tensor([0, 2, 4, 6]), torch.tensor([1, 3, 5, 7]))
+
+
+def _penalty_on_rank(rank: int, world_size: int) -> dict[str, tuple]:
+    """Every synced case on this rank's half: ``(penalty part, d penalty / d params)``."""
+    results = {}
+    for case, (norm, ids) in SYNCED.items():
+        rows = HALVES[rank]
+        local_ids = None if ids is None else ids[rows]
+        penalty, _, grads = gradient_penalty(
+            make_critic(norm), interpolates()[rows], local_ids, total=len(GP_IDS)
+        )
+        results[case] = (penalty, grads)
+    return results
+
+
+@pytest.mark.parametrize("case", list(SYNCED))
+def test_gradient_penalty_through_synced_layers_matches_single_process(case, ranks):
+    norm, ids = SYNCED[case]
+    expected_penalty, _, expected = gradient_penalty(make_critic(norm), interpolates(), ids)
+    parts = [rank_results[case] for rank_results in ranks]
+    torch.testing.assert_close(sum(p for p, _ in parts), expected_penalty, rtol=1e-9, atol=1e-12)
+    for name, value in expected.items():
+        if value is None:  # the head's bias: dD/dx does not depend on it
+            assert all(grads[name] is None for _, grads in parts)
+            continue
+        summed = sum(grads[name] for _, grads in parts)
+        torch.testing.assert_close(
+            summed, value, rtol=1e-7, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict[str, tuple]]:
+    """One 2-rank spawn for every case (spawning is the slow part)."""
+    return run_ddp(_penalty_on_rank)
