@@ -115,6 +115,51 @@ def test_mixed_eval_uses_the_mixture_statistics() -> None:
     assert (mean0 - mean1).abs().max() > 0.05
 
 
+@pytest.mark.parametrize(
+    ("feed", "micro_batches"), [("separate", 1), ("mixed", 4), ("separate", 2)]
+)
+def test_renorm_warmup_counts_training_steps(feed: str, micro_batches: int) -> None:
+    """BatchRenorm's clip limits ramp over `renorm_warmup` optimizer steps, however many times a
+    step calls the layer (one forward per domain, micro-batches): after 2 of 4 warm-up steps
+    every layer is half-way, r_max = 1 + (3 - 1) / 2 = 2 and d_max = 5 / 2 (Ioffe 2017)."""
+    from lightning_norms.functional import renorm_limits
+    from lightning_norms.renorm import BatchRenorm1d, BatchRenorm2d
+
+    torch.manual_seed(0)
+    model = DigitsClassifier(
+        variant="renorm", feed=feed, renorm_warmup=4, micro_batches=micro_batches,
+        image_shape=(3, 8, 8),
+    )  # fmt: skip
+    batch = _mixed_batch(32)
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.training_step(_split(batch) if feed == "separate" else batch, 0)
+    layers = [m for m in model.modules() if isinstance(m, (BatchRenorm1d, BatchRenorm2d))]
+    assert len(layers) == 4
+    for m in layers:
+        r_max, d_max = renorm_limits(m.r_max, m.d_max, m.num_batches_tracked, m.warmup_steps)
+        assert float(r_max) == pytest.approx(2.0) and float(d_max) == pytest.approx(2.5)
+
+
+def test_micro_batches_normalise_each_chunk_on_its_own() -> None:
+    """micro_batches=k: the loss is the mean of the k chunks' losses, each chunk through BN alone
+    (its own batch statistics), as k devices without synced BN."""
+    torch.manual_seed(0)
+    model = DigitsClassifier(variant="mixed", micro_batches=4, image_shape=(3, 8, 8))
+    x, y, d = _mixed_batch(32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = model.training_step((x, y, d), 0)
+    chunks = zip(x.chunk(4), y.chunk(4), strict=True)
+    ref = torch.stack([nn.functional.cross_entropy(model.net(xc), yc) for xc, yc in chunks]).mean()
+    torch.testing.assert_close(loss, ref)
+    whole = nn.functional.cross_entropy(model.net(x), y)
+    assert abs(whole.item() - loss.item()) > 1e-3
+    with pytest.raises(ValueError, match="micro_batches"):
+        model.training_step((x[:30], y[:30], d[:30]), 0)
+
+
 def test_split_variant_routes_domains_in_train_and_eval() -> None:
     """split: a mixed batch gives each sample what its own domain-only batch gives."""
     torch.manual_seed(0)
@@ -189,7 +234,7 @@ def _records(sep_drop: float, split_gain: float) -> list[dict]:
     out = []
     for v, shift in (("mixed", 0.0), ("separate", -sep_drop), ("split", split_gain)):
         for s, noise in enumerate((-0.002, 0.0, 0.002)):
-            a = 0.95 + shift + noise
+            a = 0.95 + shift + noise + (0.001 * s if v != "mixed" else 0.0)
             out.append(dict(variant=v, seed=s, acc_domain0=a, acc_domain1=a, acc=a))
     return out
 
@@ -197,15 +242,62 @@ def _records(sep_drop: float, split_gain: float) -> list[dict]:
 def test_summary_and_verdict_follow_the_numbers() -> None:
     recs = _records(0.02, 0.01)
     summary = summarise(recs)
-    assert summary["separate"]["acc"][0] == pytest.approx(0.93)
+    assert summary["separate"]["acc"][0] == pytest.approx(0.931)
     assert summary["mixed"]["acc"][1] == pytest.approx(0.002)
     text = " ".join(verdict(recs, summary, ["a", "b"]))
-    assert "`separate` < `mixed`: held" in text and "2.0 points below" in text
-    assert "`split` >= `mixed`: held" in text and "3 of 3 seeds" in text
+    # paired differences separate - mixed: -0.020, -0.019, -0.018 per seed
+    assert "**`separate` < `mixed`: held.** Paired difference -1.9 points (SE 0.1" in text
+    assert "the claimed sign on 3 of 3 seeds (per seed -2.0 to -1.8)" in text
+    assert "**`split` > `mixed`: held.**" in text
     flipped = _records(-0.02, -0.01)
     text = " ".join(verdict(flipped, summarise(flipped), ["a", "b"]))
-    assert "did NOT hold" in text and "2.0 points above" in text
-    assert "`split` >= `mixed`: did NOT hold" in text
+    assert "**`separate` < `mixed`: not shown (the opposite held).**" in text
+    assert "Paired difference +2.1 points" in text and "on 0 of 3 seeds" in text
+    assert "**`split` > `mixed`: not shown (the opposite held).**" in text
+
+
+def test_verdict_needs_paired_seeds_beyond_noise() -> None:
+    """One seed never shows anything; a mean gap with mixed signs or inside 2 SE is noise."""
+    one = [r for r in _records(0.02, 0.01) if r["seed"] == 0]
+    text = " ".join(verdict(one, summarise(one), ["a", "b"]))
+    assert "**`separate` < `mixed`: not shown.**" in text and "held" not in text
+    noisy = _records(0.0, 0.0)
+    for r, bump in zip(
+        [r for r in noisy if r["variant"] == "separate"], (-0.03, 0.02, 0.005), strict=True
+    ):
+        r["acc"] += bump
+    text = " ".join(verdict(noisy, summarise(noisy), ["a", "b"]))
+    assert "**`separate` < `mixed`: within noise.**" in text
+
+
+@pytest.mark.parametrize(
+    ("diffs", "direction", "expected"),
+    [
+        ([0.02, 0.03, 0.025, 0.01, 0.04], 1, "held"),  # 5/5, t = 5.2
+        ([0.02, 0.03, 0.025, 0.01, -0.001], 1, "held"),  # 4/5, t = 3.5
+        ([0.05, 0.04, -0.01, -0.01, 0.06], 1, "within noise"),  # 3/5 seeds
+        ([0.06, 0.001, 0.002, 0.001, 0.001], 1, "within noise"),  # 5/5 but t = 1.1
+        ([-0.02, -0.03, -0.025], 1, "not shown (the opposite held)"),
+        ([-0.02, -0.03, -0.025], -1, "held"),
+        ([0.5, 0.4], 1, "not shown"),  # two seeds: no verdict
+        ([0.01, 0.01, 0.01], 1, "held"),  # identical gaps: SE 0
+    ],
+)
+def test_paired_verdict_rule(diffs: list[float], direction: int, expected: str) -> None:
+    import statistics
+
+    from lightning_norms.recipes.verdict import paired
+
+    c = paired("claim", diffs, direction)
+    assert c.verdict == expected
+    assert c.mean == pytest.approx(statistics.fmean(diffs))
+    if len(diffs) > 2 and len(set(diffs)) > 1:
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5
+        assert c.se == pytest.approx(se) and c.t == pytest.approx(c.mean / se)
+        from scipy.stats import ttest_1samp
+
+        ref = ttest_1samp(diffs, 0.0, alternative="greater" if direction == 1 else "less")
+        assert c.p == pytest.approx(ref.pvalue)
 
 
 # ---------------------------------------------------------------- the CLI scripts
@@ -246,9 +338,10 @@ def test_precise_bn_cli_fast_dev_run(tmp_path: Path) -> None:
 def test_small_batch_cli_fast_dev_run(tmp_path: Path) -> None:
     from lightning_norms.recipes.small_batch import cli_main
 
-    args = ["--model.norm", "renorm", "--data.batch_size", "4", "--data.order", "class_sorted"]
-    cli_main(args=_fit_args(tmp_path, *args))
+    args = ["--model.norm", "renorm", "--data.batch_size", "8", "--data.order", "class_sorted"]
+    cli_main(args=_fit_args(tmp_path, *args, "--model.micro_batches", "2"))
     record = json.loads((tmp_path / "out" / "renorm_b4_class_sorted_seed0.json").read_text())
+    assert record["step_batch"] == 8
     assert 0.0 <= record["acc"] <= 1.0
 
 
@@ -261,6 +354,72 @@ def test_gan_cli_fast_dev_run(tmp_path: Path, mode: str) -> None:
     assert record["judge_acc"] > 0.8  # the judge itself must be a good digits classifier
     assert 1 <= record["classes_covered"] <= 10
     assert (tmp_path / "out" / f"{mode}_seed0.png").stat().st_size > 0
+
+
+def test_gan_split_discriminator_shares_its_affine() -> None:
+    """`split` must not hand the real/fake label to the discriminator through a per-kind shift:
+    with the same input as real and as fake, the split layers give the same output (per-kind
+    statistics of identical batches are identical, and the affine is shared)."""
+    from lightning_norms.domain_bn import DomainBatchNorm2d
+    from lightning_norms.recipes.gan import Discriminator
+
+    torch.manual_seed(0)
+    disc = Discriminator((1, 8, 8), width=8, split=True)
+    layers = [m for m in disc.modules() if isinstance(m, DomainBatchNorm2d)]
+    assert layers and all(m.shared_affine for m in layers)
+    for m in layers:  # a trained-looking affine: the domains' shifts would differ if per-domain
+        m.weight.data.uniform_(0.5, 1.5)
+        m.bias.data.uniform_(-1, 1)
+    x = torch.randn(6, 1, 8, 8)
+    import lightning_norms as ln
+
+    with ln.domain(disc, torch.tensor([0, 0, 0, 1, 1, 1])):
+        out = disc(torch.cat([x[:3], x[:3]]))
+    torch.testing.assert_close(out[:3], out[3:])
+
+
+def test_recipe_help_lists_every_choice(capsys: pytest.CaptureFixture) -> None:
+    from lightning_norms.recipes.two_domain import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(args=["fit", "--help"])
+    text = capsys.readouterr().out
+    assert "{mixed,separate,split,renorm,layer2d,group,cosine,none}" in text
+    assert "--threads" in text
+
+
+def test_recipe_cli_sets_the_thread_count(tmp_path: Path) -> None:
+    from lightning_norms.recipes.two_domain import cli_main
+
+    before = torch.get_num_threads()
+    try:
+        cli_main(args=_fit_args(tmp_path, "--threads", "1")[1:], run=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_lecture_cli_fast_dev_run(tmp_path: Path) -> None:
+    from lightning_norms.recipes.lecture import cli_main
+
+    args = ["--model.variant", "none", "--model.activation", "sigmoid", "--model.lr", "0.01"]
+    cli_main(args=_fit_args(tmp_path, *args))
+    record = json.loads((tmp_path / "out" / "none_sigmoid_lr0.01_seed0.json").read_text())
+    assert record["variant"] == "none" and record["activation"] == "sigmoid"
+    assert 0.0 <= record["acc"] <= 1.0
+
+
+def test_lecture_steps_to_target_and_sigmoid_net() -> None:
+    from lightning_norms.recipes.lecture import LectureClassifier, steps_to
+
+    assert steps_to([(10, 0.5), (20, 0.95)], 0.9) == 20
+    assert steps_to([(10, 0.5)], 0.9) is None
+    model = LectureClassifier(variant="none", activation="sigmoid", image_shape=(3, 8, 8))
+    acts = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.Sigmoid))]
+    assert acts and all(isinstance(m, nn.Sigmoid) for m in acts)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    opt = model.configure_optimizers()
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
 
 
 def test_gan_mmd_separates_distributions() -> None:

@@ -30,12 +30,12 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
@@ -60,6 +60,12 @@ VARIANTS: dict[str, tuple[str, str]] = {
 }
 
 FEEDS = ("mixed", "separate")
+
+#: the activations :class:`SmallCNN` offers
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
+
+Variant = Literal["mixed", "separate", "split", "renorm", "layer2d", "group", "cosine", "none"]
+Feed = Literal["mixed", "separate"]
 
 #: the scale applied to the cosine classifier's outputs (cosines lie in [-1, 1]; softmax needs a
 #: temperature to reach confident predictions).
@@ -97,11 +103,11 @@ def make_norm(
     if kind == "batch":
         return (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)(num_channels, momentum=bn_momentum)
     if kind == "domain":
-        cls = ln.DomainBatchNorm2d if dims == 2 else ln.DomainBatchNorm1d
-        return cls(num_channels, num_domains, momentum=bn_momentum)
+        domain_cls = ln.DomainBatchNorm2d if dims == 2 else ln.DomainBatchNorm1d
+        return domain_cls(num_channels, num_domains, momentum=bn_momentum)
     if kind == "renorm":
-        cls = ln.BatchRenorm2d if dims == 2 else ln.BatchRenorm1d
-        return cls(num_channels, momentum=bn_momentum, warmup_steps=renorm_warmup)
+        renorm_cls = ln.BatchRenorm2d if dims == 2 else ln.BatchRenorm1d
+        return renorm_cls(num_channels, momentum=bn_momentum, warmup_steps=renorm_warmup)
     if kind == "layer2d":
         return ln.LayerNorm2d(num_channels) if dims == 2 else nn.LayerNorm(num_channels)
     if kind == "group":
@@ -139,6 +145,7 @@ class SmallCNN(nn.Module):
             ``COSINE_LOGIT_SCALE``).
         width: channels of the first block; later blocks use ``2 * width``. Default 16.
         hidden: features of the head's hidden layer (default 64; 0 = linear head).
+        activation: ``"relu"`` (default) or ``"sigmoid"`` (the lecture's hard case).
         **norm_kwargs: forwarded to :func:`make_norm`.
     """
 
@@ -149,21 +156,27 @@ class SmallCNN(nn.Module):
         norm: str = "batch",
         width: int = 16,
         hidden: int = 64,
+        activation: str = "relu",
         **norm_kwargs: Any,
     ) -> None:
         super().__init__()
         if norm not in NORM_KINDS:
             raise ValueError(f"SmallCNN: `norm` must be one of {NORM_KINDS}, got {norm!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"SmallCNN: `activation` must be one of {list(ACTIVATIONS)}, got {activation!r}"
+            )
+        act = ACTIVATIONS[activation]
         channels, height, _ = (int(s) for s in image_shape)
         layers: list[nn.Module] = []
         cin, cout = channels, width
         size = height
         while True:
-            layers += [_conv(norm, cin, cout), make_norm(norm, cout, **norm_kwargs), nn.ReLU()]
+            layers += [_conv(norm, cin, cout), make_norm(norm, cout, **norm_kwargs), act()]
             cin, cout = cout, 2 * width
             if size <= 4:
                 break
-            layers += [_conv(norm, cin, cout), make_norm(norm, cout, **norm_kwargs), nn.ReLU()]
+            layers += [_conv(norm, cin, cout), make_norm(norm, cout, **norm_kwargs), act()]
             layers.append(nn.MaxPool2d(2))
             cin = cout
             size //= 2
@@ -174,7 +187,7 @@ class SmallCNN(nn.Module):
             head += [
                 _linear(norm, cin, hidden),
                 make_norm(norm, hidden, dims=1, **norm_kwargs),
-                nn.ReLU(),
+                act(),
             ]
             cin = hidden
         head.append(
@@ -209,24 +222,35 @@ class DigitsClassifier(L.LightningModule):
             not blurred by EMA lag, which ``recipes.precise_bn`` studies on its own) or
             ``"constant"``.
         bn_momentum: running-stat momentum of the BN variants (default 0.1).
-        renorm_warmup: ``BatchRenorm2d`` warm-up steps (default 100: a short run has a few
-            hundred steps, so the clip limits reach r_max=3, d_max=5 early in training).
+        renorm_warmup: ``BatchRenorm2d`` warm-up in *training steps* (default 100: a short run
+            has a few hundred steps, so the clip limits reach r_max=3, d_max=5 early in
+            training). A layer called several times per step (the separate feed, micro-batches)
+            counts every call, so the layers get ``renorm_warmup * calls_per_step``.
         num_groups: ``GroupNorm`` groups (default 4).
+        micro_batches: BN statistics over each of this many equal chunks of every forward's
+            batch, the loss averaged over the chunks (default 1: the whole batch). A batch of
+            32 with 8 micro-batches is 8 devices of 4 samples each without synced statistics,
+            one optimizer step on all 32 (Ioffe 2017's small-minibatch setting).
+        activation: ``"relu"`` (default) or ``"sigmoid"``.
+        optimizer: ``"adam"`` (default) or ``"sgd"`` (momentum 0.9).
         image_shape, num_classes, num_domains: the data's, linked from the DataModule by the CLI.
     """
 
     def __init__(
         self,
-        variant: str = "mixed",
-        feed: str | None = None,
+        variant: Variant = "mixed",
+        feed: Feed | None = None,
         width: int = 16,
         hidden: int = 64,
         lr: float = 3e-3,
         weight_decay: float = 0.0,
-        schedule: str = "cosine",
+        schedule: Literal["cosine", "constant"] = "cosine",
         bn_momentum: float = 0.1,
         renorm_warmup: int = 100,
         num_groups: int = 4,
+        micro_batches: int = 1,
+        activation: Literal["relu", "sigmoid"] = "relu",
+        optimizer: Literal["adam", "sgd"] = "adam",
         image_shape: tuple[int, int, int] = (1, 8, 8),
         num_classes: int = 10,
         num_domains: int = 2,
@@ -242,6 +266,16 @@ class DigitsClassifier(L.LightningModule):
             )
         if feed is not None and feed not in FEEDS:
             raise ValueError(f"DigitsClassifier: `feed` must be one of {FEEDS}, got {feed!r}")
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(
+                f"DigitsClassifier: `optimizer` must be 'adam' or 'sgd', got {optimizer!r}"
+            )
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or (
+            micro_batches < 1
+        ):
+            raise ValueError(
+                f"DigitsClassifier: `micro_batches` must be an integer >= 1, got {micro_batches!r}"
+            )
         self.save_hyperparameters()
         # plain attributes too: LightningCLI replaces ``hparams`` of a subclass with its own args
         self.variant = variant
@@ -251,17 +285,22 @@ class DigitsClassifier(L.LightningModule):
         self.bn_momentum = bn_momentum
         self.num_classes = num_classes
         self.num_domains = num_domains
+        self.optimizer_name = optimizer
+        self.micro_batches = micro_batches
         self.norm, default_feed = VARIANTS[variant]
         self.feed = feed or default_feed
+        #: forwards through every norm layer per training step (separate feed: one per domain)
+        self.calls_per_step = micro_batches * (num_domains if self.feed == "separate" else 1)
         self.net = SmallCNN(
             image_shape,
             num_classes,
             norm=self.norm,
             width=width,
             hidden=hidden,
+            activation=activation,
             num_domains=num_domains,
             bn_momentum=bn_momentum,
-            renorm_warmup=renorm_warmup,
+            renorm_warmup=renorm_warmup * self.calls_per_step,
             num_groups=num_groups,
         )
         self._routes_domains = self.norm == "domain"
@@ -283,7 +322,15 @@ class DigitsClassifier(L.LightningModule):
 
     def _loss(self, batch: Sequence[Tensor]) -> Tensor:
         x, y, d = batch
-        return F.cross_entropy(self(x, d), y)
+        if self.micro_batches == 1:
+            return F.cross_entropy(self(x, d), y)
+        if len(x) % self.micro_batches:
+            raise ValueError(
+                f"DigitsClassifier: a batch of {len(x)} does not split into "
+                f"micro_batches={self.micro_batches} equal chunks"
+            )
+        chunks = zip(*(t.chunk(self.micro_batches) for t in (x, y, d)), strict=True)
+        return torch.stack([F.cross_entropy(self(xc, dc), yc) for xc, yc, dc in chunks]).mean()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         separate = not isinstance(batch[0], Tensor)
@@ -305,17 +352,21 @@ class DigitsClassifier(L.LightningModule):
 
     def _eval_step(self, batch: Sequence[Tensor], idx: int, metrics: nn.ModuleList) -> None:
         x, y, d = batch
-        metrics[idx].update(self(x, d).argmax(dim=1), y)
+        metric: MulticlassAccuracy = metrics[idx]  # type: ignore[assignment]
+        metric.update(self(x, d).argmax(dim=1), y)
 
-    def validation_step(self, batch: Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0):
+    def validation_step(
+        self, batch: Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self._eval_step(batch, dataloader_idx, self.val_acc)
 
-    def test_step(self, batch: Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0):
+    def test_step(self, batch: Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx, self.test_acc)
 
     def _log_accuracy(self, stage: str, metrics: nn.ModuleList) -> None:
         accs = []
-        for k, metric in enumerate(metrics):
+        metric: MulticlassAccuracy
+        for k, metric in enumerate(metrics):  # type: ignore[assignment]
             acc = metric.compute()
             metric.reset()
             accs.append(acc)
@@ -329,9 +380,13 @@ class DigitsClassifier(L.LightningModule):
         self._log_accuracy("test", self.test_acc)
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.Adam(
-            self.parameters(), lr=self.lr, weight_decay=self.weight_decay
-        )
+        opt: torch.optim.Optimizer
+        if self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(
+                self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay
+            )
+        else:
+            opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if self.schedule == "constant":
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -344,6 +399,40 @@ def accuracy_record(metrics: dict[str, Any], num_domains: int, stage: str = "tes
     out = {f"acc_domain{k}": float(metrics[f"{stage}/acc_domain{k}"]) for k in range(num_domains)}
     out["acc"] = float(metrics[f"{stage}/acc"])
     return out
+
+
+#: torch threads per process a recipe uses unless told otherwise: the models are tiny, so on a
+#: shared or small CPU one thread is fastest (a 2-epoch run: 2 min with torch's default, 20 s
+#: with one thread on 2 cores); set ``--threads`` (or ``LIGHTNING_NORMS_THREADS``) for big data
+DEFAULT_THREADS = 1
+
+
+def default_threads() -> int:
+    """``LIGHTNING_NORMS_THREADS`` when set, else :data:`DEFAULT_THREADS`."""
+    import os
+
+    value = os.environ.get("LIGHTNING_NORMS_THREADS", "")
+    return int(value) if value.strip().isdigit() and int(value) > 0 else DEFAULT_THREADS
+
+
+class RecipeCLI(LightningCLI):
+    """The recipes' LightningCLI: adds ``--threads`` (torch threads, set before training)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=default_threads(),
+            help="torch threads per process (default 1, or LIGHTNING_NORMS_THREADS: the "
+            "recipes' models are tiny; raise it for real MNIST/SVHN on a many-core CPU)",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        threads = int(config["threads"])
+        if threads < 1:
+            raise ValueError(f"{type(self).__name__}: `--threads` must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
 
 
 def recipe_cli(
@@ -415,11 +504,13 @@ def torch_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def forward_train_batch(model: DigitsClassifier, batch: Any) -> None:
-    """Run a training batch of either feed through ``model`` (the ``forward_fn`` for PreciseBN)."""
+def forward_train_batch(model: nn.Module, batch: Any) -> None:
+    """Run a training batch of either feed through ``model`` (the ``forward_fn`` for PreciseBN;
+    ``model`` a :class:`DigitsClassifier`)."""
+    device = next(model.parameters()).device
     parts = [batch] if isinstance(batch[0], Tensor) else list(batch)
     for x, _, d in parts:
-        model(x.to(model.device), d.to(model.device))
+        model(x.to(device), d.to(device))
 
 
 @torch.no_grad()
@@ -510,9 +601,10 @@ def run_tasks(
         if jobs <= 1:
             sink = _BarSink(bar)
             for i, task in enumerate(tasks):
-                results[i] = _run_task(fn, task, sink, i, threads)
+                record = _run_task(fn, task, sink, i, threads)
+                results[i] = record
                 if on_result is not None:
-                    bar.write(on_result(results[i]))
+                    bar.write(on_result(record))
             return results  # type: ignore[return-value]
         ctx = mp.get_context("spawn")
         with ctx.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
@@ -528,9 +620,10 @@ def run_tasks(
                     queue.get()
                     bar.update(1)
                 for fut in done:
-                    results[futures[fut]] = fut.result()
+                    record = fut.result()
+                    results[futures[fut]] = record
                     if on_result is not None:
-                        bar.write(on_result(results[futures[fut]]))
+                        bar.write(on_result(record))
         return results  # type: ignore[return-value]
     finally:
         bar.close()
@@ -626,15 +719,16 @@ class ClassSortedBatchSampler(BatchSampler):
 
 
 class _Recast(Dataset):
-    """``(x, y, domain)`` from a base dataset, optionally greyscale and/or mapped to [-1, 1]."""
+    """``(x, y, domain)`` from one domain's dataset, optionally greyscale and/or in [-1, 1]."""
 
-    def __init__(self, base: Dataset, grey: bool, tanh_range: bool) -> None:
+    def __init__(self, base: Any, grey: bool, tanh_range: bool) -> None:
         self.base = base
+        self.labels: Tensor = base.labels
         self.grey = grey
         self.tanh_range = tanh_range
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        return len(self.base)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
         x, y, d = self.base[index]
@@ -673,7 +767,7 @@ class SingleDomainDigits(L.LightningDataModule):
         domain: int = 0,
         root: str | None = None,
         batch_size: int = 32,
-        order: str = "shuffled",
+        order: Literal["shuffled", "class_sorted"] = "shuffled",
         classes_per_batch: int = 2,
         image_size: int | None = None,
         grey: bool = False,
@@ -704,7 +798,7 @@ class SingleDomainDigits(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         channels, height, width = self.source.image_shape
-        self.image_shape = (1 if grey else channels, height, width)
+        self.image_shape: tuple[int, int, int] = (1 if grey else channels, height, width)
         self.domain_names = (self.source.domain_names[domain],)
         self._cache: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -723,7 +817,7 @@ class SingleDomainDigits(L.LightningDataModule):
         data = self._dataset("train")
         if self.order == "class_sorted":
             sampler = ClassSortedBatchSampler(
-                data.base.labels, self.batch_size, self.classes_per_batch, seed=self._seed()
+                data.labels, self.batch_size, self.classes_per_batch, seed=self._seed()
             )
             return DataLoader(data, batch_sampler=sampler, num_workers=self.num_workers)
         gen = torch.Generator().manual_seed(self._seed())

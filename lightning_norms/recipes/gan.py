@@ -9,7 +9,8 @@ ways to feed the discriminator (``--model.mode``):
 * ``alternating``: one forward of an all-real batch, one of an all-fake batch (the pitfall);
 * ``mixed``: one forward of a shuffled 50/50 batch from ``lightning_norms.data.mix_real_fake``;
 * ``split``: the same mixed batch through a ``DomainBatchNorm2d`` discriminator, real images as
-  domain 0 and fakes as domain 1 (BN statistics per kind, every weight shared).
+  domain 0 and fakes as domain 1 (BN statistics per kind, every weight shared, one shared affine
+  so that a per-kind shift cannot leak the label).
 
 Sample quality is measured offline after ``fit``: a digits classifier trained inside the recipe
 on the real training digits labels 1000 samples; the report gives its mean confidence, the number
@@ -35,17 +36,18 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser
 from torch import Tensor, nn
 
 import lightning_norms as ln
 from lightning_norms.data import mix_real_fake
 from lightning_norms.recipes._common import (
+    RecipeCLI,
     SingleDomainDigits,
     SmallCNN,
     recipe_cli,
@@ -133,7 +135,9 @@ class Discriminator(nn.Module):
     Args:
         image_shape: ``(C, H, W)``.
         width: channels of the first conv.
-        split: use ``DomainBatchNorm2d(C, 2)`` (domain 0 real, 1 fake) instead of ``BatchNorm2d``.
+        split: use ``DomainBatchNorm2d(C, 2, shared_affine=True)`` (domain 0 real, 1 fake) instead
+            of ``BatchNorm2d``; the affine is shared so that no per-kind shift hands the
+            real/fake label to the discriminator.
     """
 
     def __init__(self, image_shape: tuple[int, int, int], width: int = 32, split: bool = False):
@@ -143,7 +147,9 @@ class Discriminator(nn.Module):
         size, cin = height // 2, width
         while size > 2:
             cout = 2 * cin
-            norm = ln.DomainBatchNorm2d(cout, 2) if split else nn.BatchNorm2d(cout)
+            norm: nn.Module = (
+                ln.DomainBatchNorm2d(cout, 2, shared_affine=True) if split else nn.BatchNorm2d(cout)
+            )
             layers += [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), norm, nn.LeakyReLU(0.2)]
             cin, size = cout, size // 2
         self.body = nn.Sequential(*layers)
@@ -166,7 +172,7 @@ class DigitsGAN(L.LightningModule):
 
     def __init__(
         self,
-        mode: str = "mixed",
+        mode: Literal["alternating", "mixed", "split"] = "mixed",
         z_dim: int = 16,
         width: int = 32,
         lr: float = 2e-3,
@@ -176,8 +182,13 @@ class DigitsGAN(L.LightningModule):
         if mode not in MODES:
             raise ValueError(f"DigitsGAN: `mode` must be one of {MODES}, got {mode!r}")
         self.save_hyperparameters()
+        # plain attributes too: LightningCLI replaces ``hparams`` of a subclass with its own args
+        self.mode = mode
+        self.z_dim = z_dim
+        self.lr = lr
         self.automatic_optimization = False
-        shape = tuple(int(s) for s in image_shape)
+        channels, height, width_px = (int(s) for s in image_shape)
+        shape = (channels, height, width_px)
         self.generator = Generator(z_dim, shape, width)
         self.discriminator = Discriminator(shape, width, split=mode == "split")
 
@@ -187,11 +198,11 @@ class DigitsGAN(L.LightningModule):
     def _discriminate(self, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
         """Discriminator logits for ``real`` and ``fake``, fed as ``mode`` says."""
         d = self.discriminator
-        if self.hparams.mode == "alternating":
+        if self.mode == "alternating":
             return d(real), d(fake)
         x, is_real, _ = mix_real_fake(real, fake)
         real_rows = is_real.bool()
-        if self.hparams.mode == "split":
+        if self.mode == "split":
             with ln.domain(d, (~real_rows).long()):
                 out = d(x)
         else:
@@ -199,9 +210,9 @@ class DigitsGAN(L.LightningModule):
         return out[real_rows], out[~real_rows]
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        opt_g, opt_d = self.optimizers()
+        opt_g, opt_d = self.optimizers()  # type: ignore[attr-defined,misc]
         real = batch[0]
-        z = torch.randn(real.shape[0], self.hparams.z_dim, device=real.device)
+        z = torch.randn(real.shape[0], self.z_dim, device=real.device)
         fake = self.generator(z)
 
         out_real, out_fake = self._discriminate(real, fake.detach())
@@ -222,15 +233,15 @@ class DigitsGAN(L.LightningModule):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         betas = (0.5, 0.999)
         return [
-            torch.optim.Adam(self.generator.parameters(), lr=self.hparams.lr, betas=betas),
-            torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.lr, betas=betas),
+            torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=betas),
+            torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=betas),
         ]
 
     @torch.no_grad()
     def sample(self, num: int, seed: int = 0) -> Tensor:
         """``num`` samples from the generator in eval mode, from a fixed latent seed."""
         gen = torch.Generator().manual_seed(seed)
-        z = torch.randn(num, self.hparams.z_dim, generator=gen).to(self.device)
+        z = torch.randn(num, self.z_dim, generator=gen).to(self.device)
         was_training = self.generator.training
         self.generator.eval()
         try:
@@ -331,10 +342,11 @@ def evaluate_gan(
     return quality, samples
 
 
-class GanCLI(LightningCLI):
+class GanCLI(RecipeCLI):
     """LightningCLI for the GAN recipe: after ``fit``, judges the samples and saves the grid."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
         parser.add_argument("--output_dir", default="runs/gan", help="grids and records go here")
         parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
 
@@ -346,9 +358,9 @@ class GanCLI(LightningCLI):
         seed = config["seed_everything"]
         quality, samples = evaluate_gan(model, self.datamodule, seed=int(seed))
         out = Path(config["output_dir"])
-        stem = f"{model.hparams.mode}_seed{seed}"
+        stem = f"{model.mode}_seed{seed}"
         save_grid(samples[:128], out / f"{stem}.png")
-        write_json(out / f"{stem}.json", {"mode": model.hparams.mode, "seed": seed, **quality})
+        write_json(out / f"{stem}.json", {"mode": model.mode, "seed": seed, **quality})
         print(f"samples: {out / stem}.png  quality: {quality}")
 
 
@@ -358,7 +370,7 @@ def cli_main(args: Any = None, run: bool = True) -> GanCLI:
 
 
 def run_mode(
-    mode: str,
+    mode: Literal["alternating", "mixed", "split"],
     seed: int,
     *,
     max_epochs: int = 60,
@@ -370,7 +382,7 @@ def run_mode(
     start = time.perf_counter()
     L.seed_everything(seed, workers=True, verbose=False)
     data = GanDigits(batch_size=batch_size)
-    model = DigitsGAN(mode=mode, image_shape=tuple(data.image_shape))
+    model = DigitsGAN(mode=mode, image_shape=data.image_shape)
     study_trainer(max_epochs, trainer_kwargs, validate=True).fit(model, datamodule=data)
     quality, samples = evaluate_gan(model, data, seed=seed)
     save_grid(samples[:128], Path(output_dir) / f"{mode}_seed{seed}.png")

@@ -34,14 +34,16 @@ import copy
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_norms.data import TwoDomainDigits
 from lightning_norms.recipes._common import (
     DigitsClassifier,
+    RecipeCLI,
+    Variant,
     evaluate,
     forward_train_batch,
     recipe_cli,
@@ -61,9 +63,9 @@ def _endless(data: TwoDomainDigits) -> Iterator[Any]:
     epoch = 0
     while True:
         loader = data.train_dataloader()
-        sampler = getattr(loader, "batch_sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(1000 + epoch)
+        set_epoch = getattr(loader.batch_sampler, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(1000 + epoch)
         yield from loader
         epoch += 1
 
@@ -97,10 +99,11 @@ def _record(model: DigitsClassifier, seed: Any, batch_size: int, res: dict) -> d
     }
 
 
-class PreciseBNCLI(LightningCLI):
+class PreciseBNCLI(RecipeCLI):
     """LightningCLI for the recipe: after ``fit``, compares EMA and PreciseBN statistics."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
         parser.add_argument("--output_dir", default="runs/precise_bn", help="records go here")
         parser.add_argument(
             "--precise_batches",
@@ -143,8 +146,8 @@ def run_setting(
     bn_momentum: float,
     seed: int,
     *,
-    variant: str = "mixed",
-    schedule: str = "constant",
+    variant: Variant = "mixed",
+    schedule: Literal["cosine", "constant"] = "constant",
     max_epochs: int = 3,
     batch_size: int = 64,
     precise_batches: Sequence[int] = DEFAULT_PRECISE_BATCHES,
@@ -161,7 +164,7 @@ def run_setting(
         lr=lr,
         bn_momentum=bn_momentum,
         schedule=schedule,
-        image_shape=tuple(data.image_shape),
+        image_shape=data.image_shape,
         num_classes=data.num_classes,
         num_domains=data.num_domains,
     )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -30,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from lightning_norms.recipes._common import VARIANTS, run_tasks
+from lightning_norms.recipes.verdict import Comparison, compare
 
 RECORD_KEYS = ("variant", "seed", "acc_domain0", "acc_domain1", "acc")
 
 #: epochs per run of each study; the demo's budget (8 variants x 3 seeds x 15 epochs, two
 #: processes) takes about 3 minutes of CPU time per core on a quiet 2-core machine
-STUDY_EPOCHS = {"two_domain": 15, "precise_bn": 3, "small_batch": 6, "gan": 60}
+STUDY_EPOCHS = {"two_domain": 15, "precise_bn": 3, "small_batch": 6, "gan": 60, "lecture": 6}
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_SEEDS = 3
 DEMO_IMAGE_SIZE = 8
@@ -54,13 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--study",
         choices=list(STUDY_EPOCHS),
         default="two_domain",
-        help="two_domain (default: the demo), or a sweep of another recipe",
+        help="two_domain (default: the demo; article 1), precise_bn (article 3), small_batch "
+        "(BatchRenorm, article 1), gan (article 1), lecture (article 4)",
     )
     rep.add_argument(
         "--output-dir", default=None, help="default: runs/demo (two_domain), else runs/<study>"
     )
     rep.add_argument(
-        "--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; 2 for the gan study)"
+        "--seeds", type=int, default=None, help="seeds 0..N-1 (default 3)"
     )
     rep.add_argument(
         "--epochs",
@@ -141,24 +142,37 @@ def format_table(summary: dict[str, dict[str, Any]], domain_names: Sequence[str]
     return head + "\n".join(rows) + "\n"
 
 
-def _compare(
-    records: Sequence[dict[str, Any]], summary: dict[str, dict[str, Any]], a: str, b: str
-) -> dict[str, Any]:
-    """``a`` minus ``b`` on mean accuracy: difference, pooled seed std, seeds where a > b."""
-    (ma, sa), (mb, sb) = summary[a]["acc"], summary[b]["acc"]
-    pooled = math.sqrt((sa**2 + sb**2) / 2)
-    by_seed_a = {r["seed"]: r["acc"] for r in records if r["variant"] == a}
-    by_seed_b = {r["seed"]: r["acc"] for r in records if r["variant"] == b}
-    common = sorted(set(by_seed_a) & set(by_seed_b))
-    wins = sum(by_seed_a[s] > by_seed_b[s] for s in common)
-    ties = sum(by_seed_a[s] == by_seed_b[s] for s in common)
-    return {"diff": ma - mb, "pooled_std": pooled, "wins": wins, "ties": ties, "n": len(common)}
+def _by_seed(records: Sequence[dict[str, Any]], variant: str) -> dict[int, float]:
+    return {int(r["seed"]): float(r["acc"]) for r in records if r["variant"] == variant}
 
 
-def _in_std(diff: float, std: float) -> str:
-    if std == 0:
-        return "no seed spread to compare with"
-    return f"{abs(diff) / std:.1f}x the seed std of {100 * std:.1f}"
+def comparisons(records: Sequence[dict[str, Any]]) -> dict[str, Comparison]:
+    """The study's claims as paired comparisons (see :mod:`lightning_norms.recipes.verdict`).
+
+    ``separate < mixed`` (the pitfall), ``split > mixed`` (per-domain BN is the best), and for
+    every other variant fed domain-pure batches ``<variant> < mixed`` (it does not survive them).
+    """
+    present = {r["variant"] for r in records}
+    out: dict[str, Comparison] = {}
+    if {"mixed", "separate"} <= present:
+        out["separate"] = compare(
+            "`separate` < `mixed`", _by_seed(records, "separate"), _by_seed(records, "mixed"), -1
+        )
+    if {"mixed", "split"} <= present:
+        out["split"] = compare(
+            "`split` > `mixed`", _by_seed(records, "split"), _by_seed(records, "mixed"), 1
+        )
+    for variant in VARIANTS:
+        if variant in ("mixed", "separate", "split") or variant not in present:
+            continue
+        if "mixed" in present and VARIANTS[variant][1] == "separate":
+            out[variant] = compare(
+                f"`{variant}` < `mixed`",
+                _by_seed(records, variant),
+                _by_seed(records, "mixed"),
+                -1,
+            )
+    return out
 
 
 def verdict(
@@ -167,62 +181,31 @@ def verdict(
     domain_names: Sequence[str],
 ) -> list[str]:
     """The study's findings in words, computed from the numbers (one paragraph per finding)."""
+    found = comparisons(records)
     lines: list[str] = []
-    if "mixed" in summary and "separate" in summary:
-        c = _compare(records, summary, "separate", "mixed")
-        held = c["diff"] < 0
-        lines.append(
-            f"**`separate` < `mixed`: {'held' if held else 'did NOT hold'}.** "
-            f"`separate` is {100 * abs(c['diff']):.1f} points "
-            f"{'below' if held else 'above'} `mixed` on mean accuracy "
-            f"({_in_std(c['diff'], c['pooled_std'])}); it scored lower on "
-            f"{c['n'] - c['wins'] - c['ties']} of {c['n']} seeds."
-        )
-        d_sep = summary["separate"]
-        d_mix = summary["mixed"]
-        worst = min(
-            range(2), key=lambda k: d_sep[f"acc_domain{k}"][0] - d_mix[f"acc_domain{k}"][0]
-        )
-        gap = d_sep[f"acc_domain{worst}"][0] - d_mix[f"acc_domain{worst}"][0]
+    if "separate" in found:
+        lines.append(found["separate"].describe())
+        d_sep, d_mix = summary["separate"], summary["mixed"]
+        gaps = [d_sep[f"acc_domain{k}"][0] - d_mix[f"acc_domain{k}"][0] for k in range(2)]
+        worst = min(range(2), key=lambda k: gaps[k])
         lines.append(
             f"The largest per-domain change from `mixed` to `separate` is on "
-            f"{domain_names[worst]}: {100 * gap:+.1f} points. With domain-pure forwards, BN "
-            "normalises each domain with its own batch statistics during training, while its "
+            f"{domain_names[worst]}: {100 * gaps[worst]:+.1f} points. With domain-pure forwards, "
+            "BN normalises each domain with its own batch statistics during training, while its "
             "running averages (used at test time) converge to the mixture of both domains: "
             "the test-time normalisation is not the one the network was trained with."
         )
-    if "mixed" in summary and "split" in summary:
-        c = _compare(records, summary, "split", "mixed")
-        held = c["diff"] >= 0
-        noise = "" if held else (
-            " — within seed noise" if abs(c["diff"]) <= c["pooled_std"] else " — beyond seed noise"
-        )
+    if "split" in found:
+        lines.append(found["split"].describe())
+    others = [c for k, c in found.items() if k not in ("separate", "split")]
+    if others:
         lines.append(
-            f"**`split` >= `mixed`: {'held' if held else 'did NOT hold'}.** "
-            f"`split` (DomainBatchNorm2d) is {100 * abs(c['diff']):.1f} points "
-            f"{'above' if c['diff'] >= 0 else 'below'} `mixed` "
-            f"({_in_std(c['diff'], c['pooled_std'])}){noise}; higher on {c['wins']} of "
-            f"{c['n']} seeds."
+            "Fed the same domain-pure batches as `separate` (for the batch-independent ones, "
+            "`layer2d`, `group`, `cosine`, `none`, the feed changes nothing: their gap to `mixed` "
+            "is what the normalisation itself is worth on this data): "
+            + "; ".join(f"{c.claim} {c.row()}" for c in others)
+            + "."
         )
-    if "mixed" in summary:
-        ref_mean, ref_std = summary["mixed"]["acc"]
-        survivors, failures = [], []
-        for variant, s in summary.items():
-            if variant in ("mixed", "separate", "split") or VARIANTS[variant][1] != "separate":
-                continue
-            mean, std = s["acc"]
-            pooled = math.sqrt((std**2 + ref_std**2) / 2)
-            ok = mean >= ref_mean - max(pooled, 0.005)
-            (survivors if ok else failures).append(f"`{variant}` ({100 * mean:.1f})")
-        if survivors or failures:
-            lines.append(
-                "Fed the same domain-pure batches as `separate`, these reach `mixed`'s "
-                f"{100 * ref_mean:.1f} within seed noise: "
-                f"{', '.join(survivors) or 'none'}; these stay below it: "
-                f"{', '.join(failures) or 'none'}. For the batch-independent ones (`layer2d`, "
-                "`group`, `cosine`, `none`) the feed cannot change anything, so their gap to "
-                "`mixed` is what the normalisation itself is worth on this data, not the pitfall."
-            )
     return lines
 
 
@@ -426,8 +409,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Path]:
     summary = summarise(records)
     print()
     print(format_table(summary, domain_names))
-    for line in verdict(records, summary, domain_names):
-        print("-", line.replace("**", "").replace("`", ""))
+    for finding in verdict(records, summary, domain_names):
+        print("-", finding.replace("**", "").replace("`", ""))
     print(f"\nwall time {wall:.0f}s; report written to {paths['report']}")
     print(f"  table + verdict: {paths['report']}\n  plot: {paths['plot']}")
     print(f"  records: {paths['results']}")
@@ -443,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output_dir is None:
         args.output_dir = "runs/demo" if args.study == "two_domain" else f"runs/{args.study}"
     if args.seeds is None:
-        args.seeds = 2 if args.study == "gan" else DEFAULT_SEEDS
+        args.seeds = DEFAULT_SEEDS
     if args.epochs is None:
         args.epochs = STUDY_EPOCHS[args.study]
     if args.seeds < 1 or args.epochs < 1 or args.batch_size < 2 or args.jobs < 1:

@@ -54,15 +54,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_norms.data import TwoDomainDigits
 from lightning_norms.recipes._common import (
     VARIANTS,
     DigitsClassifier,
+    Feed,
+    RecipeCLI,
+    Variant,
     accuracy_record,
     recipe_cli,
     study_trainer,
@@ -72,11 +75,11 @@ from lightning_norms.recipes._common import (
 __all__ = ["TwoDomainCLI", "batching_for", "cli_main", "data_batch_size", "run_variant"]
 
 
-def batching_for(variant: str, feed: str | None) -> str:
+def batching_for(variant: str, feed: str | None) -> Feed:
     """The ``TwoDomainDigits`` batching a variant trains on (its own feed unless overridden)."""
     if variant not in VARIANTS:
         raise ValueError(f"two_domain: `variant` must be one of {list(VARIANTS)}, got {variant!r}")
-    return feed or VARIANTS[variant][1]
+    return cast(Feed, feed or VARIANTS[variant][1])
 
 
 def data_batch_size(batch_size: int, variant: str, feed: str | None) -> int:
@@ -90,10 +93,11 @@ def data_batch_size(batch_size: int, variant: str, feed: str | None) -> int:
     return batch_size if batching_for(variant, feed) == "mixed" else batch_size // 2
 
 
-class TwoDomainCLI(LightningCLI):
+class TwoDomainCLI(RecipeCLI):
     """LightningCLI for the study: links the feed to the data's batching; tests after ``fit``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
         parser.add_argument(
             "--output_dir", default="runs/two_domain", help="where the results record goes"
         )
@@ -142,7 +146,7 @@ def cli_main(args: Any = None, run: bool = True) -> TwoDomainCLI:
 
 
 def run_variant(
-    variant: str,
+    variant: Variant,
     seed: int,
     *,
     max_epochs: int = 15,
@@ -169,7 +173,7 @@ def run_variant(
     model = DigitsClassifier(
         variant=variant,
         feed=feed,
-        image_shape=tuple(data.image_shape),
+        image_shape=data.image_shape,
         num_classes=data.num_classes,
         num_domains=data.num_domains,
         **model_kwargs,
@@ -177,7 +181,7 @@ def run_variant(
     trainer = study_trainer(max_epochs, trainer_kwargs)
     trainer.fit(model, datamodule=data)
     trainer.test(model, datamodule=data, verbose=False)
-    record = {"variant": variant, "seed": seed}
+    record: dict[str, Any] = {"variant": variant, "seed": seed}
     record.update(accuracy_record(trainer.callback_metrics, data.num_domains))
     record.update(feed=feed, seconds=round(time.perf_counter() - start, 2))
     return record
