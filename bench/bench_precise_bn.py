@@ -17,6 +17,13 @@ ratios are the ones to read on a shared machine):
   per-batch variances; for reference).
 
 Prints each time and the ratio to ``forwards``. Target (issue 4): recompute <= 1.1x forwards.
+
+Accuracy: the same model and batches, the running variances left by ``recompute_bn_stats`` and
+by ``update_bn`` against a float64 reference (each BN layer's inputs in the same pass,
+accumulated as float64 sums of ``x - shift`` and ``(x - shift)**2`` with ``shift`` the first
+batch's channel means: an independent, cancellation-free formula), per channel
+``|var - var_ref| / var_ref``: mean and max over all channels of all 20 layers (and the same
+for the means). ``--no-timing`` prints only this.
 With ``--ddp`` it also spawns 2 gloo ranks that each recompute over half the batches and prints
 the slowest rank's time against the single-process recompute (each rank does half the forwards).
 Other processes sharing the cores make the figures noisy: compare ratios, not absolute times.
@@ -75,6 +82,75 @@ def _forwards(model: nn.Module, batches: list[Tensor]) -> None:
             model(x)
 
 
+class _Float64Reference:
+    """Exact float64 mean and unbiased variance of every BN layer's inputs over a pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.sums: dict[str, list[Tensor]] = {}
+        self.handles = [
+            m.register_forward_pre_hook(self._hook(name))
+            for name, m in model.named_modules()
+            if isinstance(m, nn.BatchNorm2d)
+        ]
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().double().transpose(0, 1).reshape(args[0].shape[1], -1)
+            if name not in self.sums:
+                shift = x.mean(1)
+                self.sums[name] = [torch.zeros(()), shift, torch.zeros_like(shift), 0 * shift]
+            count, shift, total, squares = self.sums[name]
+            d = x - shift[:, None]
+            self.sums[name] = [
+                count + x.shape[1],
+                shift,
+                total + d.sum(1),
+                squares + d.square().sum(1),
+            ]
+
+        return hook
+
+    def stats(self) -> dict[str, tuple[Tensor, Tensor]]:
+        for handle in self.handles:
+            handle.remove()
+        out = {}
+        for name, (n, shift, total, squares) in self.sums.items():
+            mean_d = total / n
+            out[name] = (shift + mean_d, (squares - n * mean_d.square()) / (n - 1))
+        return out
+
+
+def _errors(model: nn.Module, ref: dict[str, tuple[Tensor, Tensor]]) -> tuple[float, ...]:
+    """(mean, max) relative variance error and (mean, max) mean error in units of std."""
+    var_err, mean_err = [], []
+    for name, m in model.named_modules():
+        if name in ref:
+            mean, var = ref[name]
+            var_err.append((m.running_var.double() - var).abs() / var)
+            mean_err.append((m.running_mean.double() - mean).abs() / var.sqrt())
+    v, u = torch.cat(var_err), torch.cat(mean_err)
+    return float(v.mean()), float(v.max()), float(u.mean()), float(u.max())
+
+
+def _accuracy(batches: list[Tensor]) -> dict[str, tuple[float, ...]]:
+    """Errors of recompute_bn_stats and update_bn against the float64 reference."""
+    reference_model = _model()
+    reference_model.eval()
+    for m in reference_model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+            m.momentum = 0.0
+    reference = _Float64Reference(reference_model)
+    with torch.no_grad():
+        for x in batches:
+            reference_model(x)
+    ref = reference.stats()
+    ours, swa = _model(), _model()
+    recompute_bn_stats(ours, batches, num_batches=len(batches))
+    update_bn(batches, swa)
+    return {"recompute_bn_stats": _errors(ours, ref), "update_bn": _errors(swa, ref)}
+
+
 def _ddp_worker(rank: int, world_size: int, batches: list[Tensor], tmpdir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -105,9 +181,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--ddp", action="store_true")
+    parser.add_argument("--no-timing", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches = _batches(args.batches)
+    print(f"accuracy vs float64 reference, resnet18, {args.batches} batches of 16x3x64x64")
+    print(f"{'':>20}  {'var err mean':>12}  {'var err max':>11}  {'mean err':>9}  {'max':>9}")
+    for name, (v_mean, v_max, u_mean, u_max) in _accuracy(batches).items():
+        print(f"{name:>20}  {v_mean:12.3e}  {v_max:11.3e}  {u_mean:9.2e}  {u_max:9.2e}")
+    if args.no_timing:
+        return
     model, generic = _model(), _model(generic=True)
     cases: dict[str, Callable[[], object]] = {
         "forwards": lambda: _forwards(model, batches),
