@@ -25,9 +25,11 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+import lightning_norms
 from lightning_norms import BatchRenorm2d, DomainBatchNorm2d, LayerNorm2d, convert_norms
 from lightning_norms.distributed import SyncedBatchNorm2d
 from tests._zoo import (
@@ -44,6 +46,7 @@ from tests._zoo import (
     interpolates,
     make_critic,
     norm_layers,
+    randomise_bn,
     run,
 )
 
@@ -178,6 +181,33 @@ def test_timm_batchnormact_renorm_and_back_keeps_the_activation(name: str) -> No
         assert_eval_close(model(x), reference)
 
 
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_bn_modules_lists_every_norm_layer(name: str) -> None:
+    """``bn_modules`` against a plain ``isinstance`` walk, on the real models and converted."""
+    original = build(name)
+    assert lightning_norms.bn_modules(original) == norm_layers(original)
+    converted = convert(copy.deepcopy(original), "renorm")
+    assert lightning_norms.bn_modules(converted) == norm_layers(converted)
+    assert len(norm_layers(converted)) == len(norm_layers(original))
+
+
+@pytest.mark.slow
+def test_frozen_batchnorm_resnet18_converts_and_back() -> None:
+    """torchvision's ``FrozenBatchNorm2d`` as the source (detection backbones ship with it)."""
+    torch.manual_seed(0)
+    original = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d)
+    randomise_bn(original.eval(), 0)
+    x, _, ids = inputs()
+    reference = evaluate(original, x, None)
+    for target in EVAL_EXACT:
+        model = convert(copy.deepcopy(original), target)
+        check_converted(model, original, target)
+        assert_eval_close(evaluate(model, x, ids if target == "domain" else None), reference)
+        back = convert_norms(model, "frozen", **({"domain": 0} if target == "domain" else {}))
+        check_converted(back, original, "frozen")
+        assert_eval_close(evaluate(back, x, None), reference)
 
 # --- channels_last, bf16 and torch.compile on a domain-BN ResNet-18 (mixed domain ids) ---
 
