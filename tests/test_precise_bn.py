@@ -355,9 +355,18 @@ def assert_exact_for(model: Net, data: Tensor, mean: Tensor, var: Tensor) -> Non
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("stop", ["max_steps", "every_n_train_steps"])
-def test_resume_mid_epoch_recomputes_at_the_epochs_real_end(tmp_path: Path, stop: str) -> None:
+# (checkpoint the first run saves, epochs of the resumed run, the step its validation runs at)
+RESUMES = {
+    "max_steps": ("epoch=0-step=5.ckpt", 1, 8),  # the first run stopped mid-epoch
+    "every_n_train_steps": ("epoch=0-step=5.ckpt", 1, 8),  # a mid-epoch checkpoint
+    "epoch_end": ("epoch=0-step=8.ckpt", 2, 16),  # the end of epoch 0; epoch 1 follows
+}
+
+
+@pytest.mark.parametrize("stop", sorted(RESUMES))
+def test_resume_recomputes_at_the_epochs_real_end(tmp_path: Path, stop: str) -> None:
     ckpt_dir = tmp_path / "ckpt"
+    every = 8 if stop == "epoch_end" else 5
     first = Trainer(
         **trainer_kwargs(
             tmp_path,
@@ -367,20 +376,20 @@ def test_resume_mid_epoch_recomputes_at_the_epochs_real_end(tmp_path: Path, stop
             enable_checkpointing=True,
             callbacks=[
                 PreciseBN(num_batches=8),
-                ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=5, save_top_k=-1),
+                ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_top_k=-1),
             ],
         )
     )
     first.fit(Net(), **loaders())
+    ckpt, max_epochs, val_step = RESUMES[stop]
     spy, resumed = BufferSpy(), PreciseBN(num_batches=8)
     model = Net()
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[resumed, spy]))
-    trainer.fit(model, ckpt_path=str(ckpt_dir / "epoch=0-step=5.ckpt"), **loaders())
-    assert [(e["when"], e["epoch"], e["step"]) for e in resumed.history][-1:] == [
-        ("epoch_end", 0, 8)
-    ]
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=max_epochs, callbacks=[resumed, spy]))
+    trainer.fit(model, ckpt_path=str(ckpt_dir / ckpt), **loaders())
+    last = resumed.history[-1]
+    assert (last["when"], last["epoch"], last["step"]) == ("epoch_end", max_epochs - 1, val_step)
     ((step, mean, var),) = spy.seen
-    assert step == 8  # the validation at the epoch's real end saw exact statistics
+    assert step == val_step  # the validation at the epoch's real end saw exact statistics
     assert_exact_for(model, make_data(128, 0).tensors[0], mean, var)
 
 
