@@ -338,3 +338,60 @@ def test_resume_mid_epoch_stays_frozen(tmp_path: Path) -> None:
     _assert_equal({k: first[k] for k in buffers}, buffers)
     _assert_equal({k: second[k] for k in buffers}, buffers)
     assert {v.item() for v in _state(resumed, ("num_batches_tracked",)).values()} == {4}
+
+
+DDP_SCRIPT = """
+import json, warnings
+import torch
+from lightning.pytorch import Trainer
+from lightning_norms import NormSync
+from lightning_norms.callbacks import FreezeBatchNorm
+from tests.test_freeze import BUFFERS, CLASSES, Net, _backbone, _loaders, _state
+
+torch.manual_seed(0)
+warnings.simplefilter("ignore")
+model = Net(_backbone(), torch.nn.Linear(8, CLASSES))
+before = _state(model, BUFFERS)
+types = []
+trainer = Trainer(default_root_dir=".", strategy="ddp", accelerator="cpu", devices=2,
+                  max_epochs=2, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False,
+                  plugins=[NormSync()], callbacks=[FreezeBatchNorm(train_affine=False)])
+trainer.fit(model, *_loaders())
+after = _state(model, BUFFERS)
+result = {
+    "same": all(torch.equal(before[k], after[k]) for k in before),
+    "modes": model.modes,
+    "after": [[type(m).__name__, m.training, m.weight.requires_grad] for m in model.bns()],
+}
+with open(f"freeze_{trainer.global_rank}.json", "w") as fh:
+    json.dump(result, fh)
+"""
+
+
+@pytest.mark.ddp
+def test_ddp_with_normsync(tmp_path: Path) -> None:
+    import json
+
+    from tests._dist import run_script
+
+    run_script(DDP_SCRIPT, tmp_path)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"freeze_{rank}.json").read_text())
+        assert result["same"]  # bit-identical statistics on every rank
+        assert result["modes"] == [[False, False]] * 4  # 64 samples / 2 ranks / 16: 2 steps
+        # released before NormSync reverts its layers: the model gets back trainable BN layers
+        assert result["after"] == [["BatchNorm2d", True, True]] * 2
+
+
+def test_train_affine_false_with_until_epoch_refused_under_ddp(tmp_path: Path) -> None:
+    model = Net(_backbone(), nn.Linear(8, CLASSES))
+    trainer = Trainer(default_root_dir=tmp_path, strategy="ddp", accelerator="cpu", devices=2)
+    freeze = FreezeBatchNorm(train_affine=False, until_epoch=1)
+    with pytest.raises(ValueError, match=r"`train_affine=False` with `until_epoch`.*DDP"):
+        freeze.setup(trainer, model, "fit")
+    assert all(p.requires_grad for p in model.parameters())
+    # frozen for the whole fit, the affine parameters are held before DDP wraps the model
+    FreezeBatchNorm(train_affine=False).setup(trainer, model, "fit")
+    assert [p.requires_grad for m in model.bns() for p in m.parameters()] == [False] * 4
+    FreezeBatchNorm(train_affine=False, until_epoch=1).setup(trainer, model, "validate")

@@ -92,12 +92,14 @@ class FreezeBatchNorm(Callback):
 
     The affine parameters (``gamma``, ``beta``) keep training unless ``train_affine=False``,
     which sets their ``requires_grad`` to ``False`` (and back to ``True`` for those it turned
-    off, when the layers are released). ``BaseFinetuning`` callbacks may freeze and unfreeze
-    the same modules: the freeze is re-applied before every batch, so the order of the
-    callbacks does not matter, and parameters that ``BaseFinetuning`` unfreezes while they are
-    held are handed back trainable on release. The layers are released at the start of epoch
-    ``until_epoch`` (they train normally from then on) and at the end of ``fit``, also when it
-    fails: every layer gets back the mode it had when first frozen.
+    off, when the layers are released); frozen for the whole fit, they are turned off in
+    ``setup``, before DDP wraps the model, so DDP expects no gradient for them.
+    ``BaseFinetuning`` callbacks may freeze and unfreeze the same modules: the freeze is
+    re-applied before every batch, so the order of the callbacks does not matter, and
+    parameters that ``BaseFinetuning`` unfreezes while they are held are handed back trainable
+    on release. The layers are released at the start of epoch ``until_epoch`` (they train
+    normally from then on) and at the end of ``fit`` (before a layer-sync plugin swaps its
+    layers back), also when it fails: every layer gets back the mode it had when first frozen.
 
     ``Trainer(sync_batchnorm=True)`` is refused (it would replace this package's layers with
     ``torch.nn.SyncBatchNorm``); use ``plugins=[lightning_norms.NormSync()]``.
@@ -118,7 +120,10 @@ class FreezeBatchNorm(Callback):
         MisconfigurationException: on a ``modules`` that is not ``None``, a pattern or a
             non-empty list of patterns, a non-bool ``train_affine`` or an ``until_epoch`` that
             is not a positive integer.
-        ValueError: in ``setup``, with ``Trainer(sync_batchnorm=True)``.
+        ValueError: in ``setup``, with ``Trainer(sync_batchnorm=True)``, or with
+            ``train_affine=False`` and ``until_epoch`` on more than one process (DDP only
+            synchronises the gradients of parameters that required grad when it wrapped the
+            model: released affine parameters would drift apart between ranks).
 
     Example:
         >>> freeze = FreezeBatchNorm(modules="backbone", train_affine=False, until_epoch=5)
@@ -155,16 +160,19 @@ class FreezeBatchNorm(Callback):
         return [name for name, _ in self._layers] if self._frozen else []
 
     # ----------------------------------------------------------------------- freeze / release
-    def _freeze(self) -> None:
-        for _, layer in self._layers:
-            self._modes.setdefault(layer, layer.training)
-            layer.training = False
-            if self._train_affine:
-                continue
+    def _hold_affine(self, layers: list[tuple[str, _BatchNorm]]) -> None:
+        for _, layer in layers:
             for p in layer.parameters(recurse=False):
                 if p.requires_grad:
                     p.requires_grad_(False)
                     self._held[id(p)] = p
+
+    def _freeze(self) -> None:
+        for _, layer in self._layers:
+            self._modes.setdefault(layer, layer.training)
+            layer.training = False
+        if not self._train_affine:
+            self._hold_affine(self._layers)
         self._frozen = True
 
     def _release(self) -> None:
@@ -180,6 +188,20 @@ class FreezeBatchNorm(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_no_torch_sync_batchnorm(trainer, "FreezeBatchNorm")
+        if stage != "fit" or self._train_affine:
+            return
+        if self._until_epoch is not None and trainer.world_size > 1:
+            raise ValueError(
+                "FreezeBatchNorm: `train_affine=False` with `until_epoch` cannot work under "
+                "DDP: the strategy wraps the model after `setup` and only ever synchronises "
+                "the gradients of parameters that required grad then, so affine parameters "
+                "released at `until_epoch` would train apart on every rank. Keep "
+                "`train_affine=True`, or drop `until_epoch`."
+            )
+        if self._until_epoch is None:
+            # before DDP wraps the model: it then expects no gradient for them (no
+            # "parameters that were not used" error), as for parameters frozen by the user
+            self._hold_affine(_select_layers(pl_module, self._patterns)[0])
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -225,8 +247,14 @@ class FreezeBatchNorm(Callback):
         self._sync(trainer)  # after any model.train() since the epoch started
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # before the strategy's teardown, where a layer-sync plugin (NormSync) swaps its layers
+        # back: the layers it puts into the model must be the released ones
         self._release()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()  # a fit that ended without on_train_end (e.g. the tuner's exit)
 
     @override
     def on_exception(
