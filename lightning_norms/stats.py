@@ -184,10 +184,9 @@ def _batch_size(batch: Any) -> int | None:
     """Samples in a batch: dim 0 of its first tensor (searching tuples, lists and dicts)."""
     if isinstance(batch, Tensor):
         return int(batch.shape[0]) if batch.dim() else None
-    items = batch.values() if isinstance(batch, Mapping) else batch
     if not isinstance(batch, (Mapping, tuple, list)):
         return None
-    for item in items:
+    for item in batch.values() if isinstance(batch, Mapping) else batch:
         size = _batch_size(item)
         if size is not None:
             return size
