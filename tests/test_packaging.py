@@ -35,6 +35,8 @@ from packaging.requirements import Requirement
 import lightning_norms
 
 ROOT = Path(__file__).resolve().parents[1]
+# one worker builds the wheel and the fresh environment once (make test runs --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("packaging")
 LAUNCHERS = sorted(p.stem for p in (ROOT / "recipes").glob("*.py") if "cli_main" in p.read_text())
 CORE = {"torch", "torchvision", "lightning", "rich"}
 RECIPES_EXTRA = {"jsonargparse", "matplotlib", "scikit-learn", "torchmetrics"}
@@ -375,3 +377,30 @@ def test_launcher_fast_dev_run_against_the_wheel(
         LN_WITH_EXTRAS="1",
     )
     assert list((tmp_path / "runs" / name).glob("*.json")), "no JSON record written"
+
+
+# a pending docstring fix in a file of another owner (reported): its Attributes section is not in
+# `name: description` form, the one thing mkdocstrings still warns about
+_DIGITS_ATTRIBUTES_PENDING = (
+    "num_domains (2), num_classes (10)"
+    in (ROOT / "lightning_norms" / "data" / "digits.py").read_text()
+)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    _DIGITS_ATTRIBUTES_PENDING,
+    reason="TwoDomainDigits docstring: `Attributes:` items not in `name: description` form",
+    strict=True,
+)
+def test_docs_build_strict(tmp_path: Path) -> None:
+    """``make docs``: the API reference builds from the docstrings without a single warning."""
+    site = tmp_path / "site"
+    cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)]
+    out = _run(cmd, cwd=ROOT, NO_MKDOCS_2_WARNING="1")
+    assert "WARNING" not in out
+    page = (site / "api" / "stats" / "index.html").read_text()
+    assert "recompute_bn_stats" in page and "&gt;&gt;&gt;" in page  # doctests shown as code
+    assert ":func:" not in page  # Sphinx roles rendered as code
+    distributed = (site / "api" / "distributed" / "index.html").read_text()
+    assert "track_running_stats" in distributed  # grouped Args items split per parameter
