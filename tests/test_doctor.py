@@ -261,8 +261,7 @@ def _fit(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[doctor],
-        **kw,
+        **{"callbacks": [doctor], **kw},  # type: ignore[arg-type]
     )
     trainer.fit(model, train, val)
     return trainer
@@ -819,3 +818,34 @@ def test_log_figures_chooses_what_is_logged(tmp_path: Path, log_figures: object,
 def test_bad_log_figures(log_figures: object) -> None:
     with pytest.raises(MisconfigurationException, match="`log_figures`"):
         BatchNormDoctor(log_figures=log_figures)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("doctor_first", [True, False])
+def test_with_freeze_batchnorm(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    doctor_first: bool,
+) -> None:  # fmt: skip
+    from lightning_norms.callbacks import FreezeBatchNorm
+
+    for name in ("rich", "rich.console", "rich.table"):
+        monkeypatch.setitem(sys.modules, name, None)
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(256, 3, 6, 6), torch.randint(0, CLASSES, (256,)))
+    model = ConvNet()
+    frozen = model.body[1]
+    before = (frozen.running_mean.clone(), frozen.running_var.clone())
+    doctor = BatchNormDoctor(min_batches=5)
+    callbacks = [doctor, FreezeBatchNorm(modules="body.1")]
+    with caplog.at_level("INFO"):
+        trainer = _fit(model, DataLoader(data, batch_size=16, shuffle=True), None, tmp_path,
+                       callbacks[0], max_epochs=1, limit_val_batches=0,
+                       callbacks=callbacks if doctor_first else callbacks[::-1])  # fmt: skip
+    assert torch.equal(frozen.running_mean, before[0])
+    assert torch.equal(frozen.running_var, before[1])
+    assert doctor.findings == []
+    rows = {line.split()[0]: line for line in caplog.text.splitlines() if line.startswith("body.")}
+    assert rows["body.1"].endswith("eval mode in training")  # neither "ok" nor "too few"
+    assert rows["body.7"].split()[-1] == "ok"
+    metrics = trainer.callback_metrics
+    assert metrics["bn_doctor/calls_per_step/body.1"].item() == 0.0
+    assert metrics["bn_doctor/calls_per_step/body.7"].item() == 1.0

@@ -48,6 +48,8 @@ CHECKS = (
 )
 TOO_FEW = "too few batches"
 """Status of a layer a check cannot judge yet (never ``ok``)."""
+EVAL_MODE = "eval mode in training"
+"""Training-table status of a layer that ran in eval mode only (e.g. ``FreezeBatchNorm``)."""
 
 
 class BatchNormDoctorWarning(UserWarning):
@@ -163,7 +165,7 @@ def _print_table(title: str, caption: str, columns: list[str], rows: list[list[s
         # layer paths are never cut: folded onto a second line if the terminal is narrow
         overflow: Literal["fold", "ellipsis"] = "fold" if i == 0 else "ellipsis"
         table.add_column(column, justify="left" if left else "right", overflow=overflow)
-    styles = {"ok": None, TOO_FEW: "yellow"}
+    styles = {"ok": None, TOO_FEW: "yellow", EVAL_MODE: "dim"}
     for row in rows:
         table.add_row(*row, style=styles.get(row[-1], "bold red"))
     Console().print(table)
@@ -189,6 +191,7 @@ class _Probe:
         self.max_calls = 0
         self.max_batch = 0
         self.train_calls = 0
+        self.eval_calls = 0  # eval-mode calls during training (a frozen layer)
         self.biased_calls = 0
         self.bias_source = ""
         self.step_calls: Tensor | None = None
@@ -199,7 +202,7 @@ class _Probe:
         c = self.module.num_features
         self.spread = BatchSpread(self.num_groups, c, device)
         self.calls = self.max_calls = self.max_batch = 0
-        self.train_calls = self.biased_calls = 0
+        self.train_calls = self.eval_calls = self.biased_calls = 0
         self.bias_source = ""
         if self.grouped:
             self.step_calls = torch.zeros(self.num_groups, device=device)
@@ -453,7 +456,9 @@ class BatchNormDoctor(Callback):
     one table per question on rank zero, the training one first (right after the epoch's last
     training batch, before its validation), then the eval one (after each validation run),
     through a rich console, or through Lightning's logging (``rank_zero_info``) without rich. A
-    layer a check cannot judge yet shows ``too few batches``, never ``ok``. The figures named
+    layer a check cannot judge yet shows ``too few batches``, never ``ok``; one that ran in eval
+    mode only during training (frozen, e.g. by ``FreezeBatchNorm``) shows ``eval mode in
+    training`` in the training table and is judged by the eval checks. The figures named
     by ``log_figures`` are logged as ``bn_doctor/<check>/<layer>``. :attr:`findings` holds the
     findings of the last check epoch (or ``trainer.validate`` run). Under DDP the figures are
     merged over ranks (sums for the statistics, maxima for counts), so every rank reports the
@@ -587,7 +592,11 @@ class BatchNormDoctor(Callback):
         phase = self._phase
         if phase is None or is_recomputing() or not args or not isinstance(args[0], Tensor):
             return
-        if args[0].dim() < 2 or module.training != (phase == "train"):
+        if args[0].dim() < 2:
+            return
+        if module.training != (phase == "train"):
+            if phase == "train":
+                probe.eval_calls += 1
             return
         if phase == "val" and module.running_mean is None:
             return
@@ -733,7 +742,9 @@ class BatchNormDoctor(Callback):
             pairs = list(zip(checks, values, strict=True))
             verdicts = [self._judge(c, probe, v, pl_module) for c, v in pairs]
             cells = [_fmt(v, c.spec) for c, v in pairs]
-            rows.append([probe.name, type(probe.module).__name__, *cells, _status(verdicts)])
+            frozen = phase == "train" and probe.eval_calls > 0 and probe.train_calls == 0
+            status = EVAL_MODE if frozen else _status(verdicts)
+            rows.append([probe.name, type(probe.module).__name__, *cells, status])
         limits = [
             f"{c.column} {'<' if c.below else '>'} {getattr(self, c.threshold):g}" for c in checks
         ]
