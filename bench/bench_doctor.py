@@ -9,6 +9,8 @@ the doctor's) to ``on_train_end`` (after the doctor's end-of-epoch report, table
 the main thread's CPU clock with one thread, so time spent preempted by other jobs does not
 count. Printed: the median epoch time of each configuration and the median of the per-round
 ratios ``on / off``; the control row ``off / off`` shows the noise floor of the run.
+``--conv-bias`` gives every conv a bias, so every BN layer is fed by a biased conv: the worst
+case of the ``redundant_bias`` check (a forward hook on each biased conv, flagged each epoch).
 
 Target (issue 6): doctor on <= 1.1x off.
 """
@@ -33,12 +35,13 @@ from lightning_norms.callbacks import BatchNormDoctor
 
 
 class _Net(LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, conv_bias: bool = False) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         c_in = 3
         for c in (16, 32, 64):
-            blocks += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            conv = nn.Conv2d(c_in, c, 3, padding=1, bias=conv_bias)
+            blocks += [conv, nn.BatchNorm2d(c), nn.ReLU()]
             blocks.append(nn.MaxPool2d(2) if c != 64 else nn.AdaptiveAvgPool2d(1))
             c_in = c
         self.body = nn.Sequential(*blocks, nn.Flatten(), nn.Linear(64, 10))
@@ -63,7 +66,7 @@ class _EpochTimer(Callback):
         self.seconds = time.thread_time() - self.start
 
 
-def _epoch_seconds(loader: DataLoader, doctor: bool, steps: int) -> float:
+def _epoch_seconds(loader: DataLoader, doctor: bool, steps: int, conv_bias: bool) -> float:
     torch.manual_seed(0)
     timer = _EpochTimer()
     callbacks: list[Any] = [timer, BatchNormDoctor()] if doctor else [timer]
@@ -80,7 +83,7 @@ def _epoch_seconds(loader: DataLoader, doctor: bool, steps: int) -> float:
     )
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(_Net(), loader)
+        trainer.fit(_Net(conv_bias), loader)
     return timer.seconds
 
 
@@ -89,6 +92,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--conv-bias", action="store_true", help="convs with a bias feed BN")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -97,12 +101,12 @@ def main() -> None:
     data = TensorDataset(torch.randn(n, 3, 16, 16, generator=gen), torch.randint(0, 10, (n,)))
     loader = DataLoader(data, batch_size=64, shuffle=True)
 
-    _epoch_seconds(loader, True, 20)  # warm-up
+    _epoch_seconds(loader, True, 20, args.conv_bias)  # warm-up
     configs = ["off", "on", "control"]
     times: dict[str, list[float]] = {c: [] for c in configs}
     for r in range(args.rounds):
         for c in configs[r % 3 :] + configs[: r % 3]:
-            times[c].append(_epoch_seconds(loader, c == "on", args.steps))
+            times[c].append(_epoch_seconds(loader, c == "on", args.steps, args.conv_bias))
 
     ratio_on = statistics.median(a / b for a, b in zip(times["on"], times["off"], strict=True))
     ratio_ctl = statistics.median(
@@ -110,6 +114,7 @@ def main() -> None:
     )
     print(
         f"threads={args.threads} rounds={args.rounds} steps={args.steps} "
+        f"conv_bias={args.conv_bias} "
         "(one training epoch, CPU thread time)"
     )
     print(f"{'case':<28}{'epoch s':>10}{'ms/step':>10}{'ratio':>8}")
