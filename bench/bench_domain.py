@@ -11,6 +11,10 @@ preempted by other jobs is not counted; cache and memory contention still is: th
 ``nn.BatchNorm2d`` against a copy of itself, shows the noise floor of the run.
 
 Targets (issue 3): per-sample ids <= 1.3x ``nn.BatchNorm2d``; an ``int`` domain <= 1.05x.
+
+``--penalty`` times a gradient-penalty step instead (WGAN-GP / R1: the input gradient with
+``create_graph=True``, then the backward of its squared norm), where the layer's backward
+runs through differentiable ops; the reference is torch's own BatchNorm double backward.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from torch.utils import benchmark
 from lightning_norms import DomainBatchNorm2d
 
 
-def _step_fn(module: nn.Module, x: Tensor, domain: int | Tensor | None) -> Callable[[], None]:
+def _step_fn(
+    module: nn.Module, x: Tensor, domain: int | Tensor | None, penalty: bool = False
+) -> Callable[[], None]:
     x = x.detach().requires_grad_(True)
     kwargs = {} if domain is None else {"domain": domain}
     with torch.no_grad():
@@ -36,7 +42,12 @@ def _step_fn(module: nn.Module, x: Tensor, domain: int | Tensor | None) -> Calla
     def step() -> None:
         module.zero_grad(set_to_none=True)
         x.grad = None
-        module(x, **kwargs).backward(grad)
+        y = module(x, **kwargs)
+        if not penalty:
+            y.backward(grad)
+            return
+        (dx,) = torch.autograd.grad(y, x, grad, create_graph=True)
+        dx.square().sum().backward()
 
     return step
 
@@ -72,6 +83,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--rounds", type=int, default=15, help="alternating rounds per case")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
+    parser.add_argument("--penalty", action="store_true", help="time a gradient-penalty step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -85,18 +97,20 @@ def main() -> None:
         ("2 domains, per-sample ids, eval", 2, torch.arange(n) % 2, False),
         ("control: nn.BatchNorm2d vs itself", 0, 0, True),
     ]
+    what = "gradient penalty (double backward)" if args.penalty else "forward+backward"
     print(
-        f"DomainBatchNorm2d vs nn.BatchNorm2d, x={tuple(x.shape)}, forward+backward, "
+        f"DomainBatchNorm2d vs nn.BatchNorm2d, x={tuple(x.shape)}, {what}, "
         f"threads={args.threads}, median of {args.rounds} alternating rounds"
     )
     print(f"{'case':<36} {'ours ms':>9} {'BN ms':>9} {'ratio':>7}")
     for name, num_domains, domain, training in cases:
-        ref = nn.BatchNorm2d(c).train(training)
+        ref = _step_fn(nn.BatchNorm2d(c).train(training), x, None, args.penalty)
         if num_domains:
-            ours = _step_fn(DomainBatchNorm2d(c, num_domains).train(training), x, domain)
+            layer = DomainBatchNorm2d(c, num_domains).train(training)
+            ours = _step_fn(layer, x, domain, args.penalty)
         else:  # the noise floor: the reference against a second copy of itself
-            ours = _step_fn(nn.BatchNorm2d(c).train(training), x, None)
-        t_ours, t_ref, ratio = compare(ours, _step_fn(ref, x, None), args.rounds, args.min_run_time)
+            ours = _step_fn(nn.BatchNorm2d(c).train(training), x, None, args.penalty)
+        t_ours, t_ref, ratio = compare(ours, ref, args.rounds, args.min_run_time)
         print(f"{name:<36} {t_ours * 1e3:9.2f} {t_ref * 1e3:9.2f} {ratio:7.2f}")
 
 
