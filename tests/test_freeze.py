@@ -158,6 +158,16 @@ def test_patterns_choose_layers_by_name_or_container(tmp_path: Path) -> None:
         everything.on_fit_start(trainer, Net(nn.Flatten(), nn.LazyLinear(CLASSES)))
 
 
+def test_warns_that_precise_bn_recomputes_frozen_layers(tmp_path: Path) -> None:
+    from lightning_norms.callbacks import PreciseBN
+
+    torch.manual_seed(0)
+    model = Net(_backbone(), nn.Linear(8, CLASSES))
+    with pytest.warns(UserWarning, match="PreciseBN recomputes .* the frozen ones included"):
+        _fit(model, [FreezeBatchNorm(), PreciseBN(num_batches=2)], tmp_path, max_epochs=1)
+    assert model.modes == [[False, False]] * 4
+
+
 # ------------------------------------------------------------------------- freezing in fit
 def test_resnet18_stats_bit_identical_affine_trains(tmp_path: Path) -> None:
     import torchvision

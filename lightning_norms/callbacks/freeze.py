@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
 from lightning_norms.callbacks._checks import check_no_torch_sync_batchnorm
+from lightning_norms.callbacks.precise_bn import PreciseBN
 
 __all__ = ["FreezeBatchNorm"]
 
@@ -103,7 +104,8 @@ class FreezeBatchNorm(Callback):
 
     ``Trainer(sync_batchnorm=True)`` is refused (it would replace this package's layers with
     ``torch.nn.SyncBatchNorm``); use ``plugins=[lightning_norms.NormSync()]``.
-    ``PreciseBN`` / ``recompute_bn_stats`` recompute every BN layer, frozen ones included.
+    ``PreciseBN`` / ``recompute_bn_stats`` recompute every BN layer, frozen ones included (a
+    warning says so when both callbacks are given).
 
     Args:
         modules: which BN layers (default ``None``: every ``_BatchNorm`` layer with running
@@ -216,6 +218,12 @@ class FreezeBatchNorm(Callback):
             rank_zero_warn(
                 f"FreezeBatchNorm: {type(pl_module).__name__} has no BatchNorm layer with "
                 "running statistics to freeze."
+            )
+        callbacks: list[Callback] = getattr(trainer, "callbacks", [])  # set at Trainer init
+        if self._layers and any(isinstance(c, PreciseBN) for c in callbacks):
+            rank_zero_warn(
+                "FreezeBatchNorm: PreciseBN recomputes the running statistics of every BN "
+                "layer, the frozen ones included; drop one of the two callbacks."
             )
 
     def _sync(self, trainer: pl.Trainer) -> None:
