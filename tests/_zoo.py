@@ -61,8 +61,6 @@ TARGETS: dict[str, dict[str, object]] = {
     "batch": {},
     "frozen": {},
 }
-# targets that keep running statistics updated by a training step
-TRACKING = ("domain", "renorm", "batch")
 # targets whose eval output equals the BatchNorm model's eval output
 EVAL_EXACT = ("domain", "renorm", "batch", "frozen")
 
