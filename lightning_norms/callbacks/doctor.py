@@ -37,19 +37,8 @@ from lightning_norms.stats import is_recomputing
 
 __all__ = ["BNFinding", "BatchNormDoctor", "BatchNormDoctorWarning"]
 
-CHECKS = (
-    "batch_spread",
-    "calls_per_step",
-    "batch_size",
-    "redundant_bias",
-    "eval_mean_shift",
-    "eval_var_ratio",
-    "shuffle",
-)
-TOO_FEW = "too few batches"
-"""Status of a layer a check cannot judge yet (never ``ok``)."""
-EVAL_MODE = "eval mode in training"
-"""Training-table status of a layer that ran in eval mode only (e.g. ``FreezeBatchNorm``)."""
+_TOO_FEW = "too few batches"  # status of a layer a check cannot judge yet (never "ok")
+_EVAL_MODE = "eval mode in training"  # training status of a layer run in eval mode only
 
 
 class BatchNormDoctorWarning(UserWarning):
@@ -165,7 +154,7 @@ def _print_table(title: str, caption: str, columns: list[str], rows: list[list[s
         # layer paths are never cut: folded onto a second line if the terminal is narrow
         overflow: Literal["fold", "ellipsis"] = "fold" if i == 0 else "ellipsis"
         table.add_column(column, justify="left" if left else "right", overflow=overflow)
-    styles = {"ok": None, TOO_FEW: "yellow", EVAL_MODE: "dim"}
+    styles = {"ok": None, _TOO_FEW: "yellow", _EVAL_MODE: "dim"}
     for row in rows:
         table.add_row(*row, style=styles.get(row[-1], "bold red"))
     Console().print(table)
@@ -364,13 +353,14 @@ _QUESTIONS = {
 
 def _status(verdicts: list[str]) -> str:
     """A table row's status: the failed checks, else ``too few batches`` if any, else ``ok``."""
-    failed = [v for v in verdicts if v not in ("ok", TOO_FEW)]
+    failed = [v for v in verdicts if v not in ("ok", _TOO_FEW)]
     if failed:
         return ", ".join(failed)
-    return TOO_FEW if TOO_FEW in verdicts else "ok"
+    return _TOO_FEW if _TOO_FEW in verdicts else "ok"
 
 
 def _check_arguments(ints: dict[str, Any], floats: dict[str, Any]) -> None:
+    """Positive integers and positive finite thresholds, by argument name."""
     for name, value in ints.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MisconfigurationException(
@@ -717,7 +707,7 @@ class BatchNormDoctor(Callback):
             name = f"bn_doctor/{check.name}/{probe.name}"
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
         if math.isnan(value):
-            return TOO_FEW
+            return _TOO_FEW
         threshold = float(getattr(self, check.threshold))
         exempt = type(probe.module).__name__.startswith(check.exempt)
         if exempt or not (value < threshold if check.below else value > threshold):
@@ -743,7 +733,7 @@ class BatchNormDoctor(Callback):
             verdicts = [self._judge(c, probe, v, pl_module) for c, v in pairs]
             cells = [_fmt(v, c.spec) for c, v in pairs]
             frozen = phase == "train" and probe.eval_calls > 0 and probe.train_calls == 0
-            status = EVAL_MODE if frozen else _status(verdicts)
+            status = _EVAL_MODE if frozen else _status(verdicts)
             rows.append([probe.name, type(probe.module).__name__, *cells, status])
         limits = [
             f"{c.column} {'<' if c.below else '>'} {getattr(self, c.threshold):g}" for c in checks
