@@ -24,8 +24,10 @@ class CosineLinear(nn.Module):
 
         y_o = \frac{w_o \cdot x}{\lVert w_o \rVert \lVert x \rVert + \epsilon} \in [-1, 1]
 
-    No bias (``bias`` is ``None``). A zero input gives 0 with finite gradients. ``weight`` has
-    ``nn.Linear``'s shape and initialisation.
+    No bias (``bias`` is ``None``). A zero input gives 0 with finite gradients (of order
+    ``|w| / eps``: beyond fp16's range, so an fp16 input gradient there is ``inf``). Norms are
+    taken in fp32 for fp16/bf16 inputs and under autocast. ``weight`` has ``nn.Linear``'s shape
+    and initialisation.
 
     Args:
         in_features: size of each input vector.
@@ -95,9 +97,11 @@ class CosineConv2d(nn.Module):
 
     with :math:`p_{n,i,j}` the zero-padded input patch (of ``o``'s group) under the kernel at
     output position ``(i, j)``. The patch norms come from one convolution of the
-    channel-summed ``x**2`` with a ones kernel (same stride, padding, dilation). No bias
-    (``bias`` is ``None``). A zero patch gives 0 with finite gradients. ``weight`` has
-    ``nn.Conv2d``'s shape and initialisation.
+    channel-summed ``x**2`` with a ones kernel (same stride, padding, dilation), in fp32 for
+    fp16/bf16 inputs and under autocast (an fp16 ``x**2`` overflows from ``|x| > 256``). No
+    bias (``bias`` is ``None``). A zero patch gives 0 with finite gradients (of order
+    ``|w| / eps``: an fp16 input gradient there is ``inf``). ``weight`` has ``nn.Conv2d``'s
+    shape and initialisation.
 
     Args:
         in_channels: input channels.

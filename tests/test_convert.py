@@ -433,3 +433,22 @@ def test_create_norm_frozen_and_errors() -> None:
         create_norm("group", 4, num_groups=2, momentum=0.1)
     with pytest.raises(ValueError, match=r"unknown `to`='none'"):
         convert_norms(nn.BatchNorm2d(4), "none")
+
+
+def test_timm_frozen_batchnormact_converts_back_with_its_activation() -> None:
+    timm = pytest.importorskip("timm")
+    from timm.layers.norm_act import freeze_batch_norm_2d
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_100", pretrained=False)
+    _randomise_bns(model)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    model = freeze_batch_norm_2d(model)  # timm's FrozenBatchNormAct2d: not a _BatchNorm
+    assert {type(m).__name__ for _, m in bn_modules(model)} == {"FrozenBatchNormAct2d"}
+    convert_norms(model, "batch")
+    assert {type(m) for _, m in bn_modules(model)} == {nn.BatchNorm2d}
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), expected, rtol=1e-5, atol=1e-5)
