@@ -33,6 +33,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
 import lightning_norms
+from lightning_norms import callbacks, data
 
 ROOT = Path(__file__).resolve().parents[1]
 # one worker builds the wheel and the fresh environment once (make test runs --dist loadgroup)
@@ -404,3 +405,13 @@ def test_docs_build_strict(tmp_path: Path) -> None:
     assert ":func:" not in page  # Sphinx roles rendered as code
     distributed = (site / "api" / "distributed" / "index.html").read_text()
     assert "track_running_stats" in distributed  # grouped Args items split per parameter
+    anchors = {
+        anchor
+        for html in site.rglob("*.html")
+        for anchor in re.findall(r'id="lightning_norms\.([\w.]+)"', html.read_text())
+    }
+    public = [n for n in lightning_norms.__all__ if n not in ("functional", "stats", "callbacks")]
+    public += [*callbacks.__all__, *data.__all__, "recompute_bn_stats"]
+    public.remove("data")
+    documented = {anchor.rsplit(".", 1)[-1] for anchor in anchors}
+    assert sorted(set(public) - documented) == []  # every public name has its entry
