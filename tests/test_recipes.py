@@ -455,7 +455,7 @@ def test_two_domain_ddp_two_cpu_processes(tmp_path: Path) -> None:
 def test_report_main_writes_three_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "demo"
     argv = ["report", "--output-dir", str(out), "--seeds", "2", "--epochs", "1"]
-    argv += ["--max-steps", "2", "--jobs", "1", "--no-progress"]
+    argv += ["--max-steps", "2", "--jobs", "1", "--no-progress", "--variants", "all"]
     assert main(argv) == 0
     for name in ("results.json", "report.md", "accuracy.png"):
         assert (out / name).stat().st_size > 0
@@ -467,3 +467,11 @@ def test_report_main_writes_three_files(tmp_path: Path, capsys: pytest.CaptureFi
     report = (out / "report.md").read_text()
     assert "| mixed | batch | mixed |" in report and "## Verdict" in report
     assert str(out / "report.md") in capsys.readouterr().out
+
+
+def test_report_demo_defaults_are_the_headline_over_five_seeds() -> None:
+    from lightning_norms.recipes import report
+
+    args = report.build_parser().parse_args(["report"])
+    assert args.variants == ["mixed", "separate", "split"] and args.seeds is None
+    assert report.DEMO_SEEDS == 5 and report.STUDY_EPOCHS["two_domain"] == 15

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 #: the study's SGD learning rates: 30x from the first to the last
-LEARNING_RATES = (0.003, 0.01, 0.03, 0.1)
+LEARNING_RATES = (0.003, 0.01, 0.1)
 #: the learning rate of the sigmoid comparison
 SIGMOID_LR = 0.003
 #: validation accuracy that counts as "trained" for the steps-to-target figure

@@ -61,7 +61,7 @@ __all__ = [
 NORMS: dict[str, Variant] = {"batch": "mixed", "renorm": "renorm", "group": "group"}
 
 #: the study's (per-device batch size, order) settings; every step trains on STEP_BATCH samples
-SETTINGS = ((2, "shuffled"), (4, "shuffled"), (32, "shuffled"), (32, "class_sorted"))
+SETTINGS = ((4, "shuffled"), (32, "shuffled"), (32, "class_sorted"))
 STEP_BATCH = 32
 #: share of the training steps BatchRenorm's clip limits take to open fully in the study
 WARMUP_SHARE = 0.2

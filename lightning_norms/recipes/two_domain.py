@@ -28,9 +28,8 @@ study asks which normalisations survive the pitfall; for the batch-independent o
 give the same gradients (the separate step's loss is the mean of the two per-domain mean losses,
 i.e. the mixed batch's mean loss). ``--model.feed mixed|separate`` overrides the default feed.
 
-The CLI uses the DataModule's defaults (embedded digits at 16x16, MNIST/SVHN at 32x32);
-``lightning-norms report`` trains at the digits' native 8x8 (``--data.image_size 8``), 15
-epochs, batch 64, Adam 3e-3 with a cosine schedule.
+The CLI and ``lightning-norms report`` train alike: the embedded digits at their native 8x8
+(MNIST/SVHN at 32x32), 15 epochs, 64 samples per step, Adam 3e-3 with a cosine schedule.
 
 Run (CPU, embedded data, no download)::
 
