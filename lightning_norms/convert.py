@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from lightning_norms._patterns import name_matches
 from lightning_norms.distributed import SyncedBatchNorm1d, SyncedBatchNorm2d, SyncedBatchNorm3d
 from lightning_norms.domain_bn import (
     DomainBatchNorm1d,
@@ -470,9 +470,9 @@ def _num_features(bn: nn.Module) -> int:
 
 
 def _selected(name: str, include: list[str] | None, exclude: list[str]) -> bool:
-    if include is not None and not any(fnmatch(name, p) for p in include):
+    if include is not None and not any(name_matches(name, p) for p in include):
         return False
-    return not any(fnmatch(name, p) for p in exclude)
+    return not any(name_matches(name, p) for p in exclude)
 
 
 def _patterns(value: str | Iterable[str] | None, arg: str) -> list[str] | None:
@@ -528,7 +528,8 @@ def convert_norms(
         model: the model, modified in place.
         to: the target kind, one of the names above.
         include: ``fnmatch`` pattern(s) of ``named_modules()`` names; only matching layers
-            change. Default: ``None`` (all).
+            change; a pattern naming a module matches every layer inside it (``"backbone"``),
+            as in ``FreezeBatchNorm``. Default: ``None`` (all).
         exclude: pattern(s) of layers left as they are, e.g. ``["layer4*", "fc*"]``.
             Default: ``None``.
         **kwargs: the target's keyword arguments, and ``domain=k`` (an ``int``) for the

@@ -370,6 +370,21 @@ def test_include_and_exclude_patterns_on_resnet18() -> None:
         convert_norms(model, "batch", include=[3])
 
 
+def test_a_pattern_naming_a_module_matches_every_layer_inside_it() -> None:
+    model = _trained_resnet18()
+    before = {name: type(m) for name, m in bn_modules(model)}
+    convert_norms(model, "renorm", exclude="layer4")  # as FreezeBatchNorm(modules="layer4")
+    after = {name: type(m) for name, m in bn_modules(model)}
+    assert sum(n.startswith("layer4.") for n in after) == 5
+    for name, cls in after.items():
+        assert cls is (before[name] if name.startswith("layer4.") else BatchRenorm2d), name
+    convert_norms(model, "batch", include=["layer1", "layer2.0"])
+    changed = sorted(n for n, m in bn_modules(model) if type(m) is nn.BatchNorm2d)
+    assert changed == sorted(
+        [n for n in after if n.startswith(("layer1.", "layer2.0.", "layer4."))]
+    )
+
+
 def test_bn_modules_lists_every_batchnorm_type_in_order() -> None:
     from torchvision.ops.misc import FrozenBatchNorm2d
 

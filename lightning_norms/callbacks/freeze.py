@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from fnmatch import fnmatchcase
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,6 +13,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
+from lightning_norms._patterns import name_matches
 from lightning_norms.callbacks._checks import check_no_torch_sync_batchnorm
 from lightning_norms.callbacks.precise_bn import PreciseBN
 
@@ -35,12 +35,6 @@ def _patterns(modules: Any) -> tuple[str, ...] | None:
         "`modules` should be None (every BatchNorm layer), a module-name pattern such as "
         f"'backbone.*' or a non-empty list of them, got {modules!r}."
     )
-
-
-def _matches(name: str, pattern: str) -> bool:
-    """``fnmatch`` ``pattern`` against a module name or any module containing it."""
-    parts = name.split(".")
-    return any(fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
 
 
 def _select_layers(
@@ -70,8 +64,8 @@ def _select_layers(
     ]
     if patterns is None:
         return layers, []
-    chosen = [(n, m) for n, m in layers if any(_matches(n, p) for p in patterns)]
-    unmatched = [p for p in patterns if not any(_matches(n, p) for n, _ in layers)]
+    chosen = [(n, m) for n, m in layers if any(name_matches(n, p) for p in patterns)]
+    unmatched = [p for p in patterns if not any(name_matches(n, p) for n, _ in layers)]
     return chosen, unmatched
 
 
