@@ -161,6 +161,7 @@ def _penalty_on_rank(rank: int, world_size: int) -> dict[str, tuple]:
     return results
 
 
+@pytest.mark.xdist_group("zoo_ddp_penalty")  # one worker: the module fixture spawns once
 @pytest.mark.parametrize("case", list(SYNCED))
 def test_gradient_penalty_through_synced_layers_matches_single_process(case, ranks):
     norm, ids = SYNCED[case]
