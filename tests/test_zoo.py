@@ -101,9 +101,7 @@ def check_converted(model: nn.Module, original: nn.Module, target: str) -> None:
     assert leaf_types(model) == leaf_types(original)
 
 
-def train_step(
-    model: nn.Module, target: str, x: Tensor, y: Tensor, ids: Tensor | None
-) -> None:
+def train_step(model: nn.Module, target: str, x: Tensor, y: Tensor, ids: Tensor | None) -> None:
     """One SGD step; finite loss and gradients; buffers changed as ``target`` promises."""
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
@@ -193,8 +191,6 @@ def test_timm_batchnormact_renorm_and_back_keeps_the_activation(name: str) -> No
         assert_eval_close(model(x), reference)
 
 
-
-
 @pytest.mark.parametrize("name", list(ZOO))
 def test_bn_modules_lists_every_norm_layer(name: str) -> None:
     """``bn_modules`` against a plain ``isinstance`` walk, on the real models and converted."""
@@ -220,6 +216,7 @@ def test_frozen_batchnorm_resnet18_converts_and_back() -> None:
         back = convert_norms(model, "frozen", **({"domain": 0} if target == "domain" else {}))
         check_converted(back, original, "frozen")
         assert_eval_close(evaluate(back, x, None), reference)
+
 
 # --- channels_last, bf16 and torch.compile on a domain-BN ResNet-18 (mixed domain ids) ---
 
@@ -330,7 +327,9 @@ def test_domain_resnet18_compiled_matches_eager() -> None:
     expected = _train_forward(eager, x, y, ids)
     _assert_runs_close({k.replace("_orig_mod.", ""): v for k, v in actual.items()}, expected, 1e-5)
 
+
 # --- a WGAN-GP gradient penalty through every BatchNorm variant (float64 references) ---
+
 
 class _FormulaNorm(nn.Module):
     """Reference BatchNorm / BatchRenorm in plain tensor ops, so autograd derives every order.
@@ -410,7 +409,6 @@ GP_VARIANTS: dict[str, tuple[Callable[[int], nn.Module], Callable[..., nn.Module
 }
 
 
-
 @pytest.mark.slow
 def test_domain_resnet18_training_step_equals_per_domain_batchnorm() -> None:
     """Mixed ids on a real network: every layer as if each domain had its own BatchNorm.
@@ -435,6 +433,7 @@ def test_domain_resnet18_training_step_equals_per_domain_batchnorm() -> None:
         torch.testing.assert_close(
             p.grad, q.grad, rtol=1e-7, atol=1e-7 * scale, msg=lambda m, n=name: f"{n}: {m}"
         )
+
 
 @pytest.mark.parametrize("variant", list(GP_VARIANTS))
 def test_gradient_penalty_matches_reference(variant: str) -> None:
