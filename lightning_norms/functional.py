@@ -994,6 +994,7 @@ def _synced_batch_renorm(
     d_max: float | Tensor,
     process_group: torch.distributed.ProcessGroup | None,
     name: str,
+    num_batches_tracked: Tensor | None = None,
 ) -> Tensor:
     """Training-mode :func:`batch_renorm` with batch statistics over all ranks.
 
@@ -1001,6 +1002,8 @@ def _synced_batch_renorm(
     the running-statistics update (unbiased with the global count, identical on every rank);
     the normalisation and its backward (one more all-reduce) are those of the synchronised
     domain kernel with a single domain. A global count of 1 raises on every rank.
+    ``num_batches_tracked`` (the step counter) is advanced once the call has succeeded, and
+    only when some rank had samples (an all-empty global batch is no step).
     """
     ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     group = (process_group,) if _sync_world(True, process_group) else None
@@ -1026,7 +1029,7 @@ def _synced_batch_renorm(
             _update_running_stats(
                 cast(Tensor, running_mean).view(1, -1),
                 cast(Tensor, running_var).view(1, -1),
-                None,
+                None if num_batches_tracked is None else num_batches_tracked.view(1),
                 count,
                 mean,
                 m2 / (count - 1).clamp(min=1).unsqueeze(1),

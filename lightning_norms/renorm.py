@@ -94,8 +94,8 @@ class _BatchRenorm(_BatchNorm):
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             step = self.num_batches_tracked
         out = self._normalize(input, use_batch_stats, synced, step)
-        if step is not None:  # only a call that succeeded counts as a step
-            step.add_(1)
+        if step is not None and not synced:  # only a call that succeeded counts as a step
+            step.add_(1)  # (synced: counted inside, only when the global batch has samples)
         return out
 
     def _normalize(
@@ -123,6 +123,7 @@ class _BatchRenorm(_BatchNorm):
                 d_max,
                 self.process_group,
                 f"{type(self).__name__}({self.num_features})",
+                num_batches_tracked=step,
             )
         return LF.batch_renorm(
             input,

@@ -200,6 +200,17 @@ def _empty_rank_cases(rank: int) -> dict[str, Any]:
     out["all_empty_untouched"] = layer.num_batches_tracked.item() == 0 and torch.equal(
         layer.running_var, torch.ones(3)
     )
+    # BatchRenorm: an all-empty global batch is no step (its warm-up counter stays)
+    renorm = BatchRenorm2d(3, sync=True)
+    renorm(torch.randn(0, 3, 2, 2)).sum().backward()
+    out["renorm_empty_buffers"] = {k: v.clone() for k, v in renorm.named_buffers()}
+    renorm1d = BatchRenorm1d(3, sync=True)
+    try:
+        renorm1d(torch.randn(1 - rank, 3))
+        out["renorm_single_error"] = None
+    except ValueError as err:
+        out["renorm_single_error"] = str(err)
+    out["renorm_single_buffers"] = {k: v.clone() for k, v in renorm1d.named_buffers()}
     # one value per channel over all ranks: ValueError on both, every buffer as it was
     layer = SyncedBatchNorm1d(3)
     try:
@@ -376,3 +387,7 @@ def test_all_empty_and_global_single_value_leave_buffers(ddp_results):
         assert "more than 1 value per channel" in cases["single_error"]
         for key, value in fresh.named_buffers():
             assert torch.equal(cases["single_buffers"][key], value), key
+        assert "more than 1 value per channel" in cases["renorm_single_error"]
+        for name, fresh_renorm in [("empty", BatchRenorm2d(3)), ("single", BatchRenorm1d(3))]:
+            for key, value in fresh_renorm.named_buffers():
+                assert torch.equal(cases[f"renorm_{name}_buffers"][key], value), (name, key)
