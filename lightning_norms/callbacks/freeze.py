@@ -73,7 +73,7 @@ class FreezeBatchNorm(Callback):
     r"""Keeps chosen BatchNorm layers in eval mode — running statistics fixed — while training.
 
     Fine-tuning a pretrained network on small or different data, the usual remedy for the
-    BatchNorm pitfalls of the project's SEEDS (Ioffe & Szegedy 2015: at inference BN computes
+    BatchNorm pitfalls of small batches (Ioffe & Szegedy 2015: at inference BN computes
     ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``) is to keep the
     pretrained statistics: a frozen layer normalises with its running statistics in training
     too, and never updates them (nor ``num_batches_tracked``), so they stay bit-identical across

@@ -1,7 +1,8 @@
 """``MixingBatchSampler``: every batch an exact, fixed mix of several sources.
 
 BatchNorm normalises each example with the statistics of its batch, so a batch must be a fair
-sample of the data (the first question of the BN checklist in SEEDS.md). A sampler that draws
+sample of the data (Ioffe & Szegedy 2015, arXiv:1502.03167, treat mini-batches as samples of
+the training set). A sampler that draws
 batches at random from a ``ConcatDataset`` gives fair batches only on average; this one gives
 every batch the exact share of every source, on every rank.
 """
@@ -89,8 +90,8 @@ class _EpochView(Sampler[int]):
 class MixingBatchSampler(BatchSampler):
     """Batches of indices into ``ConcatDataset(sources)`` with every source in its exact quota.
 
-    The fix for the first BN pitfall of SEEDS.md (article 1, "is each training batch a fair
-    sample of the data?"): random batches from a concatenation are fair only on average, so with
+    The fix for BatchNorm's first pitfall ("is each training batch a fair sample of the data?",
+    Ioffe & Szegedy 2015): random batches from a concatenation are fair only on average, so with
     several sources (domains, real/fake) BatchNorm still sees a different mixture in every batch.
     Here every batch holds exactly the same number of examples of each source.
 
