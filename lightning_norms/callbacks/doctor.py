@@ -396,12 +396,12 @@ def _figures_to_log(log_figures: bool | str | Iterable[str]) -> frozenset[str]:
 class BatchNormDoctor(Callback):
     r"""Checks every BatchNorm layer for the pitfalls that make BN train or evaluate badly.
 
-    BatchNorm (Ioffe & Szegedy 2015, arXiv:1502.03167) assumes two things every BN user must
-    check: is each training batch a fair sample of the data, and do the running statistics used
-    at test time match the data? This callback answers both, per BN layer (any ``torch.nn.modules.batchnorm._BatchNorm``:
-    torch's, ``SyncBatchNorm``, ``BatchRenorm*d``, ``DomainBatchNorm*d``), with forward pre-hooks
-    that reduce each call to per-channel figures on the device (no host sync per step), plus
-    common causes. The training checks:
+    BatchNorm (Ioffe & Szegedy 2015, arXiv:1502.03167) assumes two things every BN user must check:
+    is each training batch a fair sample of the data, and do the running statistics used at test
+    time match the data? This callback answers both, per BN layer (any
+    ``torch.nn.modules.batchnorm._BatchNorm``: torch's, ``SyncBatchNorm``, ``BatchRenorm*d``,
+    ``DomainBatchNorm*d``), with forward pre-hooks that reduce each call to per-channel figures on
+    the device (no host sync per step), plus common causes. The training checks:
 
     ``batch_spread`` — between-batch vs within-batch spread of the activation means.
         With ``m`` the per-sample channel means, ``mu_t`` their batch mean over call ``t``,
