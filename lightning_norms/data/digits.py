@@ -220,9 +220,9 @@ def _load_real(root: Path, size: int) -> list[tuple[Tensor, Tensor, Tensor, Tens
 class TwoDomainDigits(L.LightningDataModule):
     """Two digit domains (clean digits and "street" digits) for the BatchNorm experiments.
 
-    SEEDS.md, article 1: one network trained on MNIST + SVHN, fed either one batch holding both
-    domains or one domain-pure batch per tower. This DataModule serves both feeds from two
-    domains with a real covariate shift, and one test loader per domain.
+    The shared-tower BN pitfall: one network trained on MNIST + SVHN, fed either one batch
+    holding both domains or one domain-pure batch per tower. This DataModule serves both feeds
+    from two domains with a real covariate shift, and one test loader per domain.
 
     Data:
         - embedded (``root=None``, default; no download): domain 0 ("digits") is scikit-learn's

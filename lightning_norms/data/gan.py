@@ -13,10 +13,10 @@ def mix_real_fake(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Concatenate a real and a fake batch and shuffle them into one discriminator batch.
 
-    SEEDS.md, article 1: a discriminator fed alternating all-real and all-fake batches
-    normalises each with its own batch statistics, so BatchNorm itself tells real from fake in
-    training, while its running averages (used at test time) converge to the mixture. Feeding
-    one batch that holds both makes every BN layer see the real/fake mixture.
+    The shared-tower BN pitfall, for GANs: a discriminator fed alternating all-real and
+    all-fake batches normalises each with its own batch statistics, so BatchNorm itself tells
+    real from fake in training, while its running averages (used at test time) converge to the
+    mixture. Feeding one batch that holds both makes every BN layer see the real/fake mixture.
 
     Formula: ``x = cat([real, fake])[perm]`` with ``perm`` a random permutation of
     ``range(len(real) + len(fake))``, and ``is_real = (perm < len(real))``. Undo it with

@@ -12,8 +12,8 @@ The :class:`DigitsClassifier` LightningModule accepts both training batch format
   model runs one forward per domain and the step's loss is the mean of the per-domain mean losses,
   which equals the mixed batch's mean loss (same samples, same objective) so that without
   BatchNorm both feeds give identical gradients. With a shared BatchNorm this is the pitfall of
-  the first article in SEEDS.md: every forward normalises with one domain's batch statistics,
-  while the running averages used at test time converge to the mixture.
+  shared towers: every forward normalises with one domain's batch statistics, while the running
+  averages used at test time converge to the mixture.
 
 Validation and test loaders come one per domain (``dataloader_idx == domain``); accuracy is
 measured per domain with torchmetrics' ``MulticlassAccuracy`` and averaged over domains.

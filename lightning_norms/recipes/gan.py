@@ -1,7 +1,7 @@
 """A small DCGAN on the digits: what the discriminator's BatchNorm sees decides the samples.
 
-The first article in SEEDS.md names GAN discriminators fed alternating all-real / all-fake
-batches as the same BatchNorm trap as domain-pure towers: the discriminator's BN normalises each
+GAN discriminators fed alternating all-real / all-fake batches fall into the same BatchNorm
+trap as domain-pure towers (``recipes.two_domain``): the discriminator's BN normalises each
 batch with its own statistics, so a batch-level difference between real and fake images is
 normalised away in training, and the two kinds are never compared under one normalisation. Three
 ways to feed the discriminator (``--model.mode``):

@@ -1,7 +1,7 @@
 """The lecture's experiments: BatchNorm trains faster, takes a much higher learning rate, and makes
 a sigmoid network trainable.
 
-The fourth article in SEEDS.md (after Ioffe & Szegedy 2015, figure 2 and section 4.2.1): with BN
+Ioffe & Szegedy 2015 (figure 2 and section 4.2.1), as taught in the usual BN lecture: with BN
 the same network (1) reaches a given accuracy in fewer steps, (2) trains at a learning rate many
 times higher (30x shown) where the plain network fails, and (3) trains with sigmoid activations,
 which without BN hardly learn. This recipe trains the small digits CNN of the other recipes on

@@ -1,9 +1,9 @@
 """EMA running statistics vs PreciseBN: how far the EMA lags, and how many samples fix it.
 
-The third article in SEEDS.md: BatchNorm's running averages are an EMA over batches taken while
-the weights move, so at the end of training they describe a mixture of past networks. "Precise
-BN" freezes the weights and recomputes the population statistics exactly over many training
-batches (``lightning_norms.stats.recompute_bn_stats``). This recipe trains the BN variant of the
+BatchNorm's running averages are an EMA over batches taken while the weights move, so at the
+end of training they describe a mixture of past networks. "Precise BN" freezes the weights
+and recomputes the population statistics exactly over many training batches
+(``lightning_norms.stats.recompute_bn_stats``). This recipe trains the BN variant of the
 two-domain CNN (``--model.variant mixed`` by default; ``split`` recomputes per domain) and after
 ``fit`` tests the same weights with
 

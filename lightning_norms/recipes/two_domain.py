@@ -1,6 +1,6 @@
 """Two domains, one network: the BatchNorm pitfall of shared towers fed domain-pure batches.
 
-The first article in SEEDS.md: one small CNN trained on two digit domains (the embedded 8x8
+The shared-tower BN pitfall: one small CNN trained on two digit domains (the embedded 8x8
 digits and a derived "street" domain; real MNIST + SVHN with ``--data.root``) with identical
 data, loss, optimizer and learning rate, built as these variants:
 
