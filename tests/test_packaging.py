@@ -380,20 +380,7 @@ def test_launcher_fast_dev_run_against_the_wheel(
     assert list((tmp_path / "runs" / name).glob("*.json")), "no JSON record written"
 
 
-# a pending docstring fix in a file of another owner (reported): its Attributes section is not in
-# `name: description` form, the one thing mkdocstrings still warns about
-_DIGITS_ATTRIBUTES_PENDING = (
-    "num_domains (2), num_classes (10)"
-    in (ROOT / "lightning_norms" / "data" / "digits.py").read_text()
-)
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(
-    _DIGITS_ATTRIBUTES_PENDING,
-    reason="TwoDomainDigits docstring: `Attributes:` items not in `name: description` form",
-    strict=True,
-)
 def test_docs_build_strict(tmp_path: Path) -> None:
     """``make docs``: the API reference builds from the docstrings without a single warning."""
     site = tmp_path / "site"

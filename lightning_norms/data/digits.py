@@ -272,8 +272,10 @@ class TwoDomainDigits(L.LightningDataModule):
         image_size: height and width of the images. Default ``None``: 8 embedded, 32 real.
 
     Attributes:
-        num_domains (2), num_classes (10), image_shape (``(3, H, W)``), domain_names
-        (``("digits", "street")`` or ``("MNIST", "SVHN")``).
+        num_domains: ``2``.
+        num_classes: ``10``.
+        image_shape: ``(3, H, W)``.
+        domain_names: ``("digits", "street")``, or ``("MNIST", "SVHN")`` with ``root``.
 
     Raises:
         ValueError: a bad ``batching``, ``batch_size`` (odd when mixed), ``num_workers``,
