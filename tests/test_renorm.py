@@ -222,14 +222,20 @@ def test_batch_mean_var(layout: str) -> None:
     assert mean16.dtype == var16.dtype == torch.float32
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_gradcheck_float64(training: bool) -> None:
+def _clipped_case() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """float64 ``x, w, b`` (requiring grad) and running statistics far from the batch's."""
     torch.manual_seed(4)
     x = (torch.randn(4, 3, 3, 3, dtype=torch.float64) * 0.2 + 0.5).requires_grad_(True)
     w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     rm = torch.tensor([5.0, -5.0, 4.0], dtype=torch.float64)
     rv = torch.tensor([9.0, 0.001, 4.0], dtype=torch.float64)
+    return x, w, b, rm, rv
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_float64(training: bool) -> None:
+    x, w, b, rm, rv = _clipped_case()
     if training:
         # r and d clip on every channel: constants near x, so finite differences agree
         r = (x.var((0, 2, 3), unbiased=False) + 1e-5).sqrt() / (rv + 1e-5).sqrt()
@@ -478,13 +484,8 @@ def test_a_call_that_raises_leaves_every_buffer(momentum: float | None, r_max: f
 
 
 def test_double_backward_gradgradcheck_float64() -> None:
-    torch.manual_seed(4)
-    x = (torch.randn(4, 3, 3, 3, dtype=torch.float64) * 0.2 + 0.5).requires_grad_(True)
-    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(True)
-    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     # running statistics far from the batch's: r and d clip (constants), as in test_gradcheck
-    rm = torch.tensor([5.0, -5.0, 4.0], dtype=torch.float64)
-    rv = torch.tensor([9.0, 0.001, 4.0], dtype=torch.float64)
+    x, w, b, rm, rv = _clipped_case()
     for training in (True, False):
 
         def fn(x: Tensor, w: Tensor, b: Tensor, training: bool = training) -> Tensor:
