@@ -417,7 +417,7 @@ def test_importing_the_sampler_does_not_import_lightning():
         "from lightning_norms.data import MixingBatchSampler, mix_real_fake\n"
         "assert 'lightning' not in sys.modules and 'pytorch_lightning' not in sys.modules\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
 def test_numpy_float_ratios_give_exact_quotas() -> None:

@@ -24,7 +24,7 @@ from lightning_norms.recipes._common import (
 )
 from lightning_norms.recipes.report import RECORD_KEYS, main, summarise, verdict
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

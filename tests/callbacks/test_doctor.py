@@ -577,7 +577,7 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 from lightning_norms.callbacks import BatchNormDoctor
-from tests.test_doctor import TwoTowers, _data, _two_domains
+from tests.callbacks.test_doctor import TwoTowers, _data, _two_domains
 
 torch.manual_seed(0)
 warnings.simplefilter("ignore")

@@ -35,7 +35,7 @@ from packaging.requirements import Requirement
 import lightning_norms
 from lightning_norms import callbacks, data
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # one worker builds the wheel and the fresh environment once (make test runs --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("packaging")
 LAUNCHERS = sorted(p.stem for p in (ROOT / "recipes").glob("*.py") if "cli_main" in p.read_text())

@@ -304,7 +304,7 @@ from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader
 
 from lightning_norms.callbacks import PreciseBN
-from tests.test_precise_bn import Net, make_data
+from tests.callbacks.test_precise_bn import Net, make_data
 
 seed_everything(0)
 model = Net()
@@ -628,7 +628,7 @@ from lightning.pytorch.callbacks import StochasticWeightAveraging
 from torch.utils.data import DataLoader
 
 from lightning_norms.callbacks import PreciseBN
-from tests.test_precise_bn import Net, make_data
+from tests.callbacks.test_precise_bn import Net, make_data
 
 seed_everything(0)
 model = Net(lr=0.1)

@@ -356,7 +356,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning_norms import NormSync
 from lightning_norms.callbacks import FreezeBatchNorm
-from tests.test_freeze import BUFFERS, CLASSES, Net, _backbone, _loaders, _state
+from tests.callbacks.test_freeze import BUFFERS, CLASSES, Net, _backbone, _loaders, _state
 
 torch.manual_seed(0)
 warnings.simplefilter("ignore")
