@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_norms import functional as LF
+from lightning_norms.functional._domain import _AllReduceSum, _domain_batch_norm, _sync_world
 
 __all__ = [
     "SyncedBatchNorm1d",
@@ -57,7 +57,7 @@ def all_reduce_sum(tensor: Tensor, process_group: Any = None) -> Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return tensor.clone()
-    return LF._AllReduceSum.apply(tensor, process_group)
+    return _AllReduceSum.apply(tensor, process_group)
 
 
 def is_sync_active(module: nn.Module) -> bool:
@@ -72,7 +72,7 @@ def is_sync_active(module: nn.Module) -> bool:
     """
     return bool(
         module.training
-        and LF._sync_world(
+        and _sync_world(
             bool(getattr(module, "sync", False)), getattr(module, "process_group", None)
         )
     )
@@ -120,7 +120,7 @@ class _SyncedBatchNorm:
         # one domain: row 0 of [1, C] views of the buffers (the same storage); in one process
         # (or eval) this is nn.BatchNorm's own F.batch_norm call, advancing the counter only
         # after it succeeded and not for an empty batch
-        return LF._domain_batch_norm(
+        return _domain_batch_norm(
             input,
             0,
             1,

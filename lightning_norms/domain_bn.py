@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_norms import functional as LF
+from lightning_norms.functional._domain import _check_domains, _domain_batch_norm, _expand_domains
 
 __all__ = ["DomainBatchNorm1d", "DomainBatchNorm2d", "DomainBatchNorm3d", "domain"]
 
@@ -95,7 +95,7 @@ class _DomainBatchNorm(_BatchNorm):
                 f"{self._name()}: no domain given; call it as `layer(x, domain=ids)` or run the "
                 "model inside `with lightning_norms.domain(model, ids):`"
             )
-        return LF._check_domains(domain, x.shape[0], self.num_domains, self._name())
+        return _check_domains(domain, x.shape[0], self.num_domains, self._name())
 
     def resolve_domain(self, x: Tensor, domain: int | Tensor | None = None) -> Tensor:
         """Per-sample domain ids for ``x``: validated ``LongTensor[N]`` on ``x``'s device.
@@ -114,13 +114,13 @@ class _DomainBatchNorm(_BatchNorm):
             >>> bn.resolve_domain(torch.randn(4, 3, 2, 2), 1)
             tensor([1, 1, 1, 1])
         """
-        return LF._expand_domains(self._resolve(x, domain), x)
+        return _expand_domains(self._resolve(x, domain), x)
 
     def forward(self, input: Tensor, domain: int | Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
         domains = self._resolve(input, domain)
         tracked = not self.training or self.track_running_stats
-        return LF._domain_batch_norm(
+        return _domain_batch_norm(
             input,
             domains,
             self.num_domains,

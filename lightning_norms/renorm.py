@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_norms import functional as LF
 from lightning_norms.distributed import is_sync_active
+from lightning_norms.functional._renorm import _synced_batch_renorm
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
@@ -111,7 +112,7 @@ class _BatchRenorm(_BatchNorm):
                 factor = 1.0 / (float(step) + 1.0)
         tracked = not self.training or self.track_running_stats
         if synced:
-            return LF._synced_batch_renorm(
+            return _synced_batch_renorm(
                 input,
                 self.running_mean if tracked else None,
                 self.running_var if tracked else None,

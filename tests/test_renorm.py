@@ -15,7 +15,8 @@ from lightning_norms import (
     CosineLinear,
     LayerNorm2d,
 )
-from lightning_norms.functional import _batch_mean_var, batch_renorm, renorm_limits
+from lightning_norms.functional import batch_renorm, renorm_limits
+from lightning_norms.functional._renorm import _batch_mean_var
 
 CASES = [
     (BatchRenorm1d, nn.BatchNorm1d, (16, 5)),

@@ -28,6 +28,8 @@ from lightning_norms import (
 )
 from lightning_norms import functional as LF
 from lightning_norms.distributed import SyncedBatchNorm2d
+from lightning_norms.functional import _domain as LFD
+from lightning_norms.functional import _renorm as LFR
 
 IDS = torch.tensor([0, 1, 0, 1, 1, 0])
 
@@ -93,7 +95,7 @@ def test_synced_function_single_process():
     torch.manual_seed(3)
 
     def fn(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        return LF._synced_batch_renorm(x, None, None, w, b, 0.1, 1e-5, 1.0, 0.0, None, "test")
+        return LFR._synced_batch_renorm(x, None, None, w, b, 0.1, 1e-5, 1.0, 0.0, None, "test")
 
     _check(fn, [_randn(4, 3, 2, 2, shift=3), _randn(3), _randn(3)])
 
@@ -114,9 +116,9 @@ def test_synced_function_with_all_reduces(one_rank_group):
     group = (None,)
 
     def fn(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        x3 = LF._rows(x)
-        stats = LF._domain_stats(x3, IDS, 2, group, "test")
-        return LF._DomainBatchNormFn.apply(x3, w, b, IDS, 1e-5, group, stats).view(x.shape)
+        x3 = LFD._rows(x)
+        stats = LFD._domain_stats(x3, IDS, 2, group, "test")
+        return LFD._DomainBatchNormFn.apply(x3, w, b, IDS, 1e-5, group, stats).view(x.shape)
 
     _check(fn, [_randn(6, 3, 2, 2, shift=1), _randn(2, 3), _randn(2, 3)])
 
@@ -151,7 +153,7 @@ def test_batch_renorm_synced_function_single_process():
     var = torch.full((3,), 1e-4, dtype=torch.float64)
 
     def fn(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        return LF._synced_batch_renorm(
+        return LFR._synced_batch_renorm(
             x, mean.clone(), var.clone(), w, b, 0.1, 1e-5, 1.5, 0.5, None, "test"
         )
 
