@@ -1,51 +1,106 @@
-"""Exact per-channel moments: counts, means and centred sums of squares, merged with Chan's formula.
+"""The one moment engine: grouped per-channel counts, means and centred sums of squares.
 
-Private tensor math behind :func:`lightning_norms.stats.recompute_bn_stats`. A set of moments is a
-triple ``(count[G], mean[G, C], m2[G, C])`` in float64, one row per group (a domain of a
-``DomainBatchNorm`` layer, or a single group for plain BN), where ``m2`` is the sum of squared
-deviations from the group mean. Two sets merge exactly (Chan, Golub & LeVeque 1979):
+Every statistic in the package comes from here: the batch statistics of the BatchNorm variants
+(per domain for ``DomainBatchNorm``, all-reduced when synchronised), the exact population
+statistics of :func:`lightning_norms.stats.recompute_bn_stats`, and the
+``BatchNormDoctor``'s figures. A set of moments is ``Moments(n[G], mean[G, C], m2[G, C])``,
+one row per group (a domain, or a single group for plain BN), ``m2`` the sum of squared
+deviations from the group mean. Sets merge exactly (Chan, Golub & LeVeque 1979, "Updating
+formulae and a pairwise algorithm for computing sample variances"):
 
     n = n_a + n_b,  delta = mean_b - mean_a,
     mean = mean_a + delta * n_b / n,  m2 = m2_a + m2_b + delta**2 * n_a * n_b / n
 
-so the merged statistics equal those of the concatenated data, whatever the batch sizes.
+so merged statistics equal those of the concatenated data, whatever the batch sizes.
+
+Precision policy (one, for every caller): a batch's moments are computed in
+:func:`stat_dtype` (float32 for fp16/bf16/fp32 input, float64 stays float64) from per-row
+``torch.var_mean`` (one fused pass, no ``E[x^2] - E[x]^2`` cancellation), merged per group with
+Chan's formula. Accumulations over many batches (:class:`MomentAccumulator`) and the
+all-reduce across ranks run in :func:`accumulate_dtype` (float64; float32 on MPS, which has
+no float64).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-Moments = tuple[Tensor, Tensor, Tensor]
 
-_STATS_DTYPES = (torch.float32, torch.float64)
+class Moments(NamedTuple):
+    """Per-group element count ``n[G]``, ``mean[G, C]`` and centred sum of squares ``m2[G, C]``."""
+
+    n: Tensor
+    mean: Tensor
+    m2: Tensor
+
+    def var(self, unbiased: bool = True) -> Tensor:
+        """Per-group variance ``[G, C]`` (unbiased like torch's ``running_var`` by default)."""
+        n = self.n - 1.0 if unbiased else self.n
+        return self.m2 / n.clamp(min=1.0)[:, None]
+
+    def to(self, dtype: torch.dtype) -> Moments:
+        """The same moments in ``dtype``."""
+        return Moments(self.n.to(dtype), self.mean.to(dtype), self.m2.to(dtype))
 
 
-def zero_moments(num_groups: int, num_channels: int, device: torch.device) -> Moments:
+def stat_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a batch's statistics are computed in: float64 for float64, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def accumulate_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of accumulations and all-reduces: float64 (float32 on MPS, which lacks it)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def zero_moments(
+    num_groups: int, num_channels: int, device: torch.device | str, dtype: torch.dtype | None = None
+) -> Moments:
     """Empty moments (count 0) for ``num_groups`` groups of ``num_channels`` channels.
 
+    ``dtype`` defaults to :func:`accumulate_dtype` of ``device``.
+
     Example:
-        >>> n, mean, m2 = zero_moments(2, 3, torch.device("cpu"))
+        >>> n, mean, m2 = zero_moments(2, 3, "cpu")
         >>> n.tolist(), mean.shape, m2.dtype
         ([0.0, 0.0], torch.Size([2, 3]), torch.float64)
     """
-    count = torch.zeros(num_groups, dtype=torch.float64, device=device)
-    mean = torch.zeros(num_groups, num_channels, dtype=torch.float64, device=device)
-    return count, mean, torch.zeros_like(mean)
+    device = torch.device(device)
+    dtype = dtype or accumulate_dtype(device)
+    mean = torch.zeros(num_groups, num_channels, dtype=dtype, device=device)
+    count = torch.zeros(num_groups, dtype=dtype, device=device)
+    return Moments(count, mean, torch.zeros_like(mean))
+
+
+def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-``(sample, channel)`` mean and biased variance of ``x`` ``[N, C, *]``, in stat dtype.
+
+    One fused ``torch.var_mean`` pass over the spatial positions; a ``[N, C]`` input has one
+    position per row (variance 0). ``channels_last`` inputs are read through a strided view.
+    """
+    xf = x if x.dtype == stat_dtype(x) else x.to(stat_dtype(x))
+    if xf.dim() == 2:
+        return xf, torch.zeros_like(xf)
+    var, mean = torch.var_mean(xf.flatten(2), dim=2, correction=0)
+    return mean, var
 
 
 def batch_moments(x: Tensor, ids: Tensor | None = None, num_groups: int = 1) -> Moments:
-    """Per-channel count, mean and centred sum of squares of ``x`` (channels on dim 1).
+    """Per-group count, mean and centred sum of squares of ``x`` (channels on dim 1).
 
-    Two passes over ``x`` (mean, then squared deviations from it) in float32 (float64 input stays
-    float64; fp16/bf16 is upcast), results returned in float64. With ``ids`` (one group id per
-    sample) the moments are computed per group with segment sums; groups without samples get
-    count 0 and zero mean/m2.
+    Rows (one per sample and channel) come from :func:`row_moments`; they are merged per group
+    with Chan's formula (segment sums over ``ids``). Groups without samples get count 0 and
+    zero mean / m2. Computed in :func:`stat_dtype` of ``x``; no gradient is tracked.
 
     Args:
         x: activations ``[N, C, *]``.
-        ids: optional ``LongTensor[N]`` of group ids in ``[0, num_groups)``. Default: ``None``.
+        ids: optional ``LongTensor[N]`` of group ids in ``[0, num_groups)`` (not checked here).
+            Default: ``None`` (one group).
         num_groups: number of groups when ``ids`` is given. Default: ``1``.
 
     Shape:
@@ -60,47 +115,40 @@ def batch_moments(x: Tensor, ids: Tensor | None = None, num_groups: int = 1) -> 
         >>> n.tolist(), mean.tolist(), m2.tolist()
         ([1.0, 2.0, 0.0], [[1.0], [4.0], [0.0]], [[0.0], [2.0], [0.0]])
     """
-    xf = x if x.dtype in _STATS_DTYPES else x.float()
-    num_channels = x.shape[1]
-    if ids is None:
-        dims = [0, *range(2, x.dim())]
-        shape = [1, num_channels] + [1] * (x.dim() - 2)
-        mean = xf.mean(dims)
-        m2 = (xf - mean.view(shape)).square().sum(dims)
-        count = torch.full((1,), x.numel() // num_channels, dtype=torch.float64, device=x.device)
-        return count, mean.double()[None], m2.double()[None]
-    xs = xf.reshape(x.shape[0], num_channels, -1)
-    per_sample = xs.shape[2]
-    count = torch.bincount(ids, minlength=num_groups).to(torch.float64) * per_sample
-    sums = xs.new_zeros(num_groups, num_channels).index_add_(0, ids, xs.sum(2))
-    mean = sums / count.clamp_min(1.0).to(xf.dtype)[:, None]
-    sq = (xs - mean[ids][:, :, None]).square().sum(2)
-    m2 = xs.new_zeros(num_groups, num_channels).index_add_(0, ids, sq)
-    return count, mean.double(), m2.double()
+    with torch.no_grad():
+        row_mean, row_var = row_moments(x)
+        per_row = x[0, 0].numel() if x.shape[0] else 1
+        if ids is None:
+            ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            num_groups = 1
+        zeros = row_mean.new_zeros(num_groups, x.shape[1])
+        rows = row_mean.new_zeros(num_groups).index_add_(0, ids, row_mean.new_ones(x.shape[0]))
+        mean = zeros.index_add(0, ids, row_mean) / rows.clamp(min=1.0)[:, None]
+        spread = (row_mean - mean[ids]).square_().add_(row_var).mul_(per_row)
+        return Moments(rows * per_row, mean, zeros.index_add_(0, ids, spread))
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
-    """Chan's exact merge of two sets of moments (float64); empty groups are neutral.
+    """Chan's exact merge of two sets of moments (in ``a``'s dtype); empty groups are neutral.
 
     Example:
         >>> x = torch.tensor([[1.0], [2.0], [4.0], [7.0], [8.0]])
         >>> n, mean, m2 = merge_moments(batch_moments(x[:2]), batch_moments(x[2:]))
-        >>> ref_n, ref_mean, ref_m2 = batch_moments(x)
-        >>> bool(torch.allclose(mean, ref_mean) and torch.allclose(m2, ref_m2)), n.tolist()
+        >>> ref = batch_moments(x)
+        >>> bool(torch.allclose(mean, ref.mean) and torch.allclose(m2, ref.m2)), n.tolist()
         (True, [5.0])
     """
-    n_a, mean_a, m2_a = a
-    n_b, mean_b, m2_b = b
-    n = n_a + n_b
+    n_b, mean_b, m2_b = b.to(a.mean.dtype)
+    n = a.n + n_b
     safe_n = n.clamp_min(1.0)
-    delta = mean_b - mean_a
-    mean = mean_a + delta * (n_b / safe_n)[:, None]
-    m2 = m2_a + m2_b + delta.square() * (n_a * n_b / safe_n)[:, None]
-    return n, mean, m2
+    delta = mean_b - a.mean
+    mean = a.mean + delta * (n_b / safe_n)[:, None]
+    m2 = a.m2 + m2_b + delta.square() * (a.n * n_b / safe_n)[:, None]
+    return Moments(n, mean, m2)
 
 
 def merge_stacked(counts: Tensor, means: Tensor, m2s: Tensor) -> Moments:
-    """Exact merge of ``K`` stacked sets of moments at once (float64; empty parts are neutral).
+    """Exact merge of ``K`` stacked sets of moments at once (empty parts are neutral).
 
     ``n = sum_k n_k``, ``mean = sum_k n_k mean_k / n``,
     ``m2 = sum_k (m2_k + n_k (mean_k - mean)**2)``: Chan's formula for ``K`` parts.
@@ -113,57 +161,86 @@ def merge_stacked(counts: Tensor, means: Tensor, m2s: Tensor) -> Moments:
         >>> x = torch.tensor([[1.0], [2.0], [4.0], [7.0], [8.0]])
         >>> parts = [batch_moments(x[:2]), batch_moments(x[2:3]), batch_moments(x[3:])]
         >>> n, mean, m2 = merge_stacked(*(torch.stack(p) for p in zip(*parts)))
-        >>> ref_n, ref_mean, ref_m2 = batch_moments(x)
-        >>> bool(torch.allclose(mean, ref_mean) and torch.allclose(m2, ref_m2)), n.tolist()
+        >>> ref = batch_moments(x)
+        >>> bool(torch.allclose(mean, ref.mean) and torch.allclose(m2, ref.m2)), n.tolist()
         (True, [5.0])
     """
     n = counts.sum(0)
     weights = counts[..., None]
     mean = (weights * means).sum(0) / n.clamp_min(1.0)[:, None]
     m2 = (m2s + weights * (means - mean).square()).sum(0)
-    return n, mean, m2
+    return Moments(n, mean, m2)
 
 
-def all_reduce_moments(moments: list[Moments], group: dist.ProcessGroup | None = None) -> None:
-    """Merge every rank's moments in place so each rank holds the moments of all ranks' data.
+def all_reduce_moments(
+    moments: Sequence[Moments], group: dist.ProcessGroup | None = None
+) -> list[Moments]:
+    """Every rank's moments merged over all ranks (one collective; each returned in its dtype).
 
-    Two float64 all-reduces over one packed buffer: counts and sums first, which give the global
-    means; then each rank's ``m2 + n * (mean - global_mean)**2``, the exact parallel merge. Every
-    rank must call this with the same list layout (same groups and channels), including ranks
-    that saw no data (count 0), so the collectives always match.
+    Each rank sends ``[n, n * mean, m2 + n * mean**2]`` for every set, packed in one
+    :func:`accumulate_dtype` buffer; ``m2 = SS - n * mean**2`` of the sums is exact to float64
+    rounding. Every rank must call it with the same layout (same groups and channels),
+    including ranks that saw no data (count 0), so the collectives always match. Without an
+    initialised process group the moments come back unchanged.
 
     Example:
-        >>> moments = [batch_moments(torch.ones(2, 3))]
-        >>> all_reduce_moments(moments) if dist.is_available() and dist.is_initialized() else None
+        >>> moments = all_reduce_moments([batch_moments(torch.ones(2, 3))])
+        >>> moments[0].n.tolist()
+        [2.0]
     """
-    if not moments:
-        return
-    device = moments[0][0].device
-    counts = [n.to(device) for n, _, _ in moments]
-    means = [mean.to(device) for _, mean, _ in moments]
-    first = torch.cat(
-        [*counts, *((n[:, None] * mean).flatten() for n, mean in zip(counts, means, strict=True))]
-    )
-    dist.all_reduce(first, group=group)
-    sizes = [n.numel() for n in counts] + [mean.numel() for mean in means]
-    parts = first.split(sizes)
-    k = len(moments)
-    global_counts = parts[:k]
-    global_means = [
-        (s.view_as(mean) / n.clamp_min(1.0)[:, None])
-        for s, n, mean in zip(parts[k:], global_counts, means, strict=True)
-    ]
-    second = torch.cat(
-        [
-            (m2.to(device) + n[:, None] * (mean - g_mean).square()).flatten()
-            for (_, _, m2), n, mean, g_mean in zip(
-                moments, counts, means, global_means, strict=True
-            )
-        ]
-    )
-    dist.all_reduce(second, group=group)
-    m2_parts = second.split([mean.numel() for mean in means])
-    for i, (n, mean, m2) in enumerate(moments):
-        n.copy_(global_counts[i])
-        mean.copy_(global_means[i])
-        m2.copy_(m2_parts[i].view_as(m2))
+    if not moments or not (dist.is_available() and dist.is_initialized()):
+        return list(moments)
+    acc = accumulate_dtype(moments[0].mean.device)
+    packed = []
+    for n, mean, m2 in moments:
+        n64, mean64 = n.to(acc)[:, None], mean.to(acc)
+        packed.append(
+            torch.cat([n64, n64 * mean64, torch.addcmul(m2.to(acc), n64, mean64.square())], 1)
+        )
+    flat = torch.cat([p.flatten() for p in packed])
+    dist.all_reduce(flat, group=group)
+    out = []
+    for part, (_, mean, _) in zip(flat.split([p.numel() for p in packed]), moments, strict=True):
+        part = part.view(mean.shape[0], -1)
+        c = mean.shape[1]
+        total = part[:, 0]
+        g_mean = part[:, 1 : 1 + c] / total.clamp(min=1.0)[:, None]
+        g_m2 = (part[:, 1 + c :] - total[:, None] * g_mean.square()).clamp(min=0.0)
+        out.append(Moments(total, g_mean, g_m2).to(mean.dtype))
+    return out
+
+
+class MomentAccumulator:
+    """Exact population moments of everything passed to :meth:`update`, in accumulate dtype.
+
+    Each call's :func:`batch_moments` are merged with Chan's formula; :meth:`all_reduce` merges
+    the ranks. ``moments.var()`` is unbiased like torch's ``running_var``.
+
+    Example:
+        >>> x = torch.randn(8, 3, 5, 5)
+        >>> acc = MomentAccumulator(1, 3, "cpu")
+        >>> acc.update(x[:3]); acc.update(x[3:])
+        >>> torch.allclose(acc.moments.mean[0], x.mean((0, 2, 3)).double(), atol=1e-6)
+        True
+        >>> ref = x.transpose(0, 1).reshape(3, -1).var(1).double()
+        >>> torch.allclose(acc.moments.var()[0], ref, atol=1e-5)
+        True
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, device: torch.device | str) -> None:
+        self.num_groups = num_groups
+        self.moments = zero_moments(num_groups, num_channels, device)
+
+    def update(self, x: Tensor, ids: Tensor | None = None) -> None:
+        """Add one batch ``x`` ``[N, C, *]``; ``ids``: ``LongTensor[N]`` of group rows."""
+        if ids is None and self.num_groups != 1:
+            raise ValueError(f"ids: required with num_groups={self.num_groups}, got None")
+        self.add(batch_moments(x, ids, self.num_groups))
+
+    def add(self, moments: Moments) -> None:
+        """Merge already computed moments (same groups and channels)."""
+        self.moments = merge_moments(self.moments, moments)
+
+    def all_reduce(self, group: dist.ProcessGroup | None = None) -> None:
+        """Merge this accumulator over all ranks (every rank must call it)."""
+        (self.moments,) = all_reduce_moments([self.moments], group)

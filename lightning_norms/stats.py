@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
@@ -667,8 +666,9 @@ def recompute_bn_stats(
         _run_pass(model, batches, forward_fn, report)
         for c in collectors:
             c.flush()
-        if dist.is_available() and dist.is_initialized():
-            all_reduce_moments([c.moments for c in collectors])
+        merged = all_reduce_moments([c.moments for c in collectors])
+        for c, moments in zip(collectors, merged, strict=True):
+            c.moments = moments
         thin = [label for c in collectors for label in c.write(report)]
     _warn_after(report, thin)
     return report
