@@ -17,6 +17,7 @@ from lightning_norms import (
 )
 from lightning_norms.functional import batch_renorm, renorm_limits
 from lightning_norms.functional._renorm import _batch_mean_var
+from tests._dist import run_ddp
 
 CASES = [
     (BatchRenorm1d, nn.BatchNorm1d, (16, 5)),
@@ -552,3 +553,88 @@ def test_low_precision_matches_float64_formula(dtype: torch.dtype, mode: str) ->
     rtol = 2e-3 if dtype == torch.float16 else 8e-3  # a rounding of the buffer's dtype
     torch.testing.assert_close(m.running_mean.double(), want_mean, rtol=rtol, atol=0)
     torch.testing.assert_close(m.running_var.double(), want_var, rtol=rtol, atol=0)
+
+
+def _functional_step(
+    x: Tensor, rm: Tensor, rv: Tensor, steps: Tensor, momentum: float | None, **kw: object
+) -> Tensor:
+    return batch_renorm(
+        x, rm, rv, None, None, True, momentum, 1e-5, 1.0, 0.0, num_batches_tracked=steps, **kw
+    )
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_functional_step_counter_equals_batchnorm(momentum: float | None) -> None:
+    """Issue 13: the public functional advances the step counter itself (cumulative average)."""
+    torch.manual_seed(3)
+    ref = nn.BatchNorm2d(4, momentum=momentum)
+    rm, rv, steps = torch.zeros(4), torch.ones(4), torch.tensor(0)
+    for k in range(3):
+        x = torch.randn(6, 4, 3, 3) * (k + 1) + k
+        torch.testing.assert_close(
+            _functional_step(x, rm, rv, steps, momentum), ref(x), rtol=0, atol=1e-6
+        )
+        torch.testing.assert_close(rm, ref.running_mean, rtol=0, atol=1e-6)
+        torch.testing.assert_close(rv, ref.running_var, rtol=1e-6, atol=1e-6)
+        assert int(steps) == int(ref.num_batches_tracked) == k + 1
+    # eval and an empty batch are no step; sync without a process group is the local kernel
+    batch_renorm(torch.randn(2, 4, 3, 3), rm, rv, num_batches_tracked=steps)
+    _functional_step(torch.randn(0, 4, 3, 3), rm, rv, steps, momentum)
+    assert int(steps) == 3
+    x = torch.randn(6, 4, 3, 3)
+    ref_out = _functional_step(x, rm.clone(), rv.clone(), steps.clone(), momentum)
+    torch.testing.assert_close(
+        _functional_step(x, rm, rv, steps, momentum, sync=True), ref_out, rtol=0, atol=0
+    )
+
+
+def test_functional_errors_name_the_caller_and_change_nothing() -> None:
+    rm, rv, steps = torch.randn(4), torch.rand(4) + 0.5, torch.tensor(5)
+    before = (rm.clone(), rv.clone())
+    with pytest.raises(ValueError, match=r"^BatchRenorm2d\(4\): expected more than 1 value"):
+        _functional_step(torch.randn(1, 4, 1, 1), rm, rv, steps, 0.1, name="BatchRenorm2d(4)")
+    with pytest.raises(ValueError, match=r"`momentum=None`.*`num_batches_tracked`"):
+        batch_renorm(torch.randn(4, 4), rm, rv, training=True, momentum=None)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1]) and int(steps) == 5
+    # without running statistics neither the counter nor momentum=None matters (plain BN)
+    y = batch_renorm(torch.randn(4, 4), None, None, training=True, momentum=None)
+    assert y.shape == (4, 4)
+
+
+def _functional_sync_worker(rank: int, world_size: int) -> dict[str, Tensor]:
+    """Rank ``rank`` runs the public functional with ``sync=True`` on its half of the batch."""
+    x = (torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 + 1)[rank::2]
+    x = x.double().requires_grad_(True)
+    w = torch.linspace(0.5, 1.5, 3, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.full((3,), 0.3, dtype=torch.float64), torch.full((3,), 0.8, dtype=torch.float64)
+    steps = torch.tensor(4)
+    y = batch_renorm(
+        x, rm, rv, w, None, True, None, 1e-5, 2.0, 1.0, sync=True, num_batches_tracked=steps
+    )
+    (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    return {"y": y.detach(), "gx": x.grad, "gw": w.grad, "rm": rm, "rv": rv, "steps": steps}
+
+
+@pytest.mark.ddp
+def test_functional_sync_routes_to_the_synced_kernel() -> None:
+    """Issue 13: ``sync=True`` in the public functional equals one process on the whole batch."""
+    ranks = run_ddp(_functional_sync_worker)
+    x = (torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 + 1).double()
+    perm = torch.cat([torch.arange(0, 8, 2), torch.arange(1, 8, 2)])
+    x = x[perm].requires_grad_(True)
+    w = torch.linspace(0.5, 1.5, 3, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.full((3,), 0.3, dtype=torch.float64), torch.full((3,), 0.8, dtype=torch.float64)
+    steps = torch.tensor(4)
+    y = batch_renorm(x, rm, rv, w, None, True, None, 1e-5, 2.0, 1.0, num_batches_tracked=steps)
+    grad = torch.cat([torch.arange(y.numel() // 2, dtype=y.dtype).view(4, 3, 4, 4)] * 2)
+    (y * grad).sum().backward()
+    gw = torch.zeros(3, dtype=torch.float64)
+    for rank, out in enumerate(ranks):
+        half = slice(4 * rank, 4 * rank + 4)
+        torch.testing.assert_close(out["y"], y[half].detach(), rtol=0, atol=1e-10)
+        torch.testing.assert_close(out["gx"], x.grad[half], rtol=0, atol=1e-9)
+        torch.testing.assert_close(out["rm"], rm, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out["rv"], rv, rtol=0, atol=1e-12)
+        assert int(out["steps"]) == int(steps) == 5
+        gw += out["gw"]
+    torch.testing.assert_close(gw, w.grad, rtol=0, atol=1e-9)

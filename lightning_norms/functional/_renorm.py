@@ -109,6 +109,33 @@ def _is_plain_bn(r_max: float | Tensor, d_max: float | Tensor) -> bool:
     )
 
 
+def _check_renorm_call(
+    x: Tensor,
+    running_mean: Tensor | None,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    name: str,
+    local: bool,
+) -> None:
+    """Raise (before any state changes) on a training call :func:`batch_renorm` cannot run."""
+    if momentum is None and running_mean is not None and num_batches_tracked is None:
+        raise ValueError(
+            f"{name}: `momentum=None` (cumulative average) needs `num_batches_tracked`"
+        )
+    if local and x.numel() and x.numel() // x.shape[1] <= 1:
+        raise ValueError(
+            f"{name}: expected more than 1 value per channel when using batch statistics "
+            f"(training), got input of shape {tuple(x.shape)}"
+        )
+
+
+def _ema_factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
+    """Running-average factor of a step: ``momentum``, or ``1 / (k + 1)`` (cumulative)."""
+    if momentum is not None:
+        return momentum
+    return 0.0 if num_batches_tracked is None else 1.0 / (float(num_batches_tracked) + 1.0)
+
+
 def batch_renorm(
     x: Tensor,
     running_mean: Tensor | None,
@@ -116,10 +143,15 @@ def batch_renorm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     training: bool = False,
-    momentum: float = 0.1,
+    momentum: float | None = 0.1,
     eps: float = 1e-5,
     r_max: float | Tensor = 3.0,
     d_max: float | Tensor = 5.0,
+    *,
+    sync: bool = False,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    num_batches_tracked: Tensor | None = None,
+    name: str = "batch_renorm",
 ) -> Tensor:
     r"""Batch Renormalization: BatchNorm corrected towards the running statistics.
 
@@ -137,7 +169,8 @@ def batch_renorm(
     backward pass and use the running statistics from before this step's update. ``r`` and
     ``d`` are folded into the affine of a single ``F.batch_norm`` call, which also updates the
     running statistics exactly as BatchNorm does. Otherwise (eval, or no running statistics:
-    ``r = 1, d = 0``) this is ``F.batch_norm``.
+    ``r = 1, d = 0``) this is ``F.batch_norm``. An empty training batch returns an empty
+    output and changes nothing.
 
     Args:
         x: input with channels in dim 1.
@@ -146,14 +179,32 @@ def batch_renorm(
         weight: ``gamma`` ``[C]`` or ``None``. Default: ``None``.
         bias: ``beta`` ``[C]`` or ``None``. Default: ``None``.
         training: use (and renormalise) batch statistics. Default: ``False``.
-        momentum: running-average factor, as in ``F.batch_norm``. Default: ``0.1``.
+        momentum: running-average factor, as in ``F.batch_norm``; ``None``: cumulative average
+            over the steps counted by ``num_batches_tracked`` (factor ``1 / (k + 1)`` at step
+            ``k``, as ``nn.BatchNorm*d(momentum=None)``). Default: ``0.1``.
         eps: added to the variances. Default: ``1e-5``.
         r_max: clip limit of ``r`` (float or 0-dim tensor, see :func:`renorm_limits`).
             Default: ``3.0``.
         d_max: clip limit of ``d``. Default: ``5.0``.
+        sync: in training, take the batch statistics over all ranks of ``process_group``
+            (when ``torch.distributed`` is initialised with more than one rank; otherwise
+            local). A module passes it only while training, as ``nn.SyncBatchNorm``.
+            Default: ``False``.
+        process_group: group to synchronise over (implies ``sync``). Default: ``None`` (world).
+        num_batches_tracked: the step counter (``LongTensor`` buffer, 0-dim or ``[1]``), or
+            ``None``. Advanced in place by 1 once per successful training call that updates the
+            running statistics, and only when the (global) batch is non-empty.
+            Default: ``None``.
+        name: how errors name the caller (e.g. ``"BatchRenorm2d(64)"``).
+            Default: ``"batch_renorm"``.
 
     Shape:
         ``x``: :math:`(N, C, *)`; output: same shape.
+
+    Raises:
+        ValueError: in training, on one value per channel (with synchronisation: globally, on
+            every rank), or on ``momentum=None`` with running statistics but no
+            ``num_batches_tracked``. Nothing is changed then.
 
     Example:
         >>> x = torch.randn(8, 3, 4, 4) * 2 + 1
@@ -161,18 +212,51 @@ def batch_renorm(
         >>> y = batch_renorm(x, mean, var, training=True, r_max=1.0, d_max=0.0)
         >>> torch.allclose(y, F.batch_norm(x, None, None, training=True), atol=1e-5)
         True
+        >>> steps = torch.tensor(0)
+        >>> y = batch_renorm(x, mean, var, training=True, momentum=None, num_batches_tracked=steps)
+        >>> int(steps), torch.allclose(mean, x.mean((0, 2, 3)))
+        (1, True)
     """
-    if (
-        training
-        and running_mean is not None
-        and running_var is not None
-        and not _is_plain_bn(r_max, d_max)
-    ):
+    tracked = running_mean is not None and running_var is not None
+    steps = num_batches_tracked if training and tracked else None
+    if training:
+        synced = _sync_world(sync, process_group)
+        _check_renorm_call(x, running_mean, momentum, steps, name, not synced)
+        if synced:
+            return _synced_batch_renorm(
+                x,
+                running_mean,
+                running_var,
+                weight,
+                bias,
+                momentum,
+                eps,
+                r_max,
+                d_max,
+                process_group,
+                name,
+                num_batches_tracked=steps,
+            )
+        if x.numel() == 0:  # as nn.BatchNorm*d: an empty output, no statistics to take
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    if training and tracked and not _is_plain_bn(r_max, d_max):
         batch_mean, batch_var = _batch_mean_var(x)
         weight, bias = _renorm_affine(
-            batch_mean, batch_var, running_mean, running_var, weight, bias, eps, r_max, d_max
+            batch_mean,
+            batch_var,
+            cast(Tensor, running_mean),
+            cast(Tensor, running_var),
+            weight,
+            bias,
+            eps,
+            r_max,
+            d_max,
         )
-    return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    factor = _ema_factor(momentum, steps)
+    out = F.batch_norm(x, running_mean, running_var, weight, bias, training, factor, eps)
+    if steps is not None:
+        steps.add_(1)
+    return out
 
 
 def _synced_batch_renorm(
@@ -181,7 +265,7 @@ def _synced_batch_renorm(
     running_var: Tensor | None,
     weight: Tensor | None,
     bias: Tensor | None,
-    momentum: float,
+    momentum: float | None,
     eps: float,
     r_max: float | Tensor,
     d_max: float | Tensor,
