@@ -27,13 +27,16 @@ plain BN layer, one per domain for ``DomainBatchNorm``) so per-domain statistics
   sampler, directly. Samples, not pixels, are the i.i.d. units: positions inside one sample
   are correlated.
 
-* :class:`MomentAccumulator` collects exact per-channel population moments (count, mean, M2,
-  merged with Chan's parallel formula) of the inputs a BN layer sees, e.g. in validation, and
-  :func:`eval_mismatch` compares them with the layer's running statistics.
+* :func:`eval_mismatch` compares the exact population moments of the inputs a BN layer sees
+  in validation (the engine's :class:`lightning_norms._moments.MomentAccumulator`, fp64
+  accumulation, merged over ranks with :func:`lightning_norms._moments.all_reduce_moments`)
+  with the layer's running statistics.
 
-Under ``torch.distributed`` ``all_reduce_spreads`` / ``all_reduce_moments`` merge the
-accumulators of all ranks (every rank must call them); the result equals one process that saw
-every rank's calls.
+Every per-call statistic comes from the moment engine (:mod:`lightning_norms._moments`): the
+per-sample channel means from ``row_moments``, the per-group count, mean and centred sum of
+squares of those means from ``batch_moments``. Under ``torch.distributed``
+``all_reduce_spreads`` sums the spreads of all ranks (every rank must call it); the result
+equals one process that saw every rank's calls.
 """
 
 from __future__ import annotations
@@ -44,14 +47,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_norms._moments import batch_moments, row_moments
+
 __all__ = [
     "BatchSpread",
-    "MomentAccumulator",
     "all_reduce_max_",
-    "all_reduce_moments",
     "all_reduce_spreads",
     "eval_mismatch",
-    "sample_channel_means",
     "summarise_spread",
 ]
 
@@ -70,40 +72,18 @@ def _all_reduce_(tensors: list[Tensor], op: dist.ReduceOp.RedOpType) -> None:
         t.copy_(chunk.view_as(t))
 
 
-def sample_channel_means(x: Tensor) -> Tensor:
-    """Per-sample, per-channel means of a BN input, in fp32.
-
-    Args:
-        x: a BN layer's input, ``[N, C]`` or ``[N, C, *]``.
-
-    Returns:
-        ``[N, C]`` float32: the mean of every sample's channel over its positions (``x`` itself,
-        cast to fp32, for ``[N, C]`` input).
+def _sample_means(x: Tensor) -> Tensor:
+    """Per-sample channel means ``[N, C]`` of ``x`` ``[N, C, *]`` in float32 (the row means of
+    the engine's :func:`~lightning_norms._moments.row_moments`, without the unused variances).
 
     Raises:
         ValueError: if ``x`` has fewer than 2 dimensions.
-
-    Example:
-        >>> sample_channel_means(torch.ones(2, 3, 4, 4)).shape
-        torch.Size([2, 3])
     """
     if x.dim() < 2:
-        raise ValueError(
-            f"sample_channel_means: expected input [N, C, *], got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"BatchSpread.update: `x` must be [N, C, *], got shape {tuple(x.shape)}")
     if x.dim() == 2:
         return x.float()
     return x.mean(dim=tuple(range(2, x.dim())), dtype=torch.float32)
-
-
-def _group_counts(groups: Tensor, num_groups: int, dtype: torch.dtype) -> Tensor:
-    ones = torch.ones(groups.shape[0], dtype=dtype, device=groups.device)
-    return torch.zeros(num_groups, dtype=dtype, device=groups.device).index_add_(0, groups, ones)
-
-
-def _group_sums(values: Tensor, groups: Tensor, num_groups: int) -> Tensor:
-    out = torch.zeros(num_groups, values.shape[1], dtype=values.dtype, device=values.device)
-    return out.index_add_(0, groups, values)
 
 
 class BatchSpread:
@@ -158,21 +138,19 @@ class BatchSpread:
         the count is ``x.shape[0]``). Calls with fewer than 2 samples in a group add nothing for
         that group.
         """
-        m = sample_channel_means(x)
+        m = _sample_means(x)
         if groups is None:
             n = m.shape[0]
             if n < 2:
                 return None
-            # two-pass variance: torch's CPU var over dim 0 is several times slower
-            mu = m.mean(dim=0)
-            self.within[0].add_((m - mu).square_().sum(dim=0), alpha=1.0 / (n * (n - 1)))
+            # the engine's row kernel with channels as rows: moments of m over the samples
+            mu, var = row_moments(m.t()[:, None])
+            self.within[0].add_(var[:, 0], alpha=1.0 / (n - 1))  # s2 / n, s2 unbiased
             self._host_calls += 1
-            self._add_lags(0, mu)
+            self._add_lags(0, mu[:, 0])
             return None
-        cnt = _group_counts(groups, self.num_groups, m.dtype)
-        mu = _group_sums(m, groups, self.num_groups) / cnt.clamp(min=1.0)[:, None]
-        dev = m - mu[groups]
-        s2 = _group_sums(dev * dev, groups, self.num_groups) / (cnt - 1.0).clamp(min=1.0)[:, None]
+        cnt, mu, m2 = batch_moments(m, groups, self.num_groups)
+        s2 = m2 / (cnt - 1.0).clamp(min=1.0)[:, None]
         present = cnt >= 2
         self.within.addcmul_(s2, (present / cnt.clamp(min=1.0))[:, None])
         self.num_batches.add_(present)
@@ -248,94 +226,6 @@ def summarise_spread(ratio: Tensor, num_batches: Tensor, min_batches: int) -> Te
     return torch.where(num_batches >= max(min_batches, 3), med, torch.nan)
 
 
-class MomentAccumulator:
-    """Exact per-channel population moments (count, mean, M2) of the inputs a BN layer sees.
-
-    Chan et al.'s parallel update merges each call (and, under DDP, each rank) exactly, with
-    no sum-of-squares cancellation. ``var()`` is unbiased like torch's ``running_var``.
-
-    Args:
-        num_groups: rows (1 for a plain BN layer, ``num_domains`` for a domain-split one).
-        num_channels: ``C``.
-        device: where the accumulators live.
-
-    Example:
-        >>> x = torch.randn(8, 3, 5, 5)
-        >>> acc = MomentAccumulator(1, 3, "cpu")
-        >>> acc.update(x[:3]); acc.update(x[3:])
-        >>> torch.allclose(acc.mean[0], x.mean((0, 2, 3)), atol=1e-6)
-        True
-        >>> torch.allclose(acc.var()[0], x.transpose(0, 1).reshape(3, -1).var(1), atol=1e-5)
-        True
-    """
-
-    def __init__(self, num_groups: int, num_channels: int, device: torch.device | str) -> None:
-        kw: dict[str, Any] = {"dtype": torch.float32, "device": device}
-        self.num_groups = num_groups
-        self.count = torch.zeros(num_groups, **kw)
-        self.mean = torch.zeros(num_groups, num_channels, **kw)
-        self.m2 = torch.zeros(num_groups, num_channels, **kw)
-
-    def _merge(self, cnt: Tensor, mean: Tensor, m2: Tensor) -> None:
-        total = self.count + cnt
-        w = cnt / total.clamp(min=1.0)
-        delta = mean - self.mean
-        self.mean.addcmul_(delta, w[:, None])
-        self.m2.add_(m2).addcmul_(delta * delta, (self.count * w)[:, None])
-        self.count.copy_(total)
-
-    def update(self, x: Tensor, groups: Tensor | None = None) -> None:
-        """Add one call's input ``x`` (``[N, C, *]``); ``groups``: ``LongTensor[N]`` of rows."""
-        xf = x.float()
-        c = xf.shape[1]
-        if groups is None:
-            dims = (0, *range(2, xf.dim()))
-            var, mean = torch.var_mean(xf, dim=dims, correction=0)
-            n = xf.numel() // c
-            cnt = torch.tensor([float(n)], device=xf.device)
-            self._merge(cnt, mean[None], (var * n)[None])
-            return
-        positions = xf[0, 0].numel() if xf.shape[0] else 1
-        if xf.dim() == 2:
-            sample_var, sample_mean = torch.zeros_like(xf), xf
-        else:
-            sample_var, sample_mean = torch.var_mean(xf.flatten(2), dim=2, correction=0)
-        samples = _group_counts(groups, self.num_groups, xf.dtype)
-        mean = _group_sums(sample_mean, groups, self.num_groups) / samples.clamp(min=1.0)[:, None]
-        dev = sample_mean - mean[groups]
-        m2 = positions * (
-            _group_sums(sample_var, groups, self.num_groups)
-            + _group_sums(dev * dev, groups, self.num_groups)
-        )
-        self._merge(samples * positions, mean, m2)
-
-    def var(self) -> Tensor:
-        """Unbiased population variance ``[G, C]``."""
-        return self.m2 / (self.count - 1.0).clamp(min=1.0)[:, None]
-
-
-def all_reduce_moments(accs: list[MomentAccumulator]) -> None:
-    """Merge several ``MomentAccumulator`` over all ranks exactly, two collectives in all.
-
-    After it every rank holds the moments of all ranks' inputs, as if one process had seen
-    them (global mean first, then ``M2 + n (mean_r - mean)^2`` summed). Every rank must call it.
-    """
-    if not _distributed() or not accs:
-        return
-    sums = [t for a in accs for t in (a.count.clone(), a.mean * a.count[:, None])]
-    _all_reduce_(sums, dist.ReduceOp.SUM)
-    m2s = []
-    for a, total, weighted in zip(accs, sums[0::2], sums[1::2], strict=True):
-        mean = weighted / total.clamp(min=1.0)[:, None]
-        delta = a.mean - mean
-        m2s.append(a.m2 + delta * delta * a.count[:, None])
-        a.count.copy_(total)
-        a.mean.copy_(mean)
-    _all_reduce_(m2s, dist.ReduceOp.SUM)
-    for a, m2 in zip(accs, m2s, strict=True):
-        a.m2.copy_(m2)
-
-
 def eval_mismatch(
     count: Tensor,
     mean: Tensor,
@@ -374,8 +264,8 @@ def eval_mismatch(
         >>> shift.tolist(), round(lvr.item(), 4)
         ([2.0], 1.3863)
     """
-    rm = running_mean.float().reshape(-1, mean.shape[1])
-    rv = running_var.float().reshape(-1, mean.shape[1])
+    rm = running_mean.to(mean.dtype).reshape(-1, mean.shape[1])
+    rv = running_var.to(mean.dtype).reshape(-1, mean.shape[1])
     shift = ((mean - rm).abs() / (rv + eps).sqrt()).mean(dim=1)
     lvr = ((var + eps).log() - (rv + eps).log()).abs().mean(dim=1)
     ok = count >= 2

@@ -25,13 +25,12 @@ from typing_extensions import override
 
 from lightning_norms._diagnostics import (
     BatchSpread,
-    MomentAccumulator,
     all_reduce_max_,
-    all_reduce_moments,
     all_reduce_spreads,
     eval_mismatch,
     summarise_spread,
 )
+from lightning_norms._moments import MomentAccumulator, all_reduce_moments
 from lightning_norms.callbacks._checks import check_no_torch_sync_batchnorm
 from lightning_norms.stats import is_recomputing
 
@@ -772,19 +771,23 @@ class BatchNormDoctor(Callback):
         ]
         if not probes:
             return
-        accs = [cast(MomentAccumulator, p.moments) for p in probes]
-        all_reduce_moments(accs)
+        merged = all_reduce_moments([cast(MomentAccumulator, p.moments).moments for p in probes])
         fitting = trainer.state.fn == "fit"
         rows = []
-        for probe, acc in zip(probes, accs, strict=True):
+        for probe, moments in zip(probes, merged, strict=True):
             module = probe.module
             assert module.running_mean is not None and module.running_var is not None
-            count = acc.count
+            count = moments.n
             tracked = module.num_batches_tracked
             if fitting and tracked is not None:
                 count = torch.where(tracked.reshape(-1) >= self._warmup, count, 0.0)
             shift, lvr = eval_mismatch(
-                count, acc.mean, acc.var(), module.running_mean, module.running_var, module.eps
+                count,
+                moments.mean,
+                moments.var(),
+                module.running_mean,
+                module.running_var,
+                module.eps,
             )
             rows.append(torch.stack([_nanmax(shift), _nanmax(lvr)]))
         self._report("eval", trainer, pl_module, probes, torch.stack(rows).tolist())

@@ -22,12 +22,11 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_norms._diagnostics import (
     BatchSpread,
-    MomentAccumulator,
-    all_reduce_moments,
     all_reduce_spreads,
     eval_mismatch,
     summarise_spread,
 )
+from lightning_norms._moments import MomentAccumulator
 from lightning_norms.callbacks import BatchNormDoctor
 from lightning_norms.callbacks.doctor import BatchNormDoctorWarning, BNFinding
 from tests._dist import run_ddp, run_script
@@ -118,10 +117,10 @@ def test_moment_accumulator_grouped_matches_torch() -> None:
     x, g = torch.cat(xs), torch.cat(ids)
     for d in (0, 1):
         flat = x[g == d].transpose(0, 1).reshape(4, -1)
-        torch.testing.assert_close(acc.mean[d], flat.mean(1))
-        torch.testing.assert_close(acc.var()[d], flat.var(1), rtol=1e-4, atol=1e-4)
-        assert acc.count[d].item() == flat.shape[1]
-    assert acc.count[2].item() == 0
+        torch.testing.assert_close(acc.moments.mean[d].float(), flat.mean(1))
+        torch.testing.assert_close(acc.moments.var()[d].float(), flat.var(1), rtol=1e-4, atol=1e-4)
+        assert acc.moments.n[d].item() == flat.shape[1]
+    assert acc.moments.n[2].item() == 0
 
 
 def test_eval_mismatch_formula() -> None:
@@ -145,9 +144,10 @@ def test_statistics_in_fp32_for_half_inputs(dtype: torch.dtype) -> None:
         ref.update(x.float())
         m_half.update(x)
         m_ref.update(x.float())
-    assert half.within.dtype == torch.float32 and m_half.mean.dtype == torch.float32
+    # per-call statistics in fp32, population moments accumulated in fp64 (the engine's policy)
+    assert half.within.dtype == torch.float32 and m_half.moments.mean.dtype == torch.float64
     torch.testing.assert_close(half.ratio(), ref.ratio(), rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(m_half.var(), m_ref.var())
+    torch.testing.assert_close(m_half.moments.var(), m_ref.moments.var())
 
 
 def _ddp_reductions(rank: int, world_size: int) -> dict[str, Tensor]:
@@ -158,16 +158,16 @@ def _ddp_reductions(rank: int, world_size: int) -> dict[str, Tensor]:
         spread.update(x)
         acc.update(x, torch.tensor([0, 1, 0, 1, 0, 0]))
     all_reduce_spreads([spread])
-    all_reduce_moments([acc])
+    acc.all_reduce()
     return {
         "lag1": spread.lag1,
         "lag2": spread.lag2,
         "within": spread.within,
         "n": spread.num_batches,
         "n2": spread.num_lag2,
-        "count": acc.count,
-        "mean": acc.mean,
-        "var": acc.var(),
+        "count": acc.moments.n,
+        "mean": acc.moments.mean,
+        "var": acc.moments.var(),
     }
 
 
@@ -187,9 +187,9 @@ def test_reductions_across_ranks_equal_one_process() -> None:
     for i, key in enumerate(["lag1", "lag2", None, "n2", "within", "n"]):
         if key is not None:
             torch.testing.assert_close(results[0][key], additive[i])
-    torch.testing.assert_close(results[0]["count"], acc.count)
-    torch.testing.assert_close(results[0]["mean"], acc.mean)
-    torch.testing.assert_close(results[0]["var"], acc.var(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[0]["count"], acc.moments.n)
+    torch.testing.assert_close(results[0]["mean"], acc.moments.mean)
+    torch.testing.assert_close(results[0]["var"], acc.moments.var(), rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- arguments
