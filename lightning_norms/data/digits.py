@@ -197,6 +197,69 @@ def _missing_files(root: Path) -> list[str]:
     return [str(root / f) for f in (*MNIST_FILES, *SVHN_FILES) if not (root / f).is_file()]
 
 
+def _check_batching(batching: Any, batch_size: Any, num_workers: Any, split_seed: Any) -> None:
+    """Refuse a bad ``batching``, a bad integer argument, or an odd mixed ``batch_size``."""
+    if batching not in ("mixed", "separate"):
+        raise ValueError(f"{_NAME}: `batching` must be 'mixed' or 'separate', got {batching!r}")
+    for name, value, low in (
+        ("batch_size", batch_size, 1),
+        ("num_workers", num_workers, 0),
+        ("split_seed", split_seed, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{_NAME}: `{name}` must be an integer >= {low}, got {value!r}")
+    if batching == "mixed" and batch_size % 2:
+        raise ValueError(
+            f"{_NAME}: `batch_size` must be even for batching='mixed' (an exact 50/50 mix), "
+            f"got {batch_size}"
+        )
+
+
+def _resolve_seed(seed: Any) -> int:
+    """``seed``, or Lightning's global seed (``PL_GLOBAL_SEED``, else 0) for ``None``; checked."""
+    if seed is None:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{_NAME}: `seed` must be an integer >= 0 or None, got {seed!r}")
+    return seed
+
+
+def _check_fractions(val_fraction: Any, test_fraction: Any, embedded: bool) -> None:
+    """Each fraction in ``[0, 1)``; embedded data also need ``val + test < 1``."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not (isinstance(value, (int, float)) and 0 <= value < 1):
+            raise ValueError(f"{_NAME}: `{name}` must be in [0, 1), got {value!r}")
+    if embedded and val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"{_NAME}: `val_fraction` + `test_fraction` must be < 1, got "
+            f"{val_fraction} + {test_fraction}"
+        )
+
+
+def _resolve_image_size(image_size: Any, embedded: bool) -> int:
+    """``image_size``, or the default (8 embedded, 32 real) for ``None``; an integer >= 8."""
+    if image_size is None:
+        image_size = 8 if embedded else 32
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"{_NAME}: `image_size` must be an integer >= 8, got {image_size!r}")
+    return image_size
+
+
+def _check_root(root: str | os.PathLike[str]) -> None:
+    """Raise ``FileNotFoundError`` listing every MNIST/SVHN file missing under ``root``."""
+    missing = _missing_files(Path(root))
+    if missing:
+        raise FileNotFoundError(
+            f"{_NAME}: root={str(root)!r} lacks {len(missing)} file(s): "
+            + ", ".join(missing)
+            + ". Expected torchvision's layout: ROOT/MNIST/raw/ with the four "
+            "uncompressed idx files and ROOT/train_32x32.mat, ROOT/test_32x32.mat "
+            "(torchvision.datasets.MNIST(ROOT, download=True) and SVHN(ROOT, "
+            "split='train'/'test', download=True) write them). Nothing is downloaded "
+            "here; pass root=None for the embedded digits."
+        )
+
+
 def _load_real(root: Path, size: int) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """(train images, train labels, test images, test labels) for MNIST and SVHN, uint8."""
     import numpy as np
@@ -309,49 +372,12 @@ class TwoDomainDigits(L.LightningDataModule):
         image_size: int | None = None,
     ) -> None:
         super().__init__()
-        if batching not in ("mixed", "separate"):
-            raise ValueError(f"{_NAME}: `batching` must be 'mixed' or 'separate', got {batching!r}")
-        value: float  # shared by the int and the fraction checks below
-        for name, value, low in (
-            ("batch_size", batch_size, 1),
-            ("num_workers", num_workers, 0),
-            ("split_seed", split_seed, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{_NAME}: `{name}` must be an integer >= {low}, got {value!r}")
-        if batching == "mixed" and batch_size % 2:
-            raise ValueError(
-                f"{_NAME}: `batch_size` must be even for batching='mixed' (an exact 50/50 mix), "
-                f"got {batch_size}"
-            )
-        if seed is None:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"{_NAME}: `seed` must be an integer >= 0 or None, got {seed!r}")
-        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not (isinstance(value, (int, float)) and 0 <= value < 1):
-                raise ValueError(f"{_NAME}: `{name}` must be in [0, 1), got {value!r}")
-        if root is None and val_fraction + test_fraction >= 1:
-            raise ValueError(
-                f"{_NAME}: `val_fraction` + `test_fraction` must be < 1, got "
-                f"{val_fraction} + {test_fraction}"
-            )
-        if image_size is None:
-            image_size = 8 if root is None else 32
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-            raise ValueError(f"{_NAME}: `image_size` must be an integer >= 8, got {image_size!r}")
+        _check_batching(batching, batch_size, num_workers, split_seed)
+        seed = _resolve_seed(seed)
+        _check_fractions(val_fraction, test_fraction, embedded=root is None)
+        image_size = _resolve_image_size(image_size, embedded=root is None)
         if root is not None:
-            missing = _missing_files(Path(root))
-            if missing:
-                raise FileNotFoundError(
-                    f"{_NAME}: root={str(root)!r} lacks {len(missing)} file(s): "
-                    + ", ".join(missing)
-                    + ". Expected torchvision's layout: ROOT/MNIST/raw/ with the four "
-                    "uncompressed idx files and ROOT/train_32x32.mat, ROOT/test_32x32.mat "
-                    "(torchvision.datasets.MNIST(ROOT, download=True) and SVHN(ROOT, "
-                    "split='train'/'test', download=True) write them). Nothing is downloaded "
-                    "here; pass root=None for the embedded digits."
-                )
+            _check_root(root)
         self.save_hyperparameters()
         self.root = None if root is None else str(root)
         self.batching = batching

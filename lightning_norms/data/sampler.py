@@ -62,6 +62,99 @@ def _as_fraction(k: int, value: Any) -> Fraction:
     return Fraction(exact).limit_denominator(10**9)
 
 
+def _sequence(name: str, value: Any, what: str) -> list[Any]:
+    """``value`` as a list (tensors and arrays via ``tolist``); a string or a scalar is refused."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{_NAME}: `{name}` must be a sequence of {what}, got {value!r}")
+    return list(value)
+
+
+def _check_sizes(source_sizes: Any) -> list[int]:
+    """The validated ``source_sizes``: at least one source, each an integer ``>= 0``.
+
+    A ``Sampler`` here means Lightning re-created a DataLoader built outside a
+    ``*_dataloader`` hook: the ``TypeError`` says what to do instead.
+    """
+    if isinstance(source_sizes, Sampler):
+        raise TypeError(
+            f"{_NAME}: got a sampler ({type(source_sizes).__name__}) as `source_sizes`. "
+            "Lightning does this when it injects a DistributedSampler into a DataLoader that "
+            "was created outside a `*_dataloader` hook. Create the DataLoader inside "
+            "`train_dataloader()` (Lightning then re-creates this sampler with its own "
+            "arguments), or pass `Trainer(use_distributed_sampler=False)`: the sampler "
+            "shards by rank itself."
+        )
+    sizes = _sequence("source_sizes", source_sizes, "ints")
+    if len(sizes) == 0:
+        raise ValueError(f"{_NAME}: `source_sizes` must name at least one source, got []")
+    return [_check_int(f"source_sizes[{k}]", n, 0) for k, n in enumerate(sizes)]
+
+
+def _check_ratios(ratios: Any, count: int) -> tuple[list[Any], list[Fraction]]:
+    """The ratios as given (default: all 1) and their weights ``ratios[i] / sum(ratios)``.
+
+    Raises ``ValueError`` for a length other than ``count``, a negative/NaN/inf entry or an
+    all-zero list.
+    """
+    given = [1] * count if ratios is None else _sequence("ratios", ratios, "numbers")
+    if len(given) != count:
+        raise ValueError(
+            f"{_NAME}: `ratios` has {len(given)} entries but `source_sizes` has "
+            f"{count}, got ratios={given!r}"
+        )
+    fracs = [_as_fraction(k, r) for k, r in enumerate(given)]
+    total = sum(fracs)
+    if total == 0:
+        raise ValueError(f"{_NAME}: `ratios` must not be all zero, got {given!r}")
+    return given, [f / total for f in fracs]
+
+
+def _check_quotas(
+    ratios: list[Any], weights: list[Fraction], batch_size: int, sizes: list[int]
+) -> list[int]:
+    """The per-batch quotas (:func:`_apportion` of ``batch_size``), checked.
+
+    Every source with a positive ratio must get at least one seat and hold an example.
+    """
+    active = [k for k, r in enumerate(ratios) if r > 0]
+    if batch_size < len(active):
+        raise ValueError(
+            f"{_NAME}: `batch_size`={batch_size} is smaller than the number of sources "
+            f"with a positive ratio ({len(active)}); every such source needs >= 1 per batch"
+        )
+    quotas = _apportion(weights, batch_size)
+    zero = [k for k in active if quotas[k] == 0]
+    if zero:
+        raise ValueError(
+            f"{_NAME}: `ratios`={ratios!r} with `batch_size`={batch_size} gives "
+            f"quotas {quotas}: source(s) {zero} would never appear; raise their ratio "
+            "or the batch size"
+        )
+    empty = [k for k in active if sizes[k] == 0]
+    if empty:
+        raise ValueError(
+            f"{_NAME}: `source_sizes`={sizes} has empty source(s) {empty} with a positive ratio"
+        )
+    return quotas
+
+
+def _check_world(
+    num_replicas: Any, rank: Any, sampler: Sampler | None
+) -> tuple[int | None, int | None]:
+    """``num_replicas`` and ``rank``: as given, else the ``sampler``'s, else ``None``.
+
+    ``None`` means "read from ``torch.distributed`` whenever the sampler is used".
+    """
+    if num_replicas is None:
+        num_replicas = getattr(sampler, "num_replicas", None)
+    if rank is None:
+        rank = getattr(sampler, "rank", None)
+    world = None if num_replicas is None else _check_int("num_replicas", num_replicas, 1)
+    return world, None if rank is None else _check_int("rank", rank, 0)
+
+
 def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -184,84 +277,31 @@ class MixingBatchSampler(BatchSampler):
         rank: int | None = None,
         sampler: Sampler | None = None,
     ) -> None:
-        if isinstance(source_sizes, Sampler):
-            raise TypeError(
-                f"{_NAME}: got a sampler ({type(source_sizes).__name__}) as `source_sizes`. "
-                "Lightning does this when it injects a DistributedSampler into a DataLoader that "
-                "was created outside a `*_dataloader` hook. Create the DataLoader inside "
-                "`train_dataloader()` (Lightning then re-creates this sampler with its own "
-                "arguments), or pass `Trainer(use_distributed_sampler=False)`: the sampler "
-                "shards by rank itself."
-            )
-        if hasattr(source_sizes, "tolist"):
-            source_sizes = source_sizes.tolist()
-        if isinstance(source_sizes, (str, bytes)) or not isinstance(source_sizes, Sequence):
-            raise ValueError(
-                f"{_NAME}: `source_sizes` must be a sequence of ints, got {source_sizes!r}"
-            )
-        if len(source_sizes) == 0:
-            raise ValueError(f"{_NAME}: `source_sizes` must name at least one source, got []")
-        sizes = [_check_int(f"source_sizes[{k}]", n, 0) for k, n in enumerate(source_sizes)]
+        sizes = _check_sizes(source_sizes)
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.shuffle = _check_bool("shuffle", shuffle)
         self.drop_last = _check_bool("drop_last", drop_last)
         self.seed = _check_int("seed", seed, 0)
-        if ratios is None:
-            ratios = [1] * len(sizes)
-        if hasattr(ratios, "tolist"):
-            ratios = ratios.tolist()
-        if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence):
-            raise ValueError(f"{_NAME}: `ratios` must be a sequence of numbers, got {ratios!r}")
-        if len(ratios) != len(sizes):
-            raise ValueError(
-                f"{_NAME}: `ratios` has {len(ratios)} entries but `source_sizes` has "
-                f"{len(sizes)}, got ratios={list(ratios)!r}"
-            )
-        fracs = [_as_fraction(k, r) for k, r in enumerate(ratios)]
-        total = sum(fracs)
-        if total == 0:
-            raise ValueError(f"{_NAME}: `ratios` must not be all zero, got {list(ratios)!r}")
-        active = [k for k, r in enumerate(ratios) if r > 0]
-        if self.batch_size < len(active):
-            raise ValueError(
-                f"{_NAME}: `batch_size`={self.batch_size} is smaller than the number of sources "
-                f"with a positive ratio ({len(active)}); every such source needs >= 1 per batch"
-            )
-        self.weights = [f / total for f in fracs]
-        self.quotas = _apportion(self.weights, self.batch_size)
-        zero = [k for k in active if self.quotas[k] == 0]
-        if zero:
-            raise ValueError(
-                f"{_NAME}: `ratios`={list(ratios)!r} with `batch_size`={self.batch_size} gives "
-                f"quotas {self.quotas}: source(s) {zero} would never appear; raise their ratio "
-                "or the batch size"
-            )
-        empty = [k for k in active if sizes[k] == 0]
-        if empty:
-            raise ValueError(
-                f"{_NAME}: `source_sizes`={sizes} has empty source(s) {empty} with a positive ratio"
-            )
-        if num_replicas is None:
-            num_replicas = getattr(sampler, "num_replicas", None)
-        if rank is None:
-            rank = getattr(sampler, "rank", None)
-        self._num_replicas = (
-            None if num_replicas is None else _check_int("num_replicas", num_replicas, 1)
-        )
-        self._rank = None if rank is None else _check_int("rank", rank, 0)
+        given, self.weights = _check_ratios(ratios, len(sizes))
+        self.quotas = _check_quotas(given, self.weights, self.batch_size, sizes)
+        self._num_replicas, self._rank = _check_world(num_replicas, rank, sampler)
         self.source_sizes = sizes
         self.offsets = [sum(sizes[:k]) for k in range(len(sizes))]
         self.epoch = 0
-        self._global_full = min(sizes[k] // self.quotas[k] for k in active)
+        self._global_full = min(n // q for n, q in zip(sizes, self.quotas, strict=True) if q > 0)
         self._layouts: dict[int, tuple[int, list[int]]] = {}
+        self._check_fits()
+
+    def _check_fits(self) -> None:
+        """Refuse an explicit ``rank >= num_replicas`` and sources too small for one batch."""
         if self._rank is not None and self._rank >= self.num_replicas:
             raise ValueError(
                 f"{_NAME}: `rank`={self._rank} must be < `num_replicas`={self.num_replicas}"
             )
         if len(self) == 0:
             raise ValueError(
-                f"{_NAME}: `source_sizes`={sizes} cannot fill a single batch of quotas "
-                f"{self.quotas} per rank on {self.num_replicas} rank(s)"
+                f"{_NAME}: `source_sizes`={self.source_sizes} cannot fill a single batch of "
+                f"quotas {self.quotas} per rank on {self.num_replicas} rank(s)"
             )
 
     @property
