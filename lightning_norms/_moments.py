@@ -244,3 +244,72 @@ class MomentAccumulator:
     def all_reduce(self, group: dist.ProcessGroup | None = None) -> None:
         """Merge this accumulator over all ranks (every rank must call it)."""
         (self.moments,) = all_reduce_moments([self.moments], group)
+
+
+def ema_factor(momentum: float | None, steps: Tensor | float) -> Tensor | float:
+    """Weight of a new batch in a running statistic: ``momentum``, or ``1 / steps`` if ``None``.
+
+    ``momentum=None`` is torch's cumulative moving average: after ``steps`` batches (this one
+    included) the running value is their plain average. The one place this rule lives: every
+    layer's running-statistics update takes its factor from here, at update time (after every
+    check passed), so a call that raises changes nothing.
+
+    Example:
+        >>> ema_factor(0.1, 7), ema_factor(None, 4.0)
+        (0.1, 0.25)
+    """
+    if momentum is not None:
+        return momentum
+    return 1.0 / steps
+
+
+def running_factor(
+    count: Tensor, momentum: float | None, num_batches_tracked: Tensor | None, dtype: torch.dtype
+) -> Tensor:
+    """Per-group weight ``[G, 1]`` of this batch in the running statistics (0: group absent).
+
+    Advances ``num_batches_tracked`` (``LongTensor[G]``) for the groups present (count > 0),
+    then takes :func:`ema_factor` per group, in ``dtype`` (the buffers' dtype: a float32 factor
+    would round fp64 updates).
+
+    Raises:
+        ValueError: ``momentum=None`` without ``num_batches_tracked``.
+    """
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    present = count > 0
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(present.to(num_batches_tracked.dtype))
+    factor = present.to(dtype)
+    if momentum is None and num_batches_tracked is not None:
+        return (factor * ema_factor(None, num_batches_tracked.clamp(min=1).to(dtype)))[:, None]
+    return (factor * ema_factor(momentum, 1.0))[:, None]
+
+
+def update_running(
+    running_mean: Tensor,
+    running_var: Tensor,
+    moments: Moments,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None = None,
+) -> None:
+    """Running-statistics update of the groups present in ``moments`` (rows ``[G, C]``).
+
+    ``running = (1 - f) * running + f * batch`` with ``f`` from :func:`running_factor` per
+    group and the batch variance unbiased, as torch's BatchNorm; groups with count 0 keep
+    their rows and their ``num_batches_tracked`` entry.
+
+    Raises:
+        ValueError: ``momentum=None`` without ``num_batches_tracked``.
+
+    Example:
+        >>> mean, var = torch.zeros(1, 2), torch.ones(1, 2)
+        >>> update_running(mean, var, batch_moments(torch.tensor([[1.0, 2.0], [3.0, 2.0]])), 0.5)
+        >>> mean.tolist(), var.tolist()
+        ([[1.0, 1.0]], [[1.5, 0.5]])
+    """
+    factor = running_factor(moments.n, momentum, num_batches_tracked, running_mean.dtype)
+    keep = 1 - factor
+    unbiased = moments.m2 / (moments.n - 1).clamp(min=1)[:, None]
+    running_mean.mul_(keep).add_(moments.mean.to(running_mean.dtype) * factor)
+    running_var.mul_(keep).add_(unbiased.to(running_var.dtype) * factor)

@@ -11,7 +11,8 @@ on GPU only ("SyncBatchNorm layers only work with GPU modules"). This module has
   plain BatchNorm layers into, keeping their parameter and buffer objects.
 
 ``DomainBatchNorm*d`` and ``BatchRenorm*d`` synchronise with ``sync=True`` / a
-``process_group`` through the same functional core (``lightning_norms.functional``).
+``process_group`` through the same functional core (``lightning_norms.functional``); all three
+share one base, :class:`lightning_norms._base.BatchNormBase`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_norms.functional._domain import _AllReduceSum, _domain_batch_norm, _sync_world
+from lightning_norms import functional as LF
+from lightning_norms._base import BatchNormBase
+from lightning_norms.functional._sync import AllReduceSum, sync_world
 
 __all__ = [
     "SyncedBatchNorm1d",
@@ -57,7 +60,7 @@ def all_reduce_sum(tensor: Tensor, process_group: Any = None) -> Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return tensor.clone()
-    return _AllReduceSum.apply(tensor, process_group)
+    return AllReduceSum.apply(tensor, process_group)
 
 
 def is_sync_active(module: nn.Module) -> bool:
@@ -70,27 +73,14 @@ def is_sync_active(module: nn.Module) -> bool:
         >>> is_sync_active(SyncedBatchNorm2d(3))  # no process group initialised
         False
     """
-    return bool(
-        module.training
-        and _sync_world(
-            bool(getattr(module, "sync", False)), getattr(module, "process_group", None)
-        )
-    )
+    if isinstance(module, BatchNormBase):
+        return module.sync_active()
+    sync = bool(getattr(module, "sync", False))
+    return bool(module.training and sync_world(sync, getattr(module, "process_group", None)))
 
 
-class _SyncedBatchNorm:
-    """Mixin of ``SyncedBatchNorm1d/2d/3d``; see :class:`SyncedBatchNorm2d`."""
-
-    num_features: int
-    eps: float
-    momentum: float | None
-    training: bool
-    track_running_stats: bool
-    running_mean: Tensor | None
-    running_var: Tensor | None
-    num_batches_tracked: Tensor | None
-    weight: Tensor | None
-    bias: Tensor | None
+class _SyncedBatchNorm(BatchNormBase):
+    """Base of ``SyncedBatchNorm1d/2d/3d``; see :class:`SyncedBatchNorm2d`."""
 
     def __init__(
         self,
@@ -105,37 +95,28 @@ class _SyncedBatchNorm:
         sync: bool = True,
         process_group: Any = None,
     ) -> None:
-        super().__init__(  # type: ignore[call-arg]
-            num_features, eps, momentum, affine, track_running_stats, device, dtype
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            sync=sync,
+            process_group=process_group,
         )
-        self.sync = sync
-        self.process_group = process_group
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)  # type: ignore[attr-defined]
-        tracked = not self.training or self.track_running_stats
-        running_mean = self.running_mean if tracked else None
-        running_var = self.running_var if tracked else None
-        counter = self.num_batches_tracked if self.training and tracked else None
-        # one domain: row 0 of [1, C] views of the buffers (the same storage); in one process
-        # (or eval) this is nn.BatchNorm's own F.batch_norm call, advancing the counter only
-        # after it succeeded and not for an empty batch
-        return _domain_batch_norm(
-            input,
-            0,
-            1,
-            None if running_mean is None else running_mean.view(1, -1),
-            None if running_var is None else running_var.view(1, -1),
-            self.weight,
-            self.bias,
-            self.training,
-            self.momentum,
-            self.eps,
-            None if counter is None else counter.view(1),
-            self.sync,
-            self.process_group,
-            f"{type(self).__name__}({self.num_features})",
-        )
+        self._check_input_dim(input)
+        state = self._norm_kwargs()
+        # one domain: [1, C] views of the buffers (the same storage); in one process (or eval)
+        # this is nn.BatchNorm's own F.batch_norm call, advancing the counter only after it
+        # succeeded and not for an empty batch
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            if state[key] is not None:
+                state[key] = state[key].view(1, *state[key].shape)
+        return LF.domain_batch_norm(x=input, domains=0, num_domains=1, **state)
 
     @classmethod
     def from_batchnorm(cls, bn: nn.Module, process_group: Any = None) -> nn.Module:
@@ -154,12 +135,6 @@ class _SyncedBatchNorm:
         synced = cast("type[nn.Module]", cls)
         return _retype(bn, synced, {"sync": True, "process_group": process_group})
 
-    def extra_repr(self) -> str:
-        text = super().extra_repr()  # type: ignore[misc]
-        if self.process_group is not None:
-            text += ", process_group=..."
-        return f"{text}, sync={self.sync}"
-
 
 def _retype(module: nn.Module, cls: type[nn.Module], extra: dict[str, Any]) -> nn.Module:
     """A ``cls`` module sharing ``module``'s state objects (parameters, buffers, hooks)."""
@@ -175,9 +150,7 @@ def _retype(module: nn.Module, cls: type[nn.Module], extra: dict[str, Any]) -> n
     return new
 
 
-# torch types _NormBase.weight/bias as Parameter (None when affine=False): the mixin's
-# accurate ``Tensor | None`` is flagged as incompatible
-class SyncedBatchNorm1d(_SyncedBatchNorm, nn.BatchNorm1d):  # type: ignore[misc]
+class SyncedBatchNorm1d(_SyncedBatchNorm, nn.BatchNorm1d):
     r"""``nn.BatchNorm1d`` with batch statistics synchronised across ranks (CPU and GPU).
 
     Same as :class:`SyncedBatchNorm2d`, for ``(N, C)`` or ``(N, C, L)`` inputs.
@@ -187,10 +160,10 @@ class SyncedBatchNorm1d(_SyncedBatchNorm, nn.BatchNorm1d):  # type: ignore[misc]
         torch.Size([8, 4])
     """
 
+    _dims = 1
 
-# torch types _NormBase.weight/bias as Parameter (None when affine=False): the mixin's
-# accurate ``Tensor | None`` is flagged as incompatible
-class SyncedBatchNorm2d(_SyncedBatchNorm, nn.BatchNorm2d):  # type: ignore[misc]
+
+class SyncedBatchNorm2d(_SyncedBatchNorm, nn.BatchNorm2d):
     r"""``nn.BatchNorm2d`` with batch statistics synchronised across ranks (CPU and GPU).
 
     Ioffe & Szegedy 2015 (arXiv:1502.03167) with the batch taken over all ranks:
@@ -233,10 +206,10 @@ class SyncedBatchNorm2d(_SyncedBatchNorm, nn.BatchNorm2d):  # type: ignore[misc]
         True
     """
 
+    _dims = 2
 
-# torch types _NormBase.weight/bias as Parameter (None when affine=False): the mixin's
-# accurate ``Tensor | None`` is flagged as incompatible
-class SyncedBatchNorm3d(_SyncedBatchNorm, nn.BatchNorm3d):  # type: ignore[misc]
+
+class SyncedBatchNorm3d(_SyncedBatchNorm, nn.BatchNorm3d):
     r"""``nn.BatchNorm3d`` with batch statistics synchronised across ranks (CPU and GPU).
 
     Same as :class:`SyncedBatchNorm2d`, for ``(N, C, D, H, W)`` inputs.
@@ -245,6 +218,8 @@ class SyncedBatchNorm3d(_SyncedBatchNorm, nn.BatchNorm3d):  # type: ignore[misc]
         >>> SyncedBatchNorm3d(2)(torch.randn(2, 2, 3, 3, 3)).shape
         torch.Size([2, 2, 3, 3, 3])
     """
+
+    _dims = 3
 
 
 _SYNCED_BATCHNORM: dict[type[nn.Module], type[nn.Module]] = {

@@ -19,16 +19,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_norms.functional._domain import _check_domains, _domain_batch_norm, _expand_domains
+from lightning_norms import functional as LF
+from lightning_norms._base import BatchNormBase
+from lightning_norms.functional._domain import _check_domains, _expand_domains
 
 __all__ = ["DomainBatchNorm1d", "DomainBatchNorm2d", "DomainBatchNorm3d", "domain"]
 
 
-class _DomainBatchNorm(_BatchNorm):
+class _DomainBatchNorm(BatchNormBase):
     """Common base of ``DomainBatchNorm1d/2d/3d``; see :class:`DomainBatchNorm2d`."""
-
-    _input_ranks: tuple[int, ...] = ()
-    _input_names: str = ""
 
     def __init__(
         self,
@@ -51,12 +50,18 @@ class _DomainBatchNorm(_BatchNorm):
         if num_domains < 1:
             raise ValueError(f"{name}: `num_domains` must be >= 1, got {num_domains}")
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device=device,
+            dtype=dtype,
+            sync=sync,
+            process_group=process_group,
         )
         self.num_domains = num_domains
         self.shared_affine = shared_affine
-        self.sync = sync
-        self.process_group = process_group
         self._domain_ids: int | Tensor | None = None
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         shape = (num_domains, num_features)
@@ -75,19 +80,8 @@ class _DomainBatchNorm(_BatchNorm):
     def _name(self) -> str:
         return f"{type(self).__name__}({self.num_features}, num_domains={self.num_domains})"
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in self._input_ranks:
-            raise ValueError(
-                f"{self._name()}: expected {self._input_names} input, "
-                f"got shape {tuple(input.shape)}"
-            )
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{self._name()}: expected {self.num_features} channels in dim 1, "
-                f"got input of shape {tuple(input.shape)}"
-            )
-
-    def _resolve(self, x: Tensor, domain: int | Tensor | None) -> int | Tensor:
+    def _ids(self, domain: int | Tensor | None) -> int | Tensor:
+        """``domain``, or the ids set by :func:`domain`; raises naming the layer if neither."""
         if domain is None:
             domain = self._domain_ids
         if domain is None:
@@ -95,7 +89,7 @@ class _DomainBatchNorm(_BatchNorm):
                 f"{self._name()}: no domain given; call it as `layer(x, domain=ids)` or run the "
                 "model inside `with lightning_norms.domain(model, ids):`"
             )
-        return _check_domains(domain, x.shape[0], self.num_domains, self._name())
+        return domain
 
     def resolve_domain(self, x: Tensor, domain: int | Tensor | None = None) -> Tensor:
         """Per-sample domain ids for ``x``: validated ``LongTensor[N]`` on ``x``'s device.
@@ -114,27 +108,16 @@ class _DomainBatchNorm(_BatchNorm):
             >>> bn.resolve_domain(torch.randn(4, 3, 2, 2), 1)
             tensor([1, 1, 1, 1])
         """
-        return _expand_domains(self._resolve(x, domain), x)
+        ids = _check_domains(self._ids(domain), x.shape[0], self.num_domains, self._name())
+        return _expand_domains(ids, x)
 
     def forward(self, input: Tensor, domain: int | Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
-        domains = self._resolve(input, domain)
-        tracked = not self.training or self.track_running_stats
-        return _domain_batch_norm(
-            input,
-            domains,
-            self.num_domains,
-            self.running_mean if tracked else None,
-            self.running_var if tracked else None,
-            self.weight,
-            self.bias,
-            self.training,
-            self.momentum,
-            self.eps,
-            self.num_batches_tracked if self.training and self.track_running_stats else None,
-            self.sync,
-            self.process_group,
-            self._name(),
+        return LF.domain_batch_norm(
+            x=input,
+            domains=self._ids(domain),
+            num_domains=self.num_domains,
+            **self._norm_kwargs(),
         )
 
     @classmethod
@@ -195,15 +178,9 @@ class _DomainBatchNorm(_BatchNorm):
         new.train(bn.training)
         return new
 
-    def extra_repr(self) -> str:
-        text = f"{self.num_features}, num_domains={self.num_domains}, eps={self.eps}, "
-        text += f"momentum={self.momentum}, affine={self.affine}, "
-        text += f"track_running_stats={self.track_running_stats}"
-        if self.shared_affine:
-            text += ", shared_affine=True"
-        if self.sync or self.process_group is not None:
-            text += ", sync=True"
-        return text
+    def _extra_fields(self) -> list[str]:
+        fields = [f"num_domains={self.num_domains}"]
+        return [*fields, "shared_affine=True"] if self.shared_affine else fields
 
 
 class DomainBatchNorm1d(_DomainBatchNorm):
@@ -222,8 +199,7 @@ class DomainBatchNorm1d(_DomainBatchNorm):
         torch.Size([8, 5])
     """
 
-    _input_ranks = (2, 3)
-    _input_names = "2D (N, C) or 3D (N, C, L)"
+    _dims = 1
 
 
 class DomainBatchNorm2d(_DomainBatchNorm):
@@ -302,8 +278,7 @@ class DomainBatchNorm2d(_DomainBatchNorm):
         (torch.Size([2, 3]), tensor([1, 1]))
     """
 
-    _input_ranks = (4,)
-    _input_names = "4D (N, C, H, W)"
+    _dims = 2
 
 
 class DomainBatchNorm3d(_DomainBatchNorm):
@@ -322,8 +297,7 @@ class DomainBatchNorm3d(_DomainBatchNorm):
         torch.Size([4, 2, 3, 3, 3])
     """
 
-    _input_ranks = (5,)
-    _input_names = "5D (N, C, D, H, W)"
+    _dims = 3
 
 
 @contextmanager

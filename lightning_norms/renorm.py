@@ -13,20 +13,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_norms import functional as LF
-from lightning_norms.distributed import is_sync_active
-from lightning_norms.functional._renorm import _synced_batch_renorm
+from lightning_norms._base import BatchNormBase
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
 
-class _BatchRenorm(_BatchNorm):
+class _BatchRenorm(BatchNormBase):
     """Common base of ``BatchRenorm1d/2d/3d``; see :class:`BatchRenorm2d`."""
-
-    _input_ranks: tuple[int, ...] = ()
-    _input_names: str = ""
 
     def __init__(
         self,
@@ -54,99 +49,35 @@ class _BatchRenorm(_BatchNorm):
         if warmup_steps < 0:
             raise ValueError(f"{name}: `warmup_steps` must be >= 0, got {warmup_steps!r}")
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device=device,
+            dtype=dtype,
+            sync=sync,
+            process_group=process_group,
         )
         self.r_max = float(r_max)
         self.d_max = float(d_max)
         self.warmup_steps = warmup_steps
-        self.sync = sync
-        self.process_group = process_group
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        name = type(self).__name__
-        if input.dim() not in self._input_ranks:
-            raise ValueError(
-                f"{name}: expected {self._input_names} input, got shape {tuple(input.shape)}"
-            )
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{name}({self.num_features}): expected {self.num_features} channels in dim 1, "
-                f"got input of shape {tuple(input.shape)}"
-            )
-
-    def _check_batch_size(self, input: Tensor) -> None:
-        if input.numel() // input.shape[1] <= 1:
-            raise ValueError(
-                f"{type(self).__name__}: expected more than 1 value per channel when using batch "
-                f"statistics (training), got input of shape {tuple(input.shape)}"
-            )
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        synced = is_sync_active(self)
-        if use_batch_stats and not synced:  # synced: the global count is checked on every rank
-            if input.numel() == 0:  # as nn.BatchNorm*d: an empty output, no statistics to take
-                return LF.batch_renorm(
-                    input, None, None, self.weight, self.bias, True, 0.0, self.eps
-                )
-            self._check_batch_size(input)
-        step = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            step = self.num_batches_tracked
-        out = self._normalize(input, use_batch_stats, synced, step)
-        if step is not None and not synced:  # only a call that succeeded counts as a step
-            step.add_(1)  # (synced: counted inside, only when the global batch has samples)
-        return out
-
-    def _normalize(
-        self, input: Tensor, use_batch_stats: bool, synced: bool, step: Tensor | None
-    ) -> Tensor:
-        """The forward's computation; ``step``: the step counter (``None``: no running update)."""
-        factor = 0.0 if self.momentum is None else self.momentum
+        state = self._norm_kwargs()
+        step = state["num_batches_tracked"]
         r_max: float | Tensor = 1.0
         d_max: float | Tensor = 0.0
-        if step is not None:
+        if step is not None:  # training with running statistics: the ramped limits
             r_max, d_max = LF.renorm_limits(self.r_max, self.d_max, step, self.warmup_steps)
-            if self.momentum is None:
-                factor = 1.0 / (float(step) + 1.0)
-        tracked = not self.training or self.track_running_stats
-        if synced:
-            return _synced_batch_renorm(
-                input,
-                self.running_mean if tracked else None,
-                self.running_var if tracked else None,
-                self.weight,
-                self.bias,
-                factor,
-                self.eps,
-                r_max,
-                d_max,
-                self.process_group,
-                f"{type(self).__name__}({self.num_features})",
-                num_batches_tracked=step,
-            )
-        return LF.batch_renorm(
-            input,
-            self.running_mean if tracked else None,
-            self.running_var if tracked else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            factor,
-            self.eps,
-            r_max,
-            d_max,
-        )
+        return LF.batch_renorm(x=input, r_max=r_max, d_max=d_max, **state)
 
-    def extra_repr(self) -> str:
-        text = (
-            f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
-            f"warmup_steps={self.warmup_steps}"
-        )
-        if self.sync or self.process_group is not None:
-            text += ", sync=True"
-        return text
+    def _name(self) -> str:
+        return type(self).__name__
+
+    def _extra_fields(self) -> list[str]:
+        return [f"r_max={self.r_max}", f"d_max={self.d_max}", f"warmup_steps={self.warmup_steps}"]
 
 
 class BatchRenorm1d(_BatchRenorm):
@@ -165,8 +96,7 @@ class BatchRenorm1d(_BatchRenorm):
         torch.Size([8, 5])
     """
 
-    _input_ranks = (2, 3)
-    _input_names = "2D (N, C) or 3D (N, C, L)"
+    _dims = 1
 
 
 class BatchRenorm2d(_BatchRenorm):
@@ -224,8 +154,7 @@ class BatchRenorm2d(_BatchRenorm):
         torch.Size([4, 3, 8, 8])
     """
 
-    _input_ranks = (4,)
-    _input_names = "4D (N, C, H, W)"
+    _dims = 2
 
 
 class BatchRenorm3d(_BatchRenorm):
@@ -244,5 +173,4 @@ class BatchRenorm3d(_BatchRenorm):
         torch.Size([2, 2, 3, 4, 4])
     """
 
-    _input_ranks = (5,)
-    _input_names = "5D (N, C, D, H, W)"
+    _dims = 3

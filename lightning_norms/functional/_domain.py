@@ -8,15 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _sync_world(sync: bool, process_group: torch.distributed.ProcessGroup | None) -> bool:
-    """Whether batch statistics must be all-reduced: asked for, and more than one rank."""
-    dist = torch.distributed
-    if not (sync or process_group is not None):
-        return False
-    if not (dist.is_available() and dist.is_initialized()):
-        return False
-    return dist.get_world_size(process_group) > 1
+from lightning_norms._moments import Moments, ema_factor, running_factor, update_running
+from lightning_norms.functional._sync import AllReduceSum as _AllReduceSum
+from lightning_norms.functional._sync import sync_world as _sync_world
 
 
 def _check_domains(
@@ -140,25 +134,6 @@ def _domain_stats(
             count, mean, m2 = _all_reduce_stats(count, mean, m2, group[0])
     _check_counts(count, name)
     return count, mean, m2
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; the gradient of every rank's input is the sum of all ranks' gradients.
-
-    The backward is itself an ``_AllReduceSum``, so gradients of any order are correct
-    (gradient penalties through synchronised layers).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor, group: Any) -> Tensor:  # type: ignore[override]
-        ctx.group = group
-        out = tensor.clone(memory_format=torch.contiguous_format)
-        torch.distributed.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return _AllReduceSum.apply(grad, ctx.group), None
 
 
 def domain_batch_stats(
@@ -426,19 +401,11 @@ def _update_running_stats(
     unbiased_var: Tensor,
     momentum: float | None,
 ) -> None:
-    """EMA (or cumulative average) update of the present domains' rows; absent rows untouched."""
-    present = count > 0
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(present.to(num_batches_tracked.dtype))
-    # in the buffers' dtype: a float32 factor would round fp64 updates (momentum 0.1)
-    factor = present.to(running_mean.dtype)
-    if momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        factor = factor / num_batches_tracked.clamp(min=1).to(factor.dtype)
-    else:
-        factor = factor * momentum
-    factor = factor.unsqueeze(1)
+    """EMA (or cumulative average) update of the present domains' rows; absent rows untouched.
+
+    The factor comes from :func:`lightning_norms._moments.running_factor`.
+    """
+    factor = running_factor(count, momentum, num_batches_tracked, running_mean.dtype)
     keep = 1 - factor
     running_mean.mul_(keep).add_(mean.to(running_mean.dtype) * factor)
     running_var.mul_(keep).add_(unbiased_var.to(running_var.dtype) * factor)
@@ -481,9 +448,12 @@ def _int_domain_batch_norm(
         )
     per_domain_affine = weight is not None and weight.dim() == 2
     tracked = running_mean is not None and num_batches_tracked is not None
-    factor = 0.0 if momentum is None else momentum
-    if tracked and momentum is None and num_batches_tracked is not None:
-        factor = 1.0 / (float(num_batches_tracked[domain]) + 1.0)
+    factor = 0.0
+    if tracked and num_batches_tracked is not None:
+        steps = float(num_batches_tracked[domain]) + 1.0 if momentum is None else 1.0
+        factor = float(ema_factor(momentum, steps))
+    elif momentum is not None:
+        factor = momentum
     out = F.batch_norm(
         x,
         None if running_mean is None else running_mean[domain],
@@ -568,9 +538,8 @@ def _domain_batch_norm(
     out = _DomainBatchNormFn.apply(x3, weight, bias, ids, eps, group, (count, mean, m2))
     if training and running_mean is not None and running_var is not None:
         with torch.no_grad():
-            unbiased_var = m2 / (count - 1).clamp(min=1).unsqueeze(1)
-            _update_running_stats(
-                running_mean, running_var, num_batches_tracked, count, mean, unbiased_var, momentum
+            update_running(
+                running_mean, running_var, Moments(count, mean, m2), momentum, num_batches_tracked
             )
     return out.view(x.shape)
 
@@ -589,6 +558,8 @@ def domain_batch_norm(
     num_batches_tracked: Tensor | None = None,
     sync: bool = False,
     process_group: torch.distributed.ProcessGroup | None = None,
+    *,
+    name: str = "domain_batch_norm",
 ) -> Tensor:
     r"""Domain-split BatchNorm: every sample normalised with the statistics of its own domain.
 
@@ -632,6 +603,8 @@ def domain_batch_norm(
             (incremented in place), or ``None``. Default: ``None``.
         sync: all-reduce batch statistics across ranks in training. Default: ``False``.
         process_group: group to reduce over (implies ``sync``). Default: ``None`` (world).
+        name: how error messages name the caller (keyword only; layers pass their own
+            name). Default: ``"domain_batch_norm"``.
 
     Shape:
         ``x``: :math:`(N, C, *)`; output: same shape.
@@ -649,11 +622,9 @@ def domain_batch_norm(
         >>> torch.allclose(y[ids == 1], ref, atol=1e-5)
         True
     """
-    domains = _check_domains(domains, x.shape[0], num_domains, "domain_batch_norm")
+    domains = _check_domains(domains, x.shape[0], num_domains, name)
     if momentum is None and num_batches_tracked is None and training and running_mean is not None:
-        raise ValueError(
-            "domain_batch_norm: momentum=None (cumulative average) needs num_batches_tracked"
-        )
+        raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
     return _domain_batch_norm(
         x,
         domains,
@@ -668,5 +639,5 @@ def domain_batch_norm(
         num_batches_tracked,
         sync,
         process_group,
-        "domain_batch_norm",
+        name,
     )

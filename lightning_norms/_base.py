@@ -1,0 +1,141 @@
+"""The one base of the package's BatchNorm variants (domain-split, renormalised, synced).
+
+As torch's ``_BatchNorm`` is for ``nn.BatchNorm*d``: the base owns what every variant shares
+and leaves the math to the functional twin, which each subclass's ``forward`` calls by keyword
+(``LF.domain_batch_norm(x=..., **self._norm_kwargs())``, ``LF.batch_renorm(...)``):
+
+- input checks: the rank expected by a 1d/2d/3d class (:data:`INPUT_DIMS`) and the channel
+  count, ``ValueError`` naming the layer and the shape it got;
+- the buffers a forward hands over, with torch's rules (running statistics used in eval and
+  updated in training when tracked; ``num_batches_tracked`` advanced in training only), and
+  ``momentum`` (``None``: cumulative average, the factor decided at update time by
+  :func:`lightning_norms._moments.ema_factor`, so a call that raises changes nothing);
+- ``sync`` / ``process_group`` (:meth:`sync_active`: training, and more than one rank);
+- ``extra_repr``: torch's fields, the subclass's own (:meth:`_extra_fields`), then ``sync``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_norms.functional._sync import sync_world
+
+__all__ = ["INPUT_DIMS", "BatchNormBase"]
+
+INPUT_DIMS: dict[int, tuple[tuple[int, ...], str]] = {
+    1: ((2, 3), "2D (N, C) or 3D (N, C, L)"),
+    2: ((4,), "4D (N, C, H, W)"),
+    3: ((5,), "5D (N, C, D, H, W)"),
+}
+"""Spatial kind (``1``, ``2``, ``3`` as in ``BatchNorm1d/2d/3d``) -> input ranks, their name."""
+
+
+class BatchNormBase(_BatchNorm):
+    """Base of ``DomainBatchNorm*d``, ``BatchRenorm*d`` and ``SyncedBatchNorm*d``.
+
+    Subclasses set ``_dims`` (1, 2 or 3), may extend :meth:`_extra_fields`, and implement
+    ``forward`` as one call of their functional twin with :meth:`_norm_kwargs`.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype: as
+            ``nn.BatchNorm2d``.
+        sync: all-reduce batch statistics across ranks in training (keyword only).
+            Default: ``False``.
+        process_group: group to reduce over, implies ``sync`` (keyword only).
+            Default: ``None`` (world).
+
+    Example:
+        >>> from lightning_norms import BatchRenorm2d
+        >>> m = BatchRenorm2d(3, sync=True)
+        >>> isinstance(m, BatchNormBase), m.sync_active()  # no process group initialised
+        (True, False)
+    """
+
+    _dims: int = 2
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        sync: bool = False,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.sync = sync
+        self.process_group = process_group
+
+    def _name(self) -> str:
+        """The layer as error messages name it, e.g. ``BatchRenorm2d(64)``."""
+        return f"{type(self).__name__}({self.num_features})"
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        ranks, names = INPUT_DIMS[self._dims]
+        if input.dim() not in ranks:
+            raise ValueError(
+                f"{type(self).__name__}: expected {names} input, got shape {tuple(input.shape)}"
+            )
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}): expected {self.num_features} "
+                "channels in dim 1, "
+                f"got input of shape {tuple(input.shape)}"
+            )
+
+    def sync_active(self) -> bool:
+        """Whether the next forward all-reduces its batch statistics.
+
+        True when training, asked for (``sync=True`` or a ``process_group``) and
+        ``torch.distributed`` is initialised with more than one rank in the group.
+        """
+        return bool(self.training and sync_world(self.sync, self.process_group))
+
+    def _norm_kwargs(self) -> dict[str, Any]:
+        """The state a functional twin takes, by keyword, with torch's ``_BatchNorm`` rules.
+
+        Running statistics are passed in eval, and in training when tracked (then updated);
+        ``num_batches_tracked`` only in training when tracked (advanced by the kernel after it
+        succeeded). ``training`` is torch's ``bn_training``: batch statistics in training, or
+        when there are no running statistics. ``sync`` and ``process_group`` are passed in
+        training only (eval never synchronises, as ``nn.SyncBatchNorm``).
+        """
+        tracked = not self.training or self.track_running_stats
+        counting = self.training and self.track_running_stats
+        running_mean = self.running_mean if tracked else None
+        running_var = self.running_var if tracked else None
+        return {
+            "running_mean": running_mean,
+            "running_var": running_var,
+            "weight": self.weight,
+            "bias": self.bias,
+            "training": self.training or (running_mean is None and running_var is None),
+            "momentum": self.momentum,
+            "eps": self.eps,
+            "num_batches_tracked": self.num_batches_tracked if counting else None,
+            "sync": self.sync and self.training,
+            "process_group": self.process_group if self.training else None,
+            "name": self._name(),
+        }
+
+    def _extra_fields(self) -> list[str]:
+        """The subclass's own ``name=value`` fields for :meth:`extra_repr`."""
+        return []
+
+    def extra_repr(self) -> str:
+        fields = [super().extra_repr(), *self._extra_fields()]
+        if self.sync or self.process_group is not None:
+            fields.append("sync=True")
+        if self.process_group is not None:
+            fields.append("process_group=...")
+        return ", ".join(fields)
