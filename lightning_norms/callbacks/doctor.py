@@ -30,7 +30,7 @@ from lightning_norms._diagnostics import (
     eval_mismatch,
     summarise_spread,
 )
-from lightning_norms._moments import MomentAccumulator, all_reduce_moments
+from lightning_norms._moments import MomentAccumulator, Moments, all_reduce_moments
 from lightning_norms.callbacks._checks import check_no_torch_sync_batchnorm
 from lightning_norms.stats import is_recomputing
 
@@ -185,6 +185,7 @@ class _Probe:
         self.step_calls: Tensor | None = None
         self.max_group_calls: Tensor | None = None
         self.max_group_batch: Tensor | None = None
+        self.figures: dict[str, Tensor] = {}  # per-group inputs of the figures, see `gather_*`
 
     def reset_train(self, device: torch.device) -> None:
         c = self.module.num_features
@@ -228,6 +229,26 @@ class _Probe:
         else:
             self.max_calls = max(self.max_calls, self.calls)
             self.calls = 0
+
+    def gather_train(self, step: tuple[Tensor, Tensor, Tensor], min_batches: int) -> None:
+        """The training figures' inputs, from accumulators already merged over ranks."""
+        assert self.spread is not None
+        spread = summarise_spread(self.spread.ratio(), self.spread.num_batches, min_batches)
+        calls, batch, biased = step
+        self.figures = {"spread": spread, "calls": calls, "batch": batch, "biased": biased}
+
+    def gather_eval(self, moments: Moments, warmup: int) -> None:
+        """The eval figures' inputs; groups tracked for fewer than ``warmup`` batches are NaN."""
+        module = self.module
+        assert module.running_mean is not None and module.running_var is not None
+        count = moments.n
+        tracked = module.num_batches_tracked
+        if warmup and tracked is not None:
+            count = torch.where(tracked.reshape(-1) >= warmup, count, 0.0)
+        shift, lvr = eval_mismatch(
+            count, moments.mean, moments.var(), module.running_mean, module.running_var, module.eps
+        )
+        self.figures = {"mean_shift": shift, "log_var_ratio": lvr}
 
     def step_figures(self) -> tuple[Tensor, Tensor, Tensor]:
         """Per group: most calls per step, most samples per call; the biased-input fraction."""
@@ -312,37 +333,82 @@ def _var_text(probe: _Probe, value: float, threshold: float) -> str:
     )
 
 
+# figures: one 0-d tensor per probe (NaN: cannot be judged yet), from the probe's gathered
+# state (``_Probe.gather_train`` / ``gather_eval``, merged over ranks); read with one host sync
+def _spread_figure(probe: _Probe) -> Tensor:
+    return _nanmax(probe.figures["spread"])
+
+
+def _calls_figure(probe: _Probe) -> Tensor:
+    return probe.figures["calls"].max()
+
+
+def _batch_figure(probe: _Probe) -> Tensor:
+    """The smallest non-empty batch a call normalised (times the ranks it syncs over)."""
+    batch = probe.figures["batch"]
+    seen = batch[batch > 0]
+    smallest = seen.min() if seen.numel() else torch.tensor(math.nan, device=batch.device)
+    return smallest * _sync_world_size(probe.module)
+
+
+def _bias_figure(probe: _Probe) -> Tensor:
+    return probe.figures["biased"].max()
+
+
+def _shift_figure(probe: _Probe) -> Tensor:
+    return _nanmax(probe.figures["mean_shift"])
+
+
+def _var_figure(probe: _Probe) -> Tensor:
+    return _nanmax(probe.figures["log_var_ratio"])
+
+
 @dataclass(frozen=True)
 class _Check:
-    """One per-layer check: the figure it reads, how it is judged, what the finding says."""
+    """One per-layer check: its figure, how it is judged, what the finding says.
+
+    The table below drives everything: :meth:`BatchNormDoctor._report` computes every check's
+    ``figure`` of a phase for every layer, judges each against its threshold (one judge) and
+    prints one table per phase (one writer).
+    """
 
     name: str
     phase: Literal["train", "eval"]
-    column: str
+    figure: Callable[[_Probe], Tensor]
+    column: str  # the figure's column in the table
     spec: str  # format of the figure in the table
     threshold: str  # the BatchNormDoctor attribute that holds the threshold
     below: bool  # flag figures below the threshold (else above it)
-    text: Callable[[_Probe, float, float], str]
+    remedy: Callable[[_Probe, float, float], str]  # the finding's text, remedy included
     exempt: tuple[str, ...] = ()  # class-name prefixes of layers this check does not judge
 
 
 _CHECK_TABLE = (
-    _Check("batch_spread", "train", "batch spread", ".2f", "_max_spread", False, _spread_text),
-    _Check("calls_per_step", "train", "calls/step", ".0f", "_max_calls", False, _calls_text),
     _Check(
-        "batch_size",
-        "train",
-        "samples/call",
-        ".0f",
-        "_min_batch",
-        True,
-        _batch_text,
-        exempt=("BatchRenorm",),  # designed for small batches
+        "batch_spread", "train", _spread_figure, "batch spread", ".2f", "_max_spread", False,
+        _spread_text,
     ),
-    _Check("redundant_bias", "train", "biased input", ".2f", "_max_bias", False, _bias_text),
-    _Check("eval_mean_shift", "eval", "mean shift", ".3f", "_max_shift", False, _shift_text),
-    _Check("eval_var_ratio", "eval", "log var ratio", ".3f", "_max_lvr", False, _var_text),
-)
+    _Check(
+        "calls_per_step", "train", _calls_figure, "calls/step", ".0f", "_max_calls", False,
+        _calls_text,
+    ),
+    _Check(
+        "batch_size", "train", _batch_figure, "samples/call", ".0f", "_min_batch", True,
+        _batch_text, exempt=("BatchRenorm",),  # designed for small batches
+    ),
+    _Check(
+        "redundant_bias", "train", _bias_figure, "biased input", ".2f", "_max_bias", False,
+        _bias_text,
+    ),
+    _Check(
+        "eval_mean_shift", "eval", _shift_figure, "mean shift", ".3f", "_max_shift", False,
+        _shift_text,
+    ),
+    _Check(
+        "eval_var_ratio", "eval", _var_figure, "log var ratio", ".3f", "_max_lvr", False,
+        _var_text,
+    ),
+)  # fmt: skip
 _FIGURES = tuple(c.name for c in _CHECK_TABLE)
 _QUESTIONS = {
     "train": "are training batches fair samples?",
@@ -645,13 +711,13 @@ class BatchNormDoctor(Callback):
         self._biased_outputs.clear()
         if _epoch_training_done(trainer):  # the training table comes before validation's
             self._phase = None
-            self._report_train(trainer, pl_module)
+            self._report("train", trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._phase == "train":  # an epoch cut short without a last-batch signal
             self._phase = None
-            self._report_train(trainer, pl_module)
+            self._report("train", trainer, pl_module)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -669,7 +735,7 @@ class BatchNormDoctor(Callback):
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._phase == "val":
-            self._report_eval(trainer, pl_module)
+            self._report("eval", trainer, pl_module)
         self._phase = self._phase_before_val
 
     @override
@@ -711,21 +777,26 @@ class BatchNormDoctor(Callback):
         exempt = type(probe.module).__name__.startswith(check.exempt)
         if exempt or not (value < threshold if check.below else value > threshold):
             return "ok"
-        message = f"BatchNormDoctor: BN layer `{probe.name}` {check.text(probe, value, threshold)}"
+        message = (
+            f"BatchNormDoctor: BN layer `{probe.name}` {check.remedy(probe, value, threshold)}"
+        )
         self.findings.append(BNFinding(check.name, probe.name, value, threshold, message))
         rank_zero_warn(message, category=BatchNormDoctorWarning)
         return check.name
 
     def _report(
-        self,
-        phase: Literal["train", "eval"],
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        probes: list[_Probe],
-        figures: list[list[float]],
+        self, phase: Literal["train", "eval"], trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> None:
-        """Judge every figure of one phase's checks and print that phase's table."""
+        """Gather one phase's figures, judge every check of the phase, print its table."""
         checks = [c for c in _CHECK_TABLE if c.phase == phase]
+        names = {c.name for c in checks}
+        self.findings = [f for f in self.findings if f.check not in names]
+        probes = self._gather(phase, trainer)
+        if not probes:
+            return
+        figures = torch.stack(
+            [torch.stack([c.figure(p).float() for c in checks]) for p in probes]
+        ).tolist()  # the one host sync of the check
         rows = []
         for probe, values in zip(probes, figures, strict=True):
             pairs = list(zip(checks, values, strict=True))
@@ -744,50 +815,21 @@ class BatchNormDoctor(Callback):
             rows,
         )
 
-    def _report_train(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._probes:
-            return
-        all_reduce_spreads([p.spread for p in self._probes if p.spread is not None])
-        step = [p.step_figures() for p in self._probes]
-        all_reduce_max_([t for figures in step for t in figures])
-        rows = []
-        for probe, (calls, batch, biased) in zip(self._probes, step, strict=True):
-            assert probe.spread is not None
-            spread = summarise_spread(
-                probe.spread.ratio(), probe.spread.num_batches, self._min_batches
-            )
-            seen = batch[batch > 0]
-            smallest = seen.min() if seen.numel() else torch.tensor(math.nan, device=batch.device)
-            smallest = smallest * _sync_world_size(probe.module)
-            rows.append(torch.stack([_nanmax(spread), calls.max(), smallest, biased.max()]))
-        figures = torch.stack(rows).tolist()  # the one host sync of the check
-        self._report("train", trainer, pl_module, self._probes, figures)
-
-    def _report_eval(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        eval_checks = {c.name for c in _CHECK_TABLE if c.phase == "eval"}
-        self.findings = [f for f in self.findings if f.check not in eval_checks]
+    def _gather(self, phase: Literal["train", "eval"], trainer: pl.Trainer) -> list[_Probe]:
+        """Merge the probes' accumulators over ranks; the probes the phase's checks judge."""
+        if phase == "train":
+            spreads = [p.spread for p in self._probes if p.spread is not None]
+            all_reduce_spreads(spreads)
+            steps = [p.step_figures() for p in self._probes]
+            all_reduce_max_([t for figures in steps for t in figures])
+            for probe, step in zip(self._probes, steps, strict=True):
+                probe.gather_train(step, self._min_batches)
+            return self._probes
         probes = [
             p for p in self._probes if p.moments is not None and p.module.running_var is not None
         ]
-        if not probes:
-            return
         merged = all_reduce_moments([cast(MomentAccumulator, p.moments).moments for p in probes])
-        fitting = trainer.state.fn == "fit"
-        rows = []
+        warmup = self._warmup if trainer.state.fn == "fit" else 0
         for probe, moments in zip(probes, merged, strict=True):
-            module = probe.module
-            assert module.running_mean is not None and module.running_var is not None
-            count = moments.n
-            tracked = module.num_batches_tracked
-            if fitting and tracked is not None:
-                count = torch.where(tracked.reshape(-1) >= self._warmup, count, 0.0)
-            shift, lvr = eval_mismatch(
-                count,
-                moments.mean,
-                moments.var(),
-                module.running_mean,
-                module.running_var,
-                module.eps,
-            )
-            rows.append(torch.stack([_nanmax(shift), _nanmax(lvr)]))
-        self._report("eval", trainer, pl_module, probes, torch.stack(rows).tolist())
+            probe.gather_eval(moments, warmup)
+        return probes
