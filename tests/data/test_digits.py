@@ -11,6 +11,7 @@ import torch
 
 from lightning_norms.data import MixingBatchSampler, TwoDomainDigits
 from lightning_norms.data.digits import _stratified_split, make_street
+from tests._boring import BoringNormModel
 from tests._dist import run_ddp
 
 
@@ -273,48 +274,33 @@ def test_workers_give_the_same_batches():
         )
 
 
-def test_lightning_fit_single_process_both_feeds(tmp_path: Path):
-    import lightning as L
+class _DigitsProbe(BoringNormModel):
+    """A linear classifier that checks each training batch's feed and the val loaders' domains."""
 
-    class Probe(L.LightningModule):
-        def __init__(self, batching: str) -> None:
-            super().__init__()
-            self.batching = batching
-            self.layer = torch.nn.Linear(3 * 8 * 8, 10)
-            self.val_domains: set[tuple[int, int]] = set()
-            self.steps = 0
+    def __init__(self, batching: str) -> None:
+        super().__init__(body=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10)))
+        self.batching = batching
+        self.val_domains: set[tuple[int, int]] = set()
+        self.steps = 0
 
-        def training_step(self, batch, batch_idx):
-            parts = batch if self.batching == "separate" else [batch]
-            if self.batching == "separate":
-                assert [p[2].unique().tolist() for p in parts] == [[0], [1]]
-            else:
-                assert batch[2].bincount().tolist() == [4, 4]
-            self.steps += 1
-            return sum(
-                torch.nn.functional.cross_entropy(self.layer(x.flatten(1)), y) for x, y, _ in parts
-            )
+    def training_step(self, batch, batch_idx):
+        parts = batch if self.batching == "separate" else [batch]
+        if self.batching == "separate":
+            assert [p[2].unique().tolist() for p in parts] == [[0], [1]]
+        else:
+            assert batch[2].bincount().tolist() == [4, 4]
+        self.steps += 1
+        return sum(torch.nn.functional.cross_entropy(self(x), y) for x, y, _ in parts)
 
-        def validation_step(self, batch, batch_idx, dataloader_idx=0):
-            self.val_domains.update((dataloader_idx, int(k)) for k in batch[2].unique())
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.val_domains.update((dataloader_idx, int(k)) for k in batch[2].unique())
 
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
 
+def test_lightning_fit_single_process_both_feeds(make_trainer):
     for batching in ("mixed", "separate"):
-        model = Probe(batching)
-        trainer = L.Trainer(
-            default_root_dir=tmp_path,
-            max_steps=3,
-            limit_val_batches=2,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-            devices=1,
-            num_sanity_val_steps=0,
-            val_check_interval=3,
+        model = _DigitsProbe(batching)
+        trainer = make_trainer(
+            max_steps=3, limit_val_batches=2, num_sanity_val_steps=0, val_check_interval=3
         )
         trainer.fit(model, datamodule=TwoDomainDigits(batching=batching, batch_size=8))
         assert model.steps == 3

@@ -328,10 +328,12 @@ def test_rank_and_world_default_from_torch_distributed():
 
 LIGHTNING_SCRIPT = """
 import json, sys
+from pathlib import Path
 import torch
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 from lightning_norms.data import MixingBatchSampler
+from tests._boring import BoringNormModel, boring_trainer
 
 SIZES, RATIOS, BATCH = [20, 45, 37], [1, 2, 1], 8
 
@@ -350,10 +352,9 @@ class Data(L.LightningDataModule):
         return DataLoader(Indices(), batch_sampler=sampler)
 
 
-class Model(L.LightningModule):
+class Model(BoringNormModel):
     def __init__(self):
-        super().__init__()
-        self.layer = torch.nn.Linear(2, 1)
+        super().__init__(body=torch.nn.Linear(2, 1))
         self.record = []
 
     def training_step(self, batch, batch_idx):
@@ -363,10 +364,7 @@ class Model(L.LightningModule):
             "world": bs.num_replicas, "rank": bs.rank, "len": len(bs),
             "sampler_epoch": bs.epoch,
         })
-        return self.layer(batch[1]).sum()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return self(batch[1]).sum()
 
     def on_train_end(self):
         with open(f"record_{self.global_rank}.json", "w") as f:
@@ -374,10 +372,7 @@ class Model(L.LightningModule):
 
 
 if __name__ == "__main__":
-    trainer = L.Trainer(
-        strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
+    trainer = boring_trainer(Path("."), strategy="ddp", devices=2, max_epochs=2)
     trainer.fit(Model(), datamodule=Data())
 """
 

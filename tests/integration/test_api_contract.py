@@ -22,6 +22,9 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -29,6 +32,7 @@ import lightning_norms as ln
 from lightning_norms import stats as lns
 from lightning_norms.callbacks import BatchNormDoctor, PreciseBN
 from lightning_norms.data import MixingBatchSampler, mix_real_fake
+from tests._boring import BoringNormModel, boring_body, boring_data, boring_loader, boring_trainer
 
 F64 = torch.float64
 
@@ -1249,172 +1253,169 @@ def test_callback_signatures():
     BatchNormDoctor()
 
 
-def _mem_logger():
-    from lightning.pytorch.loggers import Logger
+class _MemLogger(Logger):
+    """A logger that keeps every logged row in memory (the figures the callbacks log)."""
 
-    class MemLogger(Logger):
-        def __init__(self):
-            super().__init__()
-            self.metrics = []
+    def __init__(self):
+        super().__init__()
+        self.metrics = []
 
-        @property
-        def name(self):
-            return "mem"
+    @property
+    def name(self):
+        return "mem"
 
-        @property
-        def version(self):
-            return 0
+    @property
+    def version(self):
+        return 0
 
-        def log_hyperparams(self, params, *args, **kwargs):
-            pass
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
 
-        def log_metrics(self, metrics, step=None):
-            self.metrics.append(dict(metrics))
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append(dict(metrics))
 
-    return MemLogger()
-
-
-def _trainer(callbacks, logger, max_epochs=1, **kw):
-    import lightning.pytorch as pl
-
-    args = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-    )
-    args.update(kw)
-    return pl.Trainer(**args)
+    def keys(self):
+        return set().union(*self.metrics)
 
 
-def _tiny_module_cls():
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader, TensorDataset
-
-    g = torch.Generator().manual_seed(0)
-    x_all = torch.randn(48, 3, generator=g) * 2 + 1
-    y_all = torch.randn(48, generator=g)
-
-    class Tiny(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.lin = nn.Linear(3, 4)
-            self.bn = nn.BatchNorm1d(4)
-            self.head = nn.Linear(4, 1)
-            self.val_checks = []
-
-        def forward(self, x):
-            return self.head(self.bn(self.lin(x))).squeeze(-1)
-
-        def training_step(self, batch, i):
-            x, y = batch
-            return F.mse_loss(self(x), y)
-
-        def validation_step(self, batch, i):
-            if i == 0:
-                with torch.no_grad():
-                    a = self.lin(x_all)
-                self.val_checks.append(
-                    (
-                        self.bn.running_mean.clone(),
-                        self.bn.running_var.clone(),
-                        a.mean(0),
-                        a.var(0, unbiased=True),
-                    )
-                )
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05)
-
-        def train_dataloader(self):
-            return DataLoader(TensorDataset(x_all, y_all), batch_size=12, shuffle=False)
-
-        def val_dataloader(self):
-            return DataLoader(TensorDataset(x_all[:8], y_all[:8]), batch_size=8)
-
-    return Tiny, x_all
+# the shared quiet Trainer (tests/_boring.py), logging every step into a fresh _MemLogger
+LOGGING = {"num_sanity_val_steps": 0, "log_every_n_steps": 1}
 
 
-def test_precise_bn_in_a_tiny_fit():
-    tiny_cls, x_all = _tiny_module_cls()
-    model = tiny_cls()
-    logger = _mem_logger()
-    trainer = _trainer([PreciseBN(num_batches=50)], logger, max_epochs=2, limit_val_batches=1)
-    trainer.fit(model)
-    keys = set(trainer.callback_metrics)
-    for entry in logger.metrics:
-        keys |= set(entry)
+@pytest.fixture
+def logging_trainer(make_trainer):
+    """``logging_trainer(callbacks, **kw)``: ``make_trainer`` with a ``_MemLogger``."""
+
+    def build(callbacks, **kw):
+        return make_trainer(callbacks=callbacks, logger=_MemLogger(), **LOGGING, **kw)
+
+    return build
+
+
+X_TRAIN = boring_data(48).tensors[0]  # what boring_loader(48, 12) yields, in order
+
+
+def _channel_stats(a):
+    """Per-channel mean and unbiased variance of ``a`` over every other dimension."""
+    a = a.transpose(0, 1).flatten(1)
+    return a.mean(1), a.var(1, unbiased=True)
+
+
+def _bn_input_stats(model, x):
+    """The exact statistics of the BatchNorm's input (the conv's output) over ``x``."""
+    with torch.no_grad():
+        return _channel_stats(model.body[0](x))
+
+
+class _ValidationProbe(Callback):
+    """Records, as each validation starts, the BN's running stats and the exact ones over x."""
+
+    def __init__(self, x):
+        self.x = x
+        self.checks = []
+
+    def on_validation_start(self, trainer, pl_module):
+        bn = pl_module.bn_layers()[0]
+        exact = _bn_input_stats(pl_module, self.x)
+        self.checks.append((bn.running_mean.clone(), bn.running_var.clone(), *exact))
+
+
+def test_precise_bn_in_a_tiny_fit(boring_model, logging_trainer):
+    probe = _ValidationProbe(X_TRAIN)
+    trainer = logging_trainer([PreciseBN(num_batches=50), probe], max_epochs=2, limit_val_batches=1)
+    trainer.fit(boring_model, boring_loader(48, 12), boring_loader(8, 8))
+    keys = set(trainer.callback_metrics) | trainer.logger.keys()
     assert "precise_bn/mean_shift" in keys and "precise_bn/var_shift" in keys
     # every epoch's validation saw precise stats for the weights of that moment
-    assert len(model.val_checks) == 2
-    for rm, rv, mu, var in model.val_checks:
+    assert len(probe.checks) == 2
+    for rm, rv, mu, var in probe.checks:
         _close(rm, mu, atol=1e-5, rtol=1e-4)
         _close(rv, var, atol=1e-5, rtol=1e-4)
     # and the end of fit leaves precise stats for the final weights
-    with torch.no_grad():
-        a = model.lin(x_all)
-    _close(model.bn.running_mean, a.mean(0), atol=1e-5, rtol=1e-4)
-    _close(model.bn.running_var, a.var(0, unbiased=True), atol=1e-5, rtol=1e-4)
+    mu, var = _bn_input_stats(boring_model, X_TRAIN)
+    bn = boring_model.bn_layers()[0]
+    _close(bn.running_mean, mu, atol=1e-5, rtol=1e-4)
+    _close(bn.running_var, var, atol=1e-5, rtol=1e-4)
 
 
-def test_precise_bn_uses_module_precise_bn_forward():
-    import lightning.pytorch as pl
+class _DomainModel(BoringNormModel):
+    """The boring model on DomainBatchNorm2d: batches are ``(x, domain, y)``."""
+
+    def __init__(self):
+        super().__init__(body=boring_body(norm=ln.DomainBatchNorm2d(8, 2)))
+        self.calls = 0
+
+    def forward(self, x, d):
+        with ln.domain(self.body, d):
+            return self.body(x)
+
+    def training_step(self, batch, i):
+        x, d, y = batch
+        return F.cross_entropy(self(x, d), y)
+
+    def precise_bn_forward(self, batch):
+        self.calls += 1
+        x, d, _ = batch
+        return self(x, d)
+
+
+def test_precise_bn_uses_module_precise_bn_forward(logging_trainer):
     from torch.utils.data import DataLoader, TensorDataset
 
-    g = torch.Generator().manual_seed(0)
-    x_all = torch.randn(40, 3, generator=g)
+    x_all, y_all = boring_data(40).tensors
     ids = torch.arange(40) % 2
-    x_all = x_all + ids[:, None] * 3.0
-    y_all = torch.randn(40, generator=g)
-
-    class Dom(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.lin = nn.Linear(3, 4)
-            self.bn = ln.DomainBatchNorm1d(4, 2)
-            self.head = nn.Linear(4, 1)
-            self.calls = 0
-
-        def forward(self, x, d):
-            return self.head(self.bn(self.lin(x), domain=d)).squeeze(-1)
-
-        def training_step(self, batch, i):
-            x, d, y = batch
-            return F.mse_loss(self(x, d), y)
-
-        def precise_bn_forward(self, batch):
-            self.calls += 1
-            x, d, _ = batch
-            return self(x, d)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05)
-
-        def train_dataloader(self):
-            return DataLoader(TensorDataset(x_all, ids, y_all), batch_size=10, shuffle=False)
-
-    model = Dom()
-    _trainer([PreciseBN()], _mem_logger()).fit(model)
+    x_all = x_all + ids[:, None, None, None] * 3.0
+    torch.manual_seed(0)
+    model = _DomainModel()
+    loader = DataLoader(TensorDataset(x_all, ids, y_all), batch_size=10, shuffle=False)
+    logging_trainer([PreciseBN()]).fit(model, loader)
     assert model.calls > 0
-    with torch.no_grad():
-        a = model.lin(x_all)
+    bn = model.bn_layers()[0]
     for d in (0, 1):
-        _close(model.bn.running_mean[d], a[ids == d].mean(0), atol=1e-5, rtol=1e-4)
-        _close(model.bn.running_var[d], a[ids == d].var(0, unbiased=True), atol=1e-5, rtol=1e-4)
+        mu, var = _bn_input_stats(model, x_all[ids == d])
+        _close(bn.running_mean[d], mu, atol=1e-5, rtol=1e-4)
+        _close(bn.running_var[d], var, atol=1e-5, rtol=1e-4)
 
 
-def _doctor_fit(twice=False, batch_size=16, fault_data=None):
+class _DoctorBody(nn.Module):
+    """Linear -> BatchNorm1d -> Linear; ``twice``: the BN runs once per half of the batch."""
+
+    def __init__(self, twice):
+        super().__init__()
+        self.twice = twice
+        self.lin = nn.Linear(3, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.twice:
+            k = len(x) // 2
+            return self.head(torch.cat([self.bn(h[:k]), self.bn(h[k:])]))
+        return self.head(self.bn(h))
+
+
+def _doctor_loader_kw(fault_data, batch_size, nb, g):
+    """The training DataLoader's arguments: shuffled, unshuffled, or one source per batch."""
+    n = nb * batch_size
+    if fault_data == "alternating":  # shuffled, but every batch holds one source only
+        p0 = torch.randperm(n // 2, generator=g)
+        p1 = torch.randperm(n // 2, generator=g) + n // 2
+        k = batch_size
+        return dict(
+            batch_sampler=[
+                (p0 if b % 2 == 0 else p1)[(b // 2) * k : (b // 2 + 1) * k].tolist()
+                for b in range(nb)
+            ]
+        )
+    if fault_data == "unshuffled":
+        return dict(batch_size=batch_size, shuffle=False)
+    return dict(batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(1))
+
+
+def _doctor_fit(root, twice=False, batch_size=16, fault_data=None):
     import logging
 
-    import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
     g = torch.Generator().manual_seed(0)
@@ -1422,55 +1423,10 @@ def _doctor_fit(twice=False, batch_size=16, fault_data=None):
     n = nb * batch_size
     src = (torch.arange(n) >= n // 2).long()  # two sources, sorted: first half, second half
     x_all = torch.randn(n, 3, generator=g) + src[:, None] * 6.0
-    y_all = torch.randn(n, generator=g)
-    if fault_data == "alternating":  # shuffled, but every batch holds one source only
-        p0 = torch.randperm(n // 2, generator=g)
-        p1 = torch.randperm(n // 2, generator=g) + n // 2
-        k = batch_size
-        loader_kw = dict(
-            batch_sampler=[
-                (p0 if b % 2 == 0 else p1)[(b // 2) * k : (b // 2 + 1) * k].tolist()
-                for b in range(nb)
-            ]
-        )
-    elif fault_data == "unshuffled":
-        loader_kw = dict(batch_size=batch_size, shuffle=False)
-    else:
-        loader_kw = dict(
-            batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(1)
-        )
-
-    class Doc(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.lin = nn.Linear(3, 4)
-            self.bn = nn.BatchNorm1d(4)
-            self.head = nn.Linear(4, 1)
-
-        def forward(self, x):
-            if twice:
-                h = self.lin(x)
-                k = len(x) // 2
-                return self.head(torch.cat([self.bn(h[:k]), self.bn(h[k:])])).squeeze(-1)
-            return self.head(self.bn(self.lin(x))).squeeze(-1)
-
-        def training_step(self, batch, i):
-            x, y = batch
-            return F.mse_loss(self(x), y)
-
-        def validation_step(self, batch, i):
-            self(batch[0])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
-        def train_dataloader(self):
-            return DataLoader(TensorDataset(x_all, y_all), **loader_kw)
-
-        def val_dataloader(self):
-            return DataLoader(TensorDataset(x_all, y_all), batch_size=16)
-
+    y_all = (torch.randn(n, generator=g) > 0).long()
+    loader_kw = _doctor_loader_kw(fault_data, batch_size, nb, g)
+    torch.manual_seed(0)
+    model = BoringNormModel(body=_DoctorBody(twice), lr=0.01)
     records = []
 
     class H(logging.Handler):
@@ -1480,39 +1436,40 @@ def _doctor_fit(twice=False, batch_size=16, fault_data=None):
 
     handler = H()
     logging.getLogger().addHandler(handler)
-    logger = _mem_logger()
+    trainer = boring_trainer(root, callbacks=[BatchNormDoctor()], logger=_MemLogger(), **LOGGING)
     try:
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            _trainer([BatchNormDoctor()], logger, max_epochs=1).fit(Doc())
+            trainer.fit(
+                model,
+                DataLoader(TensorDataset(x_all, y_all), **loader_kw),
+                DataLoader(TensorDataset(x_all, y_all), batch_size=16),
+            )
     finally:
         logging.getLogger().removeHandler(handler)
     msgs = {str(x.message) for x in w} | set(records)
-    keys = set()
-    for entry in logger.metrics:
-        keys |= set(entry)
-    return msgs, keys
+    return msgs, trainer.logger.keys()
 
 
 @pytest.fixture(scope="module")
-def doctor_control():
-    return _doctor_fit()
+def doctor_control(tmp_path_factory):
+    return _doctor_fit(tmp_path_factory.mktemp("doctor"))
 
 
 def test_batchnorm_doctor_logs_figures(doctor_control):
     _, keys = doctor_control
-    assert keys, "BatchNormDoctor logged no figures"
+    assert keys - {"val_loss", "epoch"}, "BatchNormDoctor logged no figures"
 
 
 @pytest.mark.parametrize("fault", ["twice", "small_batch", "unshuffled", "alternating"])
-def test_batchnorm_doctor_warns(doctor_control, fault):
+def test_batchnorm_doctor_warns(doctor_control, fault, tmp_path):
     base, _ = doctor_control
     if fault == "twice":
-        msgs, _ = _doctor_fit(twice=True)
+        msgs, _ = _doctor_fit(tmp_path, twice=True)
     elif fault == "small_batch":
-        msgs, _ = _doctor_fit(batch_size=2)
+        msgs, _ = _doctor_fit(tmp_path, batch_size=2)
     else:
-        msgs, _ = _doctor_fit(fault_data=fault)
+        msgs, _ = _doctor_fit(tmp_path, fault_data=fault)
     new = msgs - base
     assert new, f"no new warning for {fault}"
 
@@ -1932,10 +1889,8 @@ def test_sampler_replicas_drop_last_false_equal_len():
         assert _counts(b0, sizes) == _counts(b1, sizes)  # same composition on every rank
 
 
-def _precise_every2_fit(tmp_path, resume):
-    import lightning.pytorch as pl
-
-    tiny_cls, _ = _tiny_module_cls()
+def _precise_every2_fit(logging_trainer, tmp_path, resume):
+    probe = _ValidationProbe(X_TRAIN)
     calls = []
 
     def fwd(m, batch):
@@ -1945,29 +1900,26 @@ def _precise_every2_fit(tmp_path, resume):
     def cb():
         return PreciseBN(num_batches=50, every_n_epochs=2, forward_fn=fwd)
 
+    def fit(trainer, **kw):
+        torch.manual_seed(0)
+        trainer.fit(BoringNormModel(), boring_loader(48, 12), boring_loader(8, 8), **kw)
+
     if resume:  # epoch 1 in one fit, epoch 2 in a second fit resumed from its checkpoint
-        first = tiny_cls()
-        ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
-        _trainer(
-            [cb(), ckpt],
-            _mem_logger(),
-            max_epochs=1,
-            limit_val_batches=1,
-            enable_checkpointing=True,
-        ).fit(first)
-        model = tiny_cls()
-        _trainer([cb()], _mem_logger(), max_epochs=2, limit_val_batches=1).fit(
-            model, ckpt_path=str(tmp_path / "last.ckpt")
+        ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+        first = [cb(), ckpt, probe]
+        fit(logging_trainer(first, max_epochs=1, limit_val_batches=1, enable_checkpointing=True))
+        fit(
+            logging_trainer([cb(), probe], max_epochs=2, limit_val_batches=1),
+            ckpt_path=str(tmp_path / "last.ckpt"),
         )
-        return first.val_checks + model.val_checks, calls
-    model = tiny_cls()
-    _trainer([cb()], _mem_logger(), max_epochs=2, limit_val_batches=1).fit(model)
-    return model.val_checks, calls
+    else:
+        fit(logging_trainer([cb(), probe], max_epochs=2, limit_val_batches=1))
+    return probe.checks, calls
 
 
 @pytest.mark.parametrize("resume", [False, True], ids=["plain", "resumed"])
-def test_precise_bn_every_n_epochs_and_resume(tmp_path, resume):
-    checks, calls = _precise_every2_fit(tmp_path, resume)
+def test_precise_bn_every_n_epochs_and_resume(logging_trainer, tmp_path, resume):
+    checks, calls = _precise_every2_fit(logging_trainer, tmp_path, resume)
     assert len(checks) == 2
     (rm0, _, mu0, _), (rm1, rv1, mu1, var1) = checks
     assert not torch.allclose(rm0, mu0, atol=1e-3)  # epoch 1 of 2: still the EMA
