@@ -1,7 +1,8 @@
 """Black-box contract tests written only from /work/shared/API.md.
 
 Every test imports only the public paths API.md names (``lightning_norms``,
-``lightning_norms.stats``, ``lightning_norms.callbacks``, ``lightning_norms.data``) and compares
+``lightning_norms.stats``, ``lightning_norms.callbacks``, ``lightning_norms.data``), plus the
+shared test model and Trainer of ``tests/_boring.py`` for the Lightning fits, and compares
 against an independent reference: torch's ``nn.BatchNorm*d``, a formula written out here, or a
 single-process run. Details API.md leaves to the implementer (the report's field names, the
 warm-up step's off-by-one) are read from the public docstrings or accepted either way.
