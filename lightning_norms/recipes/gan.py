@@ -33,8 +33,8 @@ leaves the other network's parameters without gradients.)
 
 from __future__ import annotations
 
+import argparse
 import math
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,16 +46,22 @@ from torch import Tensor, nn
 
 import lightning_norms as ln
 from lightning_norms.data import mix_real_fake
-from lightning_norms.recipes._common import (
-    RecipeCLI,
-    SingleDomainDigits,
-    SmallCNN,
-    recipe_cli,
-    study_trainer,
-    write_json,
+from lightning_norms.recipes.data import SingleDomainDigits
+from lightning_norms.recipes.models import SmallCNN
+from lightning_norms.recipes.runner import RecipeCLI, recipe_cli, run_grid, write_json
+from lightning_norms.recipes.verdict import compare
+from lightning_norms.recipes.writer import (
+    StudyReport,
+    by_seed,
+    group_by,
+    mean_std,
+    plot_bars,
+    study_head,
+    verdict_section,
 )
 
 __all__ = [
+    "EPOCHS",
     "MODES",
     "DigitsGAN",
     "Discriminator",
@@ -63,12 +69,14 @@ __all__ = [
     "GanDigits",
     "Generator",
     "cli_main",
-    "run_mode",
+    "run_study",
     "sample_quality",
     "train_judge",
 ]
 
 MODES = ("alternating", "mixed", "split")
+#: epochs per run (the CLI's default and the study's)
+EPOCHS = 60
 
 
 class GanDigits(SingleDomainDigits):
@@ -354,39 +362,85 @@ class GanCLI(RecipeCLI):
         trainer, model = self.trainer, self.model
         if trainer.interrupted or not trainer.is_global_zero:
             return
-        config = self.config["fit"]
+        config = self.options
         seed = config["seed_everything"]
         quality, samples = evaluate_gan(model, self.datamodule, seed=int(seed))
         out = Path(config["output_dir"])
         stem = f"{model.mode}_seed{seed}"
         save_grid(samples[:128], out / f"{stem}.png")
-        write_json(out / f"{stem}.json", {"mode": model.mode, "seed": seed, **quality})
-        print(f"samples: {out / stem}.png  quality: {quality}")
+        self.record = {"mode": model.mode, "seed": seed, **quality}
+        write_json(out / f"{stem}.json", self.record)
+        self.say(f"samples: {out / stem}.png  quality: {quality}")
 
 
-def cli_main(args: Any = None, run: bool = True) -> GanCLI:
+def cli_main(args: Any = None, run: bool = True, **options: Any) -> GanCLI:
     """Entry point: ``python -m recipes.gan fit --model.mode mixed ...``."""
-    return recipe_cli(GanCLI, DigitsGAN, GanDigits, "gan", 60, args, run)
+    return recipe_cli(GanCLI, DigitsGAN, GanDigits, "gan", EPOCHS, args, run, **options)
 
 
-def run_mode(
-    mode: Literal["alternating", "mixed", "split"],
-    seed: int,
-    *,
-    max_epochs: int = 60,
-    batch_size: int = 64,
-    output_dir: str | Path = "runs/gan",
-    trainer_kwargs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train one discriminator feed ``mode`` with ``seed``, judge it, save its grid; the record."""
-    start = time.perf_counter()
-    L.seed_everything(seed, workers=True, verbose=False)
-    data = GanDigits(batch_size=batch_size)
-    model = DigitsGAN(mode=mode, image_shape=data.image_shape)
-    study_trainer(max_epochs, trainer_kwargs, validate=True).fit(model, datamodule=data)
-    quality, samples = evaluate_gan(model, data, seed=seed)
-    save_grid(samples[:128], Path(output_dir) / f"{mode}_seed{seed}.png")
-    return {"mode": mode, "seed": seed, **quality, "seconds": time.perf_counter() - start}
+def _table(records: list[dict], by_mode: dict[tuple, list[dict]]) -> list[str]:
+    lines = [
+        "Quality of 1000 samples judged by a digits classifier trained on the real digits: mean "
+        "confidence, classes covered (>= 2 % of samples), effective number of classes "
+        "(exp entropy), MMD² to real test digits in the classifier's features (lower is better). "
+        "Grids: `<mode>_seed<seed>.png`.",
+        "",
+        "| discriminator feed | confidence (%) | classes covered | effective classes | MMD² |",
+        "|---|---|---|---|---|",
+    ]
+    for (mode,), rows in by_mode.items():
+        lines.append(
+            f"| {mode} | {mean_std([r['confidence'] for r in rows])} | "
+            f"{mean_std([r['classes_covered'] for r in rows], 1.0)} | "
+            f"{mean_std([r['effective_classes'] for r in rows], 1.0)} | "
+            f"{mean_std([r['mmd'] for r in rows], 1.0, 3)} |"
+        )
+    real = records[0]
+    lines.append(
+        f"| real test digits | {100 * real['real_confidence']:.1f} | "
+        f"{real['real_classes_covered']} | "
+        f"{real['real_effective_classes']:.1f} | {real['real_mmd']:.3f} |"
+    )
+    return lines
+
+
+def run_study(args: argparse.Namespace) -> StudyReport:
+    """DCGAN discriminator fed alternating / mixed / split batches over seeds, through the CLI;
+    the records, the sample-quality table, the verdicts and the MMD² plot (grids per run)."""
+    runs = [
+        {"model": {"mode": mode}, "seed_everything": s} for mode in MODES for s in range(args.seeds)
+    ]
+    records, wall = run_grid(cli_main, runs, args, desc="gan study")
+    by_mode = group_by(records, ("mode",))
+    mmd = {m: by_seed(rows, "mmd") for (m,), rows in by_mode.items()}
+    found = [
+        (
+            compare(f"`{m}` MMD² < `alternating` MMD²", mmd[m], mmd["alternating"], -1),
+            1000.0,
+            " x 1e-3",
+        )
+        for m in ("mixed", "split")
+        if m in mmd and "alternating" in mmd
+    ]
+    lines = [*_table(records, by_mode), *verdict_section(found)]
+    if "split" in mmd:
+        lines += [
+            "",
+            "`split` gives the discriminator per-kind BN statistics with one shared affine "
+            "(`DomainBatchNorm2d(shared_affine=True)`), so the real/fake label reaches it only "
+            "through the statistics, not through a per-kind shift.",
+        ]
+    bars = {m: list(v.values()) for m, v in mmd.items()}
+    return StudyReport(
+        records=records,
+        title="DCGAN: how the discriminator's BatchNorm is fed",
+        head=study_head(records, args.epochs, wall, args.jobs, args.threads),
+        body=lines,
+        plot=lambda path: plot_bars(
+            bars, path, "MMD² to real digits (lower is better)", "GAN", 1.0
+        ),
+        wall=wall,
+    )
 
 
 if __name__ == "__main__":

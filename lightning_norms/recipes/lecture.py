@@ -23,31 +23,37 @@ spanning 30x, both activations, several seeds), the verdicts and the curves.
 
 from __future__ import annotations
 
-import time
+import argparse
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser
 
-from lightning_norms.recipes._common import (
-    DigitsClassifier,
-    RecipeCLI,
-    SingleDomainDigits,
-    accuracy_record,
-    recipe_cli,
-    study_trainer,
-    write_json,
+from lightning_norms.recipes.data import SingleDomainDigits
+from lightning_norms.recipes.models import DigitsClassifier, accuracy_record
+from lightning_norms.recipes.runner import RecipeCLI, recipe_cli, run_grid, write_json
+from lightning_norms.recipes.verdict import compare
+from lightning_norms.recipes.writer import (
+    StudyReport,
+    by_seed,
+    group_by,
+    mean_std,
+    study_head,
+    verdict_section,
 )
 
 __all__ = [
     "DEFAULT_TARGET",
+    "EPOCHS",
     "LEARNING_RATES",
     "LectureCLI",
     "LectureClassifier",
     "ValCurve",
     "cli_main",
-    "run_setting",
+    "run_study",
     "steps_to",
 ]
 
@@ -58,6 +64,8 @@ SIGMOID_LR = 0.003
 #: validation accuracy that counts as "trained" for the steps-to-target figure
 DEFAULT_TARGET = 0.9
 DEFAULT_EVAL_EVERY = 10
+#: epochs per run (the CLI's default and the study's)
+EPOCHS = 6
 
 
 class LectureClassifier(DigitsClassifier):
@@ -67,7 +75,7 @@ class LectureClassifier(DigitsClassifier):
         variant: ``"mixed"`` (BatchNorm) or ``"none"`` (no normalisation; convs keep a bias).
         activation: ``"relu"`` or ``"sigmoid"``.
         lr: SGD learning rate, constant (default 0.05).
-        Others as :class:`lightning_norms.recipes._common.DigitsClassifier`.
+        Others as :class:`lightning_norms.recipes.models.DigitsClassifier`.
     """
 
     def __init__(
@@ -166,58 +174,155 @@ class LectureCLI(RecipeCLI):
         if trainer.interrupted:
             return
         trainer.test(model, datamodule=self.datamodule, verbose=False)
-        config = self.config["fit"]
+        config = self.options
         acc = accuracy_record(trainer.callback_metrics, 1)["acc"]
         record = _record(model, config["seed_everything"], self.curve.points, acc, config["target"])
         name = f"{model.variant}_{model.activation}_lr{model.lr:g}_seed{record['seed']}.json"
         write_json(Path(config["output_dir"]) / name, record)
-        if trainer.is_global_zero:
-            print(
-                f"test accuracy {100 * acc:.1f}%, steps to {100 * config['target']:.0f}% "
-                f"validation accuracy: {record['steps_to_target']}; record: "
-                f"{config['output_dir']}/{name}"
-            )
+        self.record = record
+        self.say(
+            f"test accuracy {100 * acc:.1f}%, steps to {100 * config['target']:.0f}% "
+            f"validation accuracy: {record['steps_to_target']}; record: "
+            f"{config['output_dir']}/{name}"
+        )
 
 
-def cli_main(args: Any = None, run: bool = True) -> LectureCLI:
+def cli_main(args: Any = None, run: bool = True, **options: Any) -> LectureCLI:
     """Entry point: ``python -m recipes.lecture fit --model.variant none --model.lr 0.3 ...``."""
-    return recipe_cli(LectureCLI, LectureClassifier, SingleDomainDigits, "lecture", 6, args, run)
-
-
-def run_setting(
-    variant: Literal["mixed", "none"],
-    activation: Literal["relu", "sigmoid"],
-    lr: float,
-    seed: int,
-    *,
-    max_epochs: int = 6,
-    batch_size: int = 32,
-    target: float = DEFAULT_TARGET,
-    eval_every: int = DEFAULT_EVAL_EVERY,
-    trainer_kwargs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train one (variant, activation, lr, seed) setting with the validation curve; the record."""
-    start = time.perf_counter()
-    L.seed_everything(seed, workers=True, verbose=False)
-    data = SingleDomainDigits(batch_size=batch_size)
-    model = LectureClassifier(
-        variant=variant,
-        activation=activation,
-        lr=lr,
-        image_shape=data.image_shape,
+    return recipe_cli(
+        LectureCLI, LectureClassifier, SingleDomainDigits, "lecture", EPOCHS, args, run, **options
     )
-    curve = ValCurve()
-    options = dict(trainer_kwargs or {})
-    options["callbacks"] = [*options.get("callbacks", []), curve]
-    options.update(val_check_interval=eval_every, check_val_every_n_epoch=None)
-    options.setdefault("num_sanity_val_steps", 0)
-    trainer = study_trainer(max_epochs, options, validate=True)
-    trainer.fit(model, datamodule=data)
-    trainer.test(model, datamodule=data, verbose=False)
-    acc = accuracy_record(trainer.callback_metrics, 1)["acc"]
-    record = _record(model, seed, curve.points, acc, target)
-    record["seconds"] = round(time.perf_counter() - start, 2)
-    return record
+
+
+def _steps(record: dict, cap: int) -> float:
+    """Steps to the target accuracy; a run that never reached it counts as ``cap``."""
+    steps = record["steps_to_target"]
+    return float(cap if steps is None else steps)
+
+
+def _plot_curves(records: Sequence[dict], path: Path, target: float) -> None:
+    """Validation accuracy vs steps (seed mean), one panel per setting, BN solid, none dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = group_by(records, ("activation", "lr"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
+    for ax, ((act, lr), rows) in zip(axes[0], panels.items(), strict=True):
+        for variant, style in (("mixed", "-"), ("none", "--")):
+            curves = [r["curve"] for r in rows if r["variant"] == variant]
+            if not curves:
+                continue
+            steps = [p[0] for p in curves[0]]
+            mean = [100 * statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))]
+            ax.plot(steps, mean, style, label="BN" if variant == "mixed" else "no BN")
+        ax.axhline(100 * target, color="gray", linewidth=0.6)
+        ax.set_title(f"{act}, SGD lr {lr:g}", fontsize=8)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylim(0, 100)
+    axes[0][0].set_ylabel("validation accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _claims(groups: dict[tuple, list[dict]], cap: int) -> list[tuple]:
+    """The lecture's four claims as paired comparisons ``(comparison, scale, unit)``."""
+    low, high = LEARNING_RATES[0], LEARNING_RATES[-1]
+    steps = {k: {int(r["seed"]): _steps(r, cap) for r in rows} for k, rows in groups.items()}
+
+    def acc(variant: str, act: str, lr: float) -> dict[int, float]:
+        return by_seed(groups[(variant, act, lr)], "acc")
+
+    target = f"{100 * DEFAULT_TARGET:.0f}%"
+    return [
+        (
+            compare(
+                f"BN reaches {target} in fewer steps (ReLU, lr {low:g})",
+                steps[("mixed", "relu", low)],
+                steps[("none", "relu", low)],
+                -1,
+            ),
+            1.0,
+            " steps",
+        ),
+        (
+            compare(
+                f"BN at {high / low:.0f}x the lr ({high:g}) > no BN at lr {low:g} (test acc)",
+                acc("mixed", "relu", high),
+                acc("none", "relu", low),
+            ),
+            100.0,
+            " points",
+        ),
+        (
+            compare(
+                f"BN > no BN at the highest lr {high:g} (test acc)",
+                acc("mixed", "relu", high),
+                acc("none", "relu", high),
+            ),
+            100.0,
+            " points",
+        ),
+        (
+            compare(
+                f"sigmoid: BN > no BN (lr {SIGMOID_LR:g}, test acc)",
+                acc("mixed", "sigmoid", SIGMOID_LR),
+                acc("none", "sigmoid", SIGMOID_LR),
+            ),
+            100.0,
+            " points",
+        ),
+    ]
+
+
+def _table(
+    groups: dict[tuple, list[dict]], grid: Sequence[tuple[str, float]], cap: int
+) -> list[str]:
+    lines = [
+        f"The digits CNN with BN after every conv / hidden layer (`BN`) or without normalisation "
+        f"(`none`), SGD with momentum 0.9 at a constant learning rate, batch 32. Steps to "
+        f"{100 * DEFAULT_TARGET:.0f}% validation accuracy (validated every 10 steps; a run that "
+        f"never gets there counts as {cap}, the last step) and final test accuracy (%).",
+        "",
+        "| activation | lr | BN: steps | BN: test acc | none: steps | none: test acc |",
+        "|---|---|---|---|---|---|",
+    ]
+    for act, lr in grid:
+        bn, plain = groups[("mixed", act, lr)], groups[("none", act, lr)]
+        lines.append(
+            f"| {act} | {lr:g} | {mean_std([_steps(r, cap) for r in bn], 1.0, 0)} | "
+            f"{mean_std([r['acc'] for r in bn])} | "
+            f"{mean_std([_steps(r, cap) for r in plain], 1.0, 0)} | "
+            f"{mean_std([r['acc'] for r in plain])} |"
+        )
+    return lines
+
+
+def run_study(args: argparse.Namespace) -> StudyReport:
+    """BN vs no BN across learning rates (ReLU) and with sigmoids, through the CLI: steps to the
+    target, test accuracy, the verdicts and the validation curves."""
+    grid = [("relu", lr) for lr in LEARNING_RATES] + [("sigmoid", SIGMOID_LR)]
+    runs = [
+        {"model": {"variant": v, "activation": act, "lr": lr}, "seed_everything": s,
+         "trainer": {"num_sanity_val_steps": 0}}
+        for act, lr in grid
+        for v in ("mixed", "none")
+        for s in range(args.seeds)
+    ]  # fmt: skip
+    records, wall = run_grid(cli_main, runs, args, desc="lecture study")
+    cap = max(p[0] for r in records for p in r["curve"]) if records[0]["curve"] else 0
+    groups = group_by(records, ("variant", "activation", "lr"))
+    return StudyReport(
+        records=records,
+        title="The lecture: BN trains faster, higher, with sigmoids",
+        head=study_head(records, args.epochs, wall, args.jobs, args.threads),
+        body=[*_table(groups, grid, cap), *verdict_section(_claims(groups, cap))],
+        plot=lambda path: _plot_curves(records, path, DEFAULT_TARGET),
+        wall=wall,
+    )
 
 
 if __name__ == "__main__":

@@ -30,32 +30,81 @@ Writes ``<output_dir>/<variant>_lr<lr>_m<bn_momentum>_seed<seed>.json``
 
 from __future__ import annotations
 
+import argparse
 import copy
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import lightning as L
+import torch
 from lightning.pytorch.cli import LightningArgumentParser
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_norms.data import TwoDomainDigits
-from lightning_norms.recipes._common import (
-    DigitsClassifier,
-    RecipeCLI,
-    Variant,
-    evaluate,
-    forward_train_batch,
-    recipe_cli,
-    study_trainer,
-    write_json,
-)
+from lightning_norms.recipes.models import DigitsClassifier
+from lightning_norms.recipes.runner import RecipeCLI, recipe_cli, run_grid, write_json
 from lightning_norms.recipes.two_domain import batching_for
+from lightning_norms.recipes.verdict import compare
+from lightning_norms.recipes.writer import (
+    StudyReport,
+    by_seed,
+    group_by,
+    mean_std,
+    plot_bars,
+    study_head,
+    verdict_section,
+)
 from lightning_norms.stats import recompute_bn_stats
 
-__all__ = ["DEFAULT_PRECISE_BATCHES", "PreciseBNCLI", "cli_main", "ema_vs_precise", "run_setting"]
+__all__ = [
+    "DEFAULT_PRECISE_BATCHES",
+    "EPOCHS",
+    "PreciseBNCLI",
+    "cli_main",
+    "ema_vs_precise",
+    "evaluate",
+    "forward_train_batch",
+    "run_study",
+]
 
+#: epochs per run (the CLI's default and the study's)
+EPOCHS = 3
 DEFAULT_PRECISE_BATCHES = (1, 2, 5, 10, 20, 50)
+
+
+def forward_train_batch(model: nn.Module, batch: Any) -> None:
+    """Run a training batch of either feed through ``model`` (the ``forward_fn`` for PreciseBN;
+    ``model`` a :class:`DigitsClassifier`)."""
+    device = next(model.parameters()).device
+    parts = [batch] if isinstance(batch[0], Tensor) else list(batch)
+    for x, _, d in parts:
+        model(x.to(device), d.to(device))
+
+
+@torch.no_grad()
+def evaluate(model: DigitsClassifier, loaders: Sequence[Any]) -> dict[str, float]:
+    """Per-domain and mean test accuracy of ``model`` in eval mode (loader ``k`` = domain ``k``).
+
+    A plain loop (no Trainer) for the recipes that compare several sets of statistics on one
+    set of weights; the training flag is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out: dict[str, float] = {}
+        for k, loader in enumerate(loaders):
+            metric = MulticlassAccuracy(
+                model.num_classes, average="micro", sync_on_compute=False
+            ).to(model.device)
+            for x, y, d in loader:
+                x, y, d = x.to(model.device), y.to(model.device), d.to(model.device)
+                metric.update(model(x, d).argmax(dim=1), y)
+            out[f"acc_domain{k}"] = float(metric.compute())
+        out["acc"] = sum(out.values()) / len(loaders)
+        return out
+    finally:
+        model.train(was_training)
 
 
 def _endless(data: TwoDomainDigits) -> Iterator[Any]:
@@ -123,56 +172,77 @@ class PreciseBNCLI(RecipeCLI):
         trainer, model = self.trainer, self.model
         if trainer.interrupted:
             return
-        config = self.config["fit"]
+        config = self.options
         res = ema_vs_precise(model, self.datamodule, config["precise_batches"])
         record = _record(model, config["seed_everything"], self.datamodule.batch_size, res)
         name = f"{model.variant}_lr{model.lr:g}_m{model.bn_momentum:g}_seed{record['seed']}.json"
         write_json(Path(config["output_dir"]) / name, record)
-        if trainer.is_global_zero:
-            best = max(record["acc_precise"].items(), key=lambda kv: kv[1])
-            print(
-                f"acc with EMA stats {100 * record['acc_ema']:.1f}%, with PreciseBN "
-                f"{100 * best[1]:.1f}% ({best[0]} batches); record: {config['output_dir']}/{name}"
-            )
+        self.record = record
+        best = max(record["acc_precise"].items(), key=lambda kv: kv[1])
+        self.say(
+            f"acc with EMA stats {100 * record['acc_ema']:.1f}%, with PreciseBN "
+            f"{100 * best[1]:.1f}% ({best[0]} batches); record: {config['output_dir']}/{name}"
+        )
 
 
-def cli_main(args: Any = None, run: bool = True) -> PreciseBNCLI:
+def cli_main(args: Any = None, run: bool = True, **options: Any) -> PreciseBNCLI:
     """Entry point: ``python -m recipes.precise_bn fit --model.lr 0.03 ...``."""
-    return recipe_cli(PreciseBNCLI, DigitsClassifier, TwoDomainDigits, "precise_bn", 3, args, run)
-
-
-def run_setting(
-    lr: float,
-    bn_momentum: float,
-    seed: int,
-    *,
-    variant: Variant = "mixed",
-    schedule: Literal["cosine", "constant"] = "constant",
-    max_epochs: int = 3,
-    batch_size: int = 64,
-    precise_batches: Sequence[int] = DEFAULT_PRECISE_BATCHES,
-    image_size: int | None = 8,
-    trainer_kwargs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train one (lr, momentum, seed) setting and compare EMA vs PreciseBN; the record."""
-    start = time.perf_counter()
-    L.seed_everything(seed, workers=True, verbose=False)
-    feed = batching_for(variant, None)
-    data = TwoDomainDigits(batching=feed, batch_size=batch_size, image_size=image_size)
-    model = DigitsClassifier(
-        variant=variant,
-        lr=lr,
-        bn_momentum=bn_momentum,
-        schedule=schedule,
-        image_shape=data.image_shape,
-        num_classes=data.num_classes,
-        num_domains=data.num_domains,
+    return recipe_cli(
+        PreciseBNCLI, DigitsClassifier, TwoDomainDigits, "precise_bn", EPOCHS, args, run, **options
     )
-    study_trainer(max_epochs, trainer_kwargs).fit(model, datamodule=data)
-    res = ema_vs_precise(model, data, precise_batches)
-    record = _record(model, seed, batch_size, res)
-    record["seconds"] = round(time.perf_counter() - start, 2)
-    return record
+
+
+def _table(records: list[dict]) -> tuple[list[str], list[tuple], dict[str, list[float]]]:
+    """The table rows, the claims and the plot's bars, one setting (lr, momentum) at a time."""
+    ns = [str(n) for n in DEFAULT_PRECISE_BATCHES]
+    lines = [
+        "Mean test accuracy (%) of the same weights with EMA running statistics and with PreciseBN "
+        "statistics recomputed over n training batches (64 samples each).",
+        "",
+        "| lr | BN momentum | EMA | " + " | ".join(f"PreciseBN n={n}" for n in ns) + " |",
+        "|---|---|---|" + "---|" * len(ns),
+    ]
+    found: list[tuple] = []
+    bars: dict[str, list[float]] = {}
+    for (lr, m), rows in group_by(records, ("lr", "bn_momentum")).items():
+        cells = [mean_std([r["acc_precise"][n] for r in rows]) for n in ns]
+        ema = mean_std([r["acc_ema"] for r in rows])
+        lines.append(f"| {lr:g} | {m:g} | {ema} | " + " | ".join(cells) + " |")
+        for r in rows:
+            r["acc_precise_max"] = r["acc_precise"][ns[-1]]
+        claim = f"PreciseBN (n={ns[-1]}) > EMA at lr {lr:g}, momentum {m:g}"
+        precise, plain = by_seed(rows, "acc_precise_max"), by_seed(rows, "acc_ema")
+        found.append((compare(claim, precise, plain), 100.0, " points"))
+        bars[f"lr {lr:g} m {m:g}: EMA"] = [r["acc_ema"] for r in rows]
+        bars[f"lr {lr:g} m {m:g}: PreciseBN"] = [r["acc_precise_max"] for r in rows]
+    return lines, found, bars
+
+
+def run_study(args: argparse.Namespace) -> StudyReport:
+    """EMA vs PreciseBN over learning rates x BN momenta x seeds (constant learning rate),
+    through the CLI; the records, the table, the verdicts and the bar plot."""
+    runs = [
+        {"model": {"lr": lr, "bn_momentum": m}, "seed_everything": s,
+         "precise_batches": list(DEFAULT_PRECISE_BATCHES),
+         "trainer": {"limit_val_batches": 0, "num_sanity_val_steps": 0}}
+        for lr in (1e-3, 3e-2)
+        for m in (0.1, 0.01)
+        for s in range(args.seeds)
+    ]  # fmt: skip
+    records, wall = run_grid(cli_main, runs, args, desc="precise_bn study")
+    for r in records:
+        r.pop("detail", None)
+    lines, found, bars = _table(records)
+    return StudyReport(
+        records=records,
+        title="EMA vs PreciseBN statistics",
+        head=study_head(records, args.epochs, wall, args.jobs, args.threads),
+        body=[*lines, *verdict_section(found)],
+        plot=lambda path: plot_bars(
+            bars, path, "test accuracy (%)", "same weights, EMA vs PreciseBN stats"
+        ),
+        wall=wall,
+    )
 
 
 if __name__ == "__main__":

@@ -28,40 +28,50 @@ Writes ``<output_dir>/<norm>_b<batch>_<order>_seed<seed>.json`` (default ``runs/
 
 from __future__ import annotations
 
+import argparse
 import math
-import time
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser
 
-from lightning_norms.recipes._common import (
-    DigitsClassifier,
-    RecipeCLI,
-    SingleDomainDigits,
-    Variant,
-    accuracy_record,
-    recipe_cli,
-    study_trainer,
-    write_json,
+from lightning_norms.recipes.data import SingleDomainDigits
+from lightning_norms.recipes.models import DigitsClassifier, Variant, accuracy_record
+from lightning_norms.recipes.runner import RecipeCLI, recipe_cli, run_grid, write_json
+from lightning_norms.recipes.verdict import compare
+from lightning_norms.recipes.writer import (
+    StudyReport,
+    by_seed,
+    group_by,
+    mean_std,
+    plot_bars,
+    study_head,
+    verdict_section,
 )
 
 __all__ = [
+    "EPOCHS",
     "NORMS",
     "SETTINGS",
     "STEP_BATCH",
     "SmallBatchCLI",
     "SmallBatchClassifier",
     "cli_main",
-    "run_setting",
+    "run_study",
 ]
+
+#: epochs per run (the CLI's default and the study's)
+EPOCHS = 6
 
 #: norm -> the two-domain variant with that normalisation
 NORMS: dict[str, Variant] = {"batch": "mixed", "renorm": "renorm", "group": "group"}
 
 #: the study's (per-device batch size, order) settings; every step trains on STEP_BATCH samples
-SETTINGS = ((4, "shuffled"), (32, "shuffled"), (32, "class_sorted"))
+SETTINGS: tuple[tuple[int, Literal["shuffled", "class_sorted"]], ...] = (
+    (4, "shuffled"),
+    (32, "shuffled"),
+    (32, "class_sorted"),
+)
 STEP_BATCH = 32
 #: share of the training steps BatchRenorm's clip limits take to open fully in the study
 WARMUP_SHARE = 0.2
@@ -75,7 +85,7 @@ class SmallBatchClassifier(DigitsClassifier):
         renorm_warmup: ``BatchRenorm`` warm-up in optimizer steps (default 50, about a fifth of
             the default 6 epochs at batch 32), however many micro-batches a step has.
         micro_batches: BN statistics per chunk of the batch (default 1; see the module doc).
-        Others as :class:`lightning_norms.recipes._common.DigitsClassifier`.
+        Others as :class:`lightning_norms.recipes.models.DigitsClassifier`.
     """
 
     def __init__(
@@ -112,6 +122,7 @@ class SmallBatchClassifier(DigitsClassifier):
             num_domains=1,
         )
         self.norm_name = norm
+        self.renorm_warmup = renorm_warmup
 
 
 def _name(norm: str, batch_size: int, order: str, seed: Any) -> str:
@@ -131,7 +142,7 @@ class SmallBatchCLI(RecipeCLI):
         if trainer.interrupted:
             return
         trainer.test(model, datamodule=data, verbose=False)
-        seed = self.config["fit"]["seed_everything"]
+        seed = self.options["seed_everything"]
         record = {
             "norm": model.norm_name,
             "batch_size": data.batch_size // model.micro_batches,
@@ -139,63 +150,105 @@ class SmallBatchCLI(RecipeCLI):
             "order": data.order,
             "seed": seed,
             "acc": accuracy_record(trainer.callback_metrics, 1)["acc"],
+            "warmup_steps": model.renorm_warmup,
+            "steps": trainer.global_step,
             "world_size": trainer.world_size,
         }
-        path = Path(self.config["fit"]["output_dir"]) / (
+        path = Path(self.options["output_dir"]) / (
             _name(record["norm"], record["batch_size"], data.order, seed) + ".json"
         )
         write_json(path, record)
-        if trainer.is_global_zero:
-            print(f"test accuracy {100 * record['acc']:.1f}%; record: {path}")
+        self.record = record
+        self.say(f"test accuracy {100 * record['acc']:.1f}%; record: {path}")
 
 
-def cli_main(args: Any = None, run: bool = True) -> SmallBatchCLI:
+def cli_main(args: Any = None, run: bool = True, **options: Any) -> SmallBatchCLI:
     """Entry point: ``python -m recipes.small_batch fit --model.norm renorm ...``."""
     return recipe_cli(
-        SmallBatchCLI, SmallBatchClassifier, SingleDomainDigits, "small_batch", 6, args, run
+        SmallBatchCLI,
+        SmallBatchClassifier,
+        SingleDomainDigits,
+        "small_batch",
+        EPOCHS,
+        args,
+        run,
+        **options,
     )
 
 
-def run_setting(
-    norm: Literal["batch", "renorm", "group"],
-    batch_size: int,
-    order: Literal["shuffled", "class_sorted"],
-    seed: int,
-    *,
-    max_epochs: int = 6,
-    trainer_kwargs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train one (norm, per-device batch, order, seed) setting and test it; the record.
+def _runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One CLI configuration per (norm, per-device batch, order, seed): every step trains on
+    :data:`STEP_BATCH` samples, BN statistics over ``batch_size`` of them at a time
+    (``STEP_BATCH // batch_size`` micro-batches); BatchRenorm's warm-up is
+    :data:`WARMUP_SHARE` of the run's optimizer steps."""
+    runs = []
+    for b, order in SETTINGS:
+        if STEP_BATCH % b:
+            raise ValueError(f"small_batch: `batch_size` must divide {STEP_BATCH}, got {b}")
+        steps = args.epochs * len(
+            SingleDomainDigits(batch_size=STEP_BATCH, order=order).train_dataloader()
+        )
+        warmup = max(1, math.ceil(WARMUP_SHARE * steps))
+        runs += [
+            {"model": {"norm": norm, "micro_batches": STEP_BATCH // b, "renorm_warmup": warmup},
+             "data": {"batch_size": STEP_BATCH, "order": order}, "seed_everything": s,
+             "trainer": {"limit_val_batches": 0, "num_sanity_val_steps": 0}}
+            for norm in NORMS
+            for s in range(args.seeds)
+        ]  # fmt: skip
+    return runs
 
-    Every step trains on :data:`STEP_BATCH` samples; BN statistics come from ``batch_size`` of
-    them at a time (``STEP_BATCH // batch_size`` micro-batches). BatchRenorm's warm-up is
-    :data:`WARMUP_SHARE` of the run's optimizer steps.
-    """
-    if STEP_BATCH % batch_size:
-        raise ValueError(f"small_batch: `batch_size` must divide {STEP_BATCH}, got {batch_size}")
-    start = time.perf_counter()
-    L.seed_everything(seed, workers=True, verbose=False)
-    data = SingleDomainDigits(batch_size=STEP_BATCH, order=order)
-    steps = max_epochs * len(data.train_dataloader())
-    model = SmallBatchClassifier(
-        norm=norm,
-        micro_batches=STEP_BATCH // batch_size,
-        renorm_warmup=max(1, math.ceil(WARMUP_SHARE * steps)),
-        image_shape=data.image_shape,
-    )
-    trainer = study_trainer(max_epochs, trainer_kwargs)
-    trainer.fit(model, datamodule=data)
-    trainer.test(model, datamodule=data, verbose=False)
-    return {
-        "norm": norm,
-        "batch_size": batch_size,
-        "order": order,
-        "seed": seed,
-        "acc": accuracy_record(trainer.callback_metrics, 1)["acc"],
-        "warmup_steps": max(1, math.ceil(WARMUP_SHARE * steps)),
-        "steps": trainer.global_step,
-        "seconds": round(time.perf_counter() - start, 2),
+
+def _table(groups: dict[tuple, list[dict]]) -> list[str]:
+    cols = [f"{b} per device, {order.replace('_', '-')}" for b, order in SETTINGS]
+    lines = [
+        f"Test accuracy (%) on the digits with running statistics. Every step trains on "
+        f"{STEP_BATCH} samples with the same learning rate and the same epochs (same samples "
+        "seen); BN statistics come from each device's share of the batch (per-device batch "
+        f"b: {STEP_BATCH} // b micro-batches, as that many devices without synced BN). "
+        "Class-sorted: every batch holds 2 of the 10 classes. BatchRenorm's warm-up counts "
+        "optimizer steps and ends at a fifth of the run.",
+        "",
+        "| norm | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for norm in NORMS:
+        cells = [mean_std([r["acc"] for r in groups[(norm, b, o)]]) for b, o in SETTINGS]
+        lines.append(f"| {norm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def run_study(args: argparse.Namespace) -> StudyReport:
+    """BN vs BatchRenorm vs GroupNorm with small per-device batches and class-sorted batches,
+    through the CLI; the records, the table, the verdicts and the bar plot."""
+    records, wall = run_grid(cli_main, _runs(args), args, desc="small_batch study")
+    groups = group_by(records, ("norm", "batch_size", "order"))
+    found = [
+        (
+            compare(
+                f"`renorm` > `batch` at {b} per device, {o.replace('_', '-')}",
+                by_seed(groups[("renorm", b, o)], "acc"),
+                by_seed(groups[("batch", b, o)], "acc"),
+            ),
+            100.0,
+            " points",
+        )
+        for b, o in SETTINGS
+        if ("renorm", b, o) in groups and ("batch", b, o) in groups
+    ]
+    bars = {
+        f"{n} {b}{' sorted' if o != 'shuffled' else ''}": [r["acc"] for r in groups[(n, b, o)]]
+        for b, o in SETTINGS
+        for n in NORMS
     }
+    return StudyReport(
+        records=records,
+        title="Small and non-i.i.d. batches",
+        head=study_head(records, args.epochs, wall, args.jobs, args.threads),
+        body=[*_table(groups), *verdict_section(found)],
+        plot=lambda path: plot_bars(bars, path, "test accuracy (%)", "per-device batch and order"),
+        wall=wall,
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ the report writes its three files, and the pieces the study's claims rest on hol
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -15,14 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_norms.recipes._common import (
-    VARIANTS,
-    ClassSortedBatchSampler,
-    DigitsClassifier,
-    SingleDomainDigits,
-    SmallCNN,
-)
-from lightning_norms.recipes.report import RECORD_KEYS, main, summarise, verdict
+from lightning_norms.recipes.data import ClassSortedBatchSampler, SingleDomainDigits
+from lightning_norms.recipes.models import VARIANTS, DigitsClassifier, SmallCNN
+from lightning_norms.recipes.report import main
+from lightning_norms.recipes.two_domain import RECORD_KEYS, summarise, verdict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -200,9 +197,7 @@ def test_class_sorted_batches() -> None:
     for b in batches:
         counts = torch.bincount(labels[b], minlength=10)
         assert sorted(counts[counts > 0].tolist()) in ([4, 4], [8])
-    ranks = [
-        list(ClassSortedBatchSampler(labels, 8, 2, seed=3, sampler=_Rank(r))) for r in (0, 1)
-    ]
+    ranks = [list(ClassSortedBatchSampler(labels, 8, 2, seed=3, sampler=_Rank(r))) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 12
     assert not {i for b in ranks[0] for i in b} & {i for b in ranks[1] for i in b}
     sampler.set_epoch(1)
@@ -470,16 +465,15 @@ def test_report_main_writes_three_files(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_report_demo_defaults_are_the_headline_over_five_seeds() -> None:
-    from lightning_norms.recipes import report
+    from lightning_norms.recipes import report, two_domain
 
-    args = report.build_parser().parse_args(["report"])
-    assert args.variants == ["mixed", "separate", "split"] and args.seeds is None
-    assert report.DEMO_SEEDS == 5 and report.STUDY_EPOCHS["two_domain"] == 15
+    args = report.parse_args(["report"])
+    assert args.variants == ["mixed", "separate", "split"] and args.seeds == 5
+    assert args.epochs == 15 and args.output_dir == "runs/demo"
+    assert report.STUDIES["two_domain"].run is two_domain.run_study
 
 
-def _sweep_args(tmp_path: Path) -> object:
-    import argparse
-
+def _study_args(tmp_path: Path) -> argparse.Namespace:
     return argparse.Namespace(
         output_dir=str(tmp_path), seeds=3, epochs=1, jobs=1, threads=1, accelerator="cpu",
         max_steps=-1, no_progress=True,
@@ -491,7 +485,8 @@ def test_study_reports_give_verdicts_from_fixed_records(
 ) -> None:
     """Every study renders its verdicts with the shared paired rule: fed fixed records, the
     small-batch and GAN reports say exactly what the numbers support, and draw the plot."""
-    from lightning_norms.recipes import small_batch, sweeps
+    from lightning_norms.recipes import gan, small_batch
+    from lightning_norms.recipes.writer import write_report
 
     monkeypatch.setattr(small_batch, "SETTINGS", ((4, "shuffled"), (32, "class_sorted")))
     monkeypatch.setattr(small_batch, "NORMS", {"batch": "mixed", "renorm": "renorm"})
@@ -502,22 +497,23 @@ def test_study_reports_give_verdicts_from_fixed_records(
         for n in ("batch", "renorm") for b, o in ((4, "shuffled"), (32, "class_sorted"))
         for s in range(3)
     ]  # fmt: skip
-    monkeypatch.setattr(sweeps, "_run", lambda *a: (recs, 1.0))
-    out = sweeps.run_small_batch(_sweep_args(tmp_path / "sb"))  # type: ignore[arg-type]
-    text = (out / "report.md").read_text()
+    monkeypatch.setattr(small_batch, "run_grid", lambda *a, **k: (recs, 1.0))
+    paths = write_report(small_batch.run_study(_study_args(tmp_path)), tmp_path / "sb")
+    text = paths["report"].read_text()
     assert "**`renorm` > `batch` at 4 per device, shuffled: held.**" in text
     assert "**`renorm` > `batch` at 32 per device, class-sorted: within noise.**" in text
-    assert (out / "plot.png").stat().st_size > 0
+    assert paths["plot"] == tmp_path / "sb" / "plot.png" and paths["plot"].stat().st_size > 0
 
-    gan = [
+    records = [
         {"mode": m, "seed": s, "mmd": {"alternating": 0.02, "mixed": 0.019, "split": 0.03}[m]
          + 0.001 * s * (m == "mixed"), "confidence": 0.7, "classes_covered": 10,
          "effective_classes": 9.0, "real_confidence": 0.98, "real_classes_covered": 10,
          "real_effective_classes": 10.0, "real_mmd": 0.0}
         for m in ("alternating", "mixed", "split") for s in range(3)
     ]  # fmt: skip
-    monkeypatch.setattr(sweeps, "_run", lambda *a: (gan, 1.0))
-    text = (sweeps.run_gan(_sweep_args(tmp_path / "gan")) / "report.md").read_text()  # type: ignore[arg-type]
+    monkeypatch.setattr(gan, "run_grid", lambda *a, **k: (records, 1.0))
+    paths = write_report(gan.run_study(_study_args(tmp_path)), tmp_path / "gan")
+    text = paths["report"].read_text()
     # mixed - alternating per seed: -1, 0, +1 (x 1e-3): no sign majority; split: +10 on 3/3
     assert "**`mixed` MMD² < `alternating` MMD²: within noise.**" in text
     assert "**`split` MMD² < `alternating` MMD²: not shown (the opposite held).**" in text

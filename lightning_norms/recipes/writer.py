@@ -1,0 +1,138 @@
+"""The report writer every study shares: table cells, the verdict section, bar plots, the files.
+
+A study hands :func:`write_report` a :class:`StudyReport` (its records, title, settings line,
+markdown body, plot) and gets ``results.json``, ``report.md`` and the plot in its output folder,
+with the body printed.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_norms.recipes.verdict import Comparison
+
+__all__ = [
+    "StudyReport",
+    "by_seed",
+    "group_by",
+    "mean_std",
+    "plot_bars",
+    "study_head",
+    "verdict_section",
+    "write_report",
+]
+
+
+def mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    """``"mean ± std"`` of ``values`` times ``scale`` (std 0 for one value).
+
+    Example:
+        >>> mean_std([0.9, 0.95])
+        '92.5 ± 3.5'
+    """
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def group_by(records: Sequence[dict], keys: Sequence[str]) -> dict[tuple, list[dict]]:
+    """The records grouped by their values of ``keys``, in first-seen order."""
+    out: dict[tuple, list[dict]] = {}
+    for r in records:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
+
+
+def by_seed(rows: Sequence[dict], key: str) -> dict[int, float]:
+    """``{seed: row[key]}``: the input of :func:`lightning_norms.recipes.verdict.compare`."""
+    return {int(r["seed"]): float(r[key]) for r in rows}
+
+
+def verdict_section(found: Sequence[tuple[Comparison, float, str]]) -> list[str]:
+    """The ``## Verdict`` section: one line per claim ``(comparison, scale, unit)``."""
+    return ["", "## Verdict", "", *[f"- {c.describe(scale, unit)}" for c, scale, unit in found]]
+
+
+def plot_bars(
+    groups: dict[str, list[float]], path: Path, ylabel: str, title: str, scale: float = 100.0
+) -> None:
+    """One bar per group (seed mean) with the seeds as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(groups) + 1.5), 3.8))
+    for i, values in enumerate(groups.values()):
+        ax.bar(i, scale * statistics.fmean(values), 0.7, color="#4C72B0", alpha=0.4)
+        ax.scatter([i] * len(values), [scale * v for v in values], s=16, color="black", zorder=3)
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@dataclass
+class StudyReport:
+    """What a study reports; :func:`write_report` turns it into files.
+
+    Attributes:
+        records: one per run, written to ``results.json``.
+        title: the ``# title`` of ``report.md``.
+        head: the paragraph under the title (seeds, settings, wall time).
+        body: the markdown lines after it (table, verdicts).
+        plot: draws the plot into the path it is given.
+        plot_name: the plot's file name; ``plot_alt`` its alt text in ``report.md``.
+        closing: markdown lines after the plot.
+        printed: what is printed (default: ``body``).
+        wall: the study's wall time in seconds.
+    """
+
+    records: list[dict[str, Any]]
+    title: str
+    head: str
+    body: list[str]
+    plot: Callable[[Path], None]
+    plot_name: str = "plot.png"
+    plot_alt: str = "plot"
+    closing: list[str] = field(default_factory=list)
+    printed: list[str] | None = None
+    wall: float = 0.0
+
+
+def study_head(records: Sequence[dict], epochs: int, wall: float, jobs: int, threads: int) -> str:
+    """The usual head paragraph: seeds, epochs per run, wall time, processes and threads."""
+    seeds = sorted({r["seed"] for r in records})
+    return (
+        f"Seeds {seeds}, {epochs} epochs per run, wall time {wall:.0f}s "
+        f"({jobs} process(es), {threads} torch thread(s) each)."
+    )
+
+
+def write_report(report: StudyReport, output_dir: str | Path) -> dict[str, Path]:
+    """Write ``results.json``, ``report.md`` and the plot into ``output_dir``; print the body.
+
+    Returns the three paths (keys ``results``, ``report``, ``plot``).
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "results": out / "results.json",
+        "report": out / "report.md",
+        "plot": out / report.plot_name,
+    }
+    paths["results"].write_text(json.dumps(report.records, indent=2) + "\n")
+    report.plot(paths["plot"])
+    text = [f"# {report.title}", "", report.head, "", *report.body, ""]
+    text += [f"![{report.plot_alt}]({report.plot_name})", "", *report.closing]
+    paths["report"].write_text("\n".join(text))
+    print("\n".join(report.body if report.printed is None else report.printed))
+    return paths
