@@ -1,42 +1,49 @@
-"""Cost of ``recompute_bn_stats`` against the no-grad forwards it needs and SWA's ``update_bn``.
+"""Cost of ``recompute_bn_stats`` against the bare forwards it needs, and its peers.
 
-Run: ``python bench/bench_precise_bn.py [--threads 1] [--rounds 5] [--batches 50] [--ddp]``.
-A torchvision ``resnet18(weights=None, num_classes=10)`` on CPU, ``--batches`` batches of
-16x3x64x64. Timed alternately in each round (so background load hits all alike), median over
-rounds, both in wall-clock seconds and in this process's CPU seconds (``time.process_time``;
-with one thread it is barely affected by other processes competing for the cores, so its
-ratios are the ones to read on a shared machine):
+Run: ``python bench/bench_precise_bn.py [--threads 1|2] [--rounds 5] [--batches 20] [--quick]
+[--ddp] [--no-timing]``. A torchvision ``resnet18(weights=None, num_classes=10)`` on CPU,
+``--batches`` batches of 32x3x32x32. Models:
 
-- ``forwards``: the same batches through the model under ``torch.no_grad()``, BN layers in
-  train mode (what the recompute has to run anyway);
-- ``recompute``: ``recompute_bn_stats(model, batches, num_batches)``; exact ``nn.BatchNorm2d``
-  layers take the free path (momentum-1 update read back after the fused kernel);
-- ``recompute (generic)``: the same model with every BN swapped for a trivial subclass, so the
-  input pre-hook path (per-batch two-pass moments, as for BatchRenorm / DomainBatchNorm) runs;
-- ``update_bn``: ``torch.optim.swa_utils.update_bn`` over the same batches (cumulative average of
-  per-batch variances; for reference).
+- ``BN``: torch's ``nn.BatchNorm2d`` (exact: the free path, momentum-1 update read back);
+- ``generic``: every BN swapped for a trivial user subclass (what timm's ``BatchNormAct2d`` or
+  a user's BN subclass gets: the forward pre-hook computes the moments from the input);
+- ``domain D`` (``D`` = 2, 64): every BN converted to ``DomainBatchNorm2d(num_domains=D)``,
+  per-sample domain ids (uniform over ``D``, drawn per pair of samples) set with ``lightning_norms.domain``.
 
-Prints each time and the ratio to ``forwards``. Target (issue 4): recompute <= 1.1x forwards.
+Cases, each against the bare forwards of the same model: ``forwards`` (the same batches under
+``torch.no_grad()``, BN layers in train mode: what any recompute has to run),
+``recompute_bn_stats``, and on the ``BN`` model the peers a user would pick instead: fvcore's
+``update_bn_stats`` (``pip install fvcore``; the row says so when it does not import) and
+``torch.optim.swa_utils.update_bn``. ``noise control`` times the bare forwards of ``BN`` twice
+in every round: its ratio is the noise floor of the run. Every case of every model runs once
+per round, in an order rotated each round (background load hits all alike); the median of the
+per-round ratios is printed. Clock: this thread's CPU time (``time.thread_time``) with one
+thread, the process's CPU time with more, so time spent preempted by other jobs does not count.
 
-Accuracy: the same model and batches, the running variances left by ``recompute_bn_stats`` and
-by ``update_bn`` against a float64 reference (each BN layer's inputs in the same pass,
-accumulated as float64 sums of ``x - shift`` and ``(x - shift)**2`` with ``shift`` the first
-batch's channel means: an independent, cancellation-free formula), per channel
-``|var - var_ref| / var_ref``: mean and max over all channels of all 20 layers (and the same
-for the means). ``--no-timing`` prints only this.
+Target (issue 13): recompute <= 1.05x the bare forwards for the generic path and for
+``DomainBatchNorm`` at 2 and 64 domains.
+
+Accuracy (printed first; ``--no-timing``: only this): the same model and batches, the running
+statistics left by ``recompute_bn_stats``, ``update_bn`` and fvcore against a float64
+reference (each BN layer's inputs in the same pass, accumulated as float64 sums of
+``x - shift`` and ``(x - shift)**2`` with ``shift`` the first batch's channel means: an
+independent, cancellation-free formula), per channel ``|var - var_ref| / var_ref`` and
+``|mean - mean_ref| / std_ref``: mean and max over all channels of all 20 layers.
 With ``--ddp`` it also spawns 2 gloo ranks that each recompute over half the batches and prints
-the slowest rank's time against the single-process recompute (each rank does half the forwards).
-Other processes sharing the cores make the figures noisy: compare ratios, not absolute times.
+the slowest rank's time against the single-process recompute.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -45,41 +52,68 @@ import torchvision
 from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
+from lightning_norms import convert_norms, domain
 from lightning_norms.stats import recompute_bn_stats
+
+Batch = tuple[Tensor, Tensor]
+_FVCORE = importlib.util.find_spec("fvcore") is not None
 
 
 class _SubclassBN(nn.BatchNorm2d):
     """Not an exact ``nn.BatchNorm2d``: recompute_bn_stats takes its generic pre-hook path."""
 
 
-def _model(generic: bool = False) -> nn.Module:
+def _model(kind: str = "BN") -> nn.Module:
+    """``BN``, ``generic`` or ``domain D``: resnet18 with that kind of BN layer."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=10)
-    if generic:
+    if kind == "generic":
         for module in list(model.modules()):
             for name, child in module.named_children():
                 if type(child) is nn.BatchNorm2d:
                     setattr(module, name, _SubclassBN(child.num_features))
+    elif kind.startswith("domain"):
+        convert_norms(model, "domain", num_domains=int(kind.split()[1]))
     return model
 
 
-def _batches(n: int, batch_size: int = 16, size: int = 64) -> list[Tensor]:
+def _batches(n: int, num_domains: int, batch_size: int = 32, size: int = 32) -> list[Batch]:
+    """Random images; domain ids drawn per pair of samples (layer4's 1x1 maps need two)."""
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(batch_size, 3, size, size, generator=g) for _ in range(n)]
+    return [
+        (
+            torch.randn(batch_size, 3, size, size, generator=g),
+            torch.randint(0, num_domains, (batch_size // 2,), generator=g).repeat_interleave(2),
+        )
+        for _ in range(n)
+    ]
 
 
-def _timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
+def _run(model: nn.Module, batch: Batch) -> Any:
+    """One batch through ``model``, with its per-sample domain ids set (ignored by plain BN)."""
+    with domain(model, batch[1]):
+        return model(batch[0])
 
 
-def _forwards(model: nn.Module, batches: list[Tensor]) -> None:
+def _forwards(model: nn.Module, batches: list[Batch]) -> None:
     model.train()
     with torch.no_grad():
-        for x in batches:
-            model(x)
+        for batch in batches:
+            _run(model, batch)
+
+
+def _recompute(model: nn.Module, batches: list[Batch]) -> None:
+    recompute_bn_stats(model, batches, num_batches=len(batches), forward_fn=_run)
+
+
+def _fvcore(model: nn.Module, batches: list[Batch]) -> None:
+    from fvcore.nn.precise_bn import update_bn_stats
+
+    update_bn_stats(model, [x for x, _ in batches], num_iters=len(batches))
+
+
+def _update_bn(model: nn.Module, batches: list[Batch]) -> None:
+    update_bn([x for x, _ in batches], model)
 
 
 class _Float64Reference:
@@ -132,8 +166,8 @@ def _errors(model: nn.Module, ref: dict[str, tuple[Tensor, Tensor]]) -> tuple[fl
     return float(v.mean()), float(v.max()), float(u.mean()), float(u.max())
 
 
-def _accuracy(batches: list[Tensor]) -> dict[str, tuple[float, ...]]:
-    """Errors of recompute_bn_stats and update_bn against the float64 reference."""
+def _accuracy(batches: list[Batch]) -> dict[str, tuple[float, ...]]:
+    """Errors of recompute_bn_stats and its peers against the float64 reference."""
     reference_model = _model()
     reference_model.eval()
     for m in reference_model.modules():
@@ -142,89 +176,137 @@ def _accuracy(batches: list[Tensor]) -> dict[str, tuple[float, ...]]:
             m.momentum = 0.0
     reference = _Float64Reference(reference_model)
     with torch.no_grad():
-        for x in batches:
+        for x, _ in batches:
             reference_model(x)
     ref = reference.stats()
-    ours, swa = _model(), _model()
-    recompute_bn_stats(ours, batches, num_batches=len(batches))
-    update_bn(batches, swa)
-    return {"recompute_bn_stats": _errors(ours, ref), "update_bn": _errors(swa, ref)}
+    runs: dict[str, Callable[[nn.Module, list[Batch]], None]] = {
+        "recompute_bn_stats": _recompute,
+        "torch update_bn": _update_bn,
+    }
+    if _FVCORE:
+        runs["fvcore update_bn_stats"] = _fvcore
+    errors = {}
+    for name, run in runs.items():
+        model = _model()
+        run(model, batches)
+        errors[name] = _errors(model, ref)
+    return errors
 
 
-def _ddp_worker(rank: int, world_size: int, batches: list[Tensor], tmpdir: str) -> None:
-    torch.set_num_threads(1)
+def _print_accuracy(batches: list[Batch]) -> None:
+    print(f"accuracy vs float64 reference, resnet18, {len(batches)} batches of 32x3x32x32")
+    print(f"{'':>24}  {'var err mean':>12}  {'var err max':>11}  {'mean err':>9}  {'max':>9}")
+    for name, (v_mean, v_max, u_mean, u_max) in _accuracy(batches).items():
+        print(f"{name:>24}  {v_mean:12.3e}  {v_max:11.3e}  {u_mean:9.2e}  {u_max:9.2e}")
+    if not _FVCORE:
+        print(f"{'fvcore update_bn_stats':>24}  skipped: fvcore not installed")
+
+
+def _ddp_worker(
+    rank: int, world_size: int, batches: list[Batch], threads: int, tmpdir: str
+) -> None:
+    torch.set_num_threads(threads)
     dist.init_process_group(
         "gloo", init_method=f"file://{tmpdir}/rendezvous", rank=rank, world_size=world_size
     )
     try:
         model = _model()
         mine = batches[rank::world_size]
-        recompute_bn_stats(model, mine[:1], num_batches=1)  # warm-up, joins the collectives
+        _recompute(model, mine[:1])  # warm-up, joins the collectives
         dist.barrier()
-        seconds = _timed(lambda: recompute_bn_stats(model, mine, num_batches=len(mine)))
-        torch.save(seconds, os.path.join(tmpdir, f"time_{rank}.pt"))  # (wall, cpu)
+        clock = _clock(threads)
+        start = clock()
+        _recompute(model, mine)
+        torch.save(clock() - start, os.path.join(tmpdir, f"time_{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _ddp_seconds(batches: list[Tensor]) -> tuple[float, float]:
-    """Slowest rank's (wall, cpu) seconds."""
+def _print_ddp(batches: list[Batch], threads: int) -> None:
+    """The slowest of 2 ranks (half the batches each) against the 1-process recompute."""
+    model = _model()
+    clock = _clock(threads)
+    start = clock()
+    _recompute(model, batches)
+    single = clock() - start
     with tempfile.TemporaryDirectory() as tmpdir:
-        mp.spawn(_ddp_worker, args=(2, batches, tmpdir), nprocs=2, join=True)
-        times = [torch.load(os.path.join(tmpdir, f"time_{r}.pt")) for r in range(2)]
-    return max(t[0] for t in times), max(t[1] for t in times)
+        mp.spawn(_ddp_worker, args=(2, batches, threads, tmpdir), nprocs=2, join=True)
+        slowest = max(torch.load(os.path.join(tmpdir, f"time_{r}.pt")) for r in range(2))
+    print(f"{'2-rank DDP recompute, slowest rank':<36}{slowest / single:>27.3f}x of 1 process")
+
+
+def _cases(batches: dict[str, list[Batch]]) -> dict[str, tuple[str, Callable[[], object]]]:
+    """Case name -> (the model whose bare forwards it is compared with, the timed call)."""
+    cases: dict[str, tuple[str, Callable[[], object]]] = {}
+    for kind, data in batches.items():
+        model = _model(kind)
+        _forwards(model, data[:2])  # warm-up
+        cases[f"{kind}: forwards"] = (kind, lambda m=model, d=data: _forwards(m, d))
+        cases[f"{kind}: recompute_bn_stats"] = (kind, lambda m=model, d=data: _recompute(m, d))
+        if kind == "BN":
+            cases["BN: noise control (forwards)"] = (kind, lambda m=model, d=data: _forwards(m, d))
+            cases["BN: torch update_bn"] = (kind, lambda m=model, d=data: _update_bn(m, d))
+            if _FVCORE:
+                cases["BN: fvcore update_bn_stats"] = (kind, lambda m=model, d=data: _fvcore(m, d))
+    return cases
+
+
+def _clock(threads: int) -> Callable[[], float]:
+    return time.thread_time if threads == 1 else time.process_time
+
+
+def _time_cases(
+    cases: dict[str, tuple[str, Callable[[], object]]], rounds: int, clock: Callable[[], float]
+) -> dict[str, list[float]]:
+    """Per case, one ratio to its model's bare forwards per round (order rotated each round)."""
+    names = list(cases)
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        seconds = {}
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = clock()
+            cases[name][1]()
+            seconds[name] = clock() - start
+        for name, (kind, _) in cases.items():
+            ratios[name].append(seconds[name] / seconds[f"{kind}: forwards"])
+        ratios.setdefault("_seconds", []).append(seconds["BN: forwards"])
+    return ratios
+
+
+def _print_timing(args: argparse.Namespace, ratios: dict[str, list[float]]) -> None:
+    print(
+        f"\nresnet18, {args.batches} batches of 32x3x32x32, {args.threads} thread(s), "
+        f"median of {args.rounds} rounds; BN bare forwards "
+        f"{statistics.median(ratios.pop('_seconds')):.3f} s CPU"
+    )
+    print(f"{'case':<36}{'ratio to its bare forwards':>28}")
+    for name, values in ratios.items():
+        print(f"{name:<36}{statistics.median(values):>27.3f}x")
+    if not _FVCORE:
+        print(f"{'BN: fvcore update_bn_stats':<36}{'skipped: fvcore not installed':>28}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, choices=(1, 2))
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batches", type=int, default=50)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 6 batches")
     parser.add_argument("--ddp", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.batches = 3, 6
     torch.set_num_threads(args.threads)
-    batches = _batches(args.batches)
-    print(f"accuracy vs float64 reference, resnet18, {args.batches} batches of 16x3x64x64")
-    print(f"{'':>20}  {'var err mean':>12}  {'var err max':>11}  {'mean err':>9}  {'max':>9}")
-    for name, (v_mean, v_max, u_mean, u_max) in _accuracy(batches).items():
-        print(f"{name:>20}  {v_mean:12.3e}  {v_max:11.3e}  {u_mean:9.2e}  {u_max:9.2e}")
+    warnings.simplefilter("ignore")  # torchvision / fvcore deprecation notes
+    kinds = {"BN": 1, "generic": 1, "domain 2": 2, "domain 64": 64}
+    batches = {kind: _batches(args.batches, d) for kind, d in kinds.items()}
+    _print_accuracy(batches["BN"])
     if args.no_timing:
         return
-    model, generic = _model(), _model(generic=True)
-    cases: dict[str, Callable[[], object]] = {
-        "forwards": lambda: _forwards(model, batches),
-        "recompute": lambda: recompute_bn_stats(model, batches, num_batches=args.batches),
-        "recompute (generic)": lambda: recompute_bn_stats(
-            generic, batches, num_batches=args.batches
-        ),
-        "update_bn": lambda: update_bn(batches, model),
-    }
-    _forwards(model, batches[:2])  # warm-up
-    _forwards(generic, batches[:2])
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
-    for _ in range(args.rounds):
-        for name, fn in cases.items():
-            times[name].append(_timed(fn))
-    wall = {name: statistics.median(t[0] for t in ts) for name, ts in times.items()}
-    cpu = {name: statistics.median(t[1] for t in ts) for name, ts in times.items()}
-    print(
-        f"resnet18, {args.batches} batches of 16x3x64x64, {args.threads} thread(s), "
-        f"median of {args.rounds} rounds"
-    )
-    print(f"{'':>20}  {'wall s':>7}  {'ratio':>6}  {'cpu s':>7}  {'ratio':>6}")
-    for name in cases:
-        print(
-            f"{name:>20}  {wall[name]:7.3f}  {wall[name] / wall['forwards']:5.3f}x  "
-            f"{cpu[name]:7.3f}  {cpu[name] / cpu['forwards']:5.3f}x"
-        )
+    _print_timing(args, _time_cases(_cases(batches), args.rounds, _clock(args.threads)))
     if args.ddp:
-        ddp_wall, ddp_cpu = _ddp_seconds(batches)
-        print(
-            f"{'2-rank DDP, slowest':>20}  {ddp_wall:7.3f}  "
-            f"{ddp_wall / wall['recompute']:5.3f}x  {ddp_cpu:7.3f}  "
-            f"{ddp_cpu / cpu['recompute']:5.3f}x  (ratios to the 1-process recompute)"
-        )
+        _print_ddp(batches["BN"], args.threads)
 
 
 if __name__ == "__main__":

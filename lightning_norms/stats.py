@@ -33,12 +33,22 @@ from lightning_norms._moments import (
     merge_stacked,
     zero_moments,
 )
+from lightning_norms.domain_bn import DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d
 
 __all__ = ["BNStatsReport", "LayerShift", "is_recomputing", "recompute_bn_stats"]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
-_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# layers whose training update is torch's BN rule (read back after a momentum-1 forward)
+_READ_BACK = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    DomainBatchNorm1d,
+    DomainBatchNorm2d,
+    DomainBatchNorm3d,
+)
+_EXACT_DTYPES = (torch.float32, torch.float64)
 
 _RECOMPUTING = threading.local()
 
@@ -207,15 +217,38 @@ def _is_domain_bn(module: nn.Module) -> bool:
     return callable(getattr(module, "resolve_domain", None)) and hasattr(module, "num_domains")
 
 
+def _reads_back(module: _BatchNorm) -> bool:
+    """Whether a layer's momentum-1 update leaves exactly its batch statistics in its buffers.
+
+    True for exact ``nn.BatchNorm*d`` and ``DomainBatchNorm*d`` (torch's update rule, per
+    domain) with fp32/fp64 buffers that do not synchronise (a synced layer's buffers would hold
+    the global statistics, which the final all-reduce would count again).
+    """
+    if module.running_mean is None or module.running_mean.dtype not in _EXACT_DTYPES:
+        return False
+    syncs = bool(getattr(module, "sync", False)) or getattr(module, "process_group", None)
+    return type(module) in _READ_BACK and not syncs
+
+
 class _Collector:
     """Accumulates one layer's exact moments over the pass, and owns its state for the pass.
 
-    Hooks only copy each call's per-channel results into a small float64 buffer (``_CHUNK``
-    rows); full buffers are merged at once (``merge_stacked``) into the running total, which
-    keeps the per-call cost to a couple of tiny copies whatever the number of batches.
-    ``domains`` maps the rows of the moments to the buffers: ``[None]`` for a plain layer (the
-    whole buffer), ``[0, ..., D-1]`` for a ``DomainBatchNorm``, ``[k]`` when only domain ``k`` is
-    recomputed (every batch is routed to it).
+    Each batch leaves one small :class:`~lightning_norms._moments.Moments` (``[G, C]``, in the
+    statistics' dtype, no host sync) in a list; every ``_CHUNK`` batches, and at the end, the
+    list is merged at once in float64 (``merge_stacked``) into the running total. Nothing is
+    allocated up front and nothing per batch beyond the batch's own moments.
+
+    Two ways to get a batch's moments. *Read back*: layers whose own training update is known
+    to be torch's (exact ``nn.BatchNorm*d`` and this package's ``DomainBatchNorm*d``, unsynced,
+    fp32/fp64 buffers) run with ``momentum=1``, so after the forward their buffers hold the
+    batch mean and unbiased variance their kernel already computed (per domain, absent domains
+    untouched): a forward hook copies them, no second pass over the input. *From the input*:
+    every other layer (subclasses, ``SyncBatchNorm``, ``BatchRenorm``, synced or half-buffer
+    layers, ``domain=k`` routing) runs with ``momentum=0`` and a pre-hook computes the moments
+    of its input with :func:`~lightning_norms._moments.batch_moments`. ``domains`` maps the
+    rows of the moments to the buffers: ``[None]`` for a plain layer (the whole buffer),
+    ``[0, ..., D-1]`` for a ``DomainBatchNorm``, ``[k]`` when only domain ``k`` is recomputed
+    (every batch is routed to it).
     """
 
     _CHUNK = 64
@@ -239,26 +272,19 @@ class _Collector:
             self.domains = list(range(int(getattr(module, "num_domains", 1))))
         else:
             self.domains = [self.target]
-        # Exact nn.BatchNorm*d with fp32/fp64 buffers: run the layer with momentum=1 and read the
-        # batch statistics torch's fused kernel already computed ("free" path). Everything else
-        # (subclasses, SyncBatchNorm, this package's variants, half buffers): a pre-hook computes
-        # the moments from the input, with momentum=0 so the layer's own update is a no-op.
-        self.fast = type(module) in _PLAIN_BN and self.mean.dtype in (torch.float32, torch.float64)
-        groups, channels, device = len(self.domains), self.mean.shape[-1], self.mean.device
-        self.moments: Moments = zero_moments(groups, channels, device)
-        shape = (self._CHUNK, groups, channels)
-        self._counts = torch.zeros(shape[:2], dtype=torch.float64, device=device)
-        self._means = torch.zeros(shape, dtype=torch.float64, device=device)
-        self._seconds = torch.zeros(shape, dtype=torch.float64, device=device)  # m2 or var
-        self._rows = 0
+        self.readback = self.target is None and _reads_back(module)
+        self.moments: Moments = zero_moments(
+            len(self.domains), self.mean.shape[-1], self.mean.device
+        )
+        self._parts: list[Moments] = []
 
     def start(self) -> RemovableHandle:
         """Freeze the layer's own EMA for the pass and attach the hook."""
-        self.module.momentum = 1.0 if self.fast else 0.0
-        if self.fast:  # finite scratch values: 0 * old must vanish in the momentum-1 update
+        self.module.momentum = 1.0 if self.readback else 0.0
+        if self.readback:  # finite scratch values: 0 * old must vanish in the momentum-1 update
             self.mean.zero_()
             self.var.fill_(1.0)
-            return self.module.register_forward_hook(self.post_hook)
+            return self.module.register_forward_hook(self.read_back, with_kwargs=True)
         return self.module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
 
     def restore(self, keep_statistics: bool) -> None:
@@ -271,45 +297,46 @@ class _Collector:
             self.var.copy_(self.old[1])
 
     def flush(self) -> None:
-        """Merge the buffered rows into ``moments``."""
-        k, self._rows = self._rows, 0
-        if k == 0:
+        """Merge the stored batches' moments into ``moments`` (float64)."""
+        if not self._parts:
             return
-        counts, means, seconds = self._counts[:k], self._means[:k], self._seconds[:k]
-        if self.fast:  # rows hold torch's unbiased batch variance: m2 = var * (n - 1)
-            seconds = seconds * (counts - 1.0)[..., None]
+        dtype = self.moments.mean.dtype
+        counts, means, seconds = (torch.stack(t).to(dtype) for t in zip(*self._parts, strict=True))
+        self._parts = []
+        if self.readback:  # read-back rows hold the unbiased batch variance: m2 = var * (n - 1)
+            seconds = seconds * (counts - 1.0).clamp(min=0.0)[..., None]
         self.moments = merge_moments(self.moments, merge_stacked(counts, means, seconds))
 
-    def _next_row(self) -> int:
-        if self._rows == self._CHUNK:
+    def _store(self, moments: Moments) -> None:
+        self._parts.append(moments)
+        if len(self._parts) == self._CHUNK:
             self.flush()
-        self._rows += 1
-        return self._rows - 1
 
-    def _store(self, count: Tensor, mean: Tensor, m2: Tensor) -> None:
-        row = self._next_row()
-        self._counts[row].copy_(count)
-        self._means[row].copy_(mean)
-        self._seconds[row].copy_(m2)
+    def _ids(self, module: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        """The per-sample domain ids the layer's forward resolves (validated by the layer)."""
+        given = kwargs["domain"] if "domain" in kwargs else (args[1] if len(args) > 1 else None)
+        return module.resolve_domain(x, given).to(x.device)  # type: ignore[operator]
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         x = args[0]
         if self.target is not None:  # route the whole batch to the recomputed domain
-            self._store(*batch_moments(x))
+            self._store(batch_moments(x))
             return args[:1], {**kwargs, "domain": self.target}
-        if self.domain:
-            given = kwargs["domain"] if "domain" in kwargs else (args[1] if len(args) > 1 else None)
-            ids = module.resolve_domain(x, given)  # type: ignore[operator]
-            self._store(*batch_moments(x, ids.to(x.device), len(self.domains)))
-        else:
-            self._store(*batch_moments(x))
+        ids = self._ids(module, x, args, kwargs) if self.domain else None
+        self._store(batch_moments(x, ids, len(self.domains)))
         return None
 
-    def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        row = self._next_row()
-        self._counts[row].fill_(args[0].numel() // self.module.num_features)
-        self._means[row, 0].copy_(self.mean)
-        self._seconds[row, 0].copy_(self.var)
+    def read_back(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        x = args[0]
+        if self.domain:
+            positions = x[0, 0].numel() if x.shape[0] else 0
+            ids = self._ids(module, x, args, kwargs)
+            count = torch.bincount(ids, minlength=len(self.domains)).to(self.mean.dtype)
+            count = count * positions
+        else:
+            count = self.mean.new_full((1,), x.numel() // self.module.num_features)
+        rows = (len(self.domains), -1)
+        self._store(Moments(count, self.mean.view(rows).clone(), self.var.view(rows).clone()))
 
     def write(self, report: BNStatsReport) -> list[str]:
         """Write the merged moments into the buffers; return the unexpectedly thin rows.
@@ -320,39 +347,26 @@ class _Collector:
         """
         count, mean, m2 = self.moments
         var = m2 / (count - 1).clamp_min(1.0)[:, None]
+        rows = slice(None) if not self.domain else self.domains
+        channels = self.mean.shape[-1]
+        old = [t.view(-1, channels)[rows].to(mean.dtype) for t in self.old]
+        seen = (count >= 2)[:, None]
+        for buffer, new, before in zip((self.mean, self.var), (mean, var), old, strict=True):
+            buffer.view(-1, channels)[rows] = torch.where(seen, new, before).to(buffer.dtype)
+        eps = self.module.eps
+        mean_shift = ((mean - old[0]).abs() / (var + eps).sqrt()).mean(1)
+        var_shift = ((old[1] - var).abs() / (var + eps)).mean(1)
+        figures = torch.stack([count, mean_shift, var_shift], 1).tolist()  # one host sync
         thin: list[str] = []
-        for row, (d, n) in enumerate(zip(self.domains, count.tolist(), strict=True)):
-            index = slice(None) if d is None else d
-            old = (self.old[0][index], self.old[1][index])
-            if n < 2:
-                self.mean[index] = old[0]
-                self.var[index] = old[1]
-                label = self.name if d is None else f"{self.name}[domain={d}]"
-                report.unseen.append(label)
-                if n > 0 or not self.domain or self.target is not None:
-                    thin.append(label)
+        for d, (n, m_shift, v_shift) in zip(self.domains, figures, strict=True):
+            if n >= 2:
+                report.layers.append(LayerShift(self.name, int(n), m_shift, v_shift, d))
                 continue
-            self.mean[index] = mean[row].to(self.mean.dtype)
-            self.var[index] = var[row].to(self.var.dtype)
-            report.layers.append(
-                _shift(self.name, d, n, old, (mean[row], var[row]), self.module.eps)
-            )
+            label = self.name if d is None else f"{self.name}[domain={d}]"
+            report.unseen.append(label)
+            if n > 0 or not self.domain or self.target is not None:
+                thin.append(label)
         return thin
-
-
-def _shift(
-    name: str,
-    domain: int | None,
-    count: float,
-    old: tuple[Tensor, Tensor],
-    new: tuple[Tensor, Tensor],
-    eps: float,
-) -> LayerShift:
-    old_mean, old_var = (t.double() for t in old)
-    new_mean, new_var = new
-    mean_shift = ((new_mean - old_mean).abs() / (new_var + eps).sqrt()).mean()
-    var_shift = ((old_var - new_var).abs() / (new_var + eps)).mean()
-    return LayerShift(name, int(count), float(mean_shift), float(var_shift), domain)
 
 
 def _check_count(value: Any, name: str) -> None:
