@@ -601,10 +601,11 @@ def recompute_bn_stats(
     inference (plain BN layers in eval mode, with their running statistics).
 
     The layers' own EMA updates do not leak: ``momentum`` is set for the pass (to 1 for exact
-    ``nn.BatchNorm*d``, whose fused kernel then hands over the batch statistics, else to 0) and
-    restored, with every module's ``training`` flag, ``num_batches_tracked`` (BatchRenorm's step
-    counter) and, if anything fails, the original running statistics, in ``finally``, even when
-    ``forward_fn`` raises. Weights are never touched. :func:`is_recomputing` is True throughout.
+    ``nn.BatchNorm*d`` and unsynced ``DomainBatchNorm*d``, whose kernels then hand over the
+    batch statistics they computed anyway, else to 0) and restored, with every module's
+    ``training`` flag, ``num_batches_tracked`` (BatchRenorm's step counter) and, if anything
+    fails, the original running statistics, in ``finally``, even when ``forward_fn`` raises.
+    Weights are never touched. :func:`is_recomputing` is True throughout.
 
     Caveats: upstream BN layers use batch statistics, so a layer's statistics depend a little on
     the batch size (use batches like the training ones); ``BatchRenorm``'s ``r`` and ``d`` are
