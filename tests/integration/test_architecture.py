@@ -121,8 +121,11 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
-def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
-    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (its ``else`` runs)."""
+def _runtime_nodes(tree: ast.AST, at_import: bool = False) -> list[ast.AST]:
+    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (its ``else`` runs).
+
+    ``at_import``: only what runs when the module is imported (function bodies left out).
+    """
     found: list[ast.AST] = []
     stack = [tree]
     while stack:
@@ -130,6 +133,11 @@ def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
         found.append(node)
         if isinstance(node, ast.If) and _is_type_checking(node):
             stack.extend(node.orelse)
+            continue
+        if at_import and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = node.args  # defaults and decorators run at import, the body when called
+            decorators = getattr(node, "decorator_list", [])
+            stack.extend(n for n in (*args.defaults, *args.kw_defaults, *decorators) if n)
             continue
         stack.extend(ast.iter_child_nodes(node))
     return found
@@ -144,15 +152,18 @@ def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join([*base, node.module] if node.module else base)
 
 
-def imports_of(module: str, source: str, is_package: bool = False) -> list[tuple[int, str]]:
+def imports_of(
+    module: str, source: str, is_package: bool = False, at_import: bool = False
+) -> list[tuple[int, str]]:
     """``(line, imported module)`` for every import that runs in ``source``.
 
     ``from pkg import name`` counts as importing ``pkg.name`` when that is a package module
-    (``from lightning_norms import functional``), else as importing ``pkg``.
+    (``from lightning_norms import functional``), else as importing ``pkg``. ``at_import``:
+    only the imports that run when the module is imported (not those inside functions).
     """
     known = set(package_modules())
     found: list[tuple[int, str]] = []
-    for node in _runtime_nodes(ast.parse(source)):
+    for node in _runtime_nodes(ast.parse(source), at_import):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -216,6 +227,52 @@ def test_every_layer_of_the_table_exists() -> None:
 def test_module_follows_the_import_rules(module: str) -> None:
     source, is_package = _source_of(module)
     assert violations(module, source, is_package) == []
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One cycle of ``graph`` (``[a, b, ..., a]``), or ``[]`` when it is acyclic."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str]:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], node, nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (found := visit(nxt, [*path, node])):
+                return found
+        state[node] = 2
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [])):
+            return found
+    return []
+
+
+def test_the_layer_table_is_a_dag() -> None:
+    graph = {layer: allowed - {layer} for layer, allowed in ALLOWED.items()}
+    assert _cycle(graph) == []
+
+
+def test_no_import_cycle_between_modules_at_import_time() -> None:
+    graph = {}
+    for module in package_modules():
+        source, is_package = _source_of(module)
+        targets = {t for _, t in imports_of(module, source, is_package, at_import=True)}
+        graph[module] = {t for t in targets if layer_of(t) is not None and t != module}
+    assert _cycle(graph) == []
+
+
+@pytest.mark.parametrize(
+    ("graph", "cycle"),
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, []),
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
+        ({"a": {"b"}, "b": {"b"}}, ["b", "b"]),
+    ],
+)
+def test_cycle_finder(graph: dict[str, set[str]], cycle: list[str]) -> None:
+    assert _cycle(graph) == cycle
 
 
 # The checker must be able to fail: each fake source breaks one rule, and the report names the
