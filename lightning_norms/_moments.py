@@ -90,11 +90,48 @@ def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+def group_moments(
+    row_mean: Tensor, row_var: Tensor, per_row: int, ids: Tensor | None, num_groups: int = 1
+) -> Moments:
+    """Chan's merge of per-row moments (:func:`row_moments`) into groups, no gradient.
+
+    A row holds ``per_row`` elements with mean ``row_mean`` and biased variance ``row_var``
+    (``[N, C]``); ``ids`` (``LongTensor[N]``, ``None``: one group) assigns rows to groups:
+
+        n_g = per_row * rows_g,  mean_g = mean of its row means,
+        m2_g = per_row * sum_rows (row_var + (row_mean - mean_g)**2)
+
+    by segment sums (``index_add``) on the tiny ``[N, C]`` rows. Groups without rows get count
+    0, mean 0 and m2 0. ``ids`` are not checked here.
+
+    Example:
+        >>> n, mean, m2 = group_moments(torch.tensor([[1.0], [3.0]]), torch.ones(2, 1), 2, None)
+        >>> n.tolist(), mean.tolist(), m2.tolist()
+        ([4.0], [[2.0]], [[8.0]])
+    """
+    with torch.no_grad():
+        if ids is None:
+            rows = row_mean.new_full((1,), row_mean.shape[0])
+            mean = (
+                row_mean.mean(0, keepdim=True)
+                if row_mean.shape[0]
+                else row_mean.new_zeros(1, row_mean.shape[1])
+            )
+            spread = torch.addcmul(row_var, row_mean - mean, row_mean - mean).sum(0, keepdim=True)
+            return Moments(rows * per_row, mean, spread * per_row)
+        zeros = row_mean.new_zeros(num_groups, row_mean.shape[1])
+        rows = row_mean.new_zeros(num_groups).index_add_(0, ids, row_mean.new_ones(ids.shape[0]))
+        mean = zeros.index_add(0, ids, row_mean).div_(rows.clamp(min=1.0)[:, None])
+        dev = row_mean - mean.index_select(0, ids)
+        spread = torch.addcmul(row_var, dev, dev)
+        return Moments(rows * per_row, mean, zeros.index_add_(0, ids, spread).mul_(per_row))
+
+
 def batch_moments(x: Tensor, ids: Tensor | None = None, num_groups: int = 1) -> Moments:
     """Per-group count, mean and centred sum of squares of ``x`` (channels on dim 1).
 
     Rows (one per sample and channel) come from :func:`row_moments`; they are merged per group
-    with Chan's formula (segment sums over ``ids``). Groups without samples get count 0 and
+    with Chan's formula (:func:`group_moments`). Groups without samples get count 0 and
     zero mean / m2. Computed in :func:`stat_dtype` of ``x``; no gradient is tracked.
 
     Args:
@@ -118,14 +155,7 @@ def batch_moments(x: Tensor, ids: Tensor | None = None, num_groups: int = 1) -> 
     with torch.no_grad():
         row_mean, row_var = row_moments(x)
         per_row = x[0, 0].numel() if x.shape[0] else 1
-        if ids is None:
-            ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            num_groups = 1
-        zeros = row_mean.new_zeros(num_groups, x.shape[1])
-        rows = row_mean.new_zeros(num_groups).index_add_(0, ids, row_mean.new_ones(x.shape[0]))
-        mean = zeros.index_add(0, ids, row_mean) / rows.clamp(min=1.0)[:, None]
-        spread = (row_mean - mean[ids]).square_().add_(row_var).mul_(per_row)
-        return Moments(rows * per_row, mean, zeros.index_add_(0, ids, spread))
+        return group_moments(row_mean, row_var, per_row, ids, num_groups)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:

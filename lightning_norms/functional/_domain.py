@@ -1,4 +1,14 @@
-"""Domain-split BatchNorm and synchronised batch statistics: grouped kernel, sync, update."""
+"""Domain-split BatchNorm and synchronised batch statistics: grouped kernel, sync, update.
+
+The per-domain batch statistics come from the moment engine (:mod:`lightning_norms._moments`:
+one fused ``var_mean`` per ``(sample, channel)`` row, Chan's merge per domain on the tiny
+``[N, C]`` rows, one fp64 all-reduce when synchronised). The normalisation is ONE elementwise
+op with per-row scale and shift, ``y = x * scale_r + shift_r`` (``torch.addcmul``); the
+backward takes the per-row sums ``sum(dy)``, ``sum(dy * (x - mu))`` in one fused pass, merges
+them per domain, and applies ``dx = a_r * dy + b_r * x + c_r``. No loop over domains, no
+per-sample Python. Host-needing validation (ids in range, one value per channel) runs in
+eager mode only, so ``torch.compile`` traces the layer without graph breaks.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +18,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_norms._moments import Moments, ema_factor, running_factor, update_running
+from lightning_norms._moments import (
+    Moments,
+    all_reduce_moments,
+    batch_moments,
+    ema_factor,
+    running_factor,
+    stat_dtype,
+    update_running,
+)
 from lightning_norms.functional._sync import AllReduceSum as _AllReduceSum
 from lightning_norms.functional._sync import sync_world as _sync_world
+
+Group = tuple[torch.distributed.ProcessGroup | None] | None
+"""``None`` (local statistics) or a 1-tuple holding the process group to all-reduce over."""
+
+
+def _eager() -> bool:
+    """Whether host-needing checks may run (not while ``torch.compile`` traces)."""
+    return not torch.compiler.is_compiling()
 
 
 def _check_domains(
     domains: int | Tensor, batch_size: int, num_domains: int, name: str
 ) -> int | Tensor:
-    """Validate domain ids: an ``int`` is returned as is, a tensor as ``LongTensor[N]``."""
+    """Validate domain ids: an ``int`` is returned as is, a tensor as ``LongTensor[N]``.
+
+    The range of a tensor's ids is checked in eager mode only (it reads them on the host).
+    """
     if isinstance(domains, Tensor):
         if domains.dtype == torch.bool or domains.is_floating_point() or domains.is_complex():
             raise ValueError(
@@ -29,13 +58,9 @@ def _check_domains(
                 f"{name}: domain ids must have shape [N] = [{batch_size}] (one per sample), "
                 f"got shape {tuple(domains.shape)}"
             )
-        elif domains.numel() and bool(((domains < 0) | (domains >= num_domains)).any()):
-            bad = domains[(domains < 0) | (domains >= num_domains)][0].item()
-            raise ValueError(
-                f"{name}: domain ids must be in [0, {num_domains}), got {bad} "
-                f"(min {domains.min().item()}, max {domains.max().item()})"
-            )
         else:
+            if domains.numel() and _eager():
+                _check_range(domains, num_domains, name)
             return domains.long()
     if isinstance(domains, bool) or not isinstance(domains, int):
         raise ValueError(
@@ -44,6 +69,16 @@ def _check_domains(
     if not 0 <= domains < num_domains:
         raise ValueError(f"{name}: domain must be in [0, {num_domains}), got {domains}")
     return domains
+
+
+def _check_range(ids: Tensor, num_domains: int, name: str) -> None:
+    """Raise unless every id is in ``[0, num_domains)`` (one host read of min and max)."""
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if low < 0 or high >= num_domains:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{name}: domain ids must be in [0, {num_domains}), got {bad} (min {low}, max {high})"
+        )
 
 
 def _expand_domains(domains: int | Tensor, x: Tensor) -> Tensor:
@@ -58,53 +93,6 @@ def _rows(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], x.shape[1], x.shape[2:].numel()).contiguous()
 
 
-def _stat_dtype(x: Tensor) -> torch.dtype:
-    """Statistics are kept in fp32 at least (fp16/bf16 inputs are accumulated in fp32)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _local_domain_stats(x3: Tensor, ids: Tensor, num_domains: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-domain element count ``[D]``, mean ``[D, C]`` and sum of squared deviations.
-
-    Two exact passes per ``(sample, channel)`` row (mean, then the norm of the centred row),
-    merged per domain with Chan's formula: no ``E[x^2] - E[x]^2`` cancellation. An empty
-    input (a rank without data) counts nothing.
-    """
-    n, c, length = x3.shape
-    dtype = _stat_dtype(x3)
-    zeros = torch.zeros(num_domains, c, dtype=dtype, device=x3.device)
-    samples = torch.zeros(num_domains, dtype=dtype, device=x3.device)
-    if x3.numel() == 0:
-        return samples, zeros, zeros.clone()
-    row_mean = x3.mean(2, dtype=dtype)
-    row_m2 = torch.linalg.vector_norm(x3 - row_mean.unsqueeze(2), dim=2, dtype=dtype).square()
-    samples.index_add_(0, ids, torch.ones(n, dtype=dtype, device=x3.device))
-    mean = zeros.index_add(0, ids, row_mean) / samples.clamp(min=1).unsqueeze(1)
-    spread = (row_mean - mean[ids]).square().mul_(length).add_(row_m2)
-    return samples * length, mean, zeros.index_add(0, ids, spread)
-
-
-def _all_reduce_stats(
-    count: Tensor, mean: Tensor, m2: Tensor, process_group: torch.distributed.ProcessGroup | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge per-rank ``(count, mean, M2)`` into global ones with a single all-reduce.
-
-    Every rank sends ``[count, count * mean, M2 + count * mean^2]`` (all domains, present or
-    not) in fp64 (fp32 on MPS, which has no fp64), so ``M2 = SS - count * mean^2`` does not
-    cancel catastrophically; results come back in the statistics' dtype.
-    """
-    acc = torch.float32 if count.device.type == "mps" else torch.float64
-    n, mu, m2 = count.to(acc).unsqueeze(1), mean.to(acc), m2.to(acc)
-    packed = torch.cat([n, n * mu, torch.addcmul(m2, n, mu.square())], dim=1)
-    torch.distributed.all_reduce(packed, group=process_group)
-    c = mean.shape[1]
-    total = packed[:, :1]
-    g_mean = packed[:, 1 : 1 + c] / total.clamp(min=1)
-    g_m2 = (packed[:, 1 + c :] - total * g_mean.square()).clamp(min=0)
-    dtype = mean.dtype
-    return total.squeeze(1).to(dtype), g_mean.to(dtype), g_m2.to(dtype)
-
-
 def _check_counts(count: Tensor, name: str) -> None:
     """Raise (on every rank alike, when ``count`` is global) for a one-value domain."""
     single = count == 1
@@ -116,24 +104,26 @@ def _check_counts(count: Tensor, name: str) -> None:
         )
 
 
-def _domain_stats(
-    x3: Tensor,
-    ids: Tensor,
-    num_domains: int,
-    group: tuple[torch.distributed.ProcessGroup | None] | None,
-    name: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-domain ``(count, mean, M2)`` of ``[N, C, L]`` rows, global over ``group``; checked.
+def _domain_stats(x3: Tensor, ids: Tensor, num_domains: int, group: Group, name: str) -> Moments:
+    """Per-domain ``Moments(count, mean, M2)`` of ``[N, C, L]`` rows, global over ``group``.
 
-    No gradient (the backward accounts for the statistics' dependence on ``x``). Raises before
-    any state changes, on every rank alike when synchronised.
+    From the engine (:func:`~lightning_norms._moments.batch_moments`, then
+    :func:`~lightning_norms._moments.all_reduce_moments`); no gradient (the backward accounts
+    for the statistics' dependence on ``x``). An empty input (a rank without data) counts
+    nothing. In eager mode, raises for a one-value domain before any state changes, on every
+    rank alike when synchronised.
     """
     with torch.no_grad():
-        count, mean, m2 = _local_domain_stats(x3, ids, num_domains)
+        if x3.numel():
+            moments = batch_moments(x3, ids, num_domains)
+        else:
+            zeros = x3.new_zeros(num_domains, x3.shape[1], dtype=stat_dtype(x3))
+            moments = Moments(zeros[:, 0], zeros, zeros)
         if group is not None:
-            count, mean, m2 = _all_reduce_stats(count, mean, m2, group[0])
-    _check_counts(count, name)
-    return count, mean, m2
+            (moments,) = all_reduce_moments([moments], group[0])
+    if _eager():
+        _check_counts(moments.n, name)
+    return moments
 
 
 def domain_batch_stats(
@@ -179,22 +169,14 @@ def domain_batch_stats(
     domains = _check_domains(domains, x.shape[0], num_domains, "domain_batch_stats")
     with torch.no_grad():
         x3 = _rows(x)
-        count, mean, m2 = _local_domain_stats(x3, _expand_domains(domains, x), num_domains)
+        ids = _expand_domains(domains, x)
+        moments = batch_moments(x3, ids, num_domains) if x3.numel() else None
+        if moments is None:
+            zeros = x3.new_zeros(num_domains, x3.shape[1], dtype=stat_dtype(x3))
+            moments = Moments(zeros[:, 0], zeros, zeros)
         if _sync_world(sync, process_group):
-            count, mean, m2 = _all_reduce_stats(count, mean, m2, process_group)
-        return count, mean, m2 / count.clamp(min=1).unsqueeze(1)
-
-
-def _gather_rows(param: Tensor | None, ids: Tensor, n: int, dtype: torch.dtype) -> Tensor | None:
-    """Per-``(sample, channel)`` ``[N*C]`` values of a ``[D, C]`` (per domain) or ``[C]`` tensor.
-
-    In ``dtype`` (the statistics' dtype): fp16/bf16 parameters are used in fp32, as the fp32
-    statistics they are combined with.
-    """
-    if param is None:
-        return None
-    rows = param[ids] if param.dim() == 2 else param.expand(n, -1)
-    return rows.reshape(-1).to(dtype)
+            (moments,) = all_reduce_moments([moments], process_group)
+        return moments.n, moments.mean, moments.var(unbiased=False)
 
 
 def _fold_domains(grad: Tensor, param: Tensor) -> Tensor:
@@ -202,41 +184,44 @@ def _fold_domains(grad: Tensor, param: Tensor) -> Tensor:
     return (grad if param.dim() == 2 else grad.sum(0)).to(param.dtype)
 
 
-def _normalize_rows(
-    x3: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-) -> Tensor:
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` with per-row ``[N*C]`` values.
+def _scale_shift(
+    mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Per-domain ``scale = gamma / sigma`` and ``shift = beta - mu * scale`` (``[D, C]``).
 
-    One ``batch_norm`` inference kernel over the ``[1, N*C, L]`` view of the rows; returns
-    that kernel's own ``[1, N*C, L]`` tensor (not a view), in ``x3``'s dtype.
+    In the statistics' dtype (fp16/bf16 parameters are used in fp32, as the statistics).
+    """
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    base = torch.zeros_like(scale) if bias is None else bias.to(invstd.dtype).expand_as(scale)
+    return scale, torch.addcmul(base, mean, scale, value=-1.0)
+
+
+def _affine_rows(x3: Tensor, ids: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``x * scale[ids] + shift[ids]`` per ``(sample, channel)`` row: one elementwise op.
+
+    Returns a new ``[N, C, L]`` tensor in ``x3``'s dtype (never a view).
+    """
+    c = scale.shape[1]
+    rows = torch.cat([scale, shift], 1).index_select(0, ids).unsqueeze(2)
+    out = torch.addcmul(rows[:, c:], x3, rows[:, :c])
+    return out if out.dtype == x3.dtype else out.to(x3.dtype)
+
+
+def _row_grad_sums(g3: Tensor, x3: Tensor, mean_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row ``sum(dy)`` and ``sum(dy * (x - mean))`` as ``[N, C]``, in one fused pass.
+
+    ``native_batch_norm_backward`` over the ``[1, N*C, L]`` view (every row a "channel", with
+    unit weight and invstd), whose parameter gradients are exactly these sums.
     """
     n, c, length = x3.shape
-    if x3.numel() == 0:
-        return x3.reshape(1, n * c, length).clone()
-    flat = x3.view(1, n * c, length)
-    cudnn = torch.backends.cudnn.enabled
-    return torch.batch_norm(flat, weight, bias, mean, var, False, 0.0, eps, cudnn)
-
-
-def _row_grad_sums(g3: Tensor, x3: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row ``sum(dy)`` and ``sum(dy * (x - mean))`` as ``[N, C]``, in one fused pass."""
-    n, c, length = x3.shape
-    if x3.numel() == 0:
-        zeros = torch.zeros(n, c, dtype=mean.dtype, device=x3.device)
-        return zeros, zeros
-    ones = torch.ones(n * c, dtype=mean.dtype, device=x3.device)
+    ones = torch.ones(n * c, dtype=mean_rows.dtype, device=x3.device)
     _, row_dot, row_sum = torch.ops.aten.native_batch_norm_backward(
         g3.view(1, n * c, length),
         x3.view(1, n * c, length),
         ones,
         None,
         None,
-        mean,
+        mean_rows.reshape(-1),
         ones,
         True,
         0.0,
@@ -249,39 +234,35 @@ Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
 
 
 def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
-    """First-order gradients of :class:`_DomainBatchNormFn` in a few fused passes (no graph)."""
-    x3, ids, weight, count, row_mean, mean, invstd = saved
-    num_domains, c = mean.shape
+    """First-order gradients of :class:`_DomainBatchNormFn` in a few fused passes (no graph).
+
+    ``dx = scale * (dy - E_d[dy] - (x - mu_d) invstd_d^2 E_d[dy (x - mu_d)])`` regrouped as
+    ``a_r * dy + b_r * x + c_r`` with per-row coefficients: two elementwise ops.
+    """
+    x3, ids, weight, count, mean, invstd = saved
+    c = mean.shape[1]
     g3 = g3.contiguous()
-    row_sum, row_dot = _row_grad_sums(g3, x3, row_mean)
-    zeros = torch.zeros(num_domains, c, dtype=mean.dtype, device=x3.device)
-    sum_dy = zeros.index_add(0, ids, row_sum.to(mean.dtype))
-    sum_dy_xmu = zeros.index_add(0, ids, row_dot.to(mean.dtype))
+    if x3.numel():
+        row_sum, row_dot = _row_grad_sums(g3, x3, mean.index_select(0, ids))
+        rows = torch.cat([row_sum, row_dot], 1).to(mean.dtype)
+    else:
+        rows = mean.new_zeros(0, 2 * c)
+    sums = mean.new_zeros(mean.shape[0], 2 * c).index_add_(0, ids, rows)
     grad_weight = grad_bias = grad_x = None
     if weight is not None and ctx.needs_input_grad[1]:
-        grad_weight = _fold_domains(sum_dy_xmu * invstd, weight)
+        grad_weight = _fold_domains(sums[:, c:] * invstd, weight)
     if ctx.needs_input_grad[2]:
-        grad_bias = _fold_domains(sum_dy, ctx.bias_like)
+        grad_bias = _fold_domains(sums[:, :c].clone(), ctx.bias_like)
     if ctx.needs_input_grad[0]:
-        if ctx.group is not None:
-            packed = torch.stack([sum_dy, sum_dy_xmu])
-            torch.distributed.all_reduce(packed, group=ctx.group[0])
-            sum_dy, sum_dy_xmu = packed[0], packed[1]
-        # dx = scale * (dy - sum_dy / M - (x - mu) * invstd^2 * sum_dy_xmu / M): the
-        # (x - mu) part is one inference batch_norm kernel (exact centring), then + scale*dy
+        if ctx.group is not None:  # input gradients see every rank's sums, as SyncBatchNorm
+            torch.distributed.all_reduce(sums, group=ctx.group[0])
         scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-        inv_count = 1.0 / count.clamp(min=1).unsqueeze(1)
-        coef_xmu = -scale * invstd.square() * sum_dy_xmu * inv_count
-        coef_1 = -scale * sum_dy * inv_count
-        grad_x = _normalize_rows(
-            x3,
-            row_mean,
-            torch.ones_like(row_mean),
-            coef_xmu[ids].reshape(-1),
-            coef_1[ids].reshape(-1),
-            0.0,
-        ).view(x3.shape)
-        grad_x = grad_x.addcmul_(g3, scale[ids].unsqueeze(2).to(grad_x.dtype))
+        inv_count = count.clamp(min=1).reciprocal().unsqueeze(1)
+        k = invstd.square() * sums[:, c:] * inv_count
+        coefs = torch.cat([scale, -scale * k, scale * (k * mean - sums[:, :c] * inv_count)], 1)
+        rows3 = coefs.index_select(0, ids).unsqueeze(2)
+        grad_x = torch.addcmul(rows3[:, 2 * c :], x3, rows3[:, c : 2 * c])
+        grad_x = grad_x.addcmul_(g3, rows3[:, :c]).to(x3.dtype)
     return grad_x, grad_weight, grad_bias
 
 
@@ -302,7 +283,7 @@ def _graph_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
     (means over the domain's elements on all ranks), in fp32 at least. Autograd
     differentiates this graph, so double backward (gradient penalties) is exact.
     """
-    x3, ids, weight, count, _, mean, _ = saved
+    x3, ids, weight, count, mean, _ = saved
     group = ctx.group
     num_domains, c = mean.shape
     xf, gf = x3.to(mean.dtype), g3.to(mean.dtype)
@@ -339,15 +320,14 @@ def _graph_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
 class _DomainBatchNormFn(torch.autograd.Function):
     """BatchNorm of ``[N, C, L]`` rows with given per-domain batch statistics.
 
-    Forward: one ``batch_norm`` inference kernel over the ``[1, N*C, L]`` view with per-row
-    mean/var/affine gathered from the domains' ``(count, mean, M2)`` (global when
-    synchronised); the output is that kernel's own ``[1, N*C, L]`` tensor, never a view, so an
-    inplace op after the layer (``nn.ReLU(inplace=True)``, ``out += identity``) is legal.
-    Backward: :func:`_fused_grads` (one ``native_batch_norm_backward`` pass for the per-row
-    sums, merged per domain and all-reduced across ranks as torch's SyncBatchNorm does, then
-    ``A*dy + B*x + C``), or, when a graph of the gradient is asked for (``create_graph=True``:
-    grad mode is on inside ``backward``), :func:`_graph_grads` on the saved input, which stays
-    connected to the graph.
+    Forward: ``y = x * scale_r + shift_r`` (:func:`_affine_rows`, one elementwise op) with the
+    per-domain ``scale = gamma / sigma_d``, ``shift = beta - mu_d * scale`` gathered per row;
+    the output is a new tensor, never a view, so an inplace op after the layer
+    (``nn.ReLU(inplace=True)``, ``out += identity``) is legal. Backward: :func:`_fused_grads`
+    (one ``native_batch_norm_backward`` pass for the per-row sums, merged per domain and
+    all-reduced across ranks as torch's SyncBatchNorm does, then ``a*dy + b*x + c``), or, when
+    a graph of the gradient is asked for (``create_graph=True``: grad mode is on inside
+    ``backward``), :func:`_graph_grads` on the saved input, which stays connected to the graph.
     """
 
     @staticmethod
@@ -360,23 +340,13 @@ class _DomainBatchNormFn(torch.autograd.Function):
         bias: Tensor | None,
         ids: Tensor,
         eps: float,
-        group: tuple[torch.distributed.ProcessGroup | None] | None,
+        group: Group,
         stats: tuple[Tensor, Tensor, Tensor],
     ) -> Tensor:
-        n = x3.shape[0]
         count, mean, m2 = stats
-        var = m2 / count.clamp(min=1).unsqueeze(1)
-        row_mean = mean[ids].reshape(-1)
-        out = _normalize_rows(
-            x3,
-            row_mean,
-            var[ids].reshape(-1),
-            _gather_rows(weight, ids, n, mean.dtype),
-            _gather_rows(bias, ids, n, mean.dtype),
-            eps,
-        )
-        invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x3, ids, weight, count, row_mean, mean, invstd)
+        invstd = torch.rsqrt(m2 / count.clamp(min=1).unsqueeze(1) + eps)
+        out = _affine_rows(x3, ids, *_scale_shift(mean, invstd, weight, bias))
+        ctx.save_for_backward(x3, ids, weight, count, mean, invstd)
         ctx.eps, ctx.group = eps, group
         ctx.bias_like = bias.detach() if bias is not None else None
         return out
@@ -449,11 +419,10 @@ def _int_domain_batch_norm(
     per_domain_affine = weight is not None and weight.dim() == 2
     tracked = running_mean is not None and num_batches_tracked is not None
     factor = 0.0
-    if tracked and num_batches_tracked is not None:
-        steps = float(num_batches_tracked[domain]) + 1.0 if momentum is None else 1.0
-        factor = float(ema_factor(momentum, steps))
-    elif momentum is not None:
-        factor = momentum
+    if momentum is not None:
+        factor = float(ema_factor(momentum, 1.0))
+    elif tracked and num_batches_tracked is not None:
+        factor = float(ema_factor(None, float(num_batches_tracked[domain]) + 1.0))
     out = F.batch_norm(
         x,
         None if running_mean is None else running_mean[domain],
@@ -478,18 +447,13 @@ def _eval_rows(
     bias: Tensor | None,
     eps: float,
 ) -> Tensor:
-    """Eval with per-sample ids: one inference kernel with every row's domain statistics."""
-    n, c, length = x3.shape
-    return F.batch_norm(
-        x3.view(1, n * c, length),
-        running_mean[ids].reshape(-1),
-        running_var[ids].reshape(-1),
-        _gather_rows(weight, ids, n, running_mean.dtype),
-        _gather_rows(bias, ids, n, running_mean.dtype),
-        False,
-        0.0,
-        eps,
-    )
+    """Eval with per-sample ids: one elementwise op with every row's domain statistics.
+
+    Differentiable ops only (autograd gives gradients of any order for ``x`` and the affine).
+    """
+    dtype = torch.promote_types(stat_dtype(x3), running_mean.dtype)
+    invstd = torch.rsqrt(running_var.to(dtype) + eps)
+    return _affine_rows(x3, ids, *_scale_shift(running_mean.to(dtype), invstd, weight, bias))
 
 
 def _domain_batch_norm(
@@ -534,13 +498,11 @@ def _domain_batch_norm(
     x3 = _rows(x)
     if not use_batch_stats and running_mean is not None and running_var is not None:
         return _eval_rows(x3, ids, running_mean, running_var, weight, bias, eps).view(x.shape)
-    count, mean, m2 = _domain_stats(x3, ids, num_domains, group, name)
-    out = _DomainBatchNormFn.apply(x3, weight, bias, ids, eps, group, (count, mean, m2))
+    stats = _domain_stats(x3, ids, num_domains, group, name)
+    out = _DomainBatchNormFn.apply(x3, weight, bias, ids, eps, group, stats)
     if training and running_mean is not None and running_var is not None:
         with torch.no_grad():
-            update_running(
-                running_mean, running_var, Moments(count, mean, m2), momentum, num_batches_tracked
-            )
+            update_running(running_mean, running_var, stats, momentum, num_batches_tracked)
     return out.view(x.shape)
 
 
