@@ -22,6 +22,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_norms.callbacks import PreciseBN
+from tests._boring import BoringNormModel, boring_trainer
 from tests._dist import run_script
 
 FEATURES = 8
@@ -36,26 +37,18 @@ def make_data(n: int, seed: int) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-class Net(LightningModule):
+class Net(BoringNormModel):
+    """``BoringNormModel`` on an MLP whose one BN layer sits behind a single Linear (its exact
+    input statistics are one matmul away); validation also logs accuracy, per loader."""
+
     def __init__(self, lr: float = 0.5, bn_momentum: float = 0.01) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
+        body = nn.Sequential(
             nn.Linear(FEATURES, 16),
             nn.BatchNorm1d(16, momentum=bn_momentum),
             nn.ReLU(),
             nn.Linear(16, 2),
         )
-        self.lr = lr
-        self.events: list[tuple[str, int]] = []
-        self.train_steps = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        self.train_steps += 1
-        x, y = batch
-        return F.cross_entropy(self(x), y)
+        super().__init__(body=body, lr=lr)
 
     def validation_step(
         self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0
@@ -64,9 +57,6 @@ class Net(LightningModule):
         logits = self(x)
         self.log("val_loss", F.cross_entropy(logits, y))
         self.log("val_acc", (logits.argmax(1) == y).float().mean())
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
 class Recorder(Callback):
@@ -98,23 +88,15 @@ def loaders(train_n: int = 128, val_n: int = 128, batch_size: int = 16) -> dict[
 
 
 def trainer_kwargs(tmp_path: Path, **kwargs: Any) -> dict[str, Any]:
-    defaults: dict[str, Any] = {
-        "default_root_dir": tmp_path,
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "deterministic": True,
-    }
+    """``boring_trainer``'s arguments: no sanity validation, deterministic, ``kwargs`` on top."""
+    defaults: dict[str, Any] = {"root": tmp_path, "num_sanity_val_steps": 0, "deterministic": True}
     return {**defaults, **kwargs}
 
 
 def exact_bn_input_stats(model: Net, data: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and unbiased variance of the first BN layer's inputs (only a Linear upstream)."""
     with torch.no_grad():
-        acts = model.net[0](data).double()
+        acts = model.body[0](data).double()
     return acts.mean(0), acts.var(0)
 
 
@@ -122,7 +104,9 @@ def test_runs_before_each_due_validation_and_at_fit_end(tmp_path: Path) -> None:
     recorder = Recorder()
     callback = PreciseBN(num_batches=4, every_n_epochs=2, forward_fn=recording_forward(recorder))
     model = Net()
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=3, callbacks=[recorder, callback]))
+    trainer = boring_trainer(
+        **trainer_kwargs(tmp_path, max_epochs=3, callbacks=[recorder, callback])
+    )
     trainer.fit(model, **loaders())
     assert recorder.events == [
         ("validate", 0),
@@ -135,14 +119,14 @@ def test_runs_before_each_due_validation_and_at_fit_end(tmp_path: Path) -> None:
     assert [entry["when"] for entry in callback.history] == ["epoch_end", "fit_end"]
     assert all(entry["num_batches"] == 4 for entry in callback.history)
     mean, var = exact_bn_input_stats(model, make_data(128, 0).tensors[0][:64])
-    torch.testing.assert_close(model.net[1].running_mean.double(), mean, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model.net[1].running_var.double(), var, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.body[1].running_mean.double(), mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.body[1].running_var.double(), var, rtol=1e-5, atol=1e-5)
 
 
 def test_no_second_run_at_fit_end_when_nothing_changed(tmp_path: Path) -> None:
     recorder = Recorder()
     callback = PreciseBN(num_batches=2, forward_fn=recording_forward(recorder))
-    trainer = Trainer(
+    trainer = boring_trainer(
         **trainer_kwargs(
             tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[recorder, callback]
         )
@@ -154,7 +138,7 @@ def test_no_second_run_at_fit_end_when_nothing_changed(tmp_path: Path) -> None:
 def fit_val_metrics(tmp_path: Path, callbacks: list[Callback]) -> dict[str, float]:
     seed_everything(0)
     model = Net(lr=0.5, bn_momentum=0.01)
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=callbacks))
+    trainer = boring_trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=callbacks))
     trainer.fit(model, **loaders())
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -171,7 +155,7 @@ def test_improves_validation_when_the_ema_lags(tmp_path: Path) -> None:
 def test_fresh_iterator_leaves_training_untouched(tmp_path: Path) -> None:
     model = Net()
     callback = PreciseBN(num_batches=3)
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[callback]))
+    trainer = boring_trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[callback]))
     trainer.fit(model, **loaders(train_n=128, batch_size=16))
     assert model.train_steps == 2 * 8
     assert [entry["num_batches"] for entry in callback.history] == [3.0, 3.0]
@@ -188,7 +172,7 @@ def test_precise_bn_forward_and_forward_fn_precedence(tmp_path: Path) -> None:
             return self(batch[0])
 
     model = Routed()
-    trainer = Trainer(
+    trainer = boring_trainer(
         **trainer_kwargs(tmp_path, max_epochs=1, callbacks=[PreciseBN(num_batches=5)])
     )
     trainer.fit(model, **loaders())
@@ -196,7 +180,9 @@ def test_precise_bn_forward_and_forward_fn_precedence(tmp_path: Path) -> None:
     calls: list[int] = []
     model = Routed()
     callback = PreciseBN(num_batches=2, forward_fn=lambda m, b: calls.append(1) or m(b[0]))
-    Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[callback])).fit(model, **loaders())
+    boring_trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[callback])).fit(
+        model, **loaders()
+    )
     assert model.routed == 0 and len(calls) == 2
 
 
@@ -205,19 +191,19 @@ def test_val_loaders_are_interleaved(tmp_path: Path) -> None:
     data_b.tensors[0].mul_(-1.0)
     model = Net()
     callback = PreciseBN(num_batches=4, dataloader="val")
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[callback]))
+    trainer = boring_trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[callback]))
     val = [DataLoader(data_a, batch_size=32), DataLoader(data_b, batch_size=32)]
     trainer.fit(model, DataLoader(make_data(64, 0), batch_size=16), val)
     mean, var = exact_bn_input_stats(model, torch.cat([data_a.tensors[0], data_b.tensors[0]]))
-    torch.testing.assert_close(model.net[1].running_mean.double(), mean, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model.net[1].running_var.double(), var, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.body[1].running_mean.double(), mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.body[1].running_var.double(), var, rtol=1e-5, atol=1e-5)
 
 
 def test_explicit_dataloader_and_short_loader_warning(tmp_path: Path) -> None:
     data = make_data(48, 5)
     callback = PreciseBN(num_batches=10, dataloader=DataLoader(data, batch_size=16))
     model = Net()
-    trainer = Trainer(
+    trainer = boring_trainer(
         **trainer_kwargs(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[callback])
     )
     with pytest.warns(UserWarning, match=r"has 3 batches per process.*num_batches=10") as record:
@@ -225,8 +211,8 @@ def test_explicit_dataloader_and_short_loader_warning(tmp_path: Path) -> None:
     assert len([w for w in record if "PreciseBN" in str(w.message)]) == 1  # once, not per epoch
     assert [entry["num_batches"] for entry in callback.history] == [3.0, 3.0]
     mean, var = exact_bn_input_stats(model, data.tensors[0])
-    torch.testing.assert_close(model.net[1].running_var.double(), var, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model.net[1].running_mean.double(), mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.body[1].running_var.double(), var, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.body[1].running_mean.double(), mean, rtol=1e-5, atol=1e-5)
 
 
 def test_checkpoint_resume_keeps_state(tmp_path: Path) -> None:
@@ -235,10 +221,10 @@ def test_checkpoint_resume_keeps_state(tmp_path: Path) -> None:
 
     first = PreciseBN(num_batches=2)
     kwargs = trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True)
-    Trainer(**{**kwargs, "callbacks": [first, checkpoint()]}).fit(Net(), **loaders())
+    boring_trainer(**{**kwargs, "callbacks": [first, checkpoint()]}).fit(Net(), **loaders())
     assert len(first.history) == 2
     resumed = PreciseBN(num_batches=2)
-    trainer = Trainer(**{**kwargs, "max_epochs": 3, "callbacks": [resumed, checkpoint()]})
+    trainer = boring_trainer(**{**kwargs, "max_epochs": 3, "callbacks": [resumed, checkpoint()]})
     trainer.fit(Net(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), **loaders())
     assert resumed.history[:2] == first.history
     assert [entry["epoch"] for entry in resumed.history] == [0, 1, 2]
@@ -251,7 +237,9 @@ def test_checkpoint_resume_keeps_state(tmp_path: Path) -> None:
 def test_progress_shown_in_tqdm_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     kwargs = trainer_kwargs(tmp_path, max_epochs=1, enable_progress_bar=True)
     bar = TQDMProgressBar(refresh_rate=1)
-    Trainer(**{**kwargs, "callbacks": [bar, PreciseBN(num_batches=3)]}).fit(Net(), **loaders())
+    boring_trainer(**{**kwargs, "callbacks": [bar, PreciseBN(num_batches=3)]}).fit(
+        Net(), **loaders()
+    )
     out = capsys.readouterr().out
     assert "PreciseBN: " in out, out
 
@@ -268,7 +256,9 @@ def test_progress_shown_in_rich_bar(tmp_path: Path) -> None:
             super().refresh(hard)
 
     kwargs = trainer_kwargs(tmp_path, max_epochs=1, enable_progress_bar=True)
-    Trainer(**{**kwargs, "callbacks": [Spy(), PreciseBN(num_batches=3)]}).fit(Net(), **loaders())
+    boring_trainer(**{**kwargs, "callbacks": [Spy(), PreciseBN(num_batches=3)]}).fit(
+        Net(), **loaders()
+    )
     assert ("PreciseBN", 3) in seen
 
 
@@ -293,25 +283,24 @@ def test_module_without_forward_is_refused(tmp_path: Path) -> None:
     class NoForward(Net):
         forward = LightningModule.forward
 
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[PreciseBN()]))
+    trainer = boring_trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[PreciseBN()]))
     with pytest.raises(MisconfigurationException, match="precise_bn_forward"):
         trainer.fit(NoForward(), **loaders())
 
 
 DDP_SCRIPT = """
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from torch.utils.data import DataLoader
 
 from lightning_norms.callbacks import PreciseBN
+from tests._boring import boring_trainer
 from tests.callbacks.test_precise_bn import Net, make_data
 
 seed_everything(0)
 model = Net()
-trainer = Trainer(
-    strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, logger=False,
-    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    num_sanity_val_steps=0, callbacks=[PreciseBN(num_batches=6)],
+trainer = boring_trainer(
+    ".", strategy="ddp", devices=2, num_sanity_val_steps=0, callbacks=[PreciseBN(num_batches=6)]
 )
 train = DataLoader(make_data(96, 0), batch_size=8)  # a shuffled shard of 6 batches per rank
 trainer.fit(model, train, DataLoader(make_data(32, 1), batch_size=8))
@@ -330,8 +319,8 @@ def test_ddp_ranks_end_with_identical_exact_buffers(tmp_path: Path) -> None:
     model.load_state_dict(rank0)
     # the two ranks' DistributedSampler shards together are the whole data set
     mean, var = exact_bn_input_stats(model, make_data(96, 0).tensors[0])
-    torch.testing.assert_close(rank0["net.1.running_mean"].double(), mean, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(rank0["net.1.running_var"].double(), var, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rank0["body.1.running_mean"].double(), mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rank0["body.1.running_var"].double(), var, rtol=1e-5, atol=1e-5)
 
 
 # --- issue 10: resume mid-epoch, 1-sample tail, forward errors, sync_batchnorm -------------------
@@ -344,7 +333,7 @@ class BufferSpy(Callback):
         self.seen: list[tuple[int, Tensor, Tensor]] = []
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        bn = pl_module.net[1]
+        bn = pl_module.body[1]
         self.seen.append((trainer.global_step, bn.running_mean.clone(), bn.running_var.clone()))
 
 
@@ -367,7 +356,7 @@ RESUMES = {
 def test_resume_recomputes_at_the_epochs_real_end(tmp_path: Path, stop: str) -> None:
     ckpt_dir = tmp_path / "ckpt"
     every = 8 if stop == "epoch_end" else 5
-    first = Trainer(
+    first = boring_trainer(
         **trainer_kwargs(
             tmp_path,
             max_epochs=1,
@@ -384,7 +373,9 @@ def test_resume_recomputes_at_the_epochs_real_end(tmp_path: Path, stop: str) -> 
     ckpt, max_epochs, val_step = RESUMES[stop]
     spy, resumed = BufferSpy(), PreciseBN(num_batches=8)
     model = Net()
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=max_epochs, callbacks=[resumed, spy]))
+    trainer = boring_trainer(
+        **trainer_kwargs(tmp_path, max_epochs=max_epochs, callbacks=[resumed, spy])
+    )
     trainer.fit(model, ckpt_path=str(ckpt_dir / ckpt), **loaders())
     last = resumed.history[-1]
     assert (last["when"], last["epoch"], last["step"]) == ("epoch_end", max_epochs - 1, val_step)
@@ -397,43 +388,43 @@ def test_val_loader_with_a_one_sample_tail_batch(tmp_path: Path) -> None:
     val = make_data(65, 1)  # 4 batches of 16 and a tail of 1
     model = Net()
     callback = PreciseBN(num_batches=10, dataloader="val")
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[callback]))
+    trainer = boring_trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[callback]))
     with pytest.warns(UserWarning, match="has 5 batches"):
         trainer.fit(model, DataLoader(make_data(64, 0), batch_size=16), DataLoader(val, 16))
     assert [entry["num_batches"] for entry in callback.history] == [4]
-    bn = model.net[1]
+    bn = model.body[1]
     assert_exact_for(model, val.tensors[0][:64], bn.running_mean, bn.running_var)
 
 
 def test_forward_needing_more_than_x_is_refused_in_setup(tmp_path: Path) -> None:
     class TwoInputs(Net):
         def forward(self, x: Tensor, scale: float = 1.0, *, shift: Tensor) -> Tensor:
-            return self.net(x * scale + shift)
+            return self.body(x * scale + shift)
 
         def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
             x, y = batch
             return F.cross_entropy(self(x, shift=torch.zeros(())), y)
 
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[PreciseBN()]))
+    trainer = boring_trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[PreciseBN()]))
     with pytest.raises(MisconfigurationException, match=r"precise_bn_forward.*forward_fn"):
         trainer.fit(TwoInputs(), **loaders())
     callback = PreciseBN(num_batches=2, forward_fn=lambda m, b: m(b[0], shift=torch.zeros(())))
     kwargs = trainer_kwargs(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[callback])
-    Trainer(**kwargs).fit(TwoInputs(), **loaders())
+    boring_trainer(**kwargs).fit(TwoInputs(), **loaders())
     assert callback.history[0]["num_batches"] == 2
 
 
 def test_sync_batchnorm_is_refused_in_setup_before_the_model_is_converted(tmp_path: Path) -> None:
     model = Net()
     kwargs = trainer_kwargs(tmp_path, max_epochs=1, sync_batchnorm=True)
-    trainer = Trainer(**kwargs, callbacks=[PreciseBN()])
+    trainer = boring_trainer(**kwargs, callbacks=[PreciseBN()])
     with pytest.raises(ValueError, match="NormSync"):
         trainer.fit(model, **loaders())
-    assert type(model.net[1]) is nn.BatchNorm1d  # setup ran before strategy.setup converted it
-    ddp = Trainer(**{**kwargs, "strategy": "ddp", "devices": 2})  # nothing launched yet
+    assert type(model.body[1]) is nn.BatchNorm1d  # setup ran before strategy.setup converted it
+    ddp = boring_trainer(**{**kwargs, "strategy": "ddp", "devices": 2})  # nothing launched yet
     with pytest.raises(ValueError, match=r"PreciseBN.*sync_batchnorm=True.*NormSync"):
         PreciseBN().setup(ddp, Net(), "fit")
-    PreciseBN().setup(Trainer(**trainer_kwargs(tmp_path)), Net(), "fit")  # no sync: accepted
+    PreciseBN().setup(boring_trainer(**trainer_kwargs(tmp_path)), Net(), "fit")  # no sync: accepted
 
 
 # --- num_samples ----------------------------------------------------------------------------------
@@ -442,9 +433,11 @@ def test_sync_batchnorm_is_refused_in_setup_before_the_model_is_converted(tmp_pa
 def test_num_samples_uses_the_batch_that_crosses_it(tmp_path: Path) -> None:
     model = Net()
     callback = PreciseBN(num_samples=40)  # batches of 16: 16, 32, 48 -> three batches
-    Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[callback])).fit(model, **loaders())
+    boring_trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[callback])).fit(
+        model, **loaders()
+    )
     assert [(e["num_batches"], e["num_samples"]) for e in callback.history] == [(3, 48)]
-    bn = model.net[1]
+    bn = model.body[1]
     assert_exact_for(model, make_data(128, 0).tensors[0][:48], bn.running_mean, bn.running_var)
 
 
@@ -472,7 +465,9 @@ def swa_fit(
     swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=2)
     precise = [PreciseBN(num_batches=8)] if with_precise else []
     callbacks = [*precise, swa] if precise_first else [swa, *precise]
-    Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, **kwargs)).fit(model, **loaders())
+    boring_trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, **kwargs)).fit(
+        model, **loaders()
+    )
     return model, swa
 
 
@@ -494,7 +489,7 @@ def test_swa_callback_gets_exact_stats_of_the_averaged_weights(
     # its on_train_end, after which the statistics must be recomputed whatever the order.
     model, swa = swa_fit(tmp_path, precise_first, **stop)
     assert_averaged_weights_in(model, swa)
-    bn = model.net[1]
+    bn = model.body[1]
     assert_exact_for(model, make_data(128, 0).tensors[0], bn.running_mean, bn.running_var)
     assert bn.momentum == 0.01  # SWA's momentum=None pass restored
 
@@ -504,30 +499,30 @@ def test_swa_alone_averages_per_batch_variances(tmp_path: Path) -> None:
     model, swa = swa_fit(tmp_path, precise_first=True, with_precise=False, max_epochs=3)
     assert_averaged_weights_in(model, swa)
     _, var = exact_bn_input_stats(model, make_data(128, 0).tensors[0])
-    error = ((model.net[1].running_var.double() - var).abs() / var).max()
+    error = ((model.body[1].running_var.double() - var).abs() / var).max()
     assert error > 1e-3
 
 
 class EmaNet(Net):
-    """Keeps a weight average of ``net`` (updated once per epoch, as in torch's SWA recipe)."""
+    """Keeps a weight average of ``body`` (updated once per epoch, as in torch's SWA recipe)."""
 
     def __init__(self) -> None:
         super().__init__(lr=0.1)
-        self.ema = AveragedModel(self.net)
+        self.ema = AveragedModel(self.body)
 
     def on_train_epoch_end(self) -> None:
-        self.ema.update_parameters(self.net)
+        self.ema.update_parameters(self.body)
 
 
 def test_averaged_model_inside_the_module_gets_exact_stats(tmp_path: Path) -> None:
     model = EmaNet()
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[PreciseBN(8)]))
+    trainer = boring_trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[PreciseBN(8)]))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*fewer than two values")
         trainer.fit(model, **loaders())
     data = make_data(128, 0).tensors[0]
     assert int(model.ema.n_averaged) == 2
-    for net in (model.net, model.ema.module):
+    for net in (model.body, model.ema.module):
         with torch.no_grad():
             acts = net[0](data).double()
         torch.testing.assert_close(net[1].running_mean.double(), acts.mean(0), rtol=1e-5, atol=1e-5)
@@ -542,7 +537,9 @@ def test_accumulate_grad_batches(tmp_path: Path) -> None:
     model = Net()
     kwargs = trainer_kwargs(tmp_path, max_epochs=2, accumulate_grad_batches=2)
     train = DataLoader(make_data(112, 0), batch_size=16)  # 7 batches: the last step is odd
-    Trainer(**kwargs, callbacks=[callback, spy]).fit(model, train, loaders()["val_dataloaders"])
+    boring_trainer(**kwargs, callbacks=[callback, spy]).fit(
+        model, train, loaders()["val_dataloaders"]
+    )
     assert [(e["when"], e["epoch"], e["step"]) for e in callback.history] == [
         ("epoch_end", 0, 4),
         ("epoch_end", 1, 8),
@@ -555,41 +552,28 @@ def test_accumulate_grad_batches(tmp_path: Path) -> None:
 def test_bf16_mixed_precision(tmp_path: Path) -> None:
     model = Net()
     callback = PreciseBN(num_batches=8)
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, precision="bf16-mixed"))
+    trainer = boring_trainer(**trainer_kwargs(tmp_path, max_epochs=1, precision="bf16-mixed"))
     trainer.callbacks.append(callback)
     trainer.fit(model, **loaders())
     assert callback.history[0]["num_batches"] == 8
     data = make_data(128, 0).tensors[0]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        acts = model.net[0](data)
-    assert acts.dtype == torch.bfloat16 and model.net[1].running_var.dtype == torch.float32
+        acts = model.body[0](data)
+    assert acts.dtype == torch.bfloat16 and model.body[1].running_var.dtype == torch.float32
     mean, var = acts.double().mean(0), acts.double().var(0)  # the bf16 activations, exactly
-    torch.testing.assert_close(model.net[1].running_mean.double(), mean, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(model.net[1].running_var.double(), var, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.body[1].running_mean.double(), mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.body[1].running_var.double(), var, rtol=1e-4, atol=1e-4)
 
 
 # --- BatchNormDoctor never counts the recompute pass --------------------------------------------
 
 
-class ResNet(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        import torchvision
+def resnet() -> BoringNormModel:
+    """``BoringNormModel`` around a torchvision ResNet-18 (20 BN layers), seeded."""
+    import torchvision
 
-        seed_everything(0)
-        self.model = torchvision.models.resnet18(weights=None, num_classes=10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+    seed_everything(0)
+    return BoringNormModel(body=torchvision.models.resnet18(weights=None, num_classes=10), lr=0.01)
 
 
 def doctor_findings(tmp_path: Path, precise_first: bool) -> tuple[list[Any], list[str]]:
@@ -599,10 +583,10 @@ def doctor_findings(tmp_path: Path, precise_first: bool) -> tuple[list[Any], lis
     data = TensorDataset(torch.randn(8, 3, 32, 32, generator=g), torch.arange(8) % 10)
     doctor, precise = BatchNormDoctor(), PreciseBN(num_batches=4)
     callbacks = [precise, doctor] if precise_first else [doctor, precise]
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=callbacks))
+    trainer = boring_trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=callbacks))
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        trainer.fit(ResNet(), DataLoader(data, batch_size=2), DataLoader(data, batch_size=2))
+        trainer.fit(resnet(), DataLoader(data, batch_size=2), DataLoader(data, batch_size=2))
     assert len(precise.history) == 1  # the recompute ran (4 forwards of every BN layer)
     return doctor.findings, [str(w.message) for w in record]
 
@@ -623,20 +607,20 @@ def test_doctor_ignores_the_recompute_pass_in_either_order(tmp_path: Path) -> No
 
 DDP_SWA_SCRIPT = """
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from torch.utils.data import DataLoader
 
 from lightning_norms.callbacks import PreciseBN
+from tests._boring import boring_trainer
 from tests.callbacks.test_precise_bn import Net, make_data
 
 seed_everything(0)
 model = Net(lr=0.1)
 swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=2)
-trainer = Trainer(
-    strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, logger=False,
-    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    num_sanity_val_steps=0, callbacks=[PreciseBN(num_batches=6), swa],
+trainer = boring_trainer(
+    ".", strategy="ddp", devices=2, max_epochs=3, num_sanity_val_steps=0,
+    callbacks=[PreciseBN(num_batches=6), swa],
 )
 trainer.fit(model, DataLoader(make_data(96, 0), batch_size=8), DataLoader(make_data(32, 1), 8))
 average = [p.detach().clone() for p in swa._average_model.parameters()]
@@ -655,5 +639,5 @@ def test_ddp_swa_ranks_end_with_exact_stats_of_the_averaged_weights(tmp_path: Pa
     model.load_state_dict(rank0["state"])
     for p, q in zip(model.parameters(), rank0["average"], strict=True):
         assert torch.equal(p, q)  # the averaged weights are in the module
-    bn = model.net[1]
+    bn = model.body[1]
     assert_exact_for(model, make_data(96, 0).tensors[0], bn.running_mean, bn.running_var)
