@@ -1,14 +1,16 @@
 """Swap the BatchNorm layers of a model for another normalisation, keeping their state.
 
-One name -> builder table (``create_norm``) serves both the layer factory and the converter.
-``torchvision`` is never imported here: its ``FrozenBatchNorm2d`` is imported when a
+One name -> class table (``create_norm``, timm style) serves both the layer factory and the
+converter; the keyword arguments a name takes are its class's own, read from its signature.
+``torchvision`` is never imported at module level: its ``FrozenBatchNorm2d`` is imported when a
 ``"frozen"`` layer is built and recognised by its qualified class name otherwise.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,123 +104,93 @@ def bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if _is_bn(m)]
 
 
-def _pick(classes: tuple[type[nn.Module], ...], dims: int, name: str) -> type[nn.Module]:
+@dataclass(frozen=True)
+class _Kind:
+    """One name of :func:`create_norm`: its class per input rank and what it takes.
+
+    ``classes``: the class for ``dims`` 1, 2, 3 (``None``: not that rank; a string: a qualified
+    name imported when built). ``features``: the constructor argument that takes ``C``.
+    ``carried``: the source layer's settings :func:`convert_norms` passes on. ``moves``: the
+    class takes no ``device``/``dtype``, the layer is moved after it is built.
+    """
+
+    classes: tuple[type[nn.Module] | str | None, ...]
+    carried: tuple[str, ...] = ()
+    features: str = "num_features"
+    hint: str = ""
+    moves: bool = False
+
+
+_NORMS: dict[str, _Kind] = {
+    "batch": _Kind((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), _BN_SETTINGS),
+    "renorm": _Kind((BatchRenorm1d, BatchRenorm2d, BatchRenorm3d), _BN_SETTINGS),
+    "domain": _Kind((DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d), _BN_SETTINGS),
+    "frozen": _Kind(
+        (None, "torchvision.ops.misc.FrozenBatchNorm2d", None),
+        ("eps",),
+        hint=" (torchvision's FrozenBatchNorm2d)",
+        moves=True,
+    ),
+    "layer2d": _Kind(
+        (None, LayerNorm2d, None),
+        ("affine",),
+        features="num_channels",
+        hint=" (use 'group' with num_groups=1 for a LayerNorm over each sample)",
+    ),
+    "group": _Kind((nn.GroupNorm,) * 3, ("affine",), features="num_channels"),
+    "none": _Kind((nn.Identity,) * 3),
+}
+
+
+def _resolve(cls: type[nn.Module] | str) -> type[nn.Module]:
+    if isinstance(cls, str):
+        module, _, name = cls.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+    return cls
+
+
+def _class(name: str, dims: Any) -> type[nn.Module]:
+    """The class of kind ``name`` for inputs of rank ``dims``, or ``ValueError``."""
     if isinstance(dims, bool) or dims not in (1, 2, 3):
         raise ValueError(f"create_norm({name!r}): `dims` must be 1, 2 or 3, got {dims!r}")
-    return classes[dims - 1]
-
-
-def _only_2d(dims: int, name: str, hint: str) -> None:
-    if dims != 2:
+    cls = _NORMS[name].classes[dims - 1]
+    if cls is None:
         raise ValueError(
-            f"create_norm({name!r}): only 2d layers (4D N, C, H, W inputs), got dims={dims!r}{hint}"
+            f"create_norm({name!r}): only 2d layers (4D N, C, H, W inputs), got "
+            f"dims={dims!r}{_NORMS[name].hint}"
+        )
+    return _resolve(cls)
+
+
+def _arguments(name: str) -> tuple[list[str], list[str]]:
+    """The keyword arguments kind ``name`` takes and those it requires, read from its class's
+    own signature (``C`` excluded; ``device`` and ``dtype`` added for a class that moves)."""
+    kind = _NORMS[name]
+    cls = _resolve(next(c for c in kind.classes if c is not None))
+    params = [
+        p
+        for p in inspect.signature(cls).parameters.values()
+        if p.name != kind.features and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    names = [p.name for p in params] + (["device", "dtype"] if kind.moves else [])
+    return names, [p.name for p in params if p.default is p.empty]
+
+
+def _check_kwargs(where: str, name: str, kwargs: dict[str, Any], taken: Iterable[str]) -> None:
+    """Required keyword arguments present, no unknown ones (``taken``: not the caller's)."""
+    accepted, required = _arguments(name)
+    accepted = [n for n in accepted if n not in taken]
+    missing = [n for n in required if n not in kwargs and n not in taken]
+    if missing:
+        raise ValueError(f"{where} needs the keyword argument(s) {missing}")
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"{where} got unexpected keyword argument(s) {unknown}; it accepts {accepted}"
         )
 
 
-def _make_batch(
-    num_features: int,
-    dims: int = 2,
-    *,
-    eps: float = 1e-5,
-    momentum: float | None = 0.1,
-    affine: bool = True,
-    track_running_stats: bool = True,
-    device: Any = None,
-    dtype: torch.dtype | None = None,
-) -> nn.Module:
-    cls = _pick((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), dims, "batch")
-    return cls(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-
-
-def _make_renorm(
-    num_features: int,
-    dims: int = 2,
-    *,
-    eps: float = 1e-5,
-    momentum: float | None = 0.1,
-    affine: bool = True,
-    track_running_stats: bool = True,
-    device: Any = None,
-    dtype: torch.dtype | None = None,
-    r_max: float = 3.0,
-    d_max: float = 5.0,
-    warmup_steps: int = 5000,
-    sync: bool = False,
-    process_group: Any = None,
-) -> nn.Module:
-    cls = _pick((BatchRenorm1d, BatchRenorm2d, BatchRenorm3d), dims, "renorm")
-    return cls(
-        num_features,
-        eps,
-        momentum,
-        affine,
-        track_running_stats,
-        device,
-        dtype,
-        r_max,
-        d_max,
-        warmup_steps,
-        sync=sync,
-        process_group=process_group,
-    )
-
-
-def _make_domain(
-    num_features: int,
-    dims: int = 2,
-    *,
-    num_domains: int,
-    eps: float = 1e-5,
-    momentum: float | None = 0.1,
-    affine: bool = True,
-    track_running_stats: bool = True,
-    device: Any = None,
-    dtype: torch.dtype | None = None,
-    shared_affine: bool = False,
-    sync: bool = False,
-    process_group: Any = None,
-) -> nn.Module:
-    cls = _pick((DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d), dims, "domain")
-    return cls(
-        num_features,
-        num_domains,
-        eps,
-        momentum,
-        affine,
-        track_running_stats,
-        device,
-        dtype,
-        shared_affine,
-        sync=sync,
-        process_group=process_group,
-    )
-
-
-def _make_layer2d(
-    num_features: int,
-    dims: int = 2,
-    *,
-    eps: float = 1e-6,
-    affine: bool = True,
-    device: Any = None,
-    dtype: torch.dtype | None = None,
-) -> nn.Module:
-    hint = " (use 'group' with num_groups=1 for a LayerNorm over each sample)"
-    _only_2d(dims, "layer2d", hint)
-    return LayerNorm2d(num_features, eps, affine, device, dtype)
-
-
-def _make_group(
-    num_features: int,
-    dims: int = 2,
-    *,
-    num_groups: int,
-    eps: float = 1e-5,
-    affine: bool = True,
-    device: Any = None,
-    dtype: torch.dtype | None = None,
-) -> nn.Module:
-    _pick((nn.GroupNorm,) * 3, dims, "group")
+def _check_groups(num_features: int, num_groups: Any) -> None:
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
         raise ValueError(
             f"create_norm('group'): `num_groups` must be a positive int, got {num_groups!r}"
@@ -228,79 +200,40 @@ def _make_group(
             f"create_norm('group'): num_groups={num_groups} does not divide the "
             f"{num_features} channels"
         )
-    return nn.GroupNorm(num_groups, num_features, eps, affine, device, dtype)
 
 
-def _make_frozen(
-    num_features: int,
-    dims: int = 2,
-    *,
-    eps: float = 1e-5,
-    device: Any = None,
-    dtype: torch.dtype | None = None,
-) -> nn.Module:
-    _only_2d(dims, "frozen", " (torchvision's FrozenBatchNorm2d)")
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    return FrozenBatchNorm2d(num_features, eps).to(device=device, dtype=dtype)
-
-
-def _make_none(num_features: int, dims: int = 2) -> nn.Module:
-    return nn.Identity()
-
-
-# name -> (builder, the source layer's settings convert_norms carries into it)
-_NORMS: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
-    "batch": (_make_batch, _BN_SETTINGS),
-    "renorm": (_make_renorm, _BN_SETTINGS),
-    "domain": (_make_domain, _BN_SETTINGS),
-    "frozen": (_make_frozen, ("eps",)),
-    "layer2d": (_make_layer2d, ("affine",)),
-    "group": (_make_group, ("affine",)),
-    "none": (_make_none, ()),
-}
-
-
-def _check_kwargs(
-    where: str, builder: Callable[..., nn.Module], kwargs: dict[str, Any], taken: Iterable[str]
-) -> None:
-    """Required keyword arguments present, no unknown ones (``taken``: not the caller's)."""
-    params = [
-        p
-        for p in inspect.signature(builder).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in taken
-    ]
-    missing = [
-        p.name for p in params if p.default is inspect.Parameter.empty and p.name not in kwargs
-    ]
-    if missing:
-        raise ValueError(f"{where} needs the keyword argument(s) {missing}")
-    unknown = sorted(set(kwargs) - {p.name for p in params})
-    if unknown:
-        raise TypeError(
-            f"{where} got unexpected keyword argument(s) {unknown}; it accepts "
-            f"{[p.name for p in params]}"
-        )
+def _build(name: str, num_features: int, dims: Any, kwargs: dict[str, Any]) -> nn.Module:
+    """Kind ``name`` for ``num_features`` channels and inputs of rank ``dims`` (checked
+    keyword arguments): the class called by keyword."""
+    cls, kind = _class(name, dims), _NORMS[name]
+    if name == "group":
+        _check_groups(num_features, kwargs["num_groups"])
+    kwargs = dict(kwargs)
+    moved = {k: kwargs.pop(k) for k in ("device", "dtype") if kind.moves and k in kwargs}
+    layer = cls(**{kind.features: num_features}, **kwargs)
+    return layer.to(**moved) if moved else layer
 
 
 def create_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
     """Build one normalisation layer by name: the factory behind :func:`convert_norms`.
 
-    The names (and their keyword arguments, passed to the layer's constructor):
+    A small name -> class table (timm's ``create_norm_layer`` idea); the layer is built by
+    calling its class with ``C`` and the keyword arguments, which are the class's own (read
+    from its signature, so they never drift from it):
 
     - ``"batch"``: ``nn.BatchNorm{dims}d`` (``eps``, ``momentum``, ``affine``,
-      ``track_running_stats``, ``device``, ``dtype``).
+      ``track_running_stats``, ``device``, ``dtype``, ...).
     - ``"renorm"``: ``BatchRenorm{dims}d`` (Ioffe 2017; the same, plus ``r_max``, ``d_max``,
       ``warmup_steps``, ``sync``, ``process_group``).
     - ``"domain"``: ``DomainBatchNorm{dims}d`` (required ``num_domains``; the BatchNorm ones,
       plus ``shared_affine``, ``sync``, ``process_group``).
     - ``"frozen"``: torchvision's ``FrozenBatchNorm2d`` (statistics and affine fixed; ``eps``,
-      ``device``, ``dtype``; ``dims=2`` only).
+      and ``device``, ``dtype`` applied after it is built; ``dims=2`` only).
     - ``"layer2d"``: :class:`~lightning_norms.LayerNorm2d` (Ba et al. 2016 over the channels;
       ``eps`` default ``1e-6``, ``affine``, ``device``, ``dtype``; ``dims=2`` only).
     - ``"group"``: ``nn.GroupNorm`` (Wu & He 2018; required ``num_groups``, ``1`` = LayerNorm
-      over each sample; ``eps``, ``affine``, ``device``, ``dtype``).
-    - ``"none"``: ``nn.Identity``.
+      over each sample; ``eps``, ``affine``, ``device``, ``dtype``, ...).
+    - ``"none"``: ``nn.Identity`` (no arguments).
 
     Args:
         name: one of the names above.
@@ -324,10 +257,9 @@ def create_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
     """
     if name not in _NORMS:
         raise ValueError(f"create_norm: unknown `name`={name!r}; choose one of {sorted(_NORMS)}")
-    builder = _NORMS[name][0]
     dims = kwargs.pop("dims", 2)
-    _check_kwargs(f"create_norm({name!r})", builder, kwargs, ())
-    return builder(num_features, dims, **kwargs)
+    _check_kwargs(f"create_norm({name!r})", name, kwargs, ())
+    return _build(name, num_features, dims, kwargs)
 
 
 @dataclass
@@ -444,15 +376,14 @@ def _replacement(
             f"convert_norms(to='domain'): {type(bn).__name__} at {where!r} is already domain-split"
         )
     src = _describe(bn, where, domain)
-    builder, carried = _NORMS[to]
     if to == "frozen" and "running_mean" not in src.state:
         raise ValueError(
             f"convert_norms(to='frozen'): {type(bn).__name__} at {where!r} has no running "
             "statistics to freeze (track_running_stats=False)"
         )
-    settings = {k: v for k, v in src.settings.items() if k in carried}
+    settings = {k: v for k, v in src.settings.items() if k in _NORMS[to].carried}
     try:
-        new = builder(_num_features(bn), src.dims, **settings, **src.factory, **kwargs)
+        new = _build(to, _num_features(bn), src.dims, {**settings, **src.factory, **kwargs})
     except ValueError as err:  # the builder's message without its "create_norm(...): "
         reason = str(err).split(": ", 1)[-1]
         raise ValueError(
@@ -558,8 +489,8 @@ def convert_norms(
         choices = sorted(set(_NORMS) - {"none"})
         raise ValueError(f"convert_norms: unknown `to`={to!r}; choose one of {choices}")
     domain = kwargs.pop("domain", None)
-    builder, carried = _NORMS[to]
-    _check_kwargs(f"convert_norms(to={to!r})", builder, kwargs, (*carried, "device", "dtype"))
+    taken = (*_NORMS[to].carried, "device", "dtype")
+    _check_kwargs(f"convert_norms(to={to!r})", to, kwargs, taken)
     keep, drop = _patterns(include, "include"), _patterns(exclude, "exclude") or []
     new: dict[int, nn.Module] = {}
     for name, module in model.named_modules():

@@ -450,6 +450,88 @@ def test_create_norm_frozen_and_errors() -> None:
         convert_norms(nn.BatchNorm2d(4), "none")
 
 
+def _frozen(num_features: int, eps: float = 1e-5) -> nn.Module:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    return FrozenBatchNorm2d(num_features, eps)
+
+
+# name, create_norm's keyword arguments (every one changed from its default), the same layer
+# built directly
+CREATE_CASES = [
+    (
+        "batch",
+        {"dims": 3, "eps": 1e-3, "momentum": None, "affine": False, "track_running_stats": False},
+        lambda: nn.BatchNorm3d(5, 1e-3, None, False, False),
+    ),
+    (
+        "renorm",
+        {"dims": 1, "momentum": 0.3, "r_max": 2.0, "d_max": 1.5, "warmup_steps": 7},
+        lambda: BatchRenorm1d(5, momentum=0.3, r_max=2.0, d_max=1.5, warmup_steps=7),
+    ),
+    (
+        "domain",
+        {"num_domains": 3, "shared_affine": True, "eps": 1e-4, "dtype": torch.float64},
+        lambda: DomainBatchNorm2d(5, 3, eps=1e-4, shared_affine=True, dtype=torch.float64),
+    ),
+    ("frozen", {"eps": 1e-3}, lambda: _frozen(5, 1e-3)),
+    ("layer2d", {"eps": 1e-5, "affine": False}, lambda: LayerNorm2d(5, eps=1e-5, affine=False)),
+    (
+        "group",
+        {"dims": 1, "num_groups": 5, "eps": 1e-3, "affine": False},
+        lambda: nn.GroupNorm(5, 5, 1e-3, False),
+    ),
+    ("none", {}, nn.Identity),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "direct"), CREATE_CASES)
+def test_create_norm_equals_the_class_built_directly(
+    name: str, kwargs: dict, direct: object
+) -> None:
+    """Same type, same settings (repr), same buffers and parameters (names, dtypes, values),
+    and the same output on one batch."""
+    torch.manual_seed(0)
+    layer = create_norm(name, 5, **kwargs)
+    reference = direct()  # type: ignore[operator]
+    assert type(layer) is type(reference) and repr(layer) == repr(reference)
+    got, want = layer.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    if name == "frozen":
+        assert layer.running_var.shape == (5,)
+    elif name != "none":
+        assert getattr(layer, "num_features", getattr(layer, "num_channels", None)) == 5
+    shape = {1: (6, 5), 2: (6, 5, 3, 3), 3: (6, 5, 2, 2, 2)}[kwargs.get("dims", 2)]
+    x = torch.randn(shape, dtype=got[next(iter(got))].dtype if got else torch.float32)
+    if name == "domain":
+        ids = torch.tensor([0, 1, 2, 0, 1, 2])
+        with domain(layer, ids), domain(reference, ids):
+            torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=0)
+
+
+def test_create_norm_unknown_name_lists_every_name() -> None:
+    with pytest.raises(ValueError, match=r"unknown `name`='batchnorm'") as info:
+        create_norm("batchnorm", 4)
+    for name in ("batch", "domain", "frozen", "group", "layer2d", "none", "renorm"):
+        assert f"'{name}'" in str(info.value)
+
+
+@pytest.mark.parametrize("name", [case[0] for case in CREATE_CASES])
+def test_create_norm_names_a_keyword_argument_its_class_does_not_take(name: str) -> None:
+    """The accepted arguments are the class's own: an unknown one is a TypeError naming it (and
+    listing what the class takes); a missing required one a ValueError naming it."""
+    required = {"domain": {"num_domains": 2}, "group": {"num_groups": 2}}.get(name, {})
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['warmup'\]"):
+        create_norm(name, 4, warmup=3, **required)
+    for arg in required:
+        with pytest.raises(ValueError, match=rf"needs the keyword argument\(s\) \['{arg}'\]"):
+            create_norm(name, 4)
+
+
 def test_timm_frozen_batchnormact_converts_back_with_its_activation() -> None:
     timm = pytest.importorskip("timm")
     from timm.layers.norm_act import freeze_batch_norm_2d
