@@ -11,6 +11,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from lightning_norms._diagnostics import (
 from lightning_norms._moments import MomentAccumulator
 from lightning_norms.callbacks import BatchNormDoctor
 from lightning_norms.callbacks.doctor import BatchNormDoctorWarning, BNFinding
+from tests._boring import BoringNormModel, boring_trainer
 from tests._dist import run_ddp, run_script
 
 DIM, CLASSES = 8, 4
@@ -226,18 +228,8 @@ def _mlp(momentum: float = 0.1, bias: bool = False) -> nn.Sequential:
     )  # fmt: skip
 
 
-class Net(LightningModule):
-    def __init__(self, body: nn.Module, lr: float = 0.05) -> None:
-        super().__init__()
-        self.body = body
-        self.lr = lr
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self.body(x), y)
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.body(batch[0])
+class Net(BoringNormModel):
+    """``BoringNormModel`` trained with plain SGD (no momentum), as the figures here were pinned."""
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
@@ -250,19 +242,9 @@ def _fit(
     tmp_path: Path,
     doctor: BatchNormDoctor,
     max_epochs: int = 2,
-    **kw: object,
+    **kw: Any,
 ) -> Trainer:
-    trainer = Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **{"callbacks": [doctor], **kw},  # type: ignore[arg-type]
-    )
+    trainer = boring_trainer(tmp_path, max_epochs=max_epochs, **{"callbacks": [doctor], **kw})
     trainer.fit(model, train, val)
     return trainer
 
@@ -508,21 +490,14 @@ def test_train_validation_shift(tmp_path: Path) -> None:
     assert found["eval_mean_shift"]["body.1"] == max(found["eval_mean_shift"].values())
 
 
-class ConvNet(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES),
-        )  # fmt: skip
-
-    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
-        return F.cross_entropy(self.body(batch[0]), batch[1])
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+def _conv_body() -> nn.Sequential:
+    """Conv-BN, conv(bias)-GroupNorm, conv-BN on 3x6x6 images."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES),
+    )  # fmt: skip
 
 
 def test_tiny_per_device_batch(tmp_path: Path) -> None:
@@ -531,7 +506,7 @@ def test_tiny_per_device_batch(tmp_path: Path) -> None:
     train = DataLoader(data, batch_size=4, shuffle=True)
     doctor = BatchNormDoctor()
     with pytest.warns(BatchNormDoctorWarning, match=r"`body.1` normalises only 4 samples"):
-        _fit(ConvNet(), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
+        _fit(Net(_conv_body()), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
     found = _by_check(doctor.findings)
     assert found["batch_size"] == {"body.1": 4.0, "body.7": 4.0}  # not the GroupNorm (body.4)
     message = next(f.message for f in doctor.findings if f.check == "batch_size")
@@ -543,11 +518,13 @@ def test_check_every_n_epochs(tmp_path: Path) -> None:
     data = TensorDataset(torch.randn(64, 3, 6, 6), torch.randint(0, CLASSES, (64,)))
     train = DataLoader(data, batch_size=4, shuffle=True)
     doctor = BatchNormDoctor(check_every_n_epochs=2)
-    trainer = _fit(ConvNet(), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
+    trainer = _fit(
+        Net(_conv_body()), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0
+    )
     assert doctor.findings == []
     assert not any(k.startswith("bn_doctor/") for k in trainer.callback_metrics)
     doctor = BatchNormDoctor(min_batch_size=4)  # the threshold is an argument
-    _fit(ConvNet(), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
+    _fit(Net(_conv_body()), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
     assert doctor.findings == []
 
 
@@ -555,15 +532,7 @@ def test_validate_checks_running_stats(tmp_path: Path) -> None:
     model = Net(_mlp())
     xv, yv = _data(256, seed=1)
     doctor = BatchNormDoctor()
-    trainer = Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[doctor],
-    )
+    trainer = boring_trainer(tmp_path, callbacks=[doctor])
     with pytest.warns(BatchNormDoctorWarning, match=r"`body.1` is evaluated"):
         trainer.validate(model, DataLoader(TensorDataset(xv, yv), batch_size=64))
     assert {f.layer for f in doctor.findings if f.check == "eval_mean_shift"} >= {"body.1"}
@@ -574,18 +543,16 @@ def test_validate_checks_running_stats(tmp_path: Path) -> None:
 DDP_SCRIPT = """
 import json, sys, warnings
 import torch
-from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 from lightning_norms.callbacks import BatchNormDoctor
+from tests._boring import boring_trainer
 from tests.callbacks.test_doctor import TwoTowers, _data, _two_domains
 
 torch.manual_seed(0)
 warnings.simplefilter("ignore")
 xv, yv = _data(256, seed=2)
 doctor = BatchNormDoctor()
-trainer = Trainer(default_root_dir=".", strategy="ddp", accelerator="cpu", devices=2,
-                  max_epochs=2, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, callbacks=[doctor])
+trainer = boring_trainer(".", strategy="ddp", devices=2, max_epochs=2, callbacks=[doctor])
 trainer.fit(TwoTowers(), DataLoader(_two_domains(), batch_size=16, shuffle=True),
             DataLoader(TensorDataset(xv, yv), batch_size=32))
 findings = [[f.check, f.layer, round(f.value, 4)] for f in doctor.findings]
@@ -645,11 +612,7 @@ def _resnet_fit_with_precise_bn(
     doctor = BatchNormDoctor(warmup_batches=1)
     precise = PreciseBN(num_batches=2, dataloader="val")  # exact stats of the validation data
     callbacks = [precise, doctor] if precise_first else [doctor, precise]
-    trainer = Trainer(
-        default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=callbacks,
-    )  # fmt: skip
+    trainer = boring_trainer(tmp_path, num_sanity_val_steps=0, callbacks=callbacks)
     loader = DataLoader(train, batch_size=16, shuffle=True, generator=torch.Generator())
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -747,8 +710,7 @@ def test_spread_figure_against_float64_formula(tmp_path: Path) -> None:
 
 def test_sync_batchnorm_is_refused(tmp_path: Path) -> None:
     x, y = _data(64)
-    trainer = Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=1,
-                      logger=False, sync_batchnorm=True, callbacks=[BatchNormDoctor()])  # fmt: skip
+    trainer = boring_trainer(tmp_path, sync_batchnorm=True, callbacks=[BatchNormDoctor()])
     model = Net(_mlp())
     with pytest.raises(ValueError, match=r"BatchNormDoctor.*NormSync"):
         trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=32))
@@ -831,7 +793,7 @@ def test_with_freeze_batchnorm(
         monkeypatch.setitem(sys.modules, name, None)
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(256, 3, 6, 6), torch.randint(0, CLASSES, (256,)))
-    model = ConvNet()
+    model = Net(_conv_body())
     frozen = model.body[1]
     before = (frozen.running_mean.clone(), frozen.running_var.clone())
     doctor = BatchNormDoctor(min_batches=5)
