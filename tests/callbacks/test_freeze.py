@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_norms import BatchRenorm2d, DomainBatchNorm2d, domain
 from lightning_norms.callbacks import FreezeBatchNorm
+from tests._boring import boring_trainer
 
 CLASSES = 4
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -86,13 +87,8 @@ def _loaders(size: int = 16, n: int = 64) -> tuple[DataLoader, DataLoader]:
 def _fit(
     model: Net, callbacks: list[Callback], tmp_path: Path, max_epochs: int = 2, **kw: Any
 ) -> Trainer:
-    options: dict[str, Any] = {
-        "default_root_dir": tmp_path, "max_epochs": max_epochs, "accelerator": "cpu",
-        "devices": 1, "logger": False, "enable_checkpointing": False,
-        "enable_progress_bar": False, "enable_model_summary": False, "callbacks": callbacks,
-    }  # fmt: skip
     ckpt_path = kw.pop("ckpt_path", None)
-    trainer = Trainer(**{**options, **kw})
+    trainer = boring_trainer(tmp_path, **{"max_epochs": max_epochs, "callbacks": callbacks, **kw})
     trainer.fit(model, *_loaders(), ckpt_path=ckpt_path)
     return trainer
 
@@ -143,7 +139,7 @@ def test_patterns_choose_layers_by_name_or_container(tmp_path: Path) -> None:
     resnet = torchvision.models.resnet18(num_classes=CLASSES)
     freeze = FreezeBatchNorm(modules=["backbone.layer1", "*.layer4.*.bn2", "fc*"])
     model = Net(resnet, nn.Identity())
-    trainer = Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False)
+    trainer = boring_trainer(tmp_path)
     with pytest.warns(UserWarning, match=r"pattern 'fc\*' in `modules` matches no BatchNorm"):
         freeze.on_fit_start(trainer, model)
     names = [name for name, _ in freeze._layers]
@@ -206,11 +202,9 @@ def test_mid_epoch_validation_that_calls_train(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = TrainsAfterValidation(_backbone(), nn.Linear(8, CLASSES))
     buffers = _state(model, BUFFERS)
-    trainer = Trainer(
-        default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        val_check_interval=2, num_sanity_val_steps=0, callbacks=[FreezeBatchNorm()],
-    )  # fmt: skip
+    trainer = boring_trainer(
+        tmp_path, val_check_interval=2, num_sanity_val_steps=0, callbacks=[FreezeBatchNorm()]
+    )
     trainer.fit(model, *_loaders())
     assert model.modes == [[False, False]] * 4  # steps 3 and 4 follow a validation
     _assert_equal(_state(model, BUFFERS), buffers)
@@ -285,8 +279,7 @@ def test_domain_and_renorm_layers(tmp_path: Path) -> None:
 
 def test_sync_batchnorm_is_refused(tmp_path: Path) -> None:
     model = Net(_backbone(), nn.Linear(8, CLASSES))
-    trainer = Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
-                      sync_batchnorm=True, callbacks=[FreezeBatchNorm()])  # fmt: skip
+    trainer = boring_trainer(tmp_path, sync_batchnorm=True, callbacks=[FreezeBatchNorm()])
     with pytest.raises(ValueError, match=r"FreezeBatchNorm.*NormSync"):
         trainer.fit(model, *_loaders())
     assert model.modes == []
@@ -353,9 +346,9 @@ def test_resume_mid_epoch_stays_frozen(tmp_path: Path) -> None:
 DDP_SCRIPT = """
 import json, warnings
 import torch
-from lightning.pytorch import Trainer
 from lightning_norms import NormSync
 from lightning_norms.callbacks import FreezeBatchNorm
+from tests._boring import boring_trainer
 from tests.callbacks.test_freeze import BUFFERS, CLASSES, Net, _backbone, _loaders, _state
 
 torch.manual_seed(0)
@@ -363,10 +356,8 @@ warnings.simplefilter("ignore")
 model = Net(_backbone(), torch.nn.Linear(8, CLASSES))
 before = _state(model, BUFFERS)
 types = []
-trainer = Trainer(default_root_dir=".", strategy="ddp", accelerator="cpu", devices=2,
-                  max_epochs=2, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False,
-                  plugins=[NormSync()], callbacks=[FreezeBatchNorm(train_affine=False)])
+trainer = boring_trainer(".", strategy="ddp", devices=2, max_epochs=2, plugins=[NormSync()],
+                         callbacks=[FreezeBatchNorm(train_affine=False)])
 trainer.fit(model, *_loaders())
 after = _state(model, BUFFERS)
 result = {
@@ -396,7 +387,7 @@ def test_ddp_with_normsync(tmp_path: Path) -> None:
 
 def test_train_affine_false_with_until_epoch_refused_under_ddp(tmp_path: Path) -> None:
     model = Net(_backbone(), nn.Linear(8, CLASSES))
-    trainer = Trainer(default_root_dir=tmp_path, strategy="ddp", accelerator="cpu", devices=2)
+    trainer = boring_trainer(tmp_path, strategy="ddp", devices=2)
     freeze = FreezeBatchNorm(train_affine=False, until_epoch=1)
     with pytest.raises(ValueError, match=r"`train_affine=False` with `until_epoch`.*DDP"):
         freeze.setup(trainer, model, "fit")
