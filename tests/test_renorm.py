@@ -638,3 +638,38 @@ def test_functional_sync_routes_to_the_synced_kernel() -> None:
         assert int(out["steps"]) == int(steps) == 5
         gw += out["gw"]
     torch.testing.assert_close(gw, w.grad, rtol=0, atol=1e-9)
+
+
+def test_statistics_off_cpu_and_cuda_come_from_the_moment_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 13: devices without torch's fused statistics kernel take the engine's moments."""
+    import lightning_norms.functional._renorm as renorm_kernel
+
+    x = torch.randn(6, 5, 7, 4, dtype=torch.float64) * 3 + 100
+    fused = renorm_kernel._batch_mean_var(x)
+    monkeypatch.setattr(renorm_kernel, "_fused_stats", lambda x: False)
+    engine = renorm_kernel._batch_mean_var(x)
+    for a, b in zip(engine, fused, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-10)
+    ref_var, ref_mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(engine[0], ref_mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(engine[1], ref_var, rtol=1e-12, atol=0)
+
+
+def test_compiled_training_step_reads_the_running_statistics_before_the_update() -> None:
+    """Issue 13: the compiled backward must not re-read buffers updated in place (d, r)."""
+    torch.manual_seed(9)
+    eager = BatchRenorm2d(6, r_max=1.5, d_max=0.5, warmup_steps=0)
+    twin = BatchRenorm2d(6, r_max=1.5, d_max=0.5, warmup_steps=0)
+    compiled = torch.compile(twin, backend="aot_eager")
+    x = (torch.randn(6, 6, 8, 8) * 0.3).requires_grad_(True)
+    grad = torch.randn(6, 6, 8, 8)
+    eager(x).backward(grad)
+    gx = x.grad.clone()
+    x.grad = None
+    compiled(x).backward(grad)
+    torch.testing.assert_close(twin.weight.grad, eager.weight.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(twin.bias.grad, eager.bias.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, gx, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(twin.running_mean, eager.running_mean, rtol=0, atol=0)

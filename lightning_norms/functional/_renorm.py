@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_norms._moments import accumulate_dtype, batch_moments, stat_dtype
 from lightning_norms.functional._domain import (
     _domain_stats,
     _DomainBatchNormFn,
@@ -17,31 +18,51 @@ from lightning_norms.functional._domain import (
 )
 
 
+def _fused_stats(x: Tensor) -> bool:
+    """Whether torch's fused statistics kernel (``batch_norm_update_stats``) runs on ``x``."""
+    return x.device.type in ("cpu", "cuda")
+
+
 def _batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` (channels in dim 1), no gradient.
 
-    The single place :func:`batch_renorm` gets its batch statistics from. Computed in at least
-    fp32 (fp16/bf16 inputs are upcast). A contiguous (``N, C, ...``) input takes an exact
-    two-pass formula on views (per-row means, sums of squared deviations, rows merged with
-    Chan's formula); other layouts (``channels_last``) use torch's Welford kernel on CPU and
-    CUDA. Both are several times faster on CPU than ``torch.var_mean`` over ``(0, 2, 3)``.
+    The single place :func:`batch_renorm` gets its batch statistics from: on CPU and CUDA
+    torch's fused kernel (``torch.batch_norm_update_stats``: the very statistics a
+    training-mode ``F.batch_norm`` takes, in one pass, any memory layout), elsewhere the moment
+    engine (:func:`lightning_norms._moments.batch_moments`). In fp32 at least (fp16/bf16
+    inputs accumulate in fp32).
 
     Returns:
         ``(mean, var)``, each of shape ``[C]``.
     """
     x = x.detach()
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    if not x.is_contiguous() and x.device.type in ("cpu", "cuda"):
-        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    if not _fused_stats(x):
+        n, mean, m2 = batch_moments(x)
+        return mean[0], m2[0] / n.clamp(min=1)
+    with torch.no_grad():
+        if x.dtype == stat_dtype(x):
+            mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+            return mean, var
+        # fp16/bf16: fp32 running statistics (kept as they are: momentum 0) select the kernel
+        # that accumulates and returns in fp32, without an fp32 copy of x
+        zeros = x.new_zeros(x.shape[1], dtype=stat_dtype(x))
+        mean, var = torch.batch_norm_update_stats(x, zeros, torch.ones_like(zeros), 0.0)
         return mean, var
-    rows = x.reshape(x.shape[0], x.shape[1], -1)
-    row_mean = rows.mean(-1, keepdim=True)
-    sum_sq = torch.linalg.vector_norm(rows - row_mean, dim=-1).square()
-    row_mean = row_mean.squeeze(-1)
-    mean = row_mean.mean(0)
-    var = (sum_sq.sum(0) / rows.shape[-1] + (row_mean - mean).square().sum(0)) / rows.shape[0]
-    return mean, var
+
+
+def _update_running(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, factor: float
+) -> None:
+    """``running <- running + factor * (batch - running)``, the variance unbiased, in fp64.
+
+    BatchNorm's running update (``F.batch_norm``), computed in the accumulation dtype and
+    rounded once to the buffers' dtype.
+    """
+    acc = accumulate_dtype(mean.device)
+    unbiased = var.to(acc) * (count / max(count - 1, 1))
+    with torch.no_grad():
+        for buf, stat in ((running_mean, mean.to(acc)), (running_var, unbiased)):
+            buf.copy_(torch.lerp(buf.to(acc), stat, factor))
 
 
 def renorm_limits(
@@ -74,6 +95,35 @@ def renorm_limits(
     return 1.0 + (r_max - 1.0) * progress, d_max * progress
 
 
+def _renorm_factors(
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, +-d_max)``."""
+    # a snapshot of the buffers (``stack`` is never recomputed by torch.compile's partitioner,
+    # which could otherwise re-read in the backward the buffers this step updates in place)
+    mu, var = torch.stack([running_mean, running_var]).unbind()
+    sigma = (var + eps).sqrt()
+    # each limit is a float or a 0-dim tensor; clamp takes either (its stubs want one kind)
+    r = ((batch_var + eps).sqrt() / sigma).clamp(1.0 / r_max, r_max)  # type: ignore[arg-type]
+    d = ((batch_mean - mu) / sigma).clamp(-d_max, d_max)  # type: ignore[arg-type]
+    return r, d
+
+
+def _fold(
+    weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``gamma * (x_hat * r + d) + beta == x_hat * (gamma * r) + (gamma * d + beta)``."""
+    if weight is None:
+        return r, d if bias is None else d + bias
+    return weight * r, torch.addcmul(bias, weight, d) if bias is not None else weight * d
+
+
 def _renorm_affine(
     batch_mean: Tensor,
     batch_var: Tensor,
@@ -85,19 +135,10 @@ def _renorm_affine(
     r_max: float | Tensor,
     d_max: float | Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Fold Batch Renormalization's ``r`` and ``d`` into BatchNorm's affine (no gradient).
-
-    ``gamma * (x_hat * r + d) + beta == x_hat * (gamma * r) + (gamma * d + beta)``.
-    """
-    sigma = (running_var + eps).sqrt()
-    # each limit is a float or a 0-dim tensor; clamp takes either (its stubs want one kind)
-    r = ((batch_var + eps).sqrt() / sigma).clamp(1.0 / r_max, r_max)  # type: ignore[arg-type]
-    d = ((batch_mean - running_mean) / sigma).clamp(-d_max, d_max)  # type: ignore[arg-type]
+    """Fold ``r`` and ``d`` into BatchNorm's affine, in the affine's (else the buffers') dtype."""
+    r, d = _renorm_factors(batch_mean, batch_var, running_mean, running_var, eps, r_max, d_max)
     dtype = running_mean.dtype if weight is None else weight.dtype
-    r, d = r.to(dtype), d.to(dtype)
-    if weight is None:
-        return r, d if bias is None else d + bias
-    return weight * r, torch.addcmul(bias, weight, d) if bias is not None else weight * d
+    return _fold(weight, bias, r.to(dtype), d.to(dtype))
 
 
 def _is_plain_bn(r_max: float | Tensor, d_max: float | Tensor) -> bool:
@@ -107,6 +148,87 @@ def _is_plain_bn(r_max: float | Tensor, d_max: float | Tensor) -> bool:
         and isinstance(d_max, (int, float))
         and (r_max == 1 and d_max == 0)
     )
+
+
+class _RenormFn(torch.autograd.Function):
+    """Batch Renormalization's training transform with its statistics given: one pass each way.
+
+    ``forward(x, weight, bias, mean, invstd, r, d, eps)`` is ``F.batch_norm``'s training
+    transform with the batch ``mean``, ``invstd = 1 / sqrt(var + eps)`` and the affine
+    ``gamma * r, gamma * d + beta`` folded in, run by its eval kernel with unit variance,
+    ``eps = 0`` and the weight ``invstd * gamma * r`` (the training kernel's arithmetic,
+    ``x * alpha + beta``: equal results). The backward is torch's training-mode
+    ``native_batch_norm_backward`` (the statistics' dependence on ``x`` included, ``r`` and
+    ``d`` constants), itself differentiable: gradients of any order are those of
+    ``F.batch_norm(training=True)`` with the folded affine.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        r: Tensor,
+        d: Tensor,
+        eps: float,
+    ) -> Tensor:
+        ctx.eps = eps
+        ctx.save_for_backward(x, weight, mean, invstd, r, d)
+        folded_weight, folded_bias = _fold(weight, bias, r, d)
+        unit = torch.ones_like(mean)
+        return F.batch_norm(x, mean, unit, invstd * folded_weight, folded_bias, False, 0.0, 0.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, mean, invstd, r, d = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        folded = r if weight is None else weight * r
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad,
+            x,
+            folded,
+            None,
+            None,
+            mean,
+            invstd,
+            True,
+            ctx.eps,
+            [need_x, need_w, need_w or need_b],
+        )
+        grad_weight = torch.addcmul(grad_w * r, grad_b, d) if need_w else None
+        return grad_x, grad_weight, grad_b if need_b else None, None, None, None, None, None
+
+
+def _renorm_train(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
+) -> Tensor:
+    """The local training step: statistics once, ``r, d`` folded, buffers written on success.
+
+    ``r``, ``d`` and the affine are taken in the buffers' dtype (fp32 at least): the kernel
+    rejects what ``F.batch_norm`` rejects (e.g. an fp64 input to fp32 buffers) before any
+    buffer changes.
+    """
+    mean, var = _batch_mean_var(x)
+    dtype = torch.promote_types(running_mean.dtype, torch.float32)
+    r, d = _renorm_factors(mean, var, running_mean, running_var, eps, r_max, d_max)
+    # as the training kernel: 1 / sqrt(var + eps) in the accumulation dtype, then rounded
+    invstd = (var.to(accumulate_dtype(var.device)) + eps).rsqrt().to(var.dtype)
+    weight = None if weight is None else weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    out = _RenormFn.apply(x, weight, bias, mean, invstd, r.to(dtype), d.to(dtype), eps)
+    _update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+    return cast(Tensor, out)
 
 
 def _check_renorm_call(
@@ -166,11 +288,12 @@ def batch_renorm(
 
     with :math:`\sigma_B = \sqrt{\mathrm{Var}_B[x] + \epsilon}`,
     :math:`\sigma = \sqrt{\text{running\_var} + \epsilon}`; ``r`` and ``d`` are constants in the
-    backward pass and use the running statistics from before this step's update. ``r`` and
-    ``d`` are folded into the affine of a single ``F.batch_norm`` call, which also updates the
-    running statistics exactly as BatchNorm does. Otherwise (eval, or no running statistics:
-    ``r = 1, d = 0``) this is ``F.batch_norm``. An empty training batch returns an empty
-    output and changes nothing.
+    backward pass and use the running statistics from before this step's update. The batch
+    statistics are taken once (torch's fused kernel), ``r`` and ``d`` are folded into the
+    affine of BatchNorm's transform, and the backward is BatchNorm's training backward: the
+    cost of one ``F.batch_norm``. The running statistics are updated as by BatchNorm (unbiased
+    variance). Otherwise (eval, or no running statistics: ``r = 1, d = 0``) this is
+    ``F.batch_norm``. An empty training batch returns an empty output and changes nothing.
 
     Args:
         x: input with channels in dim 1.
@@ -239,21 +362,21 @@ def batch_renorm(
             )
         if x.numel() == 0:  # as nn.BatchNorm*d: an empty output, no statistics to take
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    factor = _ema_factor(momentum, steps)
     if training and tracked and not _is_plain_bn(r_max, d_max):
-        batch_mean, batch_var = _batch_mean_var(x)
-        weight, bias = _renorm_affine(
-            batch_mean,
-            batch_var,
+        out = _renorm_train(
+            x,
             cast(Tensor, running_mean),
             cast(Tensor, running_var),
             weight,
             bias,
+            factor,
             eps,
             r_max,
             d_max,
         )
-    factor = _ema_factor(momentum, steps)
-    out = F.batch_norm(x, running_mean, running_var, weight, bias, training, factor, eps)
+    else:
+        out = F.batch_norm(x, running_mean, running_var, weight, bias, training, factor, eps)
     if steps is not None:
         steps.add_(1)
     return out
