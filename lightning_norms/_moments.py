@@ -80,12 +80,26 @@ def zero_moments(
 def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-``(sample, channel)`` mean and biased variance of ``x`` ``[N, C, *]``, in stat dtype.
 
-    One fused ``torch.var_mean`` pass over the spatial positions; a ``[N, C]`` input has one
-    position per row (variance 0). ``channels_last`` inputs are read through a strided view.
+    A contiguous CPU/CUDA input takes torch's BatchNorm statistics kernel over the
+    ``[1, N*C, L]`` view (every row a "channel": an exact two-pass mean and variance per row,
+    the row still in cache for the second pass; about 3x faster on CPU than ``var_mean`` over
+    the last dim); other inputs (``channels_last``, other devices, or while ``torch.compile``
+    traces) one ``torch.var_mean`` over the positions. A ``[N, C]`` input has one position
+    per row (variance 0).
+
+    Example:
+        >>> mean, var = row_moments(torch.tensor([[[1.0, 3.0], [2.0, 2.0]]]))
+        >>> mean.tolist(), var.tolist()
+        ([[2.0, 2.0]], [[1.0, 0.0]])
     """
     xf = x if x.dtype == stat_dtype(x) else x.to(stat_dtype(x))
     if xf.dim() == 2:
         return xf, torch.zeros_like(xf)
+    n, c = xf.shape[:2]
+    native = xf.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
+    if native and xf.numel() and xf.is_contiguous():
+        mean, var = torch.batch_norm_update_stats(xf.view(1, n * c, -1), None, None, 0.0)
+        return mean.view(n, c), var.view(n, c)
     var, mean = torch.var_mean(xf.flatten(2), dim=2, correction=0)
     return mean, var
 
@@ -309,11 +323,12 @@ def running_factor(
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     present = count > 0
     if num_batches_tracked is not None:
-        num_batches_tracked.add_(present.to(num_batches_tracked.dtype))
-    factor = present.to(dtype)
+        num_batches_tracked.add_(present)
+    factor = present.to(dtype).unsqueeze(1)
     if momentum is None and num_batches_tracked is not None:
-        return (factor * ema_factor(None, num_batches_tracked.clamp(min=1).to(dtype)))[:, None]
-    return (factor * ema_factor(momentum, 1.0))[:, None]
+        steps = num_batches_tracked.clamp(min=1).to(dtype).unsqueeze(1)
+        return factor.mul_(ema_factor(None, steps))
+    return factor.mul_(ema_factor(momentum, 1.0))
 
 
 def update_running(
@@ -338,8 +353,11 @@ def update_running(
         >>> mean.tolist(), var.tolist()
         ([[1.0, 1.0]], [[1.5, 0.5]])
     """
-    factor = running_factor(moments.n, momentum, num_batches_tracked, running_mean.dtype)
+    dtype = running_mean.dtype
+    factor = running_factor(moments.n, momentum, num_batches_tracked, dtype)
     keep = 1 - factor
-    unbiased = moments.m2 / (moments.n - 1).clamp(min=1)[:, None]
-    running_mean.mul_(keep).add_(moments.mean.to(running_mean.dtype) * factor)
-    running_var.mul_(keep).add_(unbiased.to(running_var.dtype) * factor)
+    unbiased = moments.m2 / (moments.n - 1).clamp(min=1).unsqueeze(1)
+    mean = moments.mean if moments.mean.dtype == dtype else moments.mean.to(dtype)
+    unbiased = unbiased if unbiased.dtype == dtype else unbiased.to(dtype)
+    running_mean.mul_(keep).add_(mean * factor)
+    running_var.mul_(keep).add_(unbiased * factor)

@@ -61,7 +61,7 @@ def _check_domains(
         else:
             if domains.numel() and _eager():
                 _check_range(domains, num_domains, name)
-            return domains.long()
+            return domains if domains.dtype == torch.long else domains.long()
     if isinstance(domains, bool) or not isinstance(domains, int):
         raise ValueError(
             f"{name}: domain must be an int or an integer LongTensor[N], got {domains!r}"
@@ -85,6 +85,8 @@ def _expand_domains(domains: int | Tensor, x: Tensor) -> Tensor:
     """Per-sample ids on ``x``'s device (an ``int`` is broadcast over the batch)."""
     if isinstance(domains, int):
         return torch.full((x.shape[0],), domains, dtype=torch.long, device=x.device)
+    if domains.dtype == torch.long and domains.device == x.device:
+        return domains
     return domains.to(device=x.device, dtype=torch.long)
 
 
@@ -179,9 +181,15 @@ def domain_batch_stats(
         return moments.n, moments.mean, moments.var(unbiased=False)
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` (no op dispatched when it already is)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _fold_domains(grad: Tensor, param: Tensor) -> Tensor:
     """A ``[D, C]`` gradient for ``param``: as is (per domain) or summed over domains (shared)."""
-    return (grad if param.dim() == 2 else grad.sum(0)).to(param.dtype)
+    grad = grad if param.dim() == 2 else grad.sum(0)
+    return grad if grad.dtype == param.dtype else grad.to(param.dtype)
 
 
 def _scale_shift(
@@ -191,9 +199,10 @@ def _scale_shift(
 
     In the statistics' dtype (fp16/bf16 parameters are used in fp32, as the statistics).
     """
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    base = torch.zeros_like(scale) if bias is None else bias.to(invstd.dtype).expand_as(scale)
-    return scale, torch.addcmul(base, mean, scale, value=-1.0)
+    scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
+    if bias is None:
+        return scale, (mean * scale).neg_()
+    return scale, torch.addcmul(_as(bias, invstd.dtype), mean, scale, value=-1.0)
 
 
 def _affine_rows(x3: Tensor, ids: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -204,7 +213,7 @@ def _affine_rows(x3: Tensor, ids: Tensor, scale: Tensor, shift: Tensor) -> Tenso
     c = scale.shape[1]
     rows = torch.cat([scale, shift], 1).index_select(0, ids).unsqueeze(2)
     out = torch.addcmul(rows[:, c:], x3, rows[:, :c])
-    return out if out.dtype == x3.dtype else out.to(x3.dtype)
+    return _as(out, x3.dtype)
 
 
 def _row_grad_sums(g3: Tensor, x3: Tensor, mean_rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -242,13 +251,16 @@ def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
     x3, ids, weight, count, mean, invstd = saved
     c = mean.shape[1]
     g3 = g3.contiguous()
+    scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
+    inv_count = count.clamp(min=1).reciprocal().unsqueeze(1)
+    grad_x = None
     if x3.numel():
         row_sum, row_dot = _row_grad_sums(g3, x3, mean.index_select(0, ids))
-        rows = torch.cat([row_sum, row_dot], 1).to(mean.dtype)
+        rows = _as(torch.cat([row_sum, row_dot], 1), mean.dtype)
+        sums = mean.new_zeros(mean.shape[0], 2 * c).index_add_(0, ids, rows)
     else:
-        rows = mean.new_zeros(0, 2 * c)
-    sums = mean.new_zeros(mean.shape[0], 2 * c).index_add_(0, ids, rows)
-    grad_weight = grad_bias = grad_x = None
+        sums = mean.new_zeros(mean.shape[0], 2 * c)
+    grad_weight = grad_bias = None
     if weight is not None and ctx.needs_input_grad[1]:
         grad_weight = _fold_domains(sums[:, c:] * invstd, weight)
     if ctx.needs_input_grad[2]:
@@ -256,13 +268,11 @@ def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
     if ctx.needs_input_grad[0]:
         if ctx.group is not None:  # input gradients see every rank's sums, as SyncBatchNorm
             torch.distributed.all_reduce(sums, group=ctx.group[0])
-        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-        inv_count = count.clamp(min=1).reciprocal().unsqueeze(1)
         k = invstd.square() * sums[:, c:] * inv_count
         coefs = torch.cat([scale, -scale * k, scale * (k * mean - sums[:, :c] * inv_count)], 1)
         rows3 = coefs.index_select(0, ids).unsqueeze(2)
         grad_x = torch.addcmul(rows3[:, 2 * c :], x3, rows3[:, c : 2 * c])
-        grad_x = grad_x.addcmul_(g3, rows3[:, :c]).to(x3.dtype)
+        grad_x = _as(grad_x.addcmul_(g3, rows3[:, :c]), x3.dtype)
     return grad_x, grad_weight, grad_bias
 
 
