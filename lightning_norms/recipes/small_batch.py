@@ -181,22 +181,20 @@ def _runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     :data:`STEP_BATCH` samples, BN statistics over ``batch_size`` of them at a time
     (``STEP_BATCH // batch_size`` micro-batches); BatchRenorm's warm-up is
     :data:`WARMUP_SHARE` of the run's optimizer steps."""
-    runs = []
+    warmup = {}
     for b, order in SETTINGS:
         if STEP_BATCH % b:
             raise ValueError(f"small_batch: `batch_size` must divide {STEP_BATCH}, got {b}")
-        steps = args.epochs * len(
-            SingleDomainDigits(batch_size=STEP_BATCH, order=order).train_dataloader()
-        )
-        warmup = max(1, math.ceil(WARMUP_SHARE * steps))
-        runs += [
-            {"model": {"norm": norm, "micro_batches": STEP_BATCH // b, "renorm_warmup": warmup},
-             "data": {"batch_size": STEP_BATCH, "order": order}, "seed_everything": s,
-             "trainer": {"limit_val_batches": 0, "num_sanity_val_steps": 0}}
-            for norm in NORMS
-            for s in range(args.seeds)
-        ]  # fmt: skip
-    return runs
+        loader = SingleDomainDigits(batch_size=STEP_BATCH, order=order).train_dataloader()
+        warmup[order] = max(1, math.ceil(WARMUP_SHARE * args.epochs * len(loader)))
+    return [
+        {"model": {"norm": norm, "micro_batches": STEP_BATCH // b, "renorm_warmup": warmup[order]},
+         "data": {"batch_size": STEP_BATCH, "order": order}, "seed_everything": s,
+         "trainer": {"limit_val_batches": 0, "num_sanity_val_steps": 0}}
+        for norm in NORMS
+        for b, order in SETTINGS
+        for s in range(args.seeds)
+    ]  # fmt: skip
 
 
 def _table(groups: dict[tuple, list[dict]]) -> list[str]:
