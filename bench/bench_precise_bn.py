@@ -6,9 +6,11 @@ Run: ``python bench/bench_precise_bn.py [--threads 1|2] [--rounds 5] [--batches 
 
 - ``BN``: torch's ``nn.BatchNorm2d`` (exact: the free path, momentum-1 update read back);
 - ``generic``: every BN swapped for a trivial user subclass (what timm's ``BatchNormAct2d`` or
-  a user's BN subclass gets: the forward pre-hook computes the moments from the input);
+  a user's BN subclass gets: the forward pre-hook computes the moments from the input with the
+  moment engine's ``batch_moments``);
 - ``domain D`` (``D`` = 2, 64): every BN converted to ``DomainBatchNorm2d(num_domains=D)``,
-  per-sample domain ids (uniform over ``D``, drawn per pair of samples) set with ``lightning_norms.domain``.
+  per-sample domain ids (uniform over ``D``, drawn per pair of samples) set with
+  ``lightning_norms.domain`` (read back after a momentum-1 forward, like ``BN``).
 
 Cases, each against the bare forwards of the same model: ``forwards`` (the same batches under
 ``torch.no_grad()``, BN layers in train mode: what any recompute has to run),
