@@ -1,6 +1,7 @@
 """Statistics behind ``BatchNormDoctor``: plain tensor code, no Lightning import.
 
-Two accumulators are fed from forward pre-hooks of BN layers. Each call is reduced to
+Two accumulators are fed from forward pre-hooks of BN layers: :class:`BatchSpread` (training
+calls) and the moment engine's ``MomentAccumulator`` (validation calls). Each call is reduced to
 per-channel figures on the input's device with a handful of small ops and no host sync; the
 figures are read once per check. Every accumulator keeps one row per *group* (one row for a
 plain BN layer, one per domain for ``DomainBatchNorm``) so per-domain statistics come for free.
