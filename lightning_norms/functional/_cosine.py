@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 
 def _safe_norm(sum_sq: Tensor) -> Tensor:
@@ -25,6 +26,44 @@ def _full_precision(x: Tensor) -> contextlib.AbstractContextManager[Any]:
     if torch.is_autocast_enabled(x.device.type):
         return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+class _CosineDivide(torch.autograd.Function):
+    """``y = dot / D``, ``D = p * w + eps``: the cosine from the dot products and the norms.
+
+    Shapes: ``dot [B, G, K, S]`` (``K`` outputs per group ``G``, ``S`` positions), patch or
+    input norms ``p [B, G, 1, S]``, weight norms ``w [G, K, 1]``. Returns ``(y, D)``; ``D`` is
+    an output only so that the backward can reuse it and stay differentiable (gradients of
+    any order are exact). The backward takes three full-size passes (``g / D``,
+    ``g dot / D^2``) and two matrix products for the norms' gradients, where autograd's chain
+    of ``mul``, ``add`` and ``div`` takes about eight. ``y`` itself is not kept: the caller
+    may change it in place.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, dot: Tensor, p: Tensor, w: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        denom = torch.addcmul(p.new_full((), eps), p, w)
+        ctx.save_for_backward(dot, p, w, denom)
+        ctx.set_materialize_grads(False)  # no zeros for the unused D
+        return (dot / denom).to(dot.dtype), denom
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: Tensor | None, grad_denom: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        dot, p, w, denom = ctx.saved_tensors
+        grad_dot = (torch.zeros_like(dot) if grad is None else grad) / denom
+        spread = grad_dot * dot / denom  # minus d loss / d denominator
+        if grad_denom is not None:
+            spread = spread - grad_denom
+        grad_p = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_p = torch.matmul(w.transpose(-1, -2), spread).neg()
+        if ctx.needs_input_grad[2]:
+            grad_w = torch.matmul(spread, p.transpose(-1, -2)).sum(0).neg()
+        return grad_dot.to(dot.dtype), grad_p, grad_w, None
 
 
 def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
@@ -57,9 +96,56 @@ def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
     """
     dot = F.linear(x, weight)
     with _full_precision(x):
-        x_norm = torch.linalg.vector_norm(_at_least_fp32(x), dim=-1, keepdim=True)
+        x_norm = torch.linalg.vector_norm(_at_least_fp32(x), dim=-1)
         w_norm = torch.linalg.vector_norm(_at_least_fp32(weight), dim=1)
-    return (dot / (x_norm * w_norm + eps)).to(dot.dtype)
+    # rows as positions: dot^T is [1, 1, out, rows], a view (the products are matrix-vector)
+    rows = dot.reshape(-1, weight.shape[0])
+    cos, _ = _CosineDivide.apply(
+        rows.t()[None, None], x_norm.reshape(1, 1, 1, -1), w_norm.view(1, -1, 1), eps
+    )
+    return cos[0, 0].t().reshape(dot.shape)
+
+
+def _symmetric_padding(
+    padding: int | tuple[int, int] | str, kernel: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[int, int] | None:
+    """``padding`` as two ints when it pads both sides alike (``None`` for even "same")."""
+    if padding == "valid":
+        return 0, 0
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+        if any(t % 2 for t in totals):
+            return None
+        return totals[0] // 2, totals[1] // 2
+    pair = _pair(padding)
+    return int(pair[0]), int(pair[1])
+
+
+def _patch_sum_sq(
+    x: Tensor,
+    kernel: tuple[int, ...],
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int] | str,
+    dilation: int | tuple[int, int],
+    groups: int,
+) -> Tensor:
+    """``|p|^2`` of every (zero-padded) patch of each group: ``[N, G, H_out, W_out]``, fp32+.
+
+    The channel-summed squares, then a summing pool over the kernel window (a 1x1 kernel:
+    a strided view, no pool); a dilated window, or padding the pool cannot take (one-sided
+    "same", more than half the window), falls back to a convolution with a ones kernel.
+    """
+    sq = _at_least_fp32(x).square()
+    sq = sq.sum(-3, keepdim=True) if groups == 1 else sq.unflatten(-3, (groups, -1)).sum(-3)
+    k = (int(kernel[0]), int(kernel[1]))
+    s, d = _pair(stride), _pair(dilation)
+    pad = _symmetric_padding(padding, k, d)
+    if k == (1, 1) and pad == (0, 0):
+        return sq[..., :: s[0], :: s[1]]
+    if d == (1, 1) and pad is not None and all(2 * q <= w for q, w in zip(pad, k, strict=True)):
+        return F.avg_pool2d(sq, k, s, pad, count_include_pad=True, divisor_override=1)
+    ones = torch.ones(groups, 1, *k, dtype=sq.dtype, device=x.device)
+    return F.conv2d(sq, ones, None, s, padding, d, groups)
 
 
 def cosine_conv2d(
@@ -81,8 +167,9 @@ def cosine_conv2d(
         + \epsilon}
 
     where :math:`p_{n,i,j}` is the (zero-padded) input patch of ``o``'s group seen by output
-    position ``(i, j)``. :math:`\lVert p \rVert^2` is a convolution of the channel-summed
-    ``x**2`` with a ones kernel using the same stride, padding and dilation. A zero patch gives
+    position ``(i, j)``. :math:`\lVert p \rVert^2` is a summing pool of the channel-summed
+    ``x**2`` over the kernel window (same stride and padding; a 1x1 kernel needs no pool; a
+    dilated window takes a convolution with a ones kernel). A zero patch gives
     0 with finite gradients. The squares and norms are taken in (at least) fp32, outside
     autocast: an fp16 ``x**2`` overflows from ``|x| > 256``. The output has the dtype of the
     convolution (``F.conv2d``'s, autocast's under autocast).
@@ -106,17 +193,18 @@ def cosine_conv2d(
         (torch.Size([2, 4, 8, 8]), True)
     """
     out = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-    c = x.shape[1]
     with _full_precision(x):
-        sq = _at_least_fp32(x).square()
-        if c != groups:
-            sq = sq.unflatten(1, (groups, c // groups)).sum(2)
-        ones = torch.ones(groups, 1, *weight.shape[2:], dtype=sq.dtype, device=x.device)
-        patch_sq = F.conv2d(sq, ones, None, stride, padding, dilation, groups)
-        patch_norm = _safe_norm(patch_sq).unsqueeze(2)
+        patch_sq = _patch_sum_sq(x, weight.shape[2:], stride, padding, dilation, groups)
+        patch_norm = _safe_norm(patch_sq)
         w_norm = torch.linalg.vector_norm(weight.flatten(1), dim=1, dtype=patch_norm.dtype)
-    denom = patch_norm * w_norm.view(groups, -1, 1, 1) + eps
-    return (out.unflatten(1, (groups, -1)) / denom).flatten(1, 2).to(out.dtype)
+    n, o, h, w = out.shape
+    cos, _ = _CosineDivide.apply(
+        out.reshape(n, groups, o // groups, h * w),
+        patch_norm.reshape(n, groups, 1, h * w),
+        w_norm.view(groups, -1, 1),
+        eps,
+    )
+    return cos.reshape(out.shape)
 
 
 # --- Domain-split BatchNorm and synchronised batch statistics (domain issue) ---
