@@ -5,8 +5,8 @@ Run: ``python bench/bench_precise_bn.py [--threads 1|2] [--rounds 5] [--batches 
 ``--batches`` batches of 32x3x32x32. Models:
 
 - ``BN``: torch's ``nn.BatchNorm2d`` (exact: the free path, momentum-1 update read back);
-- ``generic``: every BN swapped for a trivial user subclass (what timm's ``BatchNormAct2d`` or
-  a user's BN subclass gets: the forward pre-hook computes the moments from the input with the
+- ``generic``: every BN swapped for a user subclass with its own ``forward`` (what timm's
+  ``BatchNormAct2d`` gets: the forward pre-hook computes the moments from the input with the
   moment engine's ``batch_moments``);
 - ``domain D`` (``D`` = 2, 64): every BN converted to ``DomainBatchNorm2d(num_domains=D)``,
   per-sample domain ids (uniform over ``D``, drawn per pair of samples) set with
@@ -62,7 +62,11 @@ _FVCORE = importlib.util.find_spec("fvcore") is not None
 
 
 class _SubclassBN(nn.BatchNorm2d):
-    """Not an exact ``nn.BatchNorm2d``: recompute_bn_stats takes its generic pre-hook path."""
+    """A subclass with its own forward (as timm's ``BatchNormAct2d``): the generic pre-hook path
+    (a subclass that keeps torch's forward is read back like ``nn.BatchNorm2d``)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input)
 
 
 def _model(kind: str = "BN") -> nn.Module:

@@ -33,21 +33,15 @@ from lightning_norms._moments import (
     merge_stacked,
     zero_moments,
 )
-from lightning_norms.domain_bn import DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d
+from lightning_norms.domain_bn import DomainBatchNorm2d
 
 __all__ = ["BNStatsReport", "LayerShift", "is_recomputing", "recompute_bn_stats"]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
-# layers whose training update is torch's BN rule (read back after a momentum-1 forward)
-_READ_BACK = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    DomainBatchNorm1d,
-    DomainBatchNorm2d,
-    DomainBatchNorm3d,
-)
+# forwards whose training update is torch's BN rule (read back after a momentum-1 forward):
+# nn.BatchNorm*d and any subclass that keeps torch's forward, DomainBatchNorm*d likewise
+_READ_BACK_FORWARDS = (_BatchNorm.forward, DomainBatchNorm2d.forward)
 _EXACT_DTYPES = (torch.float32, torch.float64)
 
 _RECOMPUTING = threading.local()
@@ -220,14 +214,17 @@ def _is_domain_bn(module: nn.Module) -> bool:
 def _reads_back(module: _BatchNorm) -> bool:
     """Whether a layer's momentum-1 update leaves exactly its batch statistics in its buffers.
 
-    True for exact ``nn.BatchNorm*d`` and ``DomainBatchNorm*d`` (torch's update rule, per
-    domain) with fp32/fp64 buffers that do not synchronise (a synced layer's buffers would hold
-    the global statistics, which the final all-reduce would count again).
+    True for layers that run torch's ``_BatchNorm.forward`` (``nn.BatchNorm*d`` and subclasses
+    that do not override ``forward``) or ``DomainBatchNorm*d``'s (torch's update rule per
+    domain), with fp32/fp64 buffers, that do not synchronise (a synced layer's buffers would
+    hold the global statistics, which the final all-reduce would count again). A subclass with
+    its own ``forward`` (timm's ``BatchNormAct2d``, ``SyncBatchNorm``, ``BatchRenorm*d``) may
+    update differently: its moments come from its input.
     """
     if module.running_mean is None or module.running_mean.dtype not in _EXACT_DTYPES:
         return False
     syncs = bool(getattr(module, "sync", False)) or getattr(module, "process_group", None)
-    return type(module) in _READ_BACK and not syncs
+    return type(module).forward in _READ_BACK_FORWARDS and not syncs
 
 
 class _Collector:
@@ -239,15 +236,16 @@ class _Collector:
     allocated up front and nothing per batch beyond the batch's own moments.
 
     Two ways to get a batch's moments. *Read back*: layers whose own training update is known
-    to be torch's (exact ``nn.BatchNorm*d`` and this package's ``DomainBatchNorm*d``, unsynced,
-    fp32/fp64 buffers) run with ``momentum=1``, so after the forward their buffers hold the
-    batch mean and unbiased variance their kernel already computed (per domain, absent domains
-    untouched): a forward hook copies them, no second pass over the input. *From the input*:
-    every other layer (subclasses, ``SyncBatchNorm``, ``BatchRenorm``, synced or half-buffer
-    layers, ``domain=k`` routing) runs with ``momentum=0`` and a pre-hook computes the moments
-    of its input with :func:`~lightning_norms._moments.batch_moments`. ``domains`` maps the
-    rows of the moments to the buffers: ``[None]`` for a plain layer (the whole buffer),
-    ``[0, ..., D-1]`` for a ``DomainBatchNorm``, ``[k]`` when only domain ``k`` is recomputed
+    to be torch's (``nn.BatchNorm*d`` and ``DomainBatchNorm*d``, subclasses that keep their
+    ``forward`` included; unsynced, fp32/fp64 buffers) run with ``momentum=1``, so after the
+    forward their buffers hold the batch mean and unbiased variance their kernel already
+    computed (per domain, absent domains untouched): a forward hook copies them, no second pass
+    over the input. *From the input*: every other layer (subclasses with their own ``forward``,
+    ``SyncBatchNorm``, ``BatchRenorm``, synced or half-buffer layers, ``domain=k`` routing) runs
+    with ``momentum=0`` and a pre-hook computes the moments of its input with
+    :func:`~lightning_norms._moments.batch_moments`. ``domains`` maps the rows of the moments to
+    the buffers: ``[None]`` for a plain layer (the whole buffer), ``[0, ..., D-1]`` for a
+    ``DomainBatchNorm``, ``[k]`` when only domain ``k`` is recomputed
     (every batch is routed to it).
     """
 

@@ -24,11 +24,22 @@ from tests._dist import run_ddp
 
 
 class SubclassBN1d(nn.BatchNorm1d):
-    """A BN subclass: takes the generic (input pre-hook) path instead of the fused-kernel one."""
+    """A BN subclass with its own forward (as timm's ``BatchNormAct2d``): the generic path,
+    moments from the input in a pre-hook, instead of reading back the fused kernel's."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input)
 
 
 class SubclassBN2d(nn.BatchNorm2d):
-    """A BN subclass: takes the generic (input pre-hook) path instead of the fused-kernel one."""
+    """A BN subclass with its own forward: the generic (input pre-hook) path."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input)
+
+
+class PlainSubclassBN2d(nn.BatchNorm2d):
+    """A BN subclass that keeps torch's forward: its batch statistics are read back."""
 
 
 def mlp(bn: type[nn.Module] = nn.BatchNorm1d) -> nn.Module:
@@ -62,6 +73,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "bn1d-3d-input": (conv1d, (3, 7)),
     "bn2d": (conv2d, (3, 6, 5)),
     "bn2d-generic": (lambda: conv2d(SubclassBN2d), (3, 6, 5)),
+    "bn2d-subclass-keeps-forward": (lambda: conv2d(PlainSubclassBN2d), (3, 6, 5)),
     "bn3d": (conv3d, (2, 4, 3, 5)),
 }
 
