@@ -272,3 +272,39 @@ def test_inplace_after_the_layer_and_empty_batch(m: nn.Module, shape: tuple[int,
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
     empty = m(torch.randn(0, *shape[1:]))
     assert empty.shape == (0, *m(x).shape[1:])
+
+
+PATCH_NORM_CASES = [
+    # in, out, kernel, stride, padding, dilation, groups: summing pool or strided view
+    (4, 6, (1, 1), (1, 1), (0, 0), (1, 1), 1),
+    (4, 6, (1, 1), (2, 3), (0, 0), (1, 1), 2),
+    (3, 5, (5, 3), (2, 1), (2, 1), (1, 1), 1),
+    # the ones-kernel fallback: padding beyond half the window
+    (4, 6, (1, 1), (1, 1), (1, 1), (1, 1), 2),
+    (3, 5, (3, 3), (1, 2), (2, 0), (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize(("cin", "cout", "k", "s", "p", "d", "g"), PATCH_NORM_CASES)
+def test_patch_norm_paths_equal_unfold_formula(cin, cout, k, s, p, d, g) -> None:
+    """Issue 13: 1x1 view, summing pool and ones-kernel fallback give the same cosines."""
+    torch.manual_seed(2)
+    m = CosineConv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g).double()
+    x = (torch.randn(2, cin, 9, 8, dtype=torch.float64) * 3 + 1).requires_grad_(True)
+    w = m.weight.detach().clone().requires_grad_(True)
+    expected = _unfold_reference(x, w, s, p, d, g)
+    y = m(x)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, m.weight), grad)
+    ex, ew = torch.autograd.grad(expected, (x, w), grad)
+    torch.testing.assert_close(gx, ex, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw, ew, rtol=1e-10, atol=1e-12)
+
+
+def test_same_padding_odd_kernel_takes_the_pool() -> None:
+    torch.manual_seed(3)
+    m = CosineConv2d(3, 4, 3, padding="same")
+    x = torch.randn(2, 3, 7, 6)
+    expected = _unfold_reference(x, m.weight.detach(), (1, 1), (1, 1), (1, 1), 1)
+    torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-6)
