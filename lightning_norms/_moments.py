@@ -23,6 +23,7 @@ no float64).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -168,7 +169,7 @@ def batch_moments(x: Tensor, ids: Tensor | None = None, num_groups: int = 1) -> 
     """
     with torch.no_grad():
         row_mean, row_var = row_moments(x)
-        per_row = x[0, 0].numel() if x.shape[0] else 1
+        per_row = math.prod(x.shape[2:])
         return group_moments(row_mean, row_var, per_row, ids, num_groups)
 
 
@@ -340,7 +341,8 @@ def update_running(
 ) -> None:
     """Running-statistics update of the groups present in ``moments`` (rows ``[G, C]``).
 
-    ``running = (1 - f) * running + f * batch`` with ``f`` from :func:`running_factor` per
+    ``running = running + f * (batch - running)`` (``lerp``) with ``f`` from
+    :func:`running_factor` per
     group and the batch variance unbiased, as torch's BatchNorm; groups with count 0 keep
     their rows and their ``num_batches_tracked`` entry.
 
@@ -355,9 +357,8 @@ def update_running(
     """
     dtype = running_mean.dtype
     factor = running_factor(moments.n, momentum, num_batches_tracked, dtype)
-    keep = 1 - factor
     unbiased = moments.m2 / (moments.n - 1).clamp(min=1).unsqueeze(1)
     mean = moments.mean if moments.mean.dtype == dtype else moments.mean.to(dtype)
     unbiased = unbiased if unbiased.dtype == dtype else unbiased.to(dtype)
-    running_mean.mul_(keep).add_(mean * factor)
-    running_var.mul_(keep).add_(unbiased * factor)
+    running_mean.lerp_(mean, factor)
+    running_var.lerp_(unbiased, factor)

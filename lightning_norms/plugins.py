@@ -11,34 +11,19 @@ This module imports Lightning; ``import lightning_norms`` does not import it.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, TypeGuard
+from typing import Any
 
 from lightning.pytorch.plugins.layer_sync import LayerSync
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
+from lightning_norms._base import BatchNormBase
 from lightning_norms.distributed import _SYNCED_BATCHNORM, _retype
 
 __all__ = ["NormSync"]
 
 _CONVERTED = "_norm_sync_converted"
 _PREVIOUS = "_norm_sync_previous"
-
-
-class _HasSync(Protocol):
-    sync: bool
-    process_group: Any
-
-
-def _has_sync(module: nn.Module) -> TypeGuard[_HasSync]:
-    """A BatchNorm layer of this package with ``sync``/``process_group`` attributes."""
-    return (
-        isinstance(module, _BatchNorm)
-        and type(module).__module__.startswith("lightning_norms.")
-        and hasattr(module, "sync")
-        and hasattr(module, "process_group")
-    )
 
 
 class NormSync(LayerSync):
@@ -103,7 +88,7 @@ class NormSync(LayerSync):
             return _retype(
                 module, synced, {"sync": True, "process_group": self.process_group, _CONVERTED: 1}
             )
-        if _has_sync(module) and not hasattr(module, _PREVIOUS):
+        if isinstance(module, BatchNormBase) and not hasattr(module, _PREVIOUS):
             setattr(module, _PREVIOUS, (module.sync, module.process_group))
             module.sync, module.process_group = True, self.process_group
         return module

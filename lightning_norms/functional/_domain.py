@@ -248,10 +248,9 @@ def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
     ``dx = scale * (dy - E_d[dy] - (x - mu_d) invstd_d^2 E_d[dy (x - mu_d)])`` regrouped as
     ``a_r * dy + b_r * x + c_r`` with per-row coefficients: two elementwise ops.
     """
-    x3, ids, weight, count, mean, invstd = saved
+    x3, ids, weight, count, mean, invstd, scale = saved
     c = mean.shape[1]
     g3 = g3.contiguous()
-    scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
     inv_count = count.clamp(min=1).reciprocal().unsqueeze(1)
     grad_x = None
     if x3.numel():
@@ -293,7 +292,7 @@ def _graph_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
     (means over the domain's elements on all ranks), in fp32 at least. Autograd
     differentiates this graph, so double backward (gradient penalties) is exact.
     """
-    x3, ids, weight, count, mean, _ = saved
+    x3, ids, weight, count, mean, _, _ = saved
     group = ctx.group
     num_domains, c = mean.shape
     xf, gf = x3.to(mean.dtype), g3.to(mean.dtype)
@@ -355,8 +354,9 @@ class _DomainBatchNormFn(torch.autograd.Function):
     ) -> Tensor:
         count, mean, m2 = stats
         invstd = torch.rsqrt(m2 / count.clamp(min=1).unsqueeze(1) + eps)
-        out = _affine_rows(x3, ids, *_scale_shift(mean, invstd, weight, bias))
-        ctx.save_for_backward(x3, ids, weight, count, mean, invstd)
+        scale, shift = _scale_shift(mean, invstd, weight, bias)
+        out = _affine_rows(x3, ids, scale, shift)
+        ctx.save_for_backward(x3, ids, weight, count, mean, invstd, scale)
         ctx.eps, ctx.group = eps, group
         ctx.bias_like = bias.detach() if bias is not None else None
         return out
