@@ -1,36 +1,43 @@
-"""Forward+backward time of each lightning-norms layer against its torch reference.
+"""Forward+backward time of BatchRenorm, Cosine and LayerNorm2d layers against their peers.
 
-Run: ``python bench/bench_layers.py [--threads 1] [--pairs 60]``. Every layer and its reference
-are timed in the same run: after a warm-up, one forward+backward step of each, alternately
-(order flipped every pair), ``--pairs`` times. Printed: each side's median time and the median
-of the per-pair ratios ``ours / reference`` (robust to load from other processes). CPU only;
-threads are set explicitly.
+Run: ``python bench/bench_layers.py [--threads 1|2] [--pairs 40] [--quick]``. Each row times one
+of our layers and the layer a user would pick instead (``nn.BatchNorm2d``, ``nn.Conv2d``,
+``nn.Linear``, timm's ``LayerNorm2d``, torchrl's ``BatchRenorm1d``) in the same run: after a
+warm-up, one forward+backward step of each, alternately (the order flips every pair),
+``--pairs`` times. Printed: each side's median time and the median of the per-pair ratios
+``ours / peer`` (robust to load from other processes). The control rows time a torch layer
+against a second copy of itself: their distance from 1.00x is the noise floor of the run.
+With one thread the clock is the thread's CPU time (``time.thread_time``), else wall time.
+timm and torchrl rows are skipped (and say so) when the package does not import.
 
-Targets (issue 2): BatchRenorm2d <= 1.3x nn.BatchNorm2d on a 64x64x32x32 batch,
-LayerNorm2d <= 1.2x permute + F.layer_norm, CosineConv2d <= 2x nn.Conv2d.
+Targets (issue 13): BatchRenorm2d <= 1.15x nn.BatchNorm2d, CosineConv2d <= 1.5x nn.Conv2d
+(1x1 and 3x3), CosineLinear <= 1.3x nn.Linear, LayerNorm2d ~1.0x timm's LayerNorm2d.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_norms import BatchRenorm2d, CosineConv2d, CosineLinear, LayerNorm2d
+from lightning_norms import BatchRenorm1d, BatchRenorm2d, CosineConv2d, CosineLinear, LayerNorm2d
+
+Case = tuple[str, Callable[[], nn.Module], Callable[[], nn.Module] | None, Tensor]
 
 
-class PermuteLayerNorm(nn.LayerNorm):
-    """The reference LayerNorm2d: permute to channels-last, ``F.layer_norm``, permute back."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, 1e-6)
-        return y.permute(0, 3, 1, 2)
+def _peer(module: str, name: str) -> Callable[..., nn.Module] | None:
+    """``module.name`` when the package imports, else ``None`` (the row is skipped)."""
+    try:
+        return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+    except Exception:  # any import failure (missing package or dependency): no such peer
+        return None
 
 
 def _step_fn(module: nn.Module, x: Tensor) -> Callable[[], None]:
@@ -47,11 +54,8 @@ def _step_fn(module: nn.Module, x: Tensor) -> Callable[[], None]:
 
 
 def compare(ours: nn.Module, ref: nn.Module, x: Tensor, pairs: int) -> tuple[float, float, float]:
-    """Median time of each side and median of the per-pair ratios ``ours / ref``.
-
-    The two steps run alternately (the order flips every pair), so both sides of a pair see
-    the same machine load; the median of the pair ratios is robust to load bursts.
-    """
+    """Median time of each side and median of the per-pair ratios ``ours / ref``."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     step_ours, step_ref = _step_fn(ours, x), _step_fn(ref, x)
     for _ in range(3):
         step_ours()
@@ -61,71 +65,107 @@ def compare(ours: nn.Module, ref: nn.Module, x: Tensor, pairs: int) -> tuple[flo
     for i in range(pairs):
         order = ((step_ours, t_ours), (step_ref, t_ref))
         for step, times in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
+            start = clock()
             step()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     ratio = statistics.median(a / b for a, b in zip(t_ours, t_ref, strict=True))
     return statistics.median(t_ours), statistics.median(t_ref), ratio
 
 
+def _maps(quick: bool) -> list[tuple[int, int, int, int]]:
+    """The feature-map grid: small, mid (and large unless ``quick``)."""
+    grid = [(8, 16, 16, 16), (32, 64, 32, 32)]
+    return grid if quick else [*grid, (64, 64, 32, 32)]
+
+
+def _renorm_cases(quick: bool) -> Iterator[Case]:
+    for shape in _maps(quick):
+        x = torch.randn(shape) * 2 + 0.5
+        c = shape[1]
+        for layout, xx in (("", x), (" channels_last", x.to(memory_format=torch.channels_last))):
+            yield (
+                f"BatchRenorm2d / nn.BatchNorm2d  {list(shape)}{layout}",
+                lambda c=c: BatchRenorm2d(c, warmup_steps=0),
+                lambda c=c: nn.BatchNorm2d(c),
+                xx,
+            )
+    torchrl_renorm = _peer("torchrl.modules", "BatchRenorm1d")
+    for rows, c in ((64, 256), (512, 1024)):
+        yield (
+            f"BatchRenorm1d / torchrl BatchRenorm1d  [{rows},{c}]",
+            lambda c=c: BatchRenorm1d(c),
+            None if torchrl_renorm is None else (lambda c=c: torchrl_renorm(c)),
+            torch.randn(rows, c) * 2 + 0.5,
+        )
+
+
+def _cosine_cases(quick: bool) -> Iterator[Case]:
+    for shape in _maps(quick)[:2]:
+        x = torch.randn(shape)
+        c = shape[1]
+        for k in (1, 3):
+            yield (
+                f"CosineConv2d / nn.Conv2d  {c}->{c} {k}x{k}  {list(shape)}",
+                lambda c=c, k=k: CosineConv2d(c, c, k, padding=k // 2),
+                lambda c=c, k=k: nn.Conv2d(c, c, k, padding=k // 2),
+                x,
+            )
+    for rows, fin, fout in ((64, 256, 256), (256, 1024, 1024)):
+        yield (
+            f"CosineLinear / nn.Linear  {fin}->{fout}  [{rows},{fin}]",
+            lambda fin=fin, fout=fout: CosineLinear(fin, fout),
+            lambda fin=fin, fout=fout: nn.Linear(fin, fout),
+            torch.randn(rows, fin),
+        )
+
+
+def _layer_norm_cases(quick: bool) -> Iterator[Case]:
+    timm_ln = _peer("timm.layers", "LayerNorm2d")
+    for shape in _maps(quick)[:2]:
+        x = torch.randn(shape)
+        c = shape[1]
+        for layout, xx in (("", x), (" channels_last", x.to(memory_format=torch.channels_last))):
+            yield (
+                f"LayerNorm2d / timm LayerNorm2d  {list(shape)}{layout}",
+                lambda c=c: LayerNorm2d(c),
+                None if timm_ln is None else (lambda c=c: timm_ln(c)),
+                xx,
+            )
+
+
+def _control_cases() -> Iterator[Case]:
+    """The noise floor: a torch layer against a second copy of itself."""
+    bn, conv = nn.BatchNorm2d(64), nn.Conv2d(16, 16, 3, padding=1)
+    for name, layer, x in (
+        ("control: nn.BatchNorm2d / itself  [32,64,32,32]", bn, torch.randn(32, 64, 32, 32)),
+        ("control: nn.Conv2d / itself  [8,16,16,16]", conv, torch.randn(8, 16, 16, 16)),
+    ):
+        yield name, lambda layer=layer: layer, lambda layer=layer: copy.deepcopy(layer), x
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--pairs", type=int, default=60, help="alternating (ours, ref) pairs")
+    parser.add_argument("--threads", type=int, default=1, choices=(1, 2), help="intra-op threads")
+    parser.add_argument("--pairs", type=int, default=40, help="alternating (ours, peer) pairs")
+    parser.add_argument("--quick", action="store_true", help="no large maps, 10 pairs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-
-    x_bn = torch.randn(64, 64, 32, 32) * 2 + 0.5
-    x_ln = torch.randn(32, 64, 32, 32)
-    x_conv = torch.randn(16, 64, 32, 32)
-    x_lin = torch.randn(256, 1024)
-    cases = [
-        (
-            "BatchRenorm2d vs nn.BatchNorm2d  [64,64,32,32]",
-            BatchRenorm2d(64, warmup_steps=0),
-            nn.BatchNorm2d(64),
-            x_bn,
-        ),
-        (
-            "BatchRenorm2d vs nn.BatchNorm2d  [64,64,32,32] channels_last",
-            BatchRenorm2d(64, warmup_steps=0),
-            nn.BatchNorm2d(64),
-            x_bn.contiguous(memory_format=torch.channels_last),
-        ),
-        (
-            "LayerNorm2d vs permute+F.layer_norm  [32,64,32,32]",
-            LayerNorm2d(64),
-            PermuteLayerNorm(64),
-            x_ln,
-        ),
-        (
-            "LayerNorm2d vs permute+F.layer_norm  [32,64,32,32] channels_last",
-            LayerNorm2d(64),
-            PermuteLayerNorm(64),
-            x_ln.contiguous(memory_format=torch.channels_last),
-        ),
-        (
-            "CosineConv2d vs nn.Conv2d  64->64 3x3 pad 1  [16,64,32,32]",
-            CosineConv2d(64, 64, 3, padding=1),
-            nn.Conv2d(64, 64, 3, padding=1),
-            x_conv,
-        ),
-        (
-            "CosineLinear vs nn.Linear  1024->1024  [256,1024]",
-            CosineLinear(1024, 1024),
-            nn.Linear(1024, 1024),
-            x_lin,
-        ),
-    ]
+    pairs = 10 if args.quick else args.pairs
+    clock = "thread CPU time" if args.threads == 1 else "wall time"
     print(
-        f"torch {torch.__version__}, threads={torch.get_num_threads()}, pairs={args.pairs}, "
-        f"cpus={os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at start"
+        f"torch {torch.__version__}, threads={torch.get_num_threads()}, pairs={pairs}, "
+        f"clock: {clock}, cpus={os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at start"
     )
-    print(f"{'forward+backward':<66} {'ours ms':>9} {'ref ms':>9} {'ratio':>7}")
-    for name, ours, ref, x in cases:
-        t_ours, t_ref, ratio = compare(ours, ref, x, args.pairs)
-        print(f"{name:<66} {t_ours * 1e3:9.2f} {t_ref * 1e3:9.2f} {ratio:6.2f}x")
+    print(f"{'forward+backward (ours / peer)':<62} {'ours ms':>9} {'peer ms':>9} {'ratio':>7}")
+    groups = (_control_cases(), _renorm_cases(args.quick), _cosine_cases(args.quick))
+    for cases in (*groups, _layer_norm_cases(args.quick)):
+        for name, make_ours, make_peer, x in cases:
+            if make_peer is None:
+                print(f"{name:<62} {'skipped: the peer package does not import':>27}")
+                continue
+            t_ours, t_ref, ratio = compare(make_ours(), make_peer(), x, pairs)
+            print(f"{name:<62} {t_ours * 1e3:9.3f} {t_ref * 1e3:9.3f} {ratio:6.2f}x")
 
 
 if __name__ == "__main__":
