@@ -53,16 +53,18 @@ def _batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
 def _update_running(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, factor: float
 ) -> None:
-    """``running <- running + factor * (batch - running)``, the variance unbiased, in fp64.
+    """``running <- running + factor * (batch - running)``, the variance unbiased.
 
-    BatchNorm's running update (``F.batch_norm``), computed in the accumulation dtype and
-    rounded once to the buffers' dtype.
+    BatchNorm's running update (``F.batch_norm``), in the statistics' dtype (fp32 at least):
+    in place for buffers of that dtype, else computed in it and rounded once to the buffers'.
     """
-    acc = accumulate_dtype(mean.device)
-    unbiased = var.to(acc) * (count / max(count - 1, 1))
+    unbiased = var * (count / max(count - 1, 1))
     with torch.no_grad():
-        for buf, stat in ((running_mean, mean.to(acc)), (running_var, unbiased)):
-            buf.copy_(torch.lerp(buf.to(acc), stat, factor))
+        for buf, stat in ((running_mean, mean), (running_var, unbiased)):
+            if buf.dtype == stat.dtype:
+                buf.lerp_(stat, factor)
+            else:
+                buf.copy_(buf.to(stat.dtype).lerp_(stat, factor))
 
 
 def renorm_limits(
