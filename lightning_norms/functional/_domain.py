@@ -106,6 +106,14 @@ def _check_counts(count: Tensor, name: str) -> None:
         )
 
 
+def _local_moments(x3: Tensor, ids: Tensor, num_domains: int) -> Moments:
+    """This rank's per-domain moments of ``[N, C, L]`` rows (count 0 everywhere when empty)."""
+    if x3.numel():
+        return batch_moments(x3, ids, num_domains)
+    zeros = x3.new_zeros(num_domains, x3.shape[1], dtype=stat_dtype(x3))
+    return Moments(zeros[:, 0], zeros, zeros)
+
+
 def _domain_stats(x3: Tensor, ids: Tensor, num_domains: int, group: Group, name: str) -> Moments:
     """Per-domain ``Moments(count, mean, M2)`` of ``[N, C, L]`` rows, global over ``group``.
 
@@ -116,11 +124,7 @@ def _domain_stats(x3: Tensor, ids: Tensor, num_domains: int, group: Group, name:
     rank alike when synchronised.
     """
     with torch.no_grad():
-        if x3.numel():
-            moments = batch_moments(x3, ids, num_domains)
-        else:
-            zeros = x3.new_zeros(num_domains, x3.shape[1], dtype=stat_dtype(x3))
-            moments = Moments(zeros[:, 0], zeros, zeros)
+        moments = _local_moments(x3, ids, num_domains)
         if group is not None:
             (moments,) = all_reduce_moments([moments], group[0])
     if _eager():
@@ -170,12 +174,7 @@ def domain_batch_stats(
     """
     domains = _check_domains(domains, x.shape[0], num_domains, "domain_batch_stats")
     with torch.no_grad():
-        x3 = _rows(x)
-        ids = _expand_domains(domains, x)
-        moments = batch_moments(x3, ids, num_domains) if x3.numel() else None
-        if moments is None:
-            zeros = x3.new_zeros(num_domains, x3.shape[1], dtype=stat_dtype(x3))
-            moments = Moments(zeros[:, 0], zeros, zeros)
+        moments = _local_moments(_rows(x), _expand_domains(domains, x), num_domains)
         if _sync_world(sync, process_group):
             (moments,) = all_reduce_moments([moments], process_group)
         return moments.n, moments.mean, moments.var(unbiased=False)
