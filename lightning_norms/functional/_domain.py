@@ -465,56 +465,6 @@ def _eval_rows(
     return _affine_rows(x3, ids, *_scale_shift(running_mean.to(dtype), invstd, weight, bias))
 
 
-def _domain_batch_norm(
-    x: Tensor,
-    domains: int | Tensor,
-    num_domains: int,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    training: bool,
-    momentum: float | None,
-    eps: float,
-    num_batches_tracked: Tensor | None,
-    sync: bool,
-    process_group: torch.distributed.ProcessGroup | None,
-    name: str,
-) -> Tensor:
-    """:func:`domain_batch_norm` on validated domain ids, with ``name`` in error messages.
-
-    Every check runs before any buffer changes: a call that raises leaves them as they were.
-    """
-    use_batch_stats = training or running_mean is None or running_var is None
-    group = (process_group,) if training and _sync_world(sync, process_group) else None
-    if x.numel() == 0 and group is None:  # synced: every rank must join the collectives
-        return _empty_batch_norm(x, weight, bias)
-    if isinstance(domains, int) and group is None:
-        return _int_domain_batch_norm(
-            x,
-            domains,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            use_batch_stats,
-            momentum,
-            eps,
-            num_batches_tracked if training else None,
-            name,
-        )
-    ids = _expand_domains(domains, x)
-    x3 = _rows(x)
-    if not use_batch_stats and running_mean is not None and running_var is not None:
-        return _eval_rows(x3, ids, running_mean, running_var, weight, bias, eps).view(x.shape)
-    stats = _domain_stats(x3, ids, num_domains, group, name)
-    out = _DomainBatchNormFn.apply(x3, weight, bias, ids, eps, group, stats)
-    if training and running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            update_running(running_mean, running_var, stats, momentum, num_batches_tracked)
-    return out.view(x.shape)
-
-
 def domain_batch_norm(
     x: Tensor,
     domains: int | Tensor,
@@ -596,19 +546,31 @@ def domain_batch_norm(
     domains = _check_domains(domains, x.shape[0], num_domains, name)
     if momentum is None and num_batches_tracked is None and training and running_mean is not None:
         raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
-    return _domain_batch_norm(
-        x,
-        domains,
-        num_domains,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        num_batches_tracked,
-        sync,
-        process_group,
-        name,
-    )
+    use_batch_stats = training or running_mean is None or running_var is None
+    group = (process_group,) if training and _sync_world(sync, process_group) else None
+    if x.numel() == 0 and group is None:  # synced: every rank must join the collectives
+        return _empty_batch_norm(x, weight, bias)
+    if isinstance(domains, int) and group is None:
+        return _int_domain_batch_norm(
+            x,
+            domains,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            use_batch_stats,
+            momentum,
+            eps,
+            num_batches_tracked if training else None,
+            name,
+        )
+    ids = _expand_domains(domains, x)
+    x3 = _rows(x)
+    if not use_batch_stats and running_mean is not None and running_var is not None:
+        return _eval_rows(x3, ids, running_mean, running_var, weight, bias, eps).view(x.shape)
+    stats = _domain_stats(x3, ids, num_domains, group, name)
+    out = _DomainBatchNormFn.apply(x3, weight, bias, ids, eps, group, stats)
+    if training and running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            update_running(running_mean, running_var, stats, momentum, num_batches_tracked)
+    return out.view(x.shape)
