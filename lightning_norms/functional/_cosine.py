@@ -106,6 +106,29 @@ def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
     return cos[0, 0].t().reshape(dot.shape)
 
 
+class _GroupSumSq(torch.autograd.Function):
+    """``sum_c x[n, c, h, w]^2`` over each group's channels: ``[N, C, H, W] -> [N, G, H, W]``.
+
+    The backward is one broadcast product ``x * 2g`` (autograd's ``square`` backward takes
+    three full-size passes: ``x^1``, ``* 2``, ``* g``); it is differentiable, so gradients of
+    any order are exact.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, groups: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        sq = x.square()
+        return sq.sum(1, keepdim=True) if groups == 1 else sq.unflatten(1, (groups, -1)).sum(2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        scale = grad * 2.0
+        if scale.shape[1] == 1:
+            return x * scale, None
+        return (x.unflatten(1, (scale.shape[1], -1)) * scale.unsqueeze(2)).flatten(1, 2), None
+
+
 def _symmetric_padding(
     padding: int | tuple[int, int] | str, kernel: tuple[int, int], dilation: tuple[int, int]
 ) -> tuple[int, int] | None:
@@ -135,8 +158,7 @@ def _patch_sum_sq(
     a strided view, no pool); a dilated window, or padding the pool cannot take (one-sided
     "same", more than half the window), falls back to a convolution with a ones kernel.
     """
-    sq = _at_least_fp32(x).square()
-    sq = sq.sum(-3, keepdim=True) if groups == 1 else sq.unflatten(-3, (groups, -1)).sum(-3)
+    sq = _GroupSumSq.apply(_at_least_fp32(x), groups)
     k = (int(kernel[0]), int(kernel[1]))
     s, d = _pair(stride), _pair(dilation)
     pad = _symmetric_padding(padding, k, d)
