@@ -13,9 +13,9 @@ from lightning_norms.functional._domain import (
     _domain_stats,
     _DomainBatchNormFn,
     _rows,
-    _sync_world,
     _update_running_stats,
 )
+from lightning_norms.functional._sync import sync_world
 
 
 def _fused_stats(x: Tensor) -> bool:
@@ -345,7 +345,7 @@ def batch_renorm(
     tracked = running_mean is not None and running_var is not None
     steps = num_batches_tracked if training and tracked else None
     if training:
-        synced = _sync_world(sync, process_group)
+        synced = sync_world(sync, process_group)
         _check_renorm_call(x, running_mean, momentum, steps, name, not synced)
         if synced:
             return _synced_batch_renorm(
@@ -408,7 +408,7 @@ def _synced_batch_renorm(
     only when some rank had samples (an all-empty global batch is no step).
     """
     ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    group = (process_group,) if _sync_world(True, process_group) else None
+    group = (process_group,) if sync_world(True, process_group) else None
     x3 = _rows(x)
     count, mean, m2 = _domain_stats(x3, ids, 1, group, name)
     tracked = running_mean is not None and running_var is not None
