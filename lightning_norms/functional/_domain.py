@@ -23,7 +23,6 @@ from lightning_norms._moments import (
     all_reduce_moments,
     batch_moments,
     ema_factor,
-    running_factor,
     stat_dtype,
     update_running,
 )
@@ -369,25 +368,6 @@ class _DomainBatchNormFn(torch.autograd.Function):
         grad_fn = _graph_grads if torch.is_grad_enabled() else _fused_grads
         grads = grad_fn(ctx, saved, g3)
         return (*grads, None, None, None, None)
-
-
-def _update_running_stats(
-    running_mean: Tensor,
-    running_var: Tensor,
-    num_batches_tracked: Tensor | None,
-    count: Tensor,
-    mean: Tensor,
-    unbiased_var: Tensor,
-    momentum: float | None,
-) -> None:
-    """EMA (or cumulative average) update of the present domains' rows; absent rows untouched.
-
-    The factor comes from :func:`lightning_norms._moments.running_factor`.
-    """
-    factor = running_factor(count, momentum, num_batches_tracked, running_mean.dtype)
-    keep = 1 - factor
-    running_mean.mul_(keep).add_(mean.to(running_mean.dtype) * factor)
-    running_var.mul_(keep).add_(unbiased_var.to(running_var.dtype) * factor)
 
 
 def _empty_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

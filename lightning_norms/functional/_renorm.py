@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_norms._moments import accumulate_dtype, batch_moments, stat_dtype
-from lightning_norms.functional._domain import (
-    _domain_stats,
-    _DomainBatchNormFn,
-    _rows,
-    _update_running_stats,
+from lightning_norms._moments import (
+    Moments,
+    accumulate_dtype,
+    batch_moments,
+    ema_factor,
+    stat_dtype,
+    update_running,
 )
+from lightning_norms.functional._domain import _domain_stats, _DomainBatchNormFn, _rows
 from lightning_norms.functional._sync import sync_world
 
 
@@ -254,10 +256,16 @@ def _check_renorm_call(
 
 
 def _ema_factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
-    """Running-average factor of a step: ``momentum``, or ``1 / (k + 1)`` (cumulative)."""
+    """This step's running-average factor (:func:`lightning_norms._moments.ema_factor`).
+
+    ``num_batches_tracked`` counts the steps before this one; without it (statistics not
+    tracked) there is nothing to update and the factor is 0.
+    """
     if momentum is not None:
         return momentum
-    return 0.0 if num_batches_tracked is None else 1.0 / (float(num_batches_tracked) + 1.0)
+    if num_batches_tracked is None:
+        return 0.0
+    return float(ema_factor(None, float(num_batches_tracked) + 1.0))
 
 
 def batch_renorm(
@@ -428,13 +436,11 @@ def _synced_batch_renorm(
     out = _DomainBatchNormFn.apply(x3, weight, bias, ids, eps, group, (count, mean, m2))
     if tracked:
         with torch.no_grad():
-            _update_running_stats(
+            update_running(
                 cast(Tensor, running_mean).view(1, -1),
                 cast(Tensor, running_var).view(1, -1),
-                None if num_batches_tracked is None else num_batches_tracked.view(1),
-                count,
-                mean,
-                m2 / (count - 1).clamp(min=1).unsqueeze(1),
+                Moments(count, mean, m2),
                 momentum,
+                None if num_batches_tracked is None else num_batches_tracked.view(1),
             )
     return out.view(x.shape)
