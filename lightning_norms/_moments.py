@@ -212,9 +212,9 @@ def merge_stacked(counts: Tensor, means: Tensor, m2s: Tensor) -> Moments:
     """
     n = counts.sum(0)
     weights = counts[..., None]
-    mean = (weights * means).sum(0) / n.clamp_min(1.0)[:, None]
-    m2 = (m2s + weights * (means - mean).square()).sum(0)
-    return Moments(n, mean, m2)
+    mean = (weights * means).sum(0).div_(n.clamp_min(1.0)[:, None])
+    spread = (means - mean).square_().mul_(weights).add_(m2s)  # one [K, G, C] temporary
+    return Moments(n, mean, spread.sum(0))
 
 
 def all_reduce_moments(

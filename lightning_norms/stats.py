@@ -227,6 +227,13 @@ def _reads_back(module: _BatchNorm) -> bool:
     return type(module).forward in _READ_BACK_FORWARDS and not syncs
 
 
+def _as(t: Tensor, dtype: torch.dtype, copy: bool = False) -> Tensor:
+    """``t`` in ``dtype``: one new tensor when it converts or ``copy`` is asked, else ``t``."""
+    if t.dtype != dtype:
+        return t.to(dtype)
+    return t.clone() if copy else t
+
+
 class _Collector:
     """Accumulates one layer's exact moments over the pass, and owns its state for the pass.
 
@@ -299,10 +306,12 @@ class _Collector:
         if not self._parts:
             return
         dtype = self.moments.mean.dtype
-        counts, means, seconds = (torch.stack(t).to(dtype) for t in zip(*self._parts, strict=True))
+        counts, means, seconds = (
+            _as(torch.stack(t), dtype) for t in zip(*self._parts, strict=True)
+        )
         self._parts = []
         if self.readback:  # read-back rows hold the unbiased batch variance: m2 = var * (n - 1)
-            seconds = seconds * (counts - 1.0).clamp(min=0.0)[..., None]
+            seconds.mul_((counts - 1.0).clamp(min=0.0)[..., None])
         self.moments = merge_moments(self.moments, merge_stacked(counts, means, seconds))
 
     def _store(self, moments: Moments) -> None:
@@ -333,8 +342,9 @@ class _Collector:
             count = count * positions
         else:
             count = self.mean.new_full((1,), x.numel() // self.module.num_features)
-        rows = (len(self.domains), -1)
-        self._store(Moments(count, self.mean.view(rows).clone(), self.var.view(rows).clone()))
+        rows, dtype = (len(self.domains), -1), self.moments.mean.dtype
+        mean, var = (_as(t.view(rows), dtype, copy=True) for t in (self.mean, self.var))
+        self._store(Moments(count, mean, var))
 
     def write(self, report: BNStatsReport) -> list[str]:
         """Write the merged moments into the buffers; return the unexpectedly thin rows.
