@@ -54,6 +54,19 @@ def stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype, copy: bool = False) -> Tensor:
+    """``t`` in ``dtype``; no op dispatched when it already is, unless ``copy`` asks for one.
+
+    Example:
+        >>> x = torch.ones(2)
+        >>> as_dtype(x, torch.float32) is x, as_dtype(x, torch.float32, copy=True) is x
+        (True, False)
+    """
+    if t.dtype != dtype:
+        return t.to(dtype)
+    return t.clone() if copy else t
+
+
 def accumulate_dtype(device: torch.device) -> torch.dtype:
     """The dtype of accumulations and all-reduces: float64 (float32 on MPS, which lacks it)."""
     return torch.float32 if device.type == "mps" else torch.float64
@@ -93,7 +106,7 @@ def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
         >>> mean.tolist(), var.tolist()
         ([[2.0, 2.0]], [[1.0, 0.0]])
     """
-    xf = x if x.dtype == stat_dtype(x) else x.to(stat_dtype(x))
+    xf = as_dtype(x, stat_dtype(x))
     if xf.dim() == 2:
         return xf, torch.zeros_like(xf)
     n, c = xf.shape[:2]
@@ -358,7 +371,6 @@ def update_running(
     dtype = running_mean.dtype
     factor = running_factor(moments.n, momentum, num_batches_tracked, dtype)
     unbiased = moments.m2 / (moments.n - 1).clamp(min=1).unsqueeze(1)
-    mean = moments.mean if moments.mean.dtype == dtype else moments.mean.to(dtype)
-    unbiased = unbiased if unbiased.dtype == dtype else unbiased.to(dtype)
+    mean, unbiased = as_dtype(moments.mean, dtype), as_dtype(unbiased, dtype)
     running_mean.lerp_(mean, factor)
     running_var.lerp_(unbiased, factor)

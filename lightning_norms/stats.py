@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_norms._moments import (
     Moments,
     all_reduce_moments,
+    as_dtype,
     batch_moments,
     merge_moments,
     merge_stacked,
@@ -227,13 +228,6 @@ def _reads_back(module: _BatchNorm) -> bool:
     return type(module).forward in _READ_BACK_FORWARDS and not syncs
 
 
-def _as(t: Tensor, dtype: torch.dtype, copy: bool = False) -> Tensor:
-    """``t`` in ``dtype``: one new tensor when it converts or ``copy`` is asked, else ``t``."""
-    if t.dtype != dtype:
-        return t.to(dtype)
-    return t.clone() if copy else t
-
-
 class _Collector:
     """Accumulates one layer's exact moments over the pass, and owns its state for the pass.
 
@@ -307,7 +301,7 @@ class _Collector:
             return
         dtype = self.moments.mean.dtype
         counts, means, seconds = (
-            _as(torch.stack(t), dtype) for t in zip(*self._parts, strict=True)
+            as_dtype(torch.stack(t), dtype) for t in zip(*self._parts, strict=True)
         )
         self._parts = []
         if self.readback:  # read-back rows hold the unbiased batch variance: m2 = var * (n - 1)
@@ -343,7 +337,7 @@ class _Collector:
         else:
             count = self.mean.new_full((1,), x.numel() // self.module.num_features)
         rows, dtype = (len(self.domains), -1), self.moments.mean.dtype
-        mean, var = (_as(t.view(rows), dtype, copy=True) for t in (self.mean, self.var))
+        mean, var = (as_dtype(t.view(rows), dtype, copy=True) for t in (self.mean, self.var))
         self._store(Moments(count, mean, var))
 
     def write(self, report: BNStatsReport) -> list[str]:

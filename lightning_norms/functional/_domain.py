@@ -21,6 +21,7 @@ from torch import Tensor
 from lightning_norms._moments import (
     Moments,
     all_reduce_moments,
+    as_dtype,
     batch_moments,
     ema_factor,
     stat_dtype,
@@ -179,15 +180,10 @@ def domain_batch_stats(
         return moments.n, moments.mean, moments.var(unbiased=False)
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype`` (no op dispatched when it already is)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _fold_domains(grad: Tensor, param: Tensor) -> Tensor:
     """A ``[D, C]`` gradient for ``param``: as is (per domain) or summed over domains (shared)."""
     grad = grad if param.dim() == 2 else grad.sum(0)
-    return grad if grad.dtype == param.dtype else grad.to(param.dtype)
+    return as_dtype(grad, param.dtype)
 
 
 def _scale_shift(
@@ -197,10 +193,10 @@ def _scale_shift(
 
     In the statistics' dtype (fp16/bf16 parameters are used in fp32, as the statistics).
     """
-    scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
+    scale = invstd if weight is None else invstd * as_dtype(weight, invstd.dtype)
     if bias is None:
         return scale, (mean * scale).neg_()
-    return scale, torch.addcmul(_as(bias, invstd.dtype), mean, scale, value=-1.0)
+    return scale, torch.addcmul(as_dtype(bias, invstd.dtype), mean, scale, value=-1.0)
 
 
 def _affine_rows(x3: Tensor, ids: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -211,7 +207,7 @@ def _affine_rows(x3: Tensor, ids: Tensor, scale: Tensor, shift: Tensor) -> Tenso
     c = scale.shape[1]
     rows = torch.cat([scale, shift], 1).index_select(0, ids).unsqueeze(2)
     out = torch.addcmul(rows[:, c:], x3, rows[:, :c])
-    return _as(out, x3.dtype)
+    return as_dtype(out, x3.dtype)
 
 
 def _row_grad_sums(g3: Tensor, x3: Tensor, mean_rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -253,7 +249,7 @@ def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
     grad_x = None
     if x3.numel():
         row_sum, row_dot = _row_grad_sums(g3, x3, mean.index_select(0, ids))
-        rows = _as(torch.cat([row_sum, row_dot], 1), mean.dtype)
+        rows = as_dtype(torch.cat([row_sum, row_dot], 1), mean.dtype)
         sums = mean.new_zeros(mean.shape[0], 2 * c).index_add_(0, ids, rows)
     else:
         sums = mean.new_zeros(mean.shape[0], 2 * c)
@@ -269,7 +265,7 @@ def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
         coefs = torch.cat([scale, -scale * k, scale * (k * mean - sums[:, :c] * inv_count)], 1)
         rows3 = coefs.index_select(0, ids).unsqueeze(2)
         grad_x = torch.addcmul(rows3[:, 2 * c :], x3, rows3[:, c : 2 * c])
-        grad_x = _as(grad_x.addcmul_(g3, rows3[:, :c]), x3.dtype)
+        grad_x = as_dtype(grad_x.addcmul_(g3, rows3[:, :c]), x3.dtype)
     return grad_x, grad_weight, grad_bias
 
 
