@@ -16,7 +16,7 @@ from tests.recipes._cli import fit_args, study_args
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.mark.parametrize("mode", ["alternating", "mixed", "split"])
+@pytest.mark.parametrize("mode", ["alternating", "mixed", "split", "none"])
 def test_gan_cli_fast_dev_run(tmp_path: Path, mode: str) -> None:
     from lightning_norms.recipes.gan import cli_main
 
@@ -35,7 +35,7 @@ def test_gan_split_discriminator_shares_its_affine() -> None:
     from lightning_norms.recipes.gan import Discriminator
 
     torch.manual_seed(0)
-    disc = Discriminator((1, 8, 8), width=8, split=True)
+    disc = Discriminator((1, 8, 8), width=8, norm="split")
     layers = [m for m in disc.modules() if isinstance(m, DomainBatchNorm2d)]
     assert layers and all(m.shared_affine for m in layers)
     for m in layers:  # a trained-looking affine: the domains' shifts would differ if per-domain
@@ -67,7 +67,7 @@ def test_gan_report_gives_verdicts_from_fixed_records(
         {"mode": m, "seed": s, "mmd": {"alternating": 0.02, "mixed": 0.019, "split": 0.03}[m]
          + 0.001 * s * (m == "mixed"), "confidence": 0.7, "classes_covered": 10,
          "effective_classes": 9.0, "real_confidence": 0.98, "real_classes_covered": 10,
-         "real_effective_classes": 10.0, "real_mmd": 0.0}
+         "real_effective_classes": 10.0, "real_mmd": 0.0, "kind_gap": 0.5}
         for m in ("alternating", "mixed", "split") for s in range(3)
     ]  # fmt: skip
     monkeypatch.setattr(gan, "run_grid", lambda *a, **k: (records, 1.0))
