@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lightning-norms-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint docs wheel bench venv clean
+.PHONY: demo test lint docs wheel bench gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,10 @@ wheel: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_layers.py
+
+# the prepared accelerator check (CUDA when available; prints one summary, exit 1 on a failure)
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs lightning_logs build dist
