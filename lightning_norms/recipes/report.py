@@ -20,6 +20,7 @@ through that same CLI; :data:`STUDIES` names them. Each run also leaves the CLI'
 Run::
 
     python -m recipes.report                      # the demo, same as `make demo`
+    python -m lightning_norms.recipes.report      # the same from an installed wheel
     lightning-norms report --variants all --seeds 3 --output-dir runs/all
     lightning-norms report --variants mixed separate split --data-root /data  # MNIST + SVHN
     lightning-norms report --study lecture
@@ -28,42 +29,69 @@ Run::
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from lightning_norms.recipes import gan, lecture, precise_bn, small_batch, two_domain
-from lightning_norms.recipes.models import VARIANTS
-from lightning_norms.recipes.writer import StudyReport, write_report
+if TYPE_CHECKING:
+    from lightning_norms.recipes.writer import StudyReport
 
 __all__ = ["STUDIES", "Study", "build_parser", "main"]
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_SEEDS = 3
+# The parser's constants, written out so that ``--help`` imports neither torch nor Lightning
+# (``tests/recipes/test_report.py`` checks them against the study modules).
+#: :data:`lightning_norms.recipes.models.VARIANTS`, in order
+VARIANT_NAMES = ("mixed", "separate", "split", "renorm", "layer2d", "group", "cosine", "none")
+#: :data:`lightning_norms.recipes.two_domain.HEADLINE`
+HEADLINE = ("mixed", "separate", "split")
+#: :data:`lightning_norms.recipes.two_domain.DEMO_IMAGE_SIZE`
+DEMO_IMAGE_SIZE = 8
 
 
 class Study(NamedTuple):
-    """A study the report can run: its function, epochs and seeds per run by default, folder."""
+    """A study the report can run: its module, epochs and seeds per run by default, folder, and
+    what it tests (the ``--help`` line)."""
 
-    run: Callable[[argparse.Namespace], StudyReport]
+    module: str
     epochs: int
     seeds: int
     output_dir: str
+    claim: str
+
+    @property
+    def run(self) -> Callable[[argparse.Namespace], StudyReport]:
+        """The study module's ``run_study`` (imported on first use: it imports Lightning)."""
+        return importlib.import_module(f"lightning_norms.recipes.{self.module}").run_study
 
 
-#: the studies ``--study`` names (the demo: 3 variants x 5 seeds x 15 epochs, two processes)
+#: the studies ``--study`` names (the demo: 3 variants x 5 seeds x 15 epochs, two processes);
+#: the epochs are each module's ``EPOCHS``
 STUDIES: dict[str, Study] = {
     "two_domain": Study(
-        two_domain.run_study, two_domain.EPOCHS, two_domain.DEMO_SEEDS, "runs/demo"
+        "two_domain", 15, 5, "runs/demo",
+        "the demo: one BN for two domains vs per-domain BN (article 1)",
     ),
-    "precise_bn": Study(precise_bn.run_study, precise_bn.EPOCHS, DEFAULT_SEEDS, "runs/precise_bn"),
+    "precise_bn": Study(
+        "precise_bn", 3, DEFAULT_SEEDS, "runs/precise_bn",
+        "PreciseBN's exact statistics vs the running average (article 3)",
+    ),
     "small_batch": Study(
-        small_batch.run_study, small_batch.EPOCHS, DEFAULT_SEEDS, "runs/small_batch"
+        "small_batch", 6, DEFAULT_SEEDS, "runs/small_batch",
+        "BN, BatchRenorm, GroupNorm on small/sorted batches (article 1)",
     ),
-    "gan": Study(gan.run_study, gan.EPOCHS, DEFAULT_SEEDS, "runs/gan"),
-    "lecture": Study(lecture.run_study, lecture.EPOCHS, DEFAULT_SEEDS, "runs/lecture"),
-}
+    "gan": Study(
+        "gan", 60, DEFAULT_SEEDS, "runs/gan",
+        "GAN discriminator fed alternating vs mixed batches (article 1)",
+    ),
+    "lecture": Study(
+        "lecture", 6, DEFAULT_SEEDS, "runs/lecture",
+        "BN: faster training, higher learning rates, sigmoids (article 4)",
+    ),
+}  # fmt: skip
 
 
 def _add_study_options(rep: argparse.ArgumentParser) -> None:
@@ -71,8 +99,8 @@ def _add_study_options(rep: argparse.ArgumentParser) -> None:
         "--study",
         choices=list(STUDIES),
         default="two_domain",
-        help="two_domain (default: the demo; article 1), precise_bn (article 3), small_batch "
-        "(BatchRenorm, article 1), gan (article 1), lecture (article 4)",
+        metavar="NAME",
+        help="the study to run (default two_domain; the studies are listed below)",
     )
     rep.add_argument(
         "--output-dir", default=None, help="default: runs/demo (two_domain), else runs/<study>"
@@ -95,11 +123,11 @@ def _add_two_domain_options(rep: argparse.ArgumentParser) -> None:
     rep.add_argument(
         "--variants",
         nargs="+",
-        default=list(two_domain.HEADLINE),
-        choices=[*VARIANTS, "all"],
+        default=list(HEADLINE),
+        choices=[*VARIANT_NAMES, "all"],
         metavar="VARIANT",
         help="two_domain variants (default: mixed separate split; 'all': "
-        + " ".join(VARIANTS)
+        + " ".join(VARIANT_NAMES)
         + ")",
     )
     rep.add_argument("--data-root", default=None, help="real MNIST + SVHN instead of embedded")
@@ -107,7 +135,7 @@ def _add_two_domain_options(rep: argparse.ArgumentParser) -> None:
         "--image-size",
         type=int,
         default=None,
-        help=f"image height/width (default {two_domain.DEMO_IMAGE_SIZE} embedded: the digits' "
+        help=f"image height/width (default {DEMO_IMAGE_SIZE} embedded: the digits' "
         "native 8x8; 32 with --data-root)",
     )
 
@@ -126,14 +154,35 @@ def _add_machine_options(rep: argparse.ArgumentParser) -> None:
     rep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _studies_epilog() -> str:
+    width = max(map(len, STUDIES))
+    lines = [f"  {name:<{width}}  {study.claim}" for name, study in STUDIES.items()]
+    return "\n".join(["studies (--study NAME):", *lines])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``lightning-norms`` argument parser (one subcommand: ``report``)."""
+    """The ``lightning-norms`` argument parser (one subcommand: ``report``); building it and
+    answering ``--help`` or ``--version`` imports neither torch nor Lightning."""
+    from lightning_norms import __version__
+
+    studies = ", ".join(STUDIES)
     parser = argparse.ArgumentParser(
-        prog="lightning-norms", description="lightning-norms studies and reports"
+        prog="lightning-norms",
+        description=f"lightning-norms {__version__}: reproduce the source articles' "
+        "BatchNorm claims\n(`lightning-norms report --study NAME`).",
+        epilog=_studies_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"lightning-norms {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser(
-        "report", help="run the two-domain BatchNorm study and write results, table and plot"
+        "report",
+        help=f"run one study ({studies}; default two_domain) and write its records, "
+        "verdicts and plot",
+        description="Train a study's grid of runs (settings x seeds) and write results.json,\n"
+        "report.md (table and verdicts) and a plot into --output-dir.",
+        epilog=_studies_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_study_options(rep)
     _add_two_domain_options(rep)
@@ -153,7 +202,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.seeds = study.seeds if args.seeds is None else args.seeds
     args.epochs = study.epochs if args.epochs is None else args.epochs
     if "all" in args.variants:
-        args.variants = list(VARIANTS)
+        args.variants = list(VARIANT_NAMES)
     if args.seeds < 1 or args.epochs < 1 or args.batch_size < 2 or args.jobs < 1:
         raise SystemExit(
             "lightning-norms report: --seeds, --epochs and --jobs >= 1, --batch-size >= 2"
@@ -164,9 +213,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """``lightning-norms report [options]``; with no arguments at all, the demo."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["report", *argv]
     args = parse_args(argv)
+    from lightning_norms.recipes.writer import write_report
+
     report = STUDIES[args.study].run(args)
     paths = write_report(report, args.output_dir)
     print(f"\nwall time {report.wall:.0f}s; report written to {paths['report']}")

@@ -56,3 +56,61 @@ def test_every_study_is_in_the_table_with_its_defaults() -> None:
         assert args.output_dir == ("runs/demo" if name == "two_domain" else f"runs/{name}")
     with pytest.raises(SystemExit):
         report.parse_args(["report", "--study", "sweeps"])
+
+
+def test_parser_constants_match_the_study_modules() -> None:
+    """``--help`` answers without importing the studies: its constants are written out in
+    ``report.py``; here they meet the modules' own."""
+    from lightning_norms.recipes import models, report, two_domain
+
+    assert report.VARIANT_NAMES == tuple(models.VARIANTS)
+    assert report.HEADLINE == two_domain.HEADLINE
+    assert report.DEMO_IMAGE_SIZE == two_domain.DEMO_IMAGE_SIZE
+    assert report.STUDIES["two_domain"].seeds == two_domain.DEMO_SEEDS
+
+
+_HELP_PROBE = """
+import sys, time
+from lightning_norms.recipes.report import main
+start = time.perf_counter()
+try:
+    main(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+seconds = time.perf_counter() - start
+heavy = sorted(m for m in ("torch", "lightning", "lightning.pytorch") if m in sys.modules)
+print(f"@@ code={code} heavy={','.join(heavy) or '-'} seconds={seconds:.3f}")
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["report", "--help"], ["--version"]])
+def test_help_and_version_import_neither_torch_nor_lightning(argv: list[str]) -> None:
+    """The real check of "``--help`` in under 2 s": torch and Lightning stay unimported; the
+    help names every study and fits 80 columns."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from lightning_norms import __version__
+    from lightning_norms.recipes.report import STUDIES
+
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", _HELP_PROBE, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "80"},
+    )
+    wall = time.perf_counter() - start
+    out, probe = done.stdout.rsplit("@@ ", 1)
+    assert probe.split()[:2] == ["code=0", "heavy=-"], done.stderr
+    assert float(probe.split("seconds=")[1]) < 2.0
+    assert wall < 30.0  # interpreter start included, on a loaded 2-core machine
+    if argv == ["--version"]:
+        assert out.strip() == f"lightning-norms {__version__}"
+        return
+    assert all(name in out for name in STUDIES)
+    assert "run the two-domain study" not in out
+    assert max(map(len, out.splitlines())) <= 80
