@@ -63,7 +63,7 @@ def test_parser_constants_match_the_study_modules() -> None:
     ``report.py``; here they meet the modules' own."""
     from lightning_norms.recipes import models, report, two_domain
 
-    assert report.VARIANT_NAMES == tuple(models.VARIANTS)
+    assert tuple(models.VARIANTS) == report.VARIANT_NAMES
     assert report.HEADLINE == two_domain.HEADLINE
     assert report.DEMO_IMAGE_SIZE == two_domain.DEMO_IMAGE_SIZE
     assert report.STUDIES["two_domain"].seeds == two_domain.DEMO_SEEDS
