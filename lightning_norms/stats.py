@@ -12,10 +12,13 @@ ranks with Chan's parallel formula — not an EMA, and not an average of per-bat
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
+import sys
 import threading
+import types
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
+from lightning_norms._base import BatchNormBase
 from lightning_norms._moments import (
     Moments,
     all_reduce_moments,
@@ -34,6 +38,7 @@ from lightning_norms._moments import (
     merge_stacked,
     zero_moments,
 )
+from lightning_norms._patterns import name_matches
 from lightning_norms.domain_bn import DomainBatchNorm2d
 
 __all__ = ["BNStatsReport", "LayerShift", "is_recomputing", "recompute_bn_stats"]
@@ -100,8 +105,11 @@ class LayerShift:
 class BNStatsReport:
     """What :func:`recompute_bn_stats` did: one :class:`LayerShift` per layer (per domain).
 
+    ``len(report)`` and ``num_layers`` count layers: a ``DomainBatchNorm`` is one layer with
+    a row per domain in ``layers``. :meth:`summary` is the one line ``PreciseBN`` prints.
+
     Attributes:
-        layers: one entry per recomputed layer, or per recomputed domain of a
+        layers: one row per recomputed layer, or per recomputed domain of a
             ``DomainBatchNorm`` layer (``domain`` set), in module order.
         num_batches: batches this process drew from ``batches``.
         num_batches_requested: the ``num_batches`` cap that was asked for (``None`` when the
@@ -133,8 +141,23 @@ class BNStatsReport:
         """Average of the layers' ``var_shift`` (0.0 when nothing was recomputed)."""
         return _average([layer.var_shift for layer in self.layers])
 
+    @property
+    def num_layers(self) -> int:
+        """Recomputed layers: a ``DomainBatchNorm`` is one layer, whatever its domain rows."""
+        return len({layer.name for layer in self.layers})
+
     def __len__(self) -> int:
-        return len(self.layers)
+        return self.num_layers
+
+    def summary(self) -> str:
+        """One line: layers, batches, samples, and the largest mean and variance shift."""
+        mean = max((layer.mean_shift for layer in self.layers), default=0.0)
+        var = max((layer.var_shift for layer in self.layers), default=0.0)
+        return (
+            f"PreciseBN: recomputed {self.num_layers} BN layer(s) from {self.num_batches} "
+            f"batch(es), {self.num_samples} sample(s); largest shift: mean {mean:.3g}, "
+            f"var {var:.3g}"
+        )
 
     def __str__(self) -> str:
         if self.num_samples_requested is None:
@@ -142,7 +165,7 @@ class BNStatsReport:
         else:
             asked = f"{self.num_samples} samples, asked for {self.num_samples_requested} samples"
         title = (
-            f"BN statistics recomputed for {len(self.layers)} layer(s) over {self.num_batches} "
+            f"BN statistics recomputed for {self.num_layers} layer(s) over {self.num_batches} "
             f"batch(es) ({asked})"
         )
         header = ("layer", "domain", "count", "mean shift", "var shift")
@@ -217,15 +240,39 @@ def _reads_back(module: _BatchNorm) -> bool:
 
     True for layers that run torch's ``_BatchNorm.forward`` (``nn.BatchNorm*d`` and subclasses
     that do not override ``forward``) or ``DomainBatchNorm*d``'s (torch's update rule per
-    domain), with fp32/fp64 buffers, that do not synchronise (a synced layer's buffers would
-    hold the global statistics, which the final all-reduce would count again). A subclass with
-    its own ``forward`` (timm's ``BatchNormAct2d``, ``SyncBatchNorm``, ``BatchRenorm*d``) may
-    update differently: its moments come from its input.
+    domain), with fp32/fp64 buffers (layer sync is off for the pass, see :func:`_sync_off`). A
+    subclass with its own ``forward`` (timm's ``BatchNormAct2d``, ``SyncBatchNorm``,
+    ``BatchRenorm*d``) may update differently: its moments come from its input.
     """
     if module.running_mean is None or module.running_mean.dtype not in _EXACT_DTYPES:
         return False
-    syncs = bool(getattr(module, "sync", False)) or getattr(module, "process_group", None)
-    return type(module).forward in _READ_BACK_FORWARDS and not syncs
+    return type(module).forward in _READ_BACK_FORWARDS
+
+
+@contextmanager
+def _sync_off(model: nn.Module) -> Iterator[None]:
+    """Layer sync off for the pass: no per-batch collective, whatever each rank's batch count.
+
+    This package's layers get ``sync=False`` and no ``process_group``; torch's ``SyncBatchNorm``
+    runs ``_BatchNorm.forward`` (batch statistics of this rank, what one process would compute).
+    The moments are all-reduced once at the end instead. Everything is put back on exit.
+    """
+    saved: list[tuple[nn.Module, dict[str, Any]]] = []
+    try:
+        for m in model.modules():
+            if isinstance(m, nn.SyncBatchNorm):
+                saved.append((m, {k: m.__dict__[k] for k in ("forward",) if k in m.__dict__}))
+                m.forward = types.MethodType(_BatchNorm.forward, m)  # type: ignore[method-assign]
+            elif isinstance(m, BatchNormBase):
+                saved.append((m, {"sync": m.sync, "process_group": m.process_group}))
+                m.sync, m.process_group = False, None
+        yield
+    finally:
+        for m, attrs in saved:
+            if isinstance(m, nn.SyncBatchNorm):
+                m.__dict__.pop("forward", None)
+            for key, value in attrs.items():
+                setattr(m, key, value)
 
 
 class _Collector:
@@ -318,6 +365,24 @@ class _Collector:
         given = kwargs["domain"] if "domain" in kwargs else (args[1] if len(args) > 1 else None)
         return module.resolve_domain(x, given).to(x.device)  # type: ignore[operator]
 
+    def _domain_counts(self, module: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        """Values per channel of each domain in ``x``, on the device, without a host read.
+
+        Runs after the layer's forward succeeded, so its ids were validated there: they are
+        only looked up (no second range check) and counted with ``index_add_`` (``bincount``
+        reads its minimum and maximum back to the host).
+        """
+        given = kwargs["domain"] if "domain" in kwargs else (args[1] if len(args) > 1 else None)
+        lookup = getattr(module, "_ids", None)  # the ids the forward used, not re-validated
+        ids = lookup(given) if callable(lookup) else self._ids(module, x, args, kwargs)
+        count = torch.zeros(len(self.domains), dtype=self.mean.dtype, device=self.mean.device)
+        positions = x[0, 0].numel() if x.shape[0] else 0
+        if isinstance(ids, int):
+            count[ids] = x.shape[0] * positions
+            return count
+        ids = ids.to(device=count.device, dtype=torch.long).expand(x.shape[0])
+        return count.index_add_(0, ids, count.new_ones(ids.shape)).mul_(positions)
+
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         x = args[0]
         if self.target is not None:  # route the whole batch to the recomputed domain
@@ -330,10 +395,7 @@ class _Collector:
     def read_back(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         x = args[0]
         if self.domain:
-            positions = x[0, 0].numel() if x.shape[0] else 0
-            ids = self._ids(module, x, args, kwargs)
-            count = torch.bincount(ids, minlength=len(self.domains)).to(self.mean.dtype)
-            count = count * positions
+            count = self._domain_counts(module, x, args, kwargs)
         else:
             count = self.mean.new_full((1,), x.numel() // self.module.num_features)
         rows, dtype = (len(self.domains), -1), self.moments.mean.dtype
@@ -422,25 +484,81 @@ def _check_domain_layers(layers: list[tuple[str, _BatchNorm]], domain: int) -> N
             )
 
 
+_END = object()
+
+
+def _patterns(value: Any, name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    patterns = (value,) if isinstance(value, str) else value
+    if isinstance(patterns, Sequence) and all(isinstance(p, str) and p for p in patterns):
+        return tuple(patterns)
+    raise TypeError(
+        f"recompute_bn_stats: `{name}` must be None, a module-name pattern or a list of them, "
+        f"got {value!r}"
+    )
+
+
+def _selection(domain: Any, include: Any, exclude: Any, skip_eval_layers: Any) -> _Selection:
+    if not isinstance(skip_eval_layers, bool):
+        raise TypeError(
+            "recompute_bn_stats: `skip_eval_layers` must be True or False, got "
+            f"{skip_eval_layers!r}"
+        )
+    return _Selection(
+        domain, _patterns(include, "include"), _patterns(exclude, "exclude") or (), skip_eval_layers
+    )
+
+
+def _device(device: Any) -> torch.device | None:
+    if device is None or isinstance(device, torch.device):
+        return device
+    if isinstance(device, str):
+        return torch.device(device)
+    raise TypeError(
+        f"recompute_bn_stats: `device` must be a torch.device, a string or None, got {device!r}"
+    )
+
+
 # warnings point at the caller of recompute_bn_stats, past the torch.no_grad() wrapper frame
 _CALLER = 3
 
 
+@dataclass(frozen=True)
+class _Selection:
+    """Which layers a call recomputes: ``domain``, name patterns, and the eval-mode rule."""
+
+    domain: int | None = None
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    skip_eval_layers: bool = False
+
+    def chooses(self, name: str, module: nn.Module) -> bool:
+        if self.skip_eval_layers and not module.training:
+            return False
+        if self.include is not None and not any(name_matches(name, p) for p in self.include):
+            return False
+        return not any(name_matches(name, p) for p in self.exclude)
+
+
 def _plan(
-    model: nn.Module, report: BNStatsReport, domain: int | None
+    model: nn.Module, report: BNStatsReport, selection: _Selection
 ) -> tuple[list[_Collector], list[nn.Module]]:
     """The collectors for the layers to recompute, and the BN layers to run in train mode.
 
     Layers without running statistics always normalise with batch statistics (train mode);
-    with ``domain`` set, the layers that keep their buffers run in eval mode, as at inference.
+    the layers that keep their buffers (``domain`` set, left out by ``include`` / ``exclude``
+    / ``skip_eval_layers``) run in eval mode, as at inference.
     """
     all_bn = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
     tracked = [
         (n, m) for n, m in all_bn if m.running_mean is not None and m.running_var is not None
     ]
     report.skipped = [name for name, m in all_bn if m.running_mean is None or m.running_var is None]
-    if domain is not None:
-        _check_domain_layers(tracked, domain)
+    candidates = len(tracked)
+    tracked = [(name, m) for name, m in tracked if selection.chooses(name, m)]
+    if selection.domain is not None:
+        _check_domain_layers(tracked, selection.domain)
         tracked = [(name, m) for name, m in tracked if _is_domain_bn(m)]
     if report.skipped:
         warnings.warn(
@@ -454,9 +572,15 @@ def _plan(
             "nothing to recompute",
             stacklevel=_CALLER + 1,
         )
+    if candidates and not tracked and selection.domain is None:
+        warnings.warn(
+            "recompute_bn_stats: `include` / `exclude` / `skip_eval_layers` leave no BN layer "
+            f"to recompute in {type(model).__name__}; nothing was changed",
+            stacklevel=_CALLER + 1,
+        )
     recomputed = {id(m) for _, m in tracked}
     train: list[nn.Module] = [m for _, m in all_bn if id(m) in recomputed or m.running_mean is None]
-    return [_Collector(name, m, domain) for name, m in tracked], train
+    return [_Collector(name, m, selection.domain) for name, m in tracked], train
 
 
 @contextmanager
@@ -478,7 +602,8 @@ def _pass_state(
             m.training = True
         for c in collectors:
             handles.append(c.start())
-        yield
+        with _sync_off(model):
+            yield
         completed = True
     finally:
         for handle in handles:
@@ -491,20 +616,21 @@ def _pass_state(
 
 def _run_pass(
     model: nn.Module,
-    batches: Iterable[Any],
+    batches: Iterator[Any],
     forward_fn: ForwardFn | None,
     report: BNStatsReport,
+    device: torch.device | None,
+    advance: Callable[[], None],
 ) -> None:
     """Feed batches until the cap (``num_batches``, or ``num_samples`` seen) or the end."""
     by_samples = report.num_samples_requested is not None
-    iterator = iter(batches)
     while True:
         if by_samples and report.num_samples >= (report.num_samples_requested or 0):
             return
         if not by_samples and report.num_batches >= (report.num_batches_requested or 0):
             return
         try:
-            batch = next(iterator)
+            batch = next(batches)
         except StopIteration:
             return
         size = _batch_size(batch)
@@ -514,15 +640,44 @@ def _run_pass(
                 f"tensor, or a tuple/list/dict holding one), got a {type(batch).__name__}; "
                 "use `num_batches` instead"
             )
-        _forward(model, batch, forward_fn)
+        _forward(model, _to_device(batch, device), forward_fn)
         report.num_batches += 1
         report.num_samples += size or 0
+        advance()
+
+
+def _check_default_input(batch: Any) -> None:
+    """Refuse a batch the default forward cannot run (a dict) with an error naming the fix."""
+    if isinstance(batch, Mapping):
+        raise TypeError(
+            f"recompute_bn_stats: got a {type(batch).__name__} batch (keys "
+            f"{list(batch)[:5]}), which the default forward (`model(batch[0])` for tuple/list "
+            "batches, `model(batch)` otherwise) cannot run. Pass `forward_fn(model, batch)` "
+            "that runs one batch (with PreciseBN: `forward_fn=` or define "
+            "`precise_bn_forward(batch)` on the LightningModule)"
+        )
+
+
+def _to_device(batch: Any, device: torch.device | None) -> Any:
+    """``batch`` with every tensor (in tuples, lists and dicts, nested) moved to ``device``."""
+    if device is None:
+        return batch
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(_to_device(v, device) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
 
 
 def _forward(model: nn.Module, batch: Any, forward_fn: ForwardFn | None) -> None:
     if forward_fn is not None:
         forward_fn(model, batch)
         return
+    _check_default_input(batch)
     try:
         _default_forward(model, batch)
     except TypeError as err:
@@ -566,6 +721,47 @@ def _warn_after(report: BNStatsReport, thin: list[str]) -> None:
 _NOTHING = "no batch came, so this process contributed nothing"
 
 
+@contextmanager
+def _progress(show: bool | None, total: int | None) -> Iterator[Callable[[], None]]:
+    """A progress display on stderr (rich's bar where installed, else a plain counter).
+
+    ``show=None`` shows it when stderr is a terminal.
+    """
+    if show is None:
+        show = sys.stderr.isatty()
+    if not show:
+        yield lambda: None
+        return
+    try:
+        from rich.console import Console
+        from rich.progress import Progress
+    except ImportError:
+        with _plain_counter(total) as advance:
+            yield advance
+        return
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("recompute_bn_stats", total=total)
+        yield lambda: bar.advance(task)
+
+
+@contextmanager
+def _plain_counter(total: int | None) -> Iterator[Callable[[], None]]:
+    """``recompute_bn_stats: k/total batches`` rewritten in place on stderr."""
+    seen = 0
+
+    def advance() -> None:
+        nonlocal seen
+        seen += 1
+        sys.stderr.write(f"\rrecompute_bn_stats: {seen}/{total or '?'} batches")
+        sys.stderr.flush()
+
+    try:
+        yield advance
+    finally:
+        if seen:
+            sys.stderr.write("\n")
+
+
 @torch.no_grad()
 def recompute_bn_stats(
     model: nn.Module,
@@ -575,6 +771,11 @@ def recompute_bn_stats(
     *,
     num_samples: int | None = None,
     domain: int | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    skip_eval_layers: bool = False,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
 ) -> BNStatsReport:
     """Set every BN layer's running statistics to the exact statistics of the data (precise BN).
 
@@ -593,8 +794,11 @@ def recompute_bn_stats(
     the pass (dropout off), because the statistics are meant for inference, where those modules
     are in eval mode too; train-mode dropout would inflate the variances (Li et al. 2019).
     Under ``torch.distributed`` (initialised) the moments are all-reduced in float64: every
-    rank must call this (with its own shard; counts may differ), and all end with identical
-    buffers equal to one process seeing every rank's batches.
+    rank must call this (with its own shard; batch counts may differ), and all end with
+    identical buffers equal to one process seeing every rank's batches. Layer sync
+    (``sync=True`` / a ``process_group`` on this package's layers, torch's ``SyncBatchNorm``)
+    is off for the pass, so no collective runs per batch and ranks with different numbers of
+    batches never wait for each other; the one all-reduce comes at the end.
 
     ``domain=k`` is AdaBN (Li et al. 2016, "Revisiting Batch Normalization for Practical Domain
     Adaptation"): adapt a trained model to a new domain from unlabeled data. Every batch is
@@ -603,7 +807,7 @@ def recompute_bn_stats(
     inference (plain BN layers in eval mode, with their running statistics).
 
     The layers' own EMA updates do not leak: ``momentum`` is set for the pass (to 1 for exact
-    ``nn.BatchNorm*d`` and unsynced ``DomainBatchNorm*d``, whose kernels then hand over the
+    ``nn.BatchNorm*d`` and ``DomainBatchNorm*d``, whose kernels then hand over the
     batch statistics they computed anyway, else to 0) and restored, with every module's
     ``training`` flag, ``num_batches_tracked`` (BatchRenorm's step counter) and, if anything
     fails, the original running statistics, in ``finally``, even when ``forward_fn`` raises.
@@ -629,6 +833,17 @@ def recompute_bn_stats(
             together with ``num_batches`` raises. Default: ``None``.
         domain: recompute only this domain of every ``DomainBatchNorm`` (AdaBN, see above).
             Default: ``None`` (every layer, every domain seen).
+        include: module-name patterns (``fnmatch``, as in ``convert_norms``; a pattern naming
+            a module chooses every layer inside it): recompute only these layers. Default:
+            ``None`` (all).
+        exclude: module-name patterns of layers to leave out. Default: ``None``.
+        skip_eval_layers: leave out the layers in eval mode (fvcore's rule). Default:
+            ``False``. Layers left out keep their buffers bit for bit and run in eval mode
+            for the pass, as at inference.
+        device: move each batch (the tensors in tuples, lists and dicts) to this device.
+            Default: ``None`` (batches used as they come).
+        progress: show a progress bar on stderr (rich's where installed, else a plain
+            counter). Default: ``None``, shown when stderr is a terminal.
 
     Returns:
         A :class:`BNStatsReport` with, per layer (per domain), the count and how far the old
@@ -648,7 +863,9 @@ def recompute_bn_stats(
             ``num_samples`` or ``domain`` not an int, ``forward_fn`` not callable; a batch
             without a size under ``num_samples``; the default forward on a model whose
             ``forward`` needs more than the input (the message names ``forward_fn`` and
-            ``precise_bn_forward``).
+            ``precise_bn_forward``), also for a dict batch (raised before any buffer
+            changes); ``include`` / ``exclude`` not patterns, ``skip_eval_layers`` not a
+            bool, ``device`` not a device.
         ValueError: ``num_batches < 1``, ``num_samples < 1``, both given, ``domain < 0``, or
             ``domain`` given and the model has no ``DomainBatchNorm`` or one with too few
             domains (named).
@@ -672,15 +889,23 @@ def recompute_bn_stats(
         3
     """
     _check_args(model, batches, num_batches, forward_fn, num_samples, domain)
+    selection = _selection(domain, include, exclude, skip_eval_layers)
+    target = _device(device)
     report = BNStatsReport(
         num_batches_requested=None if num_samples is not None else int(num_batches),
         num_samples_requested=num_samples,
     )
-    collectors, train = _plan(model, report, domain)
+    collectors, train = _plan(model, report, selection)
     if not collectors:
         return report
+    iterator = iter(batches)
+    first = next(iterator, _END)
+    if first is not _END and forward_fn is None:
+        _check_default_input(first)  # before any buffer changes
+    pending = iterator if first is _END else itertools.chain([first], iterator)
     with _recomputing(), _pass_state(model, train, collectors):
-        _run_pass(model, batches, forward_fn, report)
+        with _progress(progress, report.num_batches_requested) as advance:
+            _run_pass(model, pending, forward_fn, report, target, advance)
         for c in collectors:
             c.flush()
         merged = all_reduce_moments([c.moments for c in collectors])
