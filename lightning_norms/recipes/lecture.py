@@ -35,7 +35,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from lightning_norms.recipes.data import SingleDomainDigits
 from lightning_norms.recipes.models import DigitsClassifier, accuracy_record
 from lightning_norms.recipes.runner import RecipeCLI, recipe_cli, run_grid, write_json
-from lightning_norms.recipes.verdict import compare
+from lightning_norms.recipes.verdict import Comparison, compare
 from lightning_norms.recipes.writer import (
     StudyReport,
     by_seed,
@@ -53,8 +53,10 @@ __all__ = [
     "LectureClassifier",
     "ValCurve",
     "cli_main",
+    "plot",
     "run_study",
     "steps_to",
+    "verdicts",
 ]
 
 #: the study's SGD learning rates: 30x from the first to the last
@@ -200,35 +202,45 @@ def _steps(record: dict, cap: int) -> float:
     return float(cap if steps is None else steps)
 
 
-def _plot_curves(records: Sequence[dict], path: Path, target: float) -> None:
-    """Validation accuracy vs steps (seed mean), one panel per setting, BN solid, none dashed."""
+def plot(records: Sequence[dict], path: Path, caption: str = "") -> None:
+    """Validation accuracy vs steps, one panel per setting: BN solid, no BN dashed (seed mean,
+    the band spans the seeds), the target accuracy as a labelled dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    target = float(records[0]["target"]) if records else DEFAULT_TARGET
     panels = group_by(records, ("activation", "lr"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels), 3.4), squeeze=False)
     for ax, ((act, lr), rows) in zip(axes[0], panels.items(), strict=True):
-        for variant, style in (("mixed", "-"), ("none", "--")):
+        for variant, style, color in (("mixed", "-", "#4C72B0"), ("none", "--", "#C44E52")):
             curves = [r["curve"] for r in rows if r["variant"] == variant]
             if not curves:
                 continue
             steps = [p[0] for p in curves[0]]
-            mean = [100 * statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))]
-            ax.plot(steps, mean, style, label="BN" if variant == "mixed" else "no BN")
-        ax.axhline(100 * target, color="gray", linewidth=0.6)
+            per_step = [[100 * c[i][1] for c in curves] for i in range(len(steps))]
+            mean = [statistics.fmean(v) for v in per_step]
+            label = "BN" if variant == "mixed" else "no BN"
+            ax.plot(steps, mean, style, color=color, label=f"{label} (mean of {len(curves)})")
+            lo, hi = [min(v) for v in per_step], [max(v) for v in per_step]
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.15, linewidth=0)
+        ax.axhline(100 * target, color="gray", linewidth=0.8, linestyle=":",
+                   label=f"target {100 * target:.0f} %")  # fmt: skip
         ax.set_title(f"{act}, SGD lr {lr:g}", fontsize=8)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylim(0, 100)
+        ax.legend(fontsize=6, loc="lower right")
     axes[0][0].set_ylabel("validation accuracy (%)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    text = "lines: seed mean; bands: min to max over seeds" + (f"\n{caption}" if caption else "")
+    fig.suptitle("Lecture study: BN vs no BN, validation accuracy vs training steps", fontsize=9)
+    fig.text(0.01, 0.01, text, fontsize=6.5, ha="left", va="bottom", color="#333333")
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * text.count("\n"), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _claims(groups: dict[tuple, list[dict]], cap: int) -> list[tuple]:
+def _claims(groups: dict[tuple, list[dict]], cap: int) -> list[tuple[Comparison, float, str]]:
     """The lecture's four claims as paired comparisons ``(comparison, scale, unit)``."""
     low, high = LEARNING_RATES[0], LEARNING_RATES[-1]
     steps = {k: {int(r["seed"]): _steps(r, cap) for r in rows} for k, rows in groups.items()}
@@ -301,6 +313,16 @@ def _table(
     return lines
 
 
+def _cap(records: Sequence[dict]) -> int:
+    """The last validated step: what a run that never reached the target counts as."""
+    return max((p[0] for r in records for p in r["curve"]), default=0)
+
+
+def verdicts(records: Sequence[dict]) -> list[tuple[Comparison, float, str]]:
+    """The lecture's four claims as paired comparisons ``(comparison, scale, unit)``."""
+    return _claims(group_by(records, ("variant", "activation", "lr")), _cap(records))
+
+
 def run_study(args: argparse.Namespace) -> StudyReport:
     """BN vs no BN across learning rates (ReLU) and with sigmoids, through the CLI: steps to the
     target, test accuracy, the verdicts and the validation curves."""
@@ -313,14 +335,13 @@ def run_study(args: argparse.Namespace) -> StudyReport:
         for s in range(args.seeds)
     ]  # fmt: skip
     records, wall = run_grid(cli_main, runs, args, desc="lecture study")
-    cap = max(p[0] for r in records for p in r["curve"]) if records[0]["curve"] else 0
     groups = group_by(records, ("variant", "activation", "lr"))
     return StudyReport(
         records=records,
         title="The lecture: BN trains faster, higher, with sigmoids",
         head=study_head(records, args.epochs, wall, args.jobs, args.threads),
-        body=[*_table(groups, grid, cap), *verdict_section(_claims(groups, cap))],
-        plot=lambda path: _plot_curves(records, path, DEFAULT_TARGET),
+        body=[*_table(groups, grid, _cap(records)), *verdict_section(verdicts(records))],
+        plot=lambda path: plot(records, path),
         wall=wall,
     )
 

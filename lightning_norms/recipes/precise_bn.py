@@ -45,7 +45,7 @@ from lightning_norms.data import TwoDomainDigits
 from lightning_norms.recipes.models import DigitsClassifier
 from lightning_norms.recipes.runner import RecipeCLI, recipe_cli, run_grid, write_json
 from lightning_norms.recipes.two_domain import batching_for
-from lightning_norms.recipes.verdict import compare
+from lightning_norms.recipes.verdict import Comparison, compare
 from lightning_norms.recipes.writer import (
     StudyReport,
     by_seed,
@@ -65,7 +65,9 @@ __all__ = [
     "ema_vs_precise",
     "evaluate",
     "forward_train_batch",
+    "plot",
     "run_study",
+    "verdicts",
 ]
 
 #: epochs per run (the CLI's default and the study's)
@@ -192,8 +194,8 @@ def cli_main(args: Any = None, run: bool = True, **options: Any) -> PreciseBNCLI
     )
 
 
-def _table(records: list[dict]) -> tuple[list[str], list[tuple], dict[str, list[float]]]:
-    """The table rows, the claims and the plot's bars, one setting (lr, momentum) at a time."""
+def _table(records: list[dict]) -> list[str]:
+    """The table: one row per setting (lr, momentum), EMA and PreciseBN at every n."""
     ns = [str(n) for n in DEFAULT_PRECISE_BATCHES]
     lines = [
         "Mean test accuracy (%) of the same weights with EMA running statistics and with PreciseBN "
@@ -202,25 +204,63 @@ def _table(records: list[dict]) -> tuple[list[str], list[tuple], dict[str, list[
         "| lr | BN momentum | EMA | " + " | ".join(f"PreciseBN n={n}" for n in ns) + " |",
         "|---|---|---|" + "---|" * len(ns),
     ]
-    found: list[tuple] = []
-    bars: dict[str, list[float]] = {}
     for (lr, m), rows in group_by(records, ("lr", "bn_momentum")).items():
         cells = [mean_std([r["acc_precise"][n] for r in rows]) for n in ns]
         ema = mean_std([r["acc_ema"] for r in rows])
         lines.append(f"| {lr:g} | {m:g} | {ema} | " + " | ".join(cells) + " |")
-        for r in rows:
-            r["acc_precise_max"] = r["acc_precise"][ns[-1]]
-        claim = f"PreciseBN (n={ns[-1]}) > EMA at lr {lr:g}, momentum {m:g}"
-        precise, plain = by_seed(rows, "acc_precise_max"), by_seed(rows, "acc_ema")
-        found.append((compare(claim, precise, plain), 100.0, " points"))
-        bars[f"lr {lr:g} m {m:g}: EMA"] = [r["acc_ema"] for r in rows]
-        bars[f"lr {lr:g} m {m:g}: PreciseBN"] = [r["acc_precise_max"] for r in rows]
-    return lines, found, bars
+    return lines
+
+
+def _precise_max(rows: list[dict]) -> dict[int, float]:
+    """``{seed: accuracy}`` with PreciseBN over the most batches (the last n of the study)."""
+    n = str(DEFAULT_PRECISE_BATCHES[-1])
+    return {int(r["seed"]): float(r["acc_precise"][n]) for r in rows}
+
+
+def verdicts(records: list[dict]) -> list[tuple[Comparison, float, str]]:
+    """The study's claims as paired comparisons ``(comparison, scale, unit)``: PreciseBN over the
+    most batches beats the EMA, in every setting (lr, momentum)."""
+    n = DEFAULT_PRECISE_BATCHES[-1]
+    return [
+        (
+            compare(
+                f"PreciseBN (n={n}) > EMA at lr {lr:g}, momentum {m:g}",
+                _precise_max(rows),
+                by_seed(rows, "acc_ema"),
+            ),
+            100.0,
+            " points",
+        )
+        for (lr, m), rows in group_by(records, ("lr", "bn_momentum")).items()
+    ]
+
+
+def plot(records: list[dict], path: Path, caption: str = "") -> None:
+    """Test accuracy of the same weights with EMA (grey) and PreciseBN (orange) statistics, per
+    setting, one dot per seed."""
+    bars: dict[str, list[float]] = {}
+    colors: list[str] = []
+    for (lr, m), rows in group_by(records, ("lr", "bn_momentum")).items():
+        bars[f"lr {lr:g}, m {m:g}: EMA"] = [r["acc_ema"] for r in rows]
+        bars[f"lr {lr:g}, m {m:g}: PreciseBN"] = list(_precise_max(rows).values())
+        colors += ["#8C8C8C", "#DD8452"]
+    note = (
+        "m = BN momentum (weight of each new batch in the EMA); grey: EMA running statistics; "
+        f"orange: PreciseBN over {DEFAULT_PRECISE_BATCHES[-1]} training batches"
+    )
+    plot_bars(
+        bars,
+        path,
+        "test accuracy (%)",
+        "PreciseBN study: the same weights with EMA vs PreciseBN statistics",
+        colors=colors,
+        caption=note + (f"\n{caption}" if caption else ""),
+    )
 
 
 def run_study(args: argparse.Namespace) -> StudyReport:
     """EMA vs PreciseBN over learning rates x BN momenta x seeds (constant learning rate),
-    through the CLI; the records, the table, the verdicts and the bar plot."""
+    through the CLI; the records, the table, the verdicts and the plot."""
     runs = [
         {"model": {"lr": lr, "bn_momentum": m}, "seed_everything": s,
          "precise_batches": list(DEFAULT_PRECISE_BATCHES),
@@ -232,15 +272,12 @@ def run_study(args: argparse.Namespace) -> StudyReport:
     records, wall = run_grid(cli_main, runs, args, desc="precise_bn study")
     for r in records:
         r.pop("detail", None)
-    lines, found, bars = _table(records)
     return StudyReport(
         records=records,
         title="EMA vs PreciseBN statistics",
         head=study_head(records, args.epochs, wall, args.jobs, args.threads),
-        body=[*lines, *verdict_section(found)],
-        plot=lambda path: plot_bars(
-            bars, path, "test accuracy (%)", "same weights, EMA vs PreciseBN stats"
-        ),
+        body=[*_table(records), *verdict_section(verdicts(records))],
+        plot=lambda path: plot(records, path),
         wall=wall,
     )
 

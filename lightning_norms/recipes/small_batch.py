@@ -38,7 +38,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from lightning_norms.recipes.data import SingleDomainDigits
 from lightning_norms.recipes.models import DigitsClassifier, Variant, accuracy_record
 from lightning_norms.recipes.runner import RecipeCLI, recipe_cli, run_grid, write_json
-from lightning_norms.recipes.verdict import compare
+from lightning_norms.recipes.verdict import Comparison, compare
 from lightning_norms.recipes.writer import (
     StudyReport,
     by_seed,
@@ -50,18 +50,25 @@ from lightning_norms.recipes.writer import (
 )
 
 __all__ = [
+    "COLORS",
     "EPOCHS",
     "NORMS",
+    "SEEDS",
     "SETTINGS",
     "STEP_BATCH",
     "SmallBatchCLI",
     "SmallBatchClassifier",
     "cli_main",
+    "plot",
     "run_study",
+    "verdicts",
 ]
 
 #: epochs per run (the CLI's default and the study's)
 EPOCHS = 6
+#: seeds of the study (``lightning-norms report --study small_batch``): the effects are a point
+#: or less, so three seeds cannot carry a verdict
+SEEDS = 5
 
 #: norm -> the two-domain variant with that normalisation
 NORMS: dict[str, Variant] = {"batch": "mixed", "renorm": "renorm", "group": "group"}
@@ -216,12 +223,11 @@ def _table(groups: dict[tuple, list[dict]]) -> list[str]:
     return lines
 
 
-def run_study(args: argparse.Namespace) -> StudyReport:
-    """BN vs BatchRenorm vs GroupNorm with small per-device batches and class-sorted batches,
-    through the CLI; the records, the table, the verdicts and the bar plot."""
-    records, wall = run_grid(cli_main, _runs(args), args, desc="small_batch study")
+def verdicts(records: list[dict]) -> list[tuple[Comparison, float, str]]:
+    """The study's claims as paired comparisons ``(comparison, scale, unit)``: BatchRenorm
+    against BN in every setting of :data:`SETTINGS`."""
     groups = group_by(records, ("norm", "batch_size", "order"))
-    found = [
+    return [
         (
             compare(
                 f"`renorm` > `batch` at {b} per device, {o.replace('_', '-')}",
@@ -234,17 +240,48 @@ def run_study(args: argparse.Namespace) -> StudyReport:
         for b, o in SETTINGS
         if ("renorm", b, o) in groups and ("batch", b, o) in groups
     ]
+
+
+#: one colour per norm in the plot
+COLORS = {"batch": "#4C72B0", "renorm": "#DD8452", "group": "#55A868"}
+
+
+def plot(records: list[dict], path: Path, caption: str = "") -> None:
+    """Test accuracy of every norm in every setting, one dot per seed, the axis fitted to the
+    dots (the effects are a point or less)."""
+    groups = group_by(records, ("norm", "batch_size", "order"))
+    keys = [(n, b, o) for b, o in SETTINGS for n in NORMS if (n, b, o) in groups]
     bars = {
-        f"{n} {b}{' sorted' if o != 'shuffled' else ''}": [r["acc"] for r in groups[(n, b, o)]]
-        for b, o in SETTINGS
-        for n in NORMS
+        f"{n}, {b}/device{', sorted' if o != 'shuffled' else ''}": [
+            r["acc"] for r in groups[(n, b, o)]
+        ]
+        for n, b, o in keys
     }
+    note = (
+        f"4 / 32 = samples per device whose statistics BN uses (every step trains on "
+        f"{STEP_BATCH}); sorted = class-sorted batches (2 classes each)"
+    )
+    plot_bars(
+        bars,
+        path,
+        "test accuracy (%)",
+        "Small-batch study: BN vs BatchRenorm vs GroupNorm",
+        colors=[COLORS[n] for n, _, _ in keys],
+        caption=note + (f"\n{caption}" if caption else ""),
+    )
+
+
+def run_study(args: argparse.Namespace) -> StudyReport:
+    """BN vs BatchRenorm vs GroupNorm with small per-device batches and class-sorted batches,
+    through the CLI; the records, the table, the verdicts and the plot."""
+    records, wall = run_grid(cli_main, _runs(args), args, desc="small_batch study")
+    groups = group_by(records, ("norm", "batch_size", "order"))
     return StudyReport(
         records=records,
         title="Small and non-i.i.d. batches",
         head=study_head(records, args.epochs, wall, args.jobs, args.threads),
-        body=[*_table(groups), *verdict_section(found)],
-        plot=lambda path: plot_bars(bars, path, "test accuracy (%)", "per-device batch and order"),
+        body=[*_table(groups), *verdict_section(verdicts(records))],
+        plot=lambda path: plot(records, path),
         wall=wall,
     )
 

@@ -79,6 +79,7 @@ __all__ = [
     "run_study",
     "summarise",
     "verdict",
+    "verdicts",
 ]
 
 #: epochs per run (the CLI's default and the study's)
@@ -234,6 +235,11 @@ def comparisons(records: Sequence[dict[str, Any]]) -> dict[str, Comparison]:
                 -1,
             )
     return out
+
+
+def verdicts(records: Sequence[dict[str, Any]]) -> list[tuple[Comparison, float, str]]:
+    """:func:`comparisons` as ``(comparison, scale, unit)``, the form every study reports."""
+    return [(c, 100.0, " points") for c in comparisons(records).values()]
 
 
 def verdict(

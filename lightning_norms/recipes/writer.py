@@ -17,6 +17,7 @@ from typing import Any
 from lightning_norms.recipes.verdict import Comparison
 
 __all__ = [
+    "MARKS",
     "StudyReport",
     "by_seed",
     "group_by",
@@ -54,28 +55,54 @@ def by_seed(rows: Sequence[dict], key: str) -> dict[int, float]:
 
 
 def verdict_section(found: Sequence[tuple[Comparison, float, str]]) -> list[str]:
-    """The ``## Verdict`` section: one line per claim ``(comparison, scale, unit)``."""
-    return ["", "## Verdict", "", *[f"- {c.describe(scale, unit)}" for c, scale, unit in found]]
+    """The ``## Verdict`` section: one line per claim ``(comparison, scale, unit, ...)``."""
+    return ["", "## Verdict", "", *[f"- {f[0].describe(f[1], f[2])}" for f in found]]
+
+
+#: what every point plot's marks are, printed under it
+MARKS = "dots: one per seed; black bar: seed mean; whiskers: ± 1 std over seeds"
 
 
 def plot_bars(
-    groups: dict[str, list[float]], path: Path, ylabel: str, title: str, scale: float = 100.0
+    groups: dict[str, list[float]],
+    path: Path,
+    ylabel: str,
+    title: str,
+    scale: float = 100.0,
+    *,
+    colors: Sequence[str] | None = None,
+    caption: str = "",
 ) -> None:
-    """One bar per group (seed mean) with the seeds as dots."""
+    """One column per group: the seeds as dots, their mean as a black bar, ± 1 std whiskers.
+
+    The y axis fits the dots (a small effect stays visible); :data:`MARKS` and ``caption`` (for
+    example the command and commit) are printed under the plot. ``colors``: one per group.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(groups) + 1.5), 3.8))
-    for i, values in enumerate(groups.values()):
-        ax.bar(i, scale * statistics.fmean(values), 0.7, color="#4C72B0", alpha=0.4)
-        ax.scatter([i] * len(values), [scale * v for v in values], s=16, color="black", zorder=3)
+    colors = list(colors) if colors is not None else ["#4C72B0"] * len(groups)
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.75 * len(groups) + 2.0), 4.2))
+    for i, (values, color) in enumerate(zip(groups.values(), colors, strict=True)):
+        ys = [scale * v for v in values]
+        mean = statistics.fmean(ys)
+        std = statistics.stdev(ys) if len(ys) > 1 else 0.0
+        ax.errorbar(i, mean, yerr=std, color="black", capsize=4, linewidth=1, zorder=2)
+        ax.plot([i - 0.25, i + 0.25], [mean, mean], color="black", linewidth=2.2, zorder=4)
+        spread = [0.18 * (j - (len(ys) - 1) / 2) / max(1, len(ys) - 1) for j in range(len(ys))]
+        ax.scatter([i + o for o in spread], ys, s=22, color=color, edgecolor="black",
+                   linewidth=0.4, zorder=3)  # fmt: skip
     ax.set_xticks(range(len(groups)), list(groups), fontsize=7, rotation=30, ha="right")
+    ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", linewidth=0.4, alpha=0.5)
     ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
+    text = MARKS + (f"\n{caption}" if caption else "")
+    fig.text(0.01, 0.01, text, fontsize=6.5, ha="left", va="bottom", color="#333333")
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * text.count("\n"), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
