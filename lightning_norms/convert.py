@@ -8,10 +8,12 @@ converter; the keyword arguments a name takes are its class's own, read from its
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +32,16 @@ from lightning_norms.domain_bn import (
 from lightning_norms.layernorm import LayerNorm2d
 from lightning_norms.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
-__all__ = ["bn_modules", "convert_norms", "create_norm"]
+__all__ = [
+    "BatchRenormAct2d",
+    "DomainBatchNormAct2d",
+    "GroupNormAct2d",
+    "LayerNormAct2d",
+    "SyncedBatchNormAct2d",
+    "bn_modules",
+    "convert_norms",
+    "create_norm",
+]
 
 # BatchNorm layers with fixed statistics that are not `_BatchNorm`s (buffers weight, bias,
 # running_mean, running_var), by qualified class name: torchvision is not imported to check.
@@ -38,12 +49,13 @@ _FROZEN = {
     "torchvision.ops.misc.FrozenBatchNorm2d",
     "timm.layers.norm_act.FrozenBatchNormAct2d",
 }
-# Subclasses whose forward is `norm -> children...`: the children, in the order applied.
-_TAKE_APART = {
-    "timm.layers.norm_act.BatchNormAct2d": ("drop", "act"),
-    "timm.models.layers.norm_act.BatchNormAct2d": ("drop", "act"),
-    "timm.layers.norm_act.FrozenBatchNormAct2d": ("drop", "act"),
+# timm's norm + activation layers: forward is `norm -> drop -> act` (children of those names)
+_NORM_ACT = {
+    "timm.layers.norm_act.BatchNormAct2d",
+    "timm.models.layers.norm_act.BatchNormAct2d",
+    "timm.layers.norm_act.FrozenBatchNormAct2d",
 }
+_AFTER = ("drop", "act")
 # classes whose forward is a plain normalisation (their subclasses may inherit it)
 _PLAIN = (
     nn.BatchNorm1d,
@@ -104,6 +116,68 @@ def bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if _is_bn(m)]
 
 
+class _NormAct(nn.Module):
+    """Mixin: the norm's own forward, then ``drop``, then ``act``, as timm's ``BatchNormAct2d``.
+
+    The norm's parameters and buffers keep their names and ``drop`` / ``act`` are children of
+    the layer itself, so the ``state_dict`` keys are those of timm's layer.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.drop: nn.Module = nn.Identity()
+        self.act: nn.Module = nn.Identity()
+
+    def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return self.act(self.drop(super().forward(input, *args, **kwargs)))
+
+
+class BatchRenormAct2d(_NormAct, BatchRenorm2d):
+    """:class:`~lightning_norms.BatchRenorm2d`, then its ``drop`` and ``act`` children.
+
+    What :func:`convert_norms` makes of timm's ``BatchNormAct2d`` (same ``state_dict`` keys);
+    the constructor is ``BatchRenorm2d``'s, ``drop`` and ``act`` start as ``nn.Identity``.
+
+    Example:
+        >>> layer = BatchRenormAct2d(4).eval()
+        >>> layer.act = nn.ReLU()
+        >>> bool((layer(torch.randn(2, 4, 3, 3) - 5) == 0).all())
+        True
+    """
+
+
+class DomainBatchNormAct2d(_NormAct, DomainBatchNorm2d):
+    """:class:`~lightning_norms.DomainBatchNorm2d`, then its ``drop`` and ``act`` children.
+
+    The ``convert_norms(..., "domain")`` form of timm's ``BatchNormAct2d``; see
+    :class:`BatchRenormAct2d`.
+    """
+
+
+class SyncedBatchNormAct2d(_NormAct, SyncedBatchNorm2d):
+    """``SyncedBatchNorm2d``, then its ``drop`` and ``act`` children.
+
+    The ``convert_norms(..., "sync")`` form of timm's ``BatchNormAct2d``; see
+    :class:`BatchRenormAct2d`.
+    """
+
+
+class LayerNormAct2d(_NormAct, LayerNorm2d):
+    """:class:`~lightning_norms.LayerNorm2d`, then its ``drop`` and ``act`` children.
+
+    The ``convert_norms(..., "layer2d")`` form of timm's ``BatchNormAct2d``; see
+    :class:`BatchRenormAct2d`.
+    """
+
+
+class GroupNormAct2d(_NormAct, nn.GroupNorm):
+    """``nn.GroupNorm``, then its ``drop`` and ``act`` children.
+
+    The ``convert_norms(..., "group")`` form of timm's ``BatchNormAct2d``; see
+    :class:`BatchRenormAct2d`.
+    """
+
+
 @dataclass(frozen=True)
 class _Kind:
     """One name of :func:`create_norm`: its class per input rank and what it takes.
@@ -111,7 +185,8 @@ class _Kind:
     ``classes``: the class for ``dims`` 1, 2, 3 (``None``: not that rank; a string: a qualified
     name imported when built). ``features``: the constructor argument that takes ``C``.
     ``carried``: the source layer's settings :func:`convert_norms` passes on. ``moves``: the
-    class takes no ``device``/``dtype``, the layer is moved after it is built.
+    class takes no ``device``/``dtype``, the layer is moved after it is built. ``act``: the
+    2d class that also applies ``drop`` and ``act`` (what a norm + activation layer becomes).
     """
 
     classes: tuple[type[nn.Module] | str | None, ...]
@@ -119,26 +194,54 @@ class _Kind:
     features: str = "num_features"
     hint: str = ""
     moves: bool = False
+    act: type[nn.Module] | str | None = None
 
 
 _NORMS: dict[str, _Kind] = {
-    "batch": _Kind((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), _BN_SETTINGS),
-    "renorm": _Kind((BatchRenorm1d, BatchRenorm2d, BatchRenorm3d), _BN_SETTINGS),
-    "domain": _Kind((DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d), _BN_SETTINGS),
+    "batch": _Kind(
+        (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
+        _BN_SETTINGS,
+        act="timm.layers.norm_act.BatchNormAct2d",
+    ),
+    "renorm": _Kind(
+        (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d), _BN_SETTINGS, act=BatchRenormAct2d
+    ),
+    "domain": _Kind(
+        (DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d),
+        _BN_SETTINGS,
+        act=DomainBatchNormAct2d,
+    ),
+    "sync": _Kind(
+        (SyncedBatchNorm1d, SyncedBatchNorm2d, SyncedBatchNorm3d),
+        _BN_SETTINGS,
+        act=SyncedBatchNormAct2d,
+    ),
     "frozen": _Kind(
         (None, "torchvision.ops.misc.FrozenBatchNorm2d", None),
         ("eps",),
         hint=" (torchvision's FrozenBatchNorm2d)",
         moves=True,
+        act="timm.layers.norm_act.FrozenBatchNormAct2d",
     ),
     "layer2d": _Kind(
         (None, LayerNorm2d, None),
         ("affine",),
         features="num_channels",
         hint=" (use 'group' with num_groups=1 for a LayerNorm over each sample)",
+        act=LayerNormAct2d,
     ),
-    "group": _Kind((nn.GroupNorm,) * 3, ("affine",), features="num_channels"),
+    "group": _Kind((nn.GroupNorm,) * 3, ("affine",), features="num_channels", act=GroupNormAct2d),
     "none": _Kind((nn.Identity,) * 3),
+}
+# timm's names (lower case) -> (this table's name, the input rank the name fixes)
+_TIMM_NAMES: dict[str, tuple[str, int | None]] = {
+    "batchnorm": ("batch", None),
+    "batchnorm1d": ("batch", 1),
+    "batchnorm2d": ("batch", 2),
+    "batchnorm3d": ("batch", 3),
+    "layernorm2d": ("layer2d", None),
+    "groupnorm": ("group", None),
+    "frozenbatchnorm2d": ("frozen", 2),
 }
 
 
@@ -202,10 +305,14 @@ def _check_groups(num_features: int, num_groups: Any) -> None:
         )
 
 
-def _build(name: str, num_features: int, dims: Any, kwargs: dict[str, Any]) -> nn.Module:
+def _build(
+    name: str, num_features: int, dims: Any, kwargs: dict[str, Any], act: bool = False
+) -> nn.Module:
     """Kind ``name`` for ``num_features`` channels and inputs of rank ``dims`` (checked
-    keyword arguments): the class called by keyword."""
+    keyword arguments): the class (its norm + activation form with ``act``) called by keyword."""
     cls, kind = _class(name, dims), _NORMS[name]
+    if act and kind.act is not None:
+        cls = _resolve(kind.act)
     if name == "group":
         _check_groups(num_features, kwargs["num_groups"])
     kwargs = dict(kwargs)
@@ -214,7 +321,33 @@ def _build(name: str, num_features: int, dims: Any, kwargs: dict[str, Any]) -> n
     return layer.to(**moved) if moved else layer
 
 
-def create_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
+def _is_layer_class(value: Any) -> bool:
+    """An ``nn.Module`` subclass, or a ``functools.partial`` of one."""
+    if isinstance(value, functools.partial):
+        value = value.func
+    return isinstance(value, type) and issubclass(value, nn.Module)
+
+
+def _name(name: str, kwargs: dict[str, Any]) -> str:
+    """This table's name for ``name`` (any case, timm's names too); a rank a timm name fixes
+    goes into ``kwargs["dims"]``."""
+    key = name.lower()
+    if key in _NORMS:
+        return key
+    if key not in _TIMM_NAMES:
+        known = sorted({*_NORMS, *_TIMM_NAMES})
+        raise ValueError(f"create_norm: unknown `name`={name!r}; choose one of {known}")
+    key, dims = _TIMM_NAMES[key]
+    if dims is not None and kwargs.setdefault("dims", dims) != dims:
+        raise ValueError(
+            f"create_norm({name!r}): the name fixes dims={dims}, got dims={kwargs['dims']!r}"
+        )
+    return key
+
+
+def create_norm(
+    name: str | type[nn.Module] | functools.partial, num_features: int, **kwargs: Any
+) -> nn.Module:
     """Build one normalisation layer by name: the factory behind :func:`convert_norms`.
 
     A small name -> class table (timm's ``create_norm_layer`` idea); the layer is built by
@@ -227,6 +360,9 @@ def create_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
       ``warmup_steps``, ``sync``, ``process_group``).
     - ``"domain"``: ``DomainBatchNorm{dims}d`` (required ``num_domains``; the BatchNorm ones,
       plus ``shared_affine``, ``sync``, ``process_group``).
+    - ``"sync"``: ``SyncedBatchNorm{dims}d`` (``nn.BatchNorm{dims}d`` with its batch
+      statistics synchronised across DDP ranks, on CPU too; the BatchNorm ones, plus ``sync``,
+      ``process_group``).
     - ``"frozen"``: torchvision's ``FrozenBatchNorm2d`` (statistics and affine fixed; ``eps``,
       and ``device``, ``dtype`` applied after it is built; ``dims=2`` only).
     - ``"layer2d"``: :class:`~lightning_norms.LayerNorm2d` (Ba et al. 2016 over the channels;
@@ -235,8 +371,14 @@ def create_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
       over each sample; ``eps``, ``affine``, ``device``, ``dtype``, ...).
     - ``"none"``: ``nn.Identity`` (no arguments).
 
+    Names are case-insensitive, and timm's names work too: ``"batchnorm"`` (``"batch"``),
+    ``"batchnorm1d"`` / ``"batchnorm2d"`` / ``"batchnorm3d"`` (``"batch"`` with that ``dims``),
+    ``"layernorm2d"``, ``"groupnorm"``, ``"frozenbatchnorm2d"``. A class or a
+    ``functools.partial`` of one (a ``norm_layer=`` argument of timm or torchvision) is called
+    as ``name(num_features, **kwargs)``.
+
     Args:
-        name: one of the names above.
+        name: one of the names above, an ``nn.Module`` class or a ``functools.partial`` of one.
         num_features: channels ``C``.
         **kwargs: ``dims`` (1, 2 or 3: the input rank of the BatchNorm kinds; default ``2``)
             and the layer's keyword arguments above.
@@ -245,21 +387,34 @@ def create_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
         The new layer (fresh parameters and statistics).
 
     Raises:
-        ValueError: an unknown ``name``, a missing required argument, a ``dims`` the kind
-            does not take, a ``num_groups`` that does not divide ``num_features``.
-        TypeError: a keyword argument the kind does not take.
+        ValueError: an unknown ``name`` (the message lists the known ones), a missing required
+            argument, a ``dims`` the kind does not take, a ``num_groups`` that does not divide
+            ``num_features``.
+        TypeError: a keyword argument the kind does not take; a ``name`` that is neither a
+            string nor a module class.
 
     Example:
         >>> create_norm("group", 8, num_groups=2)
         GroupNorm(2, 8, eps=1e-05, affine=True...)
         >>> create_norm("renorm", 8, dims=1, warmup_steps=100)
         BatchRenorm1d(8, eps=1e-05, ..., r_max=3.0, d_max=5.0, warmup_steps=100)
+        >>> create_norm("BatchNorm1d", 8)
+        BatchNorm1d(8, eps=1e-05, momentum=0.1, affine=True...)
+        >>> import functools
+        >>> create_norm(functools.partial(nn.GroupNorm, 4), 8)
+        GroupNorm(4, 8, eps=1e-05, affine=True...)
     """
-    if name not in _NORMS:
-        raise ValueError(f"create_norm: unknown `name`={name!r}; choose one of {sorted(_NORMS)}")
+    if _is_layer_class(name):
+        return name(num_features, **kwargs)  # type: ignore[operator]
+    if not isinstance(name, str):
+        raise TypeError(
+            f"create_norm: `name` must be a str, an nn.Module class or a functools.partial of "
+            f"one, got {name!r}"
+        )
+    key = _name(name, kwargs)
     dims = kwargs.pop("dims", 2)
-    _check_kwargs(f"create_norm({name!r})", name, kwargs, ())
-    return _build(name, num_features, dims, kwargs)
+    _check_kwargs(f"create_norm({name!r})", key, kwargs, ())
+    return _build(key, num_features, dims, kwargs)
 
 
 @dataclass
@@ -272,7 +427,7 @@ class _Source:
     state: dict[str, Tensor]
     requires_grad: dict[str, bool]
     training: bool
-    after: list[nn.Module] = field(default_factory=list)
+    after: dict[str, nn.Module] | None = None
 
 
 def _rank(bn: nn.Module, where: str) -> int:
@@ -289,13 +444,23 @@ def _rank(bn: nn.Module, where: str) -> int:
     )
 
 
-def _after(bn: nn.Module, where: str) -> list[nn.Module]:
-    """The modules ``bn``'s forward applies after the norm, or ``ValueError`` if unknown."""
-    names = _TAKE_APART.get(_qualname(bn))
-    if names is not None:
-        return [m for m in (getattr(bn, n) for n in names) if not isinstance(m, nn.Identity)]
+def _is_norm_act(bn: nn.Module) -> bool:
+    """A norm + activation layer whose forward is ``norm -> drop -> act`` (timm's
+    ``BatchNormAct2d`` / ``FrozenBatchNormAct2d``, this package's ``*Act2d``)."""
+    return any(
+        (cls is _NormAct or f"{cls.__module__}.{cls.__qualname__}" in _NORM_ACT)
+        and type(bn).forward is getattr(cls, "forward", None)
+        for cls in type(bn).__mro__
+    )
+
+
+def _after(bn: nn.Module, where: str) -> dict[str, nn.Module] | None:
+    """The ``drop`` and ``act`` children of a norm + activation layer, ``None`` for a plain
+    norm, or ``ValueError`` for a forward it does not know."""
+    if _is_norm_act(bn):
+        return {name: getattr(bn, name) for name in _AFTER}
     if _is_frozen(bn) or any(type(bn).forward is cls.forward for cls in _PLAIN):
-        return []
+        return None
     raise ValueError(
         f"convert_norms: {type(bn).__name__} at {where!r} overrides the BatchNorm forward "
         "(it may add behaviour after the norm, e.g. an activation) and cannot be taken apart; "
@@ -370,7 +535,7 @@ def _carry(src: _Source, new: nn.Module) -> None:
 def _replacement(
     bn: nn.Module, where: str, to: str, kwargs: dict[str, Any], domain: int | None
 ) -> nn.Module:
-    """The new module for ``bn``: the new norm, then what ``bn`` applied after its norm."""
+    """The new module for ``bn``; a norm + activation layer's keeps its ``drop`` and ``act``."""
     if to == "domain" and isinstance(bn, _DomainBatchNorm):
         raise ValueError(
             f"convert_norms(to='domain'): {type(bn).__name__} at {where!r} is already domain-split"
@@ -382,8 +547,9 @@ def _replacement(
             "statistics to freeze (track_running_stats=False)"
         )
     settings = {k: v for k, v in src.settings.items() if k in _NORMS[to].carried}
+    arguments = {**settings, **src.factory, **kwargs}
     try:
-        new = _build(to, _num_features(bn), src.dims, {**settings, **src.factory, **kwargs})
+        new = _build(to, _num_features(bn), src.dims, arguments, act=src.after is not None)
     except ValueError as err:  # the builder's message without its "create_norm(...): "
         reason = str(err).split(": ", 1)[-1]
         raise ValueError(
@@ -391,7 +557,9 @@ def _replacement(
         ) from err
     _carry(src, new)
     new.train(src.training)
-    return nn.Sequential(new, *src.after) if src.after else new
+    for name, module in (src.after or {}).items():  # the same modules, their own mode kept
+        setattr(new, name, module)
+    return new
 
 
 def _num_features(bn: nn.Module) -> int:
@@ -404,6 +572,18 @@ def _selected(name: str, include: list[str] | None, exclude: list[str]) -> bool:
     if include is not None and not any(name_matches(name, p) for p in include):
         return False
     return not any(name_matches(name, p) for p in exclude)
+
+
+def _warn_unmatched(model: nn.Module, names: list[str], patterns: list[str], arg: str) -> None:
+    """Warn about the ``arg`` patterns that choose no BatchNorm layer (``names``)."""
+    unmatched = [p for p in patterns if not any(name_matches(n, p) for n in names)]
+    if unmatched:
+        warnings.warn(
+            f"convert_norms: the `{arg}` pattern(s) {unmatched} match no BatchNorm layer of "
+            f"{type(model).__name__}",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _patterns(value: str | Iterable[str] | None, arg: str) -> list[str] | None:
@@ -429,28 +609,37 @@ def convert_norms(
     swap the BatchNorm-type layers (see :func:`bn_modules`: ``nn.BatchNorm1d/2d/3d``, this
     package's variants, torchvision's ``FrozenBatchNorm2d``) for Batch Renormalization
     (Ioffe 2017), domain-split BatchNorm, frozen BatchNorm, LayerNorm over channels,
-    GroupNorm/LayerNorm (Wu & He 2018), or back to plain BatchNorm. Each new layer is built by
-    :func:`create_norm` with the old one's ``eps``, ``momentum``, ``affine``,
-    ``track_running_stats`` where the target has them, and carries over the affine weights
-    (with their ``requires_grad``) and the running statistics (with ``num_batches_tracked``: a
-    converted pretrained model starts past BatchRenorm's warm-up) where the target has them, on
-    the same device and dtype and in the same training mode. A ``DomainBatchNorm`` hands on the
-    state of domain ``domain=k`` (may be omitted with one domain); a new ``DomainBatchNorm``
-    starts every domain from the old layer's state. A layer shared by several parents is
-    replaced by one shared new layer. Hooks registered on the old layers are not carried over.
+    GroupNorm/LayerNorm (Wu & He 2018), synchronised BatchNorm, or back to plain BatchNorm.
+    Each new layer is built by :func:`create_norm` with the old one's ``eps``,
+    ``momentum``, ``affine``, ``track_running_stats`` where the target has them, and carries
+    over the affine weights (with their ``requires_grad``) and the running statistics (with
+    ``num_batches_tracked``: a converted pretrained model starts past BatchRenorm's warm-up)
+    where the target has them, on the same device and dtype and in the same training mode. A
+    ``DomainBatchNorm`` hands on the state of domain ``domain=k`` (may be omitted with one
+    domain); a new ``DomainBatchNorm`` starts every domain from the old layer's state. A layer
+    shared by several parents is replaced by one shared new layer. Hooks registered on the old
+    layers are not carried over.
 
-    A subclass that applies modules after its norm (timm's ``BatchNormAct2d``: drop, then
-    activation) becomes ``nn.Sequential(new_norm, drop, act)`` (``nn.Identity`` parts left
-    out), so the activation stays; its state-dict keys move under ``.0``. A subclass with
-    another forward of its own raises ``ValueError`` naming it. All or nothing: every selected
-    layer is checked and its replacement built before any is swapped in, so a call that raises
-    leaves the model as it was.
+    A norm + activation layer (timm's ``BatchNormAct2d`` and ``FrozenBatchNormAct2d``: norm,
+    then ``drop``, then ``act``) becomes the target's norm + activation class carrying the same
+    ``drop`` and ``act`` modules, so its ``state_dict`` keys stay and a timm checkpoint loads
+    strictly before and after: ``BatchRenormAct2d``, ``DomainBatchNormAct2d``,
+    ``SyncedBatchNormAct2d``, ``LayerNormAct2d``, ``GroupNormAct2d`` (subclasses of
+    ``BatchRenorm2d``, ... with ``drop`` and ``act`` children), and back to timm's
+    ``BatchNormAct2d`` (``"batch"``) or ``FrozenBatchNormAct2d`` (``"frozen"``). A subclass
+    with another forward of its own raises ``ValueError`` naming it. All or nothing: every
+    selected layer is checked and its replacement built before any is swapped in, so a call
+    that raises leaves the model as it was. An ``include`` or ``exclude`` pattern that matches
+    no BatchNorm layer is warned about (``UserWarning`` naming it).
 
     Targets (``to``) and their keyword arguments:
 
     - ``"renorm"``: optional ``r_max``, ``d_max``, ``warmup_steps``, ``sync``, ``process_group``.
     - ``"domain"``: required ``num_domains``; optional ``shared_affine``, ``sync``,
       ``process_group``.
+    - ``"sync"``: optional ``process_group`` (``sync`` default ``True``): this package's
+      ``SyncedBatchNorm*d``, the twin of ``nn.SyncBatchNorm.convert_sync_batchnorm`` that runs
+      on CPU (gloo) as well; the state is copied, as for every target.
     - ``"batch"``: none. ``"frozen"``: none (2d layers with running statistics only).
     - ``"layer2d"``: optional ``eps`` (default ``1e-6``); 2d layers only.
     - ``"group"``: required ``num_groups``; optional ``eps`` (default ``1e-5``).
@@ -493,9 +682,12 @@ def convert_norms(
     _check_kwargs(f"convert_norms(to={to!r})", to, kwargs, taken)
     keep, drop = _patterns(include, "include"), _patterns(exclude, "exclude") or []
     new: dict[int, nn.Module] = {}
-    for name, module in model.named_modules():
-        if _is_bn(module) and _selected(name, keep, drop):
+    for name, module in bn_modules(model):
+        if _selected(name, keep, drop):
             new[id(module)] = _replacement(module, name or "<model>", to, kwargs, domain)
+    names = [name for name, _ in bn_modules(model)]
+    _warn_unmatched(model, names, keep or [], "include")
+    _warn_unmatched(model, names, drop, "exclude")
     if id(model) in new:
         return new[id(model)]
     for parent in list(model.modules()):

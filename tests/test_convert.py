@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -14,12 +17,15 @@ from lightning_norms import (
     BatchRenorm3d,
     DomainBatchNorm1d,
     DomainBatchNorm2d,
+    DomainBatchNorm3d,
     LayerNorm2d,
     bn_modules,
     convert_norms,
     create_norm,
     domain,
 )
+from lightning_norms.convert import BatchRenormAct2d, DomainBatchNormAct2d, SyncedBatchNormAct2d
+from lightning_norms.distributed import SyncedBatchNorm2d, SyncedBatchNorm3d
 
 
 def _trained_resnet18() -> nn.Module:
@@ -39,6 +45,16 @@ def _trained_resnet18() -> nn.Module:
 
 def _bn_count(model: nn.Module) -> int:
     return sum(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def _routed(model: nn.Module, x: Tensor, ids: int) -> Tensor:
+    """``model(x)`` without gradients, in domain ``ids`` if it has DomainBatchNorm layers."""
+    domain_bns = (DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d)
+    with torch.no_grad():
+        if not any(isinstance(m, domain_bns) for m in model.modules()):
+            return model(x)
+        with domain(model, ids):
+            return model(x)
 
 
 def test_resnet18_to_renorm_and_back_keeps_every_weight_and_eval_output() -> None:
@@ -220,8 +236,7 @@ def test_timm_batchnormact_keeps_its_activation(name: str) -> None:
         kinds = {type(m) for _, m in bn_modules(model)}
         assert len(bn_modules(model)) == count and len(kinds) == 1, kinds
         assert sum(isinstance(m, (nn.ReLU, nn.SiLU, nn.Hardswish)) for m in model.modules()) == acts
-        with torch.no_grad(), domain(model, 0):
-            torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4, msg=to)
+        torch.testing.assert_close(_routed(model, x, 0), expected, rtol=1e-4, atol=1e-4, msg=to)
 
 
 def test_batchnormact_order_and_training_flag() -> None:
@@ -236,12 +251,9 @@ def test_batchnormact_order_and_training_flag() -> None:
     act, drop = layer.act, layer.drop
     convert_norms(model, "renorm")
     new = model[1]
-    assert isinstance(new, nn.Sequential) and [type(m) for m in new] == [
-        BatchRenorm2d,
-        nn.Dropout,
-        nn.ReLU,
-    ]
-    assert new[1] is drop and new[2] is act and not new[0].training
+    assert type(new) is BatchRenormAct2d and isinstance(new, BatchRenorm2d)
+    assert list(new.named_children()) == [("drop", drop), ("act", act)]
+    assert not new.training
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
@@ -349,8 +361,7 @@ def test_resnet18_to_frozen_equals_torchvision_and_back() -> None:
     for to, kwargs in (("renorm", {}), ("domain", {"num_domains": 2}), ("batch", {})):
         convert_norms(model, to, **kwargs)
         model.eval()
-        with torch.no_grad(), domain(model, 1):
-            torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(_routed(model, x, 1), expected, rtol=1e-4, atol=1e-4)
         if to == "domain":
             convert_norms(model, "frozen", domain=0)
     for key, value in model.state_dict().items():
@@ -514,9 +525,10 @@ def test_create_norm_equals_the_class_built_directly(
 
 
 def test_create_norm_unknown_name_lists_every_name() -> None:
-    with pytest.raises(ValueError, match=r"unknown `name`='batchnorm'") as info:
-        create_norm("batchnorm", 4)
-    for name in ("batch", "domain", "frozen", "group", "layer2d", "none", "renorm"):
+    with pytest.raises(ValueError, match=r"unknown `name`='instancenorm'") as info:
+        create_norm("instancenorm", 4)
+    known = ("batch", "domain", "frozen", "group", "layer2d", "none", "renorm", "sync")
+    for name in (*known, *TIMM_NAMES):
         assert f"'{name}'" in str(info.value)
 
 
@@ -545,7 +557,282 @@ def test_timm_frozen_batchnormact_converts_back_with_its_activation() -> None:
         expected = model(x)
     model = freeze_batch_norm_2d(model)  # timm's FrozenBatchNormAct2d: not a _BatchNorm
     assert {type(m).__name__ for _, m in bn_modules(model)} == {"FrozenBatchNormAct2d"}
-    convert_norms(model, "batch")
-    assert {type(m) for _, m in bn_modules(model)} == {nn.BatchNorm2d}
+    convert_norms(model, "batch")  # a norm + activation layer again: timm's BatchNormAct2d
+    assert {type(m) for _, m in bn_modules(model)} == {timm.layers.BatchNormAct2d}
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 17 item 9: norm + activation layers keep their state_dict keys
+# --------------------------------------------------------------------------------------------
+
+
+def _efficientnet_b0() -> nn.Module:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", pretrained=False)
+    _randomise_bns(model)
+    return model.eval()
+
+
+def _count(model: nn.Module, cls: type) -> int:
+    return sum(type(m) is cls for m in model.modules())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("to", "kwargs", "back", "cls"),
+    [
+        ("renorm", {}, {}, BatchRenormAct2d),
+        ("domain", {"num_domains": 2}, {"domain": 1}, DomainBatchNormAct2d),
+        ("sync", {}, {}, SyncedBatchNormAct2d),
+    ],
+)
+def test_timm_checkpoint_loads_strictly_before_and_after_a_round_trip(
+    to: str, kwargs: dict, back: dict, cls: type
+) -> None:
+    """Issue 17 item 9: BatchNormAct2d became a Sequential (``.0.`` in 165 keys, 0 of 49
+    BatchNormAct2d back after renorm -> batch)."""
+    from timm.layers import BatchNormAct2d
+
+    model = _efficientnet_b0()
+    checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    assert _count(model, BatchNormAct2d) == 49
+
+    convert_norms(model, to, **kwargs)
+    assert _count(model, cls) == 49 and _count(model, BatchNormAct2d) == 0
+    assert list(model.state_dict()) == list(checkpoint)
+    if to != "domain":  # [C] -> [num_domains, C]: same keys, other shapes
+        model.load_state_dict(checkpoint, strict=True)
+    torch.testing.assert_close(_routed(model, x, 1), expected, rtol=0, atol=0)
+
+    convert_norms(model, "batch", **back)
+    assert _count(model, BatchNormAct2d) == 49 and _count(model, cls) == 0
+    state = model.state_dict()
+    assert list(state) == list(checkpoint)
+    for key, value in checkpoint.items():
+        assert torch.equal(state[key], value), key
+    model.load_state_dict(checkpoint, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_norm_act_layers_of_every_target_keep_drop_act_and_keys() -> None:
+    """Every target: the layer is the target's class (isinstance), ``drop`` and ``act`` are the
+    same module objects, the keys are the timm layer's where the target has that state."""
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+    bn_keys = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    for to, kwargs, base, keys in (
+        ("renorm", {}, BatchRenorm2d, bn_keys),
+        ("domain", {"num_domains": 2}, DomainBatchNorm2d, bn_keys),
+        ("sync", {}, SyncedBatchNorm2d, bn_keys),
+        ("batch", {}, norm_act.BatchNormAct2d, bn_keys),
+        ("frozen", {}, norm_act.FrozenBatchNormAct2d, bn_keys[:4]),
+        ("layer2d", {}, LayerNorm2d, bn_keys[:2]),
+        ("group", {"num_groups": 2}, nn.GroupNorm, bn_keys[:2]),
+    ):
+        layer = norm_act.BatchNormAct2d(4, act_layer=nn.PReLU, drop_layer=nn.Dropout)
+        _randomise_bns(layer)
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), layer).eval()
+        x = torch.randn(2, 3, 5, 5)
+        checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            expected = model(x)
+        convert_norms(model, to, **kwargs)
+        new = model[1]
+        assert isinstance(new, base) and new is not layer, to
+        assert list(new.named_children()) == [("drop", layer.drop), ("act", layer.act)], to
+        want = ["0.weight", "0.bias", *(f"1.{k}" for k in keys), "1.act.weight"]
+        assert list(model.state_dict()) == want, to
+        if to in ("layer2d", "group"):
+            continue
+        torch.testing.assert_close(_routed(model, x, 0), expected, rtol=1e-6, atol=1e-6, msg=to)
+        if to != "domain":  # timm's FrozenBatchNormAct2d drops num_batches_tracked on load
+            model.load_state_dict(checkpoint, strict=True)
+
+
+def test_norm_act_layers_pickle_and_deepcopy() -> None:
+    import copy
+    import pickle
+
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), norm_act.BatchNormAct2d(4)).eval()
+    convert_norms(model, "domain", num_domains=2)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad(), domain(model, 1):
+        expected = model(x)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(clone[1]) is DomainBatchNormAct2d
+        with torch.no_grad(), domain(clone, 1):
+            torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
+
+
+def test_a_norm_act_subclass_it_cannot_take_apart_raises_naming_it() -> None:
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+
+    class GatedBNAct(norm_act.BatchNormAct2d):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x) * torch.sigmoid(x)
+
+    model = nn.Sequential(norm_act.BatchNormAct2d(3), GatedBNAct(3))
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"GatedBNAct at '1' overrides the BatchNorm forward"):
+        convert_norms(model, "renorm")
+    _assert_unchanged(model, snap)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 17 item 15b: include / exclude patterns that match nothing warn
+# --------------------------------------------------------------------------------------------
+
+
+def test_include_or_exclude_matching_no_layer_warns_naming_the_patterns() -> None:
+    model = _trained_resnet18()
+    with pytest.warns(UserWarning, match=r"`include` pattern\(s\) \['backbone\*'\] match no"):
+        convert_norms(model, "renorm", include=["backbone*", "layer1"])
+    assert sum(type(m) is BatchRenorm2d for _, m in bn_modules(model)) == 4
+    with pytest.warns(UserWarning, match=r"`exclude` pattern\(s\) \['head', 'fc'\] match no"):
+        convert_norms(model, "batch", exclude=["head", "layer4", "fc"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # patterns that match: silent
+        convert_norms(model, "batch", include="layer*", exclude=["*.bn2"])
+
+
+# --------------------------------------------------------------------------------------------
+# create_norm: timm's names, a class or a partial
+# --------------------------------------------------------------------------------------------
+
+TIMM_NAMES = (
+    "batchnorm",
+    "batchnorm1d",
+    "batchnorm2d",
+    "batchnorm3d",
+    "layernorm2d",
+    "groupnorm",
+    "frozenbatchnorm2d",
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "direct"),
+    [
+        ("batchnorm", {"eps": 1e-3}, lambda: nn.BatchNorm2d(6, eps=1e-3)),
+        ("BatchNorm1d", {"momentum": None}, lambda: nn.BatchNorm1d(6, momentum=None)),
+        ("batchnorm2d", {}, lambda: nn.BatchNorm2d(6)),
+        ("BATCHNORM3D", {}, lambda: nn.BatchNorm3d(6)),
+        ("LayerNorm2d", {}, lambda: LayerNorm2d(6)),
+        ("groupnorm", {"num_groups": 3}, lambda: nn.GroupNorm(3, 6)),
+        ("FrozenBatchNorm2d", {"eps": 1e-3}, lambda: _frozen(6, 1e-3)),
+        ("Renorm", {"dims": 1}, lambda: BatchRenorm1d(6)),
+        ("sync", {"dims": 3}, lambda: SyncedBatchNorm3d(6)),
+    ],
+)
+def test_create_norm_takes_timm_names_in_any_case(name: str, kwargs: dict, direct: object) -> None:
+    layer, reference = create_norm(name, 6, **kwargs), direct()  # type: ignore[operator]
+    assert type(layer) is type(reference) and repr(layer) == repr(reference)
+    assert layer.state_dict().keys() == reference.state_dict().keys()
+
+
+def test_create_norm_a_timm_name_fixes_its_rank() -> None:
+    assert type(create_norm("batchnorm1d", 4, dims=1)) is nn.BatchNorm1d
+    with pytest.raises(ValueError, match=r"'batchnorm3d'\): the name fixes dims=3, got dims=2"):
+        create_norm("batchnorm3d", 4, dims=2)
+    with pytest.raises(ValueError, match=r"'frozenbatchnorm2d'\): the name fixes dims=2, got"):
+        create_norm("frozenbatchnorm2d", 4, dims=1)
+
+
+def test_create_norm_passes_a_norm_layer_argument_through() -> None:
+    """What torchvision and timm take as ``norm_layer=`` (a class or a partial) builds the layer
+    they would build with ``norm_layer(C)``."""
+    from timm.layers import BatchNormAct2d
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for norm_layer in (
+        nn.BatchNorm2d,
+        functools.partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01),  # torchvision's EfficientNet
+        functools.partial(nn.GroupNorm, 4),
+        FrozenBatchNorm2d,
+        functools.partial(BatchNormAct2d, act_layer=nn.SiLU),
+        DomainBatchNorm2d,
+    ):
+        kwargs = {"num_domains": 2} if norm_layer is DomainBatchNorm2d else {}
+        layer, reference = create_norm(norm_layer, 8, **kwargs), norm_layer(8, **kwargs)
+        assert type(layer) is type(reference) and repr(layer) == repr(reference)
+        assert layer.state_dict().keys() == reference.state_dict().keys()
+    # torchvision builds with it: the same resnet18 as with the class itself
+    model = resnet18(norm_layer=functools.partial(create_norm, "renorm", warmup_steps=10))
+    assert [type(m) for _, m in bn_modules(model)] == [BatchRenorm2d] * 20
+    assert all(m.warmup_steps == 10 for _, m in bn_modules(model))
+    with pytest.raises(TypeError, match=r"`name` must be a str, an nn.Module class .* got 3"):
+        create_norm(3, 8)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# convert_norms(model, "sync"): the CPU-capable convert_sync_batchnorm
+# --------------------------------------------------------------------------------------------
+
+
+def test_sync_carries_every_parameter_and_buffer_like_convert_sync_batchnorm() -> None:
+    import copy
+
+    model = _trained_resnet18()
+    model.bn1.weight.requires_grad_(False)
+    reference = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    group = object()  # stands for a process group: stored, used only under torch.distributed
+    convert_norms(model, "sync", process_group=group)
+    layers = bn_modules(model)
+    assert [type(m) for _, m in layers] == [SyncedBatchNorm2d] * 20
+    assert all(m.sync and m.process_group is group for _, m in layers)
+    assert not model.bn1.weight.requires_grad and model.layer1[0].bn1.weight.requires_grad
+    state, want = model.state_dict(), reference.state_dict()
+    assert list(state) == list(want)
+    for key, value in want.items():
+        assert torch.equal(state[key], value), key
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    # training, one process: what nn.BatchNorm2d computes (output and running statistics)
+    plain = convert_norms(copy.deepcopy(model), "batch").train()
+    model.train()
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    for (_, a), (_, b) in zip(bn_modules(model), bn_modules(plain), strict=True):
+        assert torch.equal(a.running_var, b.running_var)
+
+
+def _sync_step(rank: int, world_size: int, model: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """One training forward/backward of the synced model on this rank's half of ``x``."""
+    model = convert_norms(model, "sync").train()
+    half = x.chunk(world_size)[rank].requires_grad_()
+    model(half).square().sum().backward()
+    return {"grad": half.grad, **{k: v for k, v in model.state_dict().items()}}
+
+
+@pytest.mark.ddp
+def test_sync_on_two_cpu_ranks_equals_one_process_on_the_whole_batch() -> None:
+    from tests._dist import run_ddp
+
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 1),
+        norm_act.BatchNormAct2d(4),
+    )
+    x = torch.randn(8, 3, 6, 6)
+    results = run_ddp(_sync_step, model, x)
+    whole = x.clone().requires_grad_()
+    model.train()(whole).square().sum().backward()
+    grads = torch.cat([r["grad"] for r in results])
+    torch.testing.assert_close(grads, whole.grad, rtol=1e-4, atol=1e-5)
+    for key, value in model.state_dict().items():
+        if "running" in key:  # every rank ends with the global statistics
+            for r in results:
+                torch.testing.assert_close(r[key], value, rtol=1e-5, atol=1e-6, msg=key)
