@@ -319,19 +319,30 @@ class _Collector:
         else:
             self.domains = [self.target]
         self.readback = self.target is None and _reads_back(module)
+        self._start_rows = self.old
         self.moments: Moments = zero_moments(
             len(self.domains), self.mean.shape[-1], self.mean.device
         )
         self._parts: list[Moments] = []
 
-    def start(self) -> RemovableHandle:
-        """Freeze the layer's own EMA for the pass and attach the hook."""
+    def start(self) -> list[RemovableHandle]:
+        """Freeze the layer's own EMA for the pass and attach the hooks."""
         self.module.momentum = 1.0 if self.readback else 0.0
-        if self.readback:  # finite scratch values: 0 * old must vanish in the momentum-1 update
-            self.mean.zero_()
-            self.var.fill_(1.0)
-            return self.module.register_forward_hook(self.read_back, with_kwargs=True)
-        return self.module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
+        if not self.readback:
+            return [self.module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)]
+        # finite values: 0 * old must vanish in the momentum-1 update
+        self.mean.nan_to_num_(0.0, 0.0, 0.0)
+        self.var.nan_to_num_(1.0, 1.0, 1.0)
+        handles = [self.module.register_forward_hook(self.read_back, with_kwargs=True)]
+        if self.domain:  # rows a batch does not update hold the running statistics, as in training
+            self._start_rows = (self.mean.clone(), self.var.clone())
+            handles.append(self.module.register_forward_pre_hook(self._reset_rows))
+        return handles
+
+    def _reset_rows(self, module: nn.Module, args: tuple) -> None:
+        """Before each batch: the running statistics the layer's rare-domain rule reads."""
+        self.mean.copy_(self._start_rows[0])
+        self.var.copy_(self._start_rows[1])
 
     def restore(self, keep_statistics: bool) -> None:
         """Put back momentum and step counter, and the statistics unless ``keep_statistics``."""
@@ -365,8 +376,10 @@ class _Collector:
         given = kwargs["domain"] if "domain" in kwargs else (args[1] if len(args) > 1 else None)
         return module.resolve_domain(x, given).to(x.device)  # type: ignore[operator]
 
-    def _domain_counts(self, module: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
-        """Values per channel of each domain in ``x``, on the device, without a host read.
+    def _domain_counts(
+        self, module: nn.Module, x: Tensor, args: tuple, kwargs: dict
+    ) -> tuple[Tensor, Tensor]:
+        """Per-sample ids, and values per channel of each domain in ``x``, without a host read.
 
         Runs after the layer's forward succeeded, so its ids were validated there: they are
         only looked up (no second range check) and counted with ``index_add_`` (``bincount``
@@ -376,12 +389,11 @@ class _Collector:
         lookup = getattr(module, "_ids", None)  # the ids the forward used, not re-validated
         ids = lookup(given) if callable(lookup) else self._ids(module, x, args, kwargs)
         count = torch.zeros(len(self.domains), dtype=self.mean.dtype, device=self.mean.device)
-        positions = x[0, 0].numel() if x.shape[0] else 0
         if isinstance(ids, int):
-            count[ids] = x.shape[0] * positions
-            return count
+            ids = torch.full((x.shape[0],), ids, dtype=torch.long, device=count.device)
         ids = ids.to(device=count.device, dtype=torch.long).expand(x.shape[0])
-        return count.index_add_(0, ids, count.new_ones(ids.shape)).mul_(positions)
+        count.index_add_(0, ids, count.new_ones(ids.shape))
+        return ids, count.mul_(x.shape[2:].numel())
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         x = args[0]
@@ -394,12 +406,16 @@ class _Collector:
 
     def read_back(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         x = args[0]
-        if self.domain:
-            count = self._domain_counts(module, x, args, kwargs)
-        else:
-            count = self.mean.new_full((1,), x.numel() // self.module.num_features)
         rows, dtype = (len(self.domains), -1), self.moments.mean.dtype
         mean, var = (as_dtype(t.view(rows), dtype, copy=True) for t in (self.mean, self.var))
+        if self.domain:
+            ids, count = self._domain_counts(module, x, args, kwargs)
+            if x.shape[2:].numel() == 1:  # a one-value domain is not in the buffers: add it
+                single = x.reshape(x.shape[0], -1).to(dtype)
+                value = torch.zeros_like(mean).index_add_(0, ids, single)
+                mean = torch.where((count == 1)[:, None], value, mean)
+        else:
+            count = self.mean.new_full((1,), x.numel() // self.module.num_features)
         self._store(Moments(count, mean, var))
 
     def write(self, report: BNStatsReport) -> list[str]:
@@ -601,7 +617,7 @@ def _pass_state(
         for m in train:
             m.training = True
         for c in collectors:
-            handles.append(c.start())
+            handles.extend(c.start())
         with _sync_off(model):
             yield
         completed = True
@@ -824,7 +840,7 @@ def recompute_bn_stats(
     Args:
         model: the network; BN layers are found with ``model.named_modules()``.
         batches: any iterable of batches, including an endless iterator (``num_batches`` or
-            ``num_samples`` caps it). Batches must already be on the model's device.
+            ``num_samples`` caps it). On the model's device, or use ``device``.
         num_batches: how many batches to use at most. Default: ``200``.
         forward_fn: ``forward_fn(model, batch)`` runs one batch. Default: ``None``, meaning
             ``model(batch[0])`` for a tuple/list batch and ``model(batch)`` otherwise.

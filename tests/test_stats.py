@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from lightning_norms import (
     DomainBatchNorm2d,
     domain,
 )
+from lightning_norms.distributed import SyncedBatchNorm2d
 from lightning_norms.stats import BNStatsReport, recompute_bn_stats
 from tests._dist import run_ddp
 
@@ -790,3 +792,275 @@ def test_is_recomputing_during_every_forward_of_the_pass_and_after_errors() -> N
     with pytest.raises(RuntimeError, match="boom"):
         recompute_bn_stats(model, make_batches((5,), [4, 4, 4]), forward_fn=failing)
     assert flags[4:] == [True, True] and not is_recomputing()
+
+
+# --- issue 17 item 7: DDP with uneven batch counts and synced layers ---------------------------
+
+
+class SyncedNet(nn.Module):
+    """Every kind of synced layer: ours (plain, per domain, renorm) and torch's SyncBatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.plain = SyncedBatchNorm2d(5)
+        self.domains = DomainBatchNorm2d(5, num_domains=2, sync=True)
+        self.renorm = BatchRenorm2d(5, sync=True)
+        self.torch_sync = nn.SyncBatchNorm(5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.plain(self.conv(x)))
+        return self.torch_sync(self.renorm(self.domains(h)))
+
+
+UNEVEN = ([6, 6, 6, 5], [6, 6, 4])  # rank 0 holds 4 batches, rank 1 holds 3
+
+
+def synced_batches(rank: int) -> list[tuple[Tensor, Tensor]]:
+    return domain_batches(UNEVEN[rank], [0, 1], seed=rank + 7)
+
+
+def _synced_recompute(rank: int, world_size: int) -> dict[str, Any]:
+    model = SyncedNet()
+    recompute_bn_stats(model, synced_batches(rank), num_batches=10, forward_fn=ddp_forward)
+    return {
+        "buffers": {k: v for k, v in model.state_dict().items() if "running" in k},
+        "sync": (model.plain.sync, model.domains.sync, model.renorm.sync),
+        "torch_forward_restored": "forward" not in model.torch_sync.__dict__,
+    }
+
+
+@pytest.mark.ddp
+def test_ddp_uneven_batch_counts_with_synced_layers_match_one_process() -> None:
+    rank0, rank1 = run_ddp(_synced_recompute)
+    single = SyncedNet()
+    all_batches = synced_batches(0) + synced_batches(1)
+    captured = reference_inputs(single, all_batches, ddp_forward)
+    for key, value in rank0["buffers"].items():
+        assert torch.equal(value, rank1["buffers"][key]), key  # identical on every rank
+    for name in ("plain", "renorm", "torch_sync"):
+        mean, var = exact_stats([x for x, _ in captured[name]])
+        assert_close_to(rank0["buffers"][f"{name}.running_mean"], mean)
+        assert_close_to(rank0["buffers"][f"{name}.running_var"], var)
+    for d, (mean, var) in exact_domain_stats(captured["domains"]).items():
+        assert_close_to(rank0["buffers"]["domains.running_mean"][d], mean)
+        assert_close_to(rank0["buffers"]["domains.running_var"][d], var)
+    for rank in (rank0, rank1):
+        assert rank["sync"] == (True, True, True) and rank["torch_forward_restored"]
+
+
+# --- issue 18: include / exclude / skip_eval_layers / device / progress ------------------------
+
+
+def two_bn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5)
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"exclude": "1"}, {"include": ["4"]}, {"include": "*", "exclude": ["1"]}, "skip-eval"],
+)
+def test_left_out_layers_keep_buffers_and_run_as_at_inference(kwargs: Any) -> None:
+    model = two_bn()
+    model[1].running_mean.fill_(1.5)
+    model[1].running_var.fill_(4.0)
+    if kwargs == "skip-eval":
+        model[1].eval()
+        kwargs = {"skip_eval_layers": True}
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    batches = make_batches((3, 6, 5), [8, 8, 6])
+    ref = copy.deepcopy(model).eval()
+    inputs = [ref[3](ref[2](ref[1](ref[0](x)))).double() for x in batches]  # model[1] in eval
+    report = recompute_bn_stats(model, batches, num_batches=3, **kwargs)
+    assert [layer.name for layer in report.layers] == ["4"]
+    for key, value in model[1].state_dict().items():
+        assert torch.equal(value, before[key]), key
+    mean, var = exact_stats(inputs)
+    assert_close_to(model[4].running_mean, mean)
+    assert_close_to(model[4].running_var, var)
+    assert model[1].training == (kwargs != {"skip_eval_layers": True})
+
+
+def test_a_selection_that_leaves_nothing_warns_and_changes_nothing() -> None:
+    model = two_bn()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(UserWarning, match="leave no BN layer"):
+        report = recompute_bn_stats(model, make_batches((3, 6, 5), [8]), include="head*")
+    assert len(report) == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"include": 3}, "`include`"),
+        ({"exclude": [""]}, "`exclude`"),
+        ({"skip_eval_layers": 1}, "`skip_eval_layers`"),
+        ({"device": 0}, "`device`"),
+    ],
+)
+def test_bad_selection_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        recompute_bn_stats(two_bn(), make_batches((3, 6, 5), [8]), **kwargs)
+
+
+def test_device_moves_tensors_in_tuples_lists_and_dicts() -> None:
+    seen: list[Any] = []
+
+    def forward(model: nn.Module, batch: Any) -> None:
+        seen.append(batch)
+
+    batch = {"x": torch.ones(2, 3), "pair": (torch.zeros(2), [torch.ones(1)]), "tag": "a"}
+    with pytest.warns(UserWarning, match="fewer than two values"):
+        recompute_bn_stats(two_bn(), [batch], num_batches=1, forward_fn=forward, device="meta")
+    (moved,) = seen
+    assert moved["x"].device.type == "meta" and moved["tag"] == "a"
+    assert moved["pair"][0].device.type == "meta" and moved["pair"][1][0].device.type == "meta"
+    assert batch["x"].device.type == "cpu"  # the caller's batch is left alone
+
+
+def test_progress_plain_counter_without_rich(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "rich.progress", None)  # not installed
+    recompute_bn_stats(two_bn(), make_batches((3, 6, 5), [8, 8, 8]), num_batches=3, progress=True)
+    err = capsys.readouterr().err
+    assert "recompute_bn_stats: 1/3 batches" in err and "recompute_bn_stats: 3/3 batches" in err
+
+
+def test_progress_rich_bar_and_hidden_when_not_a_terminal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    recompute_bn_stats(two_bn(), make_batches((3, 6, 5), [8, 8]), num_batches=2, progress=None)
+    assert capsys.readouterr().err == ""  # stderr is not a terminal under pytest
+    recompute_bn_stats(two_bn(), make_batches((3, 6, 5), [8, 8]), num_batches=2, progress=False)
+    assert capsys.readouterr().err == ""
+    from rich.progress import Progress
+
+    advanced: list[int] = []
+    original = Progress.advance
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            Progress, "advance", lambda bar, task, n=1: advanced.append(n) or original(bar, task, n)
+        )
+        recompute_bn_stats(two_bn(), make_batches((3, 6, 5), [8, 8]), num_batches=2, progress=True)
+    assert advanced == [1, 1]
+
+
+# --- issue 17 item 13: a dict batch without forward_fn -----------------------------------------
+
+
+def test_dict_batch_without_forward_fn_names_the_fix_before_any_buffer_changes() -> None:
+    model = two_bn()
+    before = copy.deepcopy(model.state_dict())
+    calls: list[str] = []
+    for bn in (model[1], model[4]):
+        bn.register_forward_pre_hook(lambda m, a: calls.append("bn"))
+    batches = [{"image": x, "label": torch.zeros(len(x))} for x in make_batches((3, 6, 5), [8])]
+    with pytest.raises(TypeError, match=r"forward_fn.*precise_bn_forward"):
+        recompute_bn_stats(model, batches)
+    assert calls == []
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+# --- issue 18: the report counts layers ----------------------------------------------------------
+
+
+def test_report_counts_a_domain_layer_once_with_a_row_per_domain() -> None:
+    model = DomainNet(num_domains=2)
+    batches = domain_batches([16, 16], [0, 1], seed=0)
+    report = recompute_bn_stats(model, batches, num_batches=2, forward_fn=domain_forward)
+    assert len(report.layers) == 6 and report.num_layers == len(report) == 3
+    assert "for 3 layer(s) over 2 batch(es)" in str(report)
+    mean = max(layer.mean_shift for layer in report.layers)
+    assert report.summary() == (
+        f"PreciseBN: recomputed 3 BN layer(s) from 2 batch(es), 32 sample(s); largest shift: "
+        f"mean {mean:.3g}, var {max(layer.var_shift for layer in report.layers):.3g}"
+    )
+
+
+# --- issue 21 item 4: no host read per batch in the read-back of DomainBatchNorm --------------
+
+HOST_READS = (
+    "aten::_local_scalar_dense",
+    "aten::item",
+    "aten::is_nonzero",
+    "aten::nonzero",
+    "aten::unique",
+    "aten::_unique2",
+)
+
+
+def host_reads(fn: Callable[[], Any]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key in HOST_READS)
+
+
+@pytest.mark.parametrize("ids", ["tensor", "int"])
+def test_read_back_adds_no_host_read_per_batch(ids: str) -> None:
+    """The pass's host reads grow per batch exactly as the layers' own forwards' do."""
+    model = DomainNet(num_domains=2)
+    many = domain_batches([8] * 6, [0, 1], seed=1)
+    if ids == "int":
+        many = [(x, torch.tensor(1)) for x, _ in many]
+
+    def forwards(n: int) -> Callable[[], None]:
+        def run() -> None:
+            ref = copy.deepcopy(model).train()
+            with torch.no_grad():
+                for batch in many[:n]:
+                    domain_forward(ref, batch)
+
+        return run
+
+    def recompute(n: int) -> Callable[[], None]:
+        return lambda: recompute_bn_stats(
+            copy.deepcopy(model), many[:n], num_batches=n, forward_fn=domain_forward
+        )
+
+    assert recompute_bn_stats(model, many[:1], forward_fn=domain_forward).layers  # read-back
+    per_batch_forward = (host_reads(forwards(6)) - host_reads(forwards(2))) / 4
+    per_batch_pass = (host_reads(recompute(6)) - host_reads(recompute(2))) / 4
+    assert per_batch_pass == per_batch_forward
+
+
+class RareNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.bn1 = nn.Linear(4, 5), DomainBatchNorm1d(5, 2)
+        self.fc2, self.bn2 = nn.Linear(5, 3), DomainBatchNorm1d(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn2(self.fc2(self.bn1(self.fc1(x))))
+
+
+def test_a_one_value_domain_counts_exactly_and_is_normalised_with_running_stats() -> None:
+    """The rare-domain rule: one sample of a domain in a batch (1 value per channel)."""
+    model = RareNet()
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean.fill_(0.5)
+        bn.running_var.fill_(2.0)
+    g = torch.Generator().manual_seed(3)
+    ids = [torch.tensor([0, 1, 1, 1, 1, 1]), torch.tensor([0, 0, 1, 1, 0, 1, 0])]
+    ids.append(torch.tensor([1, 1, 0, 1, 1, 1, 1, 1]))
+    batches = [(torch.randn(len(i), 4, generator=g) * 3 + i[:, None], i) for i in ids]
+    captured = reference_inputs(model, batches, ddp_forward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the layer's own rare-domain warning
+        report = recompute_bn_stats(model, batches, num_batches=3, forward_fn=ddp_forward)
+    assert sorted(layer.count for layer in report.layers) == [6, 6, 15, 15]
+    for name in ("bn1", "bn2"):
+        bn = getattr(model, name)
+        for d, (mean, var) in exact_domain_stats(captured[name]).items():
+            assert_close_to(bn.running_mean[d], mean)
+            assert_close_to(bn.running_var[d], var)
