@@ -1009,9 +1009,8 @@ def host_reads(fn: Callable[[], Any]) -> int:
 def test_read_back_adds_no_host_read_per_batch(ids: str) -> None:
     """The pass's host reads grow per batch exactly as the layers' own forwards' do."""
     model = DomainNet(num_domains=2)
-    many = domain_batches([8] * 6, [0, 1], seed=1)
-    if ids == "int":
-        many = [(x, torch.tensor(1)) for x, _ in many]
+    xs = make_batches((3, 6, 5), [8] * 6, seed=1)
+    many = [(x, torch.tensor(1) if ids == "int" else torch.arange(8) % 2) for x in xs]
 
     def forwards(n: int) -> Callable[[], None]:
         def run() -> None:
