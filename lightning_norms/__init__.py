@@ -22,6 +22,8 @@ _LAZY: dict[str, str] = {
     "convert_norms": "convert",
     "create_norm": "convert",
     "bn_modules": "convert",
+    "fold_norms": "fold",
+    "FoldReport": "fold",
     "DomainBatchNorm1d": "domain_bn",
     "DomainBatchNorm2d": "domain_bn",
     "DomainBatchNorm3d": "domain_bn",
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
         DomainBatchNorm3d,
         domain,
     )
+    from lightning_norms.fold import FoldReport, fold_norms
     from lightning_norms.layernorm import LayerNorm2d
     from lightning_norms.plugins import NormSync
     from lightning_norms.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d

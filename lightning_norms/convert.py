@@ -468,29 +468,33 @@ def _after(bn: nn.Module, where: str) -> dict[str, nn.Module] | None:
     )
 
 
-def _domain_row(bn: _DomainBatchNorm, where: str, domain: int | None) -> int:
+def _domain_row(
+    bn: _DomainBatchNorm, where: str, domain: int | None, caller: str = "convert_norms"
+) -> int:
     if domain is None:
         if bn.num_domains == 1:
             return 0
         raise ValueError(
-            f"convert_norms: {type(bn).__name__} at {where!r} has {bn.num_domains} domains; "
-            "name the one whose state the new layer carries with `domain=k`"
+            f"{caller}: {type(bn).__name__} at {where!r} has {bn.num_domains} domains; "
+            "name the one whose state to use with `domain=k`"
         )
     if isinstance(domain, bool) or not isinstance(domain, int):
-        raise ValueError(f"convert_norms: `domain` must be an int, got {domain!r}")
+        raise ValueError(f"{caller}: `domain` must be an int, got {domain!r}")
     if not 0 <= domain < bn.num_domains:
         raise ValueError(
-            f"convert_norms: domain={domain} is outside [0, {bn.num_domains}) for "
+            f"{caller}: domain={domain} is outside [0, {bn.num_domains}) for "
             f"{type(bn).__name__} at {where!r}"
         )
     return domain
 
 
-def _state(bn: nn.Module, where: str, domain: int | None) -> dict[str, Tensor]:
+def _state(
+    bn: nn.Module, where: str, domain: int | None, caller: str = "convert_norms"
+) -> dict[str, Tensor]:
     """The per-channel ``[C]`` state of ``bn`` (of domain ``k`` for a ``DomainBatchNorm``)."""
     state = {n: t.detach() for n in _STATE if isinstance(t := getattr(bn, n, None), Tensor)}
     if isinstance(bn, _DomainBatchNorm):
-        row = _domain_row(bn, where, domain)
+        row = _domain_row(bn, where, domain, caller)
         state = {
             n: t[row] if t.dim() == 2 or n == "num_batches_tracked" else t for n, t in state.items()
         }

@@ -11,7 +11,7 @@ core       ``_moments``, ``functional``,               core                     
 layers     ``_base``, ``_patterns``, ``_diagnostics``,  core, layers                    never
            ``domain_bn``, ``renorm``, ``distributed``,
            ``cosine``, ``layernorm``, ``convert``,
-           ``stats``
+           ``fold``, ``stats``
 data       ``data``, ``data.*``                        core, layers, data              yes
 plugins    ``plugins``                                 core, layers                    yes
 callbacks  ``callbacks``, ``callbacks.*``              core, layers, data, callbacks   yes
@@ -65,6 +65,7 @@ LAYER_OF_TOP = {
             "cosine",
             "layernorm",
             "convert",
+            "fold",
             "stats",
         ),
         "layers",
