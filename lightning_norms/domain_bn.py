@@ -11,6 +11,7 @@ takes only ``x`` (torchvision ResNets) without changing them.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,6 +29,12 @@ __all__ = ["DomainBatchNorm1d", "DomainBatchNorm2d", "DomainBatchNorm3d", "domai
 
 class _DomainBatchNorm(BatchNormBase):
     """Common base of ``DomainBatchNorm1d/2d/3d``; see :class:`DomainBatchNorm2d`."""
+
+    # per-layer bookkeeping, class-level defaults so modules pickled before they existed load
+    _module_path: str = ""  # set by domain(): where the layer sits in the model it routes
+    _last_ids: int | Tensor | None = None  # ids of the last forward routed by domain()
+    _rare_seen: Tensor | None = None  # BoolTensor[D]: one-value domains seen, until warned
+    _rare_warned: bool = False
 
     def __init__(
         self,
@@ -81,15 +88,24 @@ class _DomainBatchNorm(BatchNormBase):
         return f"{type(self).__name__}({self.num_features}, num_domains={self.num_domains})"
 
     def _ids(self, domain: int | Tensor | None) -> int | Tensor:
-        """``domain``, or the ids set by :func:`domain`; raises naming the layer if neither."""
-        if domain is None:
-            domain = self._domain_ids
-        if domain is None:
-            raise ValueError(
-                f"{self._name()}: no domain given; call it as `layer(x, domain=ids)` or run the "
-                "model inside `with lightning_norms.domain(model, ids):`"
-            )
-        return domain
+        """``domain``, or the ids set by :func:`domain`; raises naming the layer if neither.
+
+        An activation-checkpointing recompute (a forward run inside a backward pass, after the
+        ``with domain(...)`` block exited: Lightning's automatic optimisation) gets the ids of
+        the layer's last forward routed by :func:`domain`, those the original forward used.
+        """
+        if domain is not None:
+            return domain
+        if self._domain_ids is not None:
+            if not torch.compiler.is_compiling():
+                self._last_ids = self._domain_ids
+            return self._domain_ids
+        if self._last_ids is not None and torch._C._current_graph_task_id() != -1:
+            return self._last_ids
+        raise ValueError(
+            f"{self._name()}: no domain given; call it as `layer(x, domain=ids)` or run the "
+            "model inside `with lightning_norms.domain(model, ids):`"
+        )
 
     def resolve_domain(self, x: Tensor, domain: int | Tensor | None = None) -> Tensor:
         """Per-sample domain ids for ``x``: validated ``LongTensor[N]`` on ``x``'s device.
@@ -113,11 +129,72 @@ class _DomainBatchNorm(BatchNormBase):
 
     def forward(self, input: Tensor, domain: int | Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
-        return LF.domain_batch_norm(
+        rare = self._rare_record(input)
+        out = LF.domain_batch_norm(
             x=input,
             domains=self._ids(domain),
             num_domains=self.num_domains,
             **self._norm_kwargs(),
+            rare_domains=rare,
+        )
+        if rare is not None and rare.device.type == "cpu":  # a host read is free on CPU
+            self._warn_rare()
+        return out
+
+    def _rare_record(self, x: Tensor) -> Tensor | None:
+        """Where the kernel records one-value domains (device-side), until the layer warned."""
+        if self._rare_warned or torch.compiler.is_compiling():
+            return None
+        if self._rare_seen is None or self._rare_seen.device != x.device:
+            self._rare_seen = torch.zeros(self.num_domains, dtype=torch.bool, device=x.device)
+        return self._rare_seen
+
+    def _warn_rare(self) -> None:
+        """Warn once that a domain with one value per channel used its running statistics.
+
+        Reads the device-side record (one host read): right after the forward on CPU, where it
+        is free; on accelerators at the next ``train()`` / ``eval()``, outside forward and
+        backward. After the warning the layer records nothing more.
+        """
+        seen = self._rare_seen
+        if self._rare_warned or seen is None or not bool(seen.any()):
+            return
+        self._rare_warned, self._rare_seen = True, None
+        where = f"{self._module_path}: " if self._module_path else ""
+        warnings.warn(
+            f"{where}{self._name()}: domain(s) {seen.nonzero().flatten().tolist()} had one "
+            "value per channel in a training batch; normalised with their running statistics "
+            "(not updated, eval-mode gradient). Warned once per layer.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def train(self, mode: bool = True) -> _DomainBatchNorm:
+        self._warn_rare()
+        return super().train(mode)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Load a plain BatchNorm state too: ``[C]`` (scalar counter) copied into every domain.
+
+        ``[num_domains, C]`` states load as they are; other shapes reach torch's own check,
+        which reports a size mismatch naming the key (``RuntimeError``).
+        """
+        own = {**self._parameters, **self._buffers}
+        for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            value, mine = state_dict.get(prefix + key), own.get(key)
+            if isinstance(value, Tensor) and mine is not None and value.shape == mine.shape[1:]:
+                state_dict[prefix + key] = value.expand_as(mine)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     @classmethod
@@ -308,7 +385,17 @@ def domain(model: nn.Module, ids: int | Tensor) -> Iterator[nn.Module]:
     ``convert_norms(model, "domain", num_domains=...)``): inside the block, every
     ``DomainBatchNorm*d`` called with ``domain=None`` uses ``ids``. The previous ids are
     restored on exit, also on error, so blocks nest. A model without ``DomainBatchNorm`` layers
-    is left as it is (the same training code then runs a shared-BN baseline).
+    is left as it is (the same training code then runs a shared-BN baseline) with a
+    ``UserWarning`` naming its class, as the ids route nothing. The block also names each
+    layer by its module path (used in the layer's warnings).
+
+    Activation checkpointing (``torch.utils.checkpoint`` either mode, timm's
+    ``set_grad_checkpointing()``) with ``backward()`` after the block: the recompute runs
+    inside the backward pass, where each layer uses the ids of its last forward routed by a
+    block, those of the original forward. So several forwards under different blocks before
+    one ``backward()`` (two views with different ids, both checkpointed) recompute with the
+    last block's ids: pass ``domain=`` explicitly there. As for ``nn.BatchNorm2d``, the
+    recompute updates the running statistics a second time.
 
     Not thread-safe: the ids are stored on the modules, so two threads running the same model
     object under different ``domain(...)`` blocks see each other's ids. Use one model replica
@@ -338,6 +425,16 @@ def domain(model: nn.Module, ids: int | Tensor) -> Iterator[nn.Module]:
     if not (is_int or is_int_tensor):
         raise ValueError(f"domain(): ids must be an int or an integer tensor, got {ids!r}")
     layers = [m for m in model.modules() if isinstance(m, _DomainBatchNorm)]
+    if not layers:
+        warnings.warn(
+            f"domain(): {type(model).__name__} has no DomainBatchNorm layer; the ids route "
+            "nothing (convert it first: convert_norms(model, 'domain', num_domains=...))",
+            UserWarning,
+            stacklevel=3,
+        )
+    for name, m in model.named_modules():
+        if isinstance(m, _DomainBatchNorm) and name and not m._module_path:
+            m._module_path = name
     previous = [m._domain_ids for m in layers]
     try:
         for m in layers:

@@ -7,6 +7,7 @@ running statistics identical on both ranks).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -222,6 +223,27 @@ def _empty_rank_cases(rank: int) -> dict[str, Any]:
     return out
 
 
+def _rare_domain_step(rank: int | None) -> dict[str, Any]:
+    """Domain 1 has one sample of the global batch (on rank 1); ``rank=None``: whole batch."""
+    torch.manual_seed(7)
+    x, ids = torch.randn(4, 3) * 2 + 1, torch.tensor([0, 0, 0, 1])
+    part = slice(None) if rank is None else slice(2 * rank, 2 * rank + 2)
+    layer = DomainBatchNorm1d(3, num_domains=2, sync=True)
+    _randomise(layer, 8)
+    xr = x[part].clone().requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = layer(xr, domain=ids[part])
+    y.square().sum().backward()
+    return {
+        "y": y.detach(),
+        "x_grad": xr.grad,
+        "w_grad": layer.weight.grad,
+        "buffers": {k: v.clone() for k, v in layer.named_buffers()},
+        "warnings": [str(w.message) for w in caught],
+    }
+
+
 def _ddp_worker(rank: int, world_size: int) -> dict[str, Any]:
     torch.manual_seed(123)
     results: dict[str, Any] = {}
@@ -230,11 +252,12 @@ def _ddp_worker(rank: int, world_size: int) -> dict[str, Any]:
         assert is_sync_active(layer)
         results[case] = _run(layer, steps, case, rank)
 
-    # a domain whose global count is one value per channel: ValueError on every rank, no hang
+    # a domain whose global count is one value per channel: its running statistics on every
+    # rank (issue 17.1), no hang; an int domain of one global value raises on every rank
+    results["rare"] = _rare_domain_step(rank)
     layer = DomainBatchNorm1d(3, num_domains=2, sync=True)
-    ids = torch.tensor([0, 0]) if rank == 0 else torch.tensor([0, 1])
     try:
-        layer(torch.randn(2, 3), domain=ids)
+        layer(torch.randn(1 - rank, 3), domain=1)
         results["single_error"] = None
     except ValueError as err:
         results["single_error"] = str(err)
@@ -307,12 +330,29 @@ def test_domain_only_on_one_rank(ddp_results):
     assert ddp_results[1]["domain2d"]["num_batches_tracked"].tolist() == [2, 2, 2]
 
 
-def test_global_single_value_raises_on_every_rank(ddp_results):
+def test_global_single_value_int_domain_raises_on_every_rank(ddp_results):
     for r in ddp_results:
         assert r["single_error"] is not None
         assert "DomainBatchNorm1d(3, num_domains=2)" in r["single_error"]
         assert "more than 1 value per channel" in r["single_error"] and "[1]" in r["single_error"]
         assert r["single_untouched"]
+
+
+def test_global_one_value_domain_uses_running_stats_on_every_rank(ddp_results):
+    """Regression (issue 17.1): a domain of one global value raised on every rank."""
+    ref = _rare_domain_step(None)
+    ranks = [r["rare"] for r in ddp_results]
+    for key in ("y", "x_grad"):
+        torch.testing.assert_close(torch.cat([r[key] for r in ranks]), ref[key], atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        ranks[0]["w_grad"] + ranks[1]["w_grad"], ref["w_grad"], atol=ATOL, rtol=0
+    )
+    for key, value in ref["buffers"].items():
+        assert torch.equal(ranks[0]["buffers"][key], ranks[1]["buffers"][key]), key
+        torch.testing.assert_close(ranks[0]["buffers"][key], value, atol=ATOL, rtol=0)
+    assert ref["buffers"]["num_batches_tracked"].tolist() == [1, 0]
+    for r in ranks:
+        assert len(r["warnings"]) == 1 and "[1] had one value per channel" in r["warnings"][0]
 
 
 def test_eval_runs_without_collectives(ddp_results):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -176,13 +177,128 @@ def test_no_running_stats_uses_per_domain_batch_stats_in_eval():
         torch.testing.assert_close(y[ids == d], ref(x[ids == d]), atol=ATOL, rtol=0)
 
 
-def test_one_value_per_channel_raises():
+def test_one_value_per_channel_int_domain_raises():
     layer = DomainBatchNorm1d(3, num_domains=2)
-    with pytest.raises(ValueError, match=r"DomainBatchNorm1d.*more than 1 value.*\[1\]"):
-        layer(torch.randn(3, 3), domain=torch.tensor([0, 0, 1]))
     with pytest.raises(ValueError, match=r"DomainBatchNorm1d.*more than 1 value"):
         layer(torch.randn(1, 3), domain=0)
+    with pytest.raises(ValueError, match=r"DomainBatchNorm2d.*more than 1 value"):
+        DomainBatchNorm2d(3, num_domains=2)(torch.randn(1, 3, 1, 1), domain=1)
     layer.eval()(torch.randn(1, 3), domain=0)  # eval: running stats, fine
+
+
+# --- issue 17: a rare domain never crashes training ---
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["local", "sync_one_process"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_one_value_domain_uses_running_stats_and_eval_gradient(sync, momentum):
+    """Regression (issue 17.1): a domain with one value per channel raised in training."""
+    torch.manual_seed(30)
+    layer = DomainBatchNorm2d(4, num_domains=3, momentum=momentum, sync=sync)
+    _randomise(layer)
+    ids = torch.tensor([0, 2, 0, 0, 2, 1, 2])  # domain 1: one sample at a 1x1 map
+    x = (torch.randn(7, 4, 1, 1) * 2 + 1).requires_grad_()
+    refs = _batchnorms(layer, torch.float32)
+    refs[1].eval()  # the one-value domain: eval formula, eval gradient, no update
+    before = _buffers(layer)
+    with pytest.warns(UserWarning, match=r"DomainBatchNorm2d\(4, num_domains=3\).*\[1\]"):
+        y = layer(x, domain=ids)
+    y.square().sum().backward()
+    ref_y, ref_grad = _per_domain_reference(refs, x, ids, lambda bn, t: bn(t))
+    torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.grad, ref_grad, atol=1e-5, rtol=0)
+    assert torch.equal(y[ids == 1], refs[1](x[ids == 1]))  # the eval formula, bitwise
+    for d, bn in enumerate(refs):
+        torch.testing.assert_close(layer.weight.grad[d], bn.weight.grad, atol=1e-5, rtol=0)
+        torch.testing.assert_close(layer.bias.grad[d], bn.bias.grad, atol=1e-5, rtol=0)
+    assert torch.equal(layer.running_mean[1], before["running_mean"][1])
+    assert torch.equal(layer.running_var[1], before["running_var"][1])
+    assert layer.num_batches_tracked.tolist() == [1, 0, 1]
+    for d in (0, 2):
+        torch.testing.assert_close(layer.running_mean[d], refs[d].running_mean, atol=1e-6, rtol=0)
+
+
+def test_one_value_domain_leaves_other_domains_bitwise_unchanged():
+    torch.manual_seed(31)
+    layer = DomainBatchNorm2d(3, num_domains=2)
+    _randomise(layer)
+    x = torch.randn(5, 3, 1, 1)
+    alone = copy.deepcopy(layer)(x[:4], domain=torch.zeros(4, dtype=torch.long))
+    with pytest.warns(UserWarning):
+        y = layer(x, domain=torch.tensor([0, 0, 0, 0, 1]))
+    assert torch.equal(y[:4], alone)
+
+
+def test_one_value_domain_warns_once_naming_the_module_path():
+    torch.manual_seed(32)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(DomainBatchNorm2d(4, num_domains=2)))
+    x = torch.randn(3, 3, 1, 1)
+    ids = torch.tensor([0, 0, 1])
+    with domain(net, ids), pytest.warns(UserWarning, match=r"^1\.0: DomainBatchNorm2d\(4"):
+        net(x)
+    with domain(net, ids), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net(x)  # once per layer
+        net.eval().train()
+
+
+def test_one_value_domain_without_running_stats_gives_beta():
+    """No running statistics: BatchNorm's limit at one value (output beta, zero dx)."""
+    torch.manual_seed(33)
+    layer = DomainBatchNorm2d(3, num_domains=2, track_running_stats=False)
+    _randomise(layer)
+    x = torch.randn(4, 3, 1, 1, requires_grad=True)
+    ids = torch.tensor([0, 1, 0, 0])
+    with pytest.warns(UserWarning, match="one value per channel"):
+        y = layer(x, domain=ids)
+    y.square().sum().backward()
+    # x * (gamma / sqrt(eps)) + (beta - x * gamma / sqrt(eps)): fp32 rounding of |x| * 316
+    torch.testing.assert_close(y[1, :, 0, 0], layer.bias[1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(x.grad[1], torch.zeros(3, 1, 1), atol=1e-4, rtol=0)
+    ref = nn.BatchNorm2d(3, track_running_stats=False)
+    with torch.no_grad():
+        ref.weight.copy_(layer.weight[0])
+        ref.bias.copy_(layer.bias[0])
+    torch.testing.assert_close(y[ids == 0], ref(x[ids == 0]), atol=1e-6, rtol=0)
+
+
+def test_one_value_domain_double_backward():
+    torch.manual_seed(34)
+    layer = DomainBatchNorm2d(2, num_domains=2, dtype=torch.float64)
+    _randomise(layer)
+    ids = torch.tensor([0, 1, 0])
+    x = torch.randn(3, 2, 1, 1, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer.eval()
+        eval_y = layer(x[1:2], domain=1)
+        layer.train()
+        torch.autograd.gradgradcheck(
+            lambda t: copy.deepcopy(layer)(t, domain=ids), (x,), check_batched_grad=False
+        )
+        y = layer(x, domain=ids)
+    torch.testing.assert_close(y[1:2], eval_y, atol=1e-12, rtol=0)
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g[1].sum(), x)
+    assert torch.equal(gg[[0, 2]], torch.zeros_like(gg[[0, 2]]))  # eval dx of one row: no mixing
+
+
+def test_converted_resnet18_with_single_sample_domain_trains():
+    """Regression (issue 17.1): resnet18 at 32x32 crashed at layer4 with a one-sample domain."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(35)
+    model = convert_norms(torchvision.models.resnet18(num_classes=10), "domain", num_domains=2)
+    ids = torch.zeros(16, dtype=torch.long)
+    ids[3] = 1
+    layer = model.layer4[1].bn2
+    before = layer.running_mean[1].clone()
+    with domain(model, ids), pytest.warns(UserWarning, match=r"layer4\.1\.bn2: "):
+        loss = model(torch.randn(16, 3, 32, 32)).square().mean()
+    loss.backward()
+    assert torch.isfinite(model.conv1.weight.grad).all()
+    assert torch.equal(layer.running_mean[1], before)
+    assert layer.num_batches_tracked.tolist() == [1, 0]
+    assert model.layer1[0].bn1.num_batches_tracked.tolist() == [1, 1]  # 8x8 maps: updated
 
 
 @pytest.mark.parametrize(
@@ -249,7 +365,11 @@ def test_domain_context_manager_nests_and_restores():
         net(x)
     with pytest.raises(ValueError, match="ids must be"), domain(net, 0.5):
         pass
-    with domain(nn.Linear(2, 2), 1) as plain:  # no DomainBatchNorm: nothing to route
+    # issue 17.15: no DomainBatchNorm, nothing to route: say so
+    with (
+        pytest.warns(UserWarning, match="Linear has no DomainBatchNorm"),
+        domain(nn.Linear(2, 2), 1) as plain,
+    ):
         assert isinstance(plain, nn.Linear)
 
 
@@ -598,12 +718,12 @@ def test_empty_batch_returns_empty_and_leaves_buffers(domains, sync, training):
         ),
         (
             lambda: DomainBatchNorm1d(3, 2),
-            lambda m: m(torch.randn(3, 3), domain=torch.tensor([0, 0, 1])),
+            lambda m: m(torch.randn(3, 3), domain=torch.tensor([0, 0, 2])),
         ),
         (lambda: DomainBatchNorm2d(3, 2), lambda m: m(torch.randn(2, 3, 2, 2), domain=2)),
         (lambda: DomainBatchNorm2d(3, 2), lambda m: m(torch.randn(2, 4, 2, 2), domain=0)),
     ],
-    ids=["one_value", "dtype", "dtype_cumulative", "per_sample_one_value", "bad_id", "shape"],
+    ids=["one_value", "dtype", "dtype_cumulative", "per_sample_bad_id", "bad_id", "shape"],
 )
 def test_rejected_call_leaves_every_buffer(make, call):
     """Regression: a call that raised still advanced ``num_batches_tracked``."""
@@ -678,3 +798,145 @@ def test_torch_compile_equals_eager():
             torch.testing.assert_close(g_compiled, g_eager, atol=1e-4, rtol=1e-4)
     for key, value in model.named_buffers():
         torch.testing.assert_close(value, dict(eager.named_buffers())[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("domains", [torch.tensor([0, 1, 0, 0, 1]), 1], ids=["per_sample", "int"])
+def test_no_host_reads_off_cpu(training, domains):
+    """Issue 17: on a device, nothing reads a value back (meta tensors raise on any read).
+
+    Covers the id range check (a device-side assert off CPU), the one-value domain (domain 1
+    at a 1x1 map: ``torch.where``, its warning deferred to ``train()``), first and second
+    order backward.
+    """
+    layer = DomainBatchNorm2d(3, num_domains=2, device="meta").train(training)
+    x = torch.randn(5, 3, 1, 1, device="meta", requires_grad=True)
+    if isinstance(domains, int):
+        x = torch.randn(5, 3, 2, 2, device="meta", requires_grad=True)
+    ids = domains.to("meta") if isinstance(domains, torch.Tensor) else domains
+    y = layer(x, domain=ids)
+    y.sum().backward()
+    (g,) = torch.autograd.grad(layer(x, domain=ids).square().sum(), x, create_graph=True)
+    g.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+
+
+# --- issue 17: domain() + activation checkpointing ---
+
+
+class _Checkpointed(nn.Module):
+    """conv -> DomainBatchNorm -> ReLU under ``checkpoint`` (``mode``), then a plain head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode: str | None = None
+        self.block = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), DomainBatchNorm2d(4, num_domains=2), nn.ReLU()
+        )
+        self.head = nn.Sequential(nn.Conv2d(4, 4, 1), DomainBatchNorm2d(4, num_domains=2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode is None:
+            return self.head(self.block(x))
+        reentrant = self.mode == "reentrant"
+        h = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=reentrant)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("ids", [torch.tensor([0, 1, 1, 0, 1, 1]), 1], ids=["per_sample", "int"])
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+def test_checkpoint_recompute_after_domain_block_uses_the_same_ids(mode, ids):
+    """Regression (issue 17.3): ``backward()`` after the block raised "no domain given"."""
+    torch.manual_seed(40)
+    base = _Checkpointed()
+    for layer in (base.block[1], base.head[1]):
+        _randomise(layer)
+    x = torch.randn(6, 3, 5, 5)
+    results = []
+    for checkpointed in (None, mode):
+        model = copy.deepcopy(base)
+        model.mode = checkpointed
+        xx = x.clone().requires_grad_()
+        with domain(model, ids):
+            y = model(xx)
+        y.square().sum().backward()  # outside the block, as Lightning's automatic optimisation
+        results.append((y, xx.grad, [p.grad for p in model.parameters()], model))
+    (y0, g0, p0, m0), (y1, g1, p1, m1) = results
+    assert torch.equal(y1, y0) and torch.equal(g1, g0)
+    for a, b in zip(p1, p0, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="no domain given"):  # outside a backward: still raises
+        m1(x)
+    # the recompute updates the running statistics again, as nn.BatchNorm2d's does
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        h = m0.block[0](x)
+    ref = copy.deepcopy(bn)
+    torch.utils.checkpoint.checkpoint(
+        bn, h.requires_grad_(), use_reentrant=mode == "reentrant"
+    ).sum().backward()
+    assert bn.num_batches_tracked == 2 and ref.num_batches_tracked == 0
+    assert m1.block[1].num_batches_tracked.tolist() == [
+        2 * int((torch.as_tensor(ids).expand(6) == d).any()) for d in range(2)
+    ]
+
+
+def test_timm_grad_checkpointing_under_domain():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(41)
+    base = convert_norms(timm.create_model("resnet10t", num_classes=3), "domain", num_domains=2)
+    ids = torch.tensor([0, 1, 1, 0])
+    x = torch.randn(4, 3, 32, 32)
+    grads = []
+    for checkpointed in (False, True):
+        model = copy.deepcopy(base)
+        model.set_grad_checkpointing(checkpointed)
+        with domain(model, ids):
+            loss = model(x).square().sum()
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# --- issue 17: plain BatchNorm checkpoints load ---
+
+
+@pytest.mark.parametrize("shared_affine", [False, True])
+def test_plain_batchnorm_state_loads_into_every_domain(shared_affine):
+    """Regression (issue 17.8): ``[C]`` states raised a size mismatch ``[64]`` vs ``[2, 64]``."""
+    torch.manual_seed(42)
+    bn = nn.BatchNorm2d(5)
+    bn(torch.randn(8, 5, 3, 3) * 2 + 1)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    state = bn.state_dict()
+    layer = DomainBatchNorm2d(5, num_domains=3, shared_affine=shared_affine)
+    layer.load_state_dict(state)
+    ref = DomainBatchNorm2d.from_batchnorm(bn, 3, shared_affine=shared_affine)
+    for key, value in ref.state_dict().items():
+        assert torch.equal(layer.state_dict()[key], value), key
+    assert state["running_mean"].shape == (5,)  # the caller's dict is not changed
+    layer.load_state_dict(ref.state_dict())  # [num_domains, C] loads as is
+    bad = {**ref.state_dict(), "running_mean": torch.zeros(2, 5)}
+    with pytest.raises(RuntimeError, match="size mismatch for running_mean"):
+        layer.load_state_dict(bad)
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        layer.load_state_dict({**state, "weight": torch.ones(4)})
+
+
+def test_plain_resnet18_checkpoint_loads_strictly_after_conversion():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(43)
+    plain = torchvision.models.resnet18(num_classes=10)
+    plain(torch.randn(4, 3, 32, 32))  # non-trivial running statistics
+    model = convert_norms(torchvision.models.resnet18(num_classes=10), "domain", num_domains=2)
+    model.load_state_dict(plain.state_dict(), strict=True)
+    plain.eval()
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    for d in range(2):
+        with domain(model, d):
+            torch.testing.assert_close(model(x), plain(x), atol=1e-5, rtol=1e-5)

@@ -6,8 +6,11 @@ one fused ``var_mean`` per ``(sample, channel)`` row, Chan's merge per domain on
 op with per-row scale and shift, ``y = x * scale_r + shift_r`` (``torch.addcmul``); the
 backward takes the per-row sums ``sum(dy)``, ``sum(dy * (x - mu))`` in one fused pass, merges
 them per domain, and applies ``dx = a_r * dy + b_r * x + c_r``. No loop over domains, no
-per-sample Python. Host-needing validation (ids in range, one value per channel) runs in
-eager mode only, so ``torch.compile`` traces the layer without graph breaks.
+per-sample Python. Nothing reads a tensor back to the host on an accelerator: ids are
+range-checked on the host for CPU tensors only (free there), by a device-side assert elsewhere,
+and not while ``torch.compile`` traces (no graph breaks). A domain with one value per channel
+in a per-sample batch is normalised with its running statistics (:func:`_rare_domains`), a
+``torch.where`` on ``[D, C]`` rows, not a host-side branch.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ Group = tuple[torch.distributed.ProcessGroup | None] | None
 
 
 def _eager() -> bool:
-    """Whether host-needing checks may run (not while ``torch.compile`` traces)."""
-    return not torch.compiler.is_compiling()
+    """Whether host-needing checks may run (not while ``torch.compile`` or ``torch.func`` trace)."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
 
 
 def _check_domains(
@@ -44,7 +47,8 @@ def _check_domains(
 ) -> int | Tensor:
     """Validate domain ids: an ``int`` is returned as is, a tensor as ``LongTensor[N]``.
 
-    The range of a tensor's ids is checked in eager mode only (it reads them on the host).
+    The range of a tensor's ids is checked in eager mode only: on the host for CPU ids, by a
+    device-side assert (no host read) on accelerators.
     """
     if isinstance(domains, Tensor):
         if domains.dtype == torch.bool or domains.is_floating_point() or domains.is_complex():
@@ -72,8 +76,17 @@ def _check_domains(
 
 
 def _check_range(ids: Tensor, num_domains: int, name: str) -> None:
-    """Raise unless every id is in ``[0, num_domains)`` (one host read of min and max)."""
-    low, high = (int(v) for v in torch.aminmax(ids))
+    """Raise unless every id is in ``[0, num_domains)``.
+
+    CPU ids: one host read of min and max (free on CPU), a ``ValueError``. Accelerator ids: a
+    device-side assert (``torch._assert_async``, no host read; it fails at the next sync).
+    """
+    low, high = torch.aminmax(ids)
+    if ids.device.type != "cpu":
+        message = f"{name}: domain ids must be in [0, {num_domains})"
+        torch._assert_async((low >= 0) & (high < num_domains), message)
+        return
+    low, high = int(low), int(high)
     if low < 0 or high >= num_domains:
         bad = low if low < 0 else high
         raise ValueError(
@@ -114,22 +127,48 @@ def _local_moments(x3: Tensor, ids: Tensor, num_domains: int) -> Moments:
     return Moments(zeros[:, 0], zeros, zeros)
 
 
-def _domain_stats(x3: Tensor, ids: Tensor, num_domains: int, group: Group, name: str) -> Moments:
+def _domain_stats(
+    x3: Tensor, ids: Tensor, num_domains: int, group: Group, name: str, *, check: bool = True
+) -> Moments:
     """Per-domain ``Moments(count, mean, M2)`` of ``[N, C, L]`` rows, global over ``group``.
 
     From the engine (:func:`~lightning_norms._moments.batch_moments`, then
     :func:`~lightning_norms._moments.all_reduce_moments`); no gradient (the backward accounts
     for the statistics' dependence on ``x``). An empty input (a rank without data) counts
-    nothing. In eager mode, raises for a one-value domain before any state changes, on every
-    rank alike when synchronised.
+    nothing. With ``check`` (one statistics set for the whole batch, as ``nn.BatchNorm``), in
+    eager mode, raises for a one-value domain before any state changes, on every rank alike
+    when synchronised; per-sample ids pass ``check=False`` (see :func:`_rare_domains`).
     """
     with torch.no_grad():
         moments = _local_moments(x3, ids, num_domains)
         if group is not None:
             (moments,) = all_reduce_moments([moments], group[0])
-    if _eager():
+    if check and _eager():
         _check_counts(moments.n, name)
     return moments
+
+
+def _rare_domains(
+    stats: Moments, running_mean: Tensor | None, running_var: Tensor | None
+) -> tuple[Moments, Tensor]:
+    """The statistics the kernel uses when a domain has one value per channel, and which did.
+
+    Such a domain (``count == 1``, global when synchronised) is normalised as in eval: its
+    row of the running statistics replaces the batch statistics and its count becomes 0, which
+    :class:`_DomainBatchNormFn` reads as fixed statistics (no batch-statistics terms in the
+    gradient: the eval-mode gradient) and :func:`update_running` as absent (its rows and its
+    ``num_batches_tracked`` entry stay). Without running statistics the batch statistics stay
+    (mean = the value, variance 0): output ``beta`` and input gradient 0, BatchNorm's limit
+    at one value. ``torch.where`` on ``[D, C]`` rows: no host read. Returns the statistics
+    and the ``BoolTensor[D]`` of one-value domains.
+    """
+    rare = stats.n == 1
+    if running_mean is None or running_var is None:
+        return stats, rare
+    fixed, dtype = rare.unsqueeze(1), stats.mean.dtype
+    count = stats.n.masked_fill(rare, 0.0)
+    mean = torch.where(fixed, as_dtype(running_mean, dtype), stats.mean)
+    return Moments(count, mean, torch.where(fixed, as_dtype(running_var, dtype), stats.m2)), rare
 
 
 def domain_batch_stats(
@@ -236,6 +275,11 @@ def _row_grad_sums(g3: Tensor, x3: Tensor, mean_rows: Tensor) -> tuple[Tensor, T
 Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
 
 
+def _inv_count(count: Tensor) -> Tensor:
+    """``1 / count`` as ``[D, 1]``, 0 where the count is 0 (absent, or fixed statistics)."""
+    return (count.clamp(min=1).reciprocal() * (count > 0)).unsqueeze(1)
+
+
 def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
     """First-order gradients of :class:`_DomainBatchNormFn` in a few fused passes (no graph).
 
@@ -245,7 +289,7 @@ def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
     x3, ids, weight, count, mean, invstd, scale = saved
     c = mean.shape[1]
     g3 = g3.contiguous()
-    inv_count = count.clamp(min=1).reciprocal().unsqueeze(1)
+    inv_count = _inv_count(count)
     grad_x = None
     if x3.numel():
         row_sum, row_dot = _row_grad_sums(g3, x3, mean.index_select(0, ids))
@@ -286,11 +330,12 @@ def _graph_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
     (means over the domain's elements on all ranks), in fp32 at least. Autograd
     differentiates this graph, so double backward (gradient penalties) is exact.
     """
-    x3, ids, weight, count, mean, _, _ = saved
+    x3, ids, weight, count, mean, fixed_invstd, _ = saved
     group = ctx.group
     num_domains, c = mean.shape
     xf, gf = x3.to(mean.dtype), g3.to(mean.dtype)
-    inv_count = count.clamp(min=1).reciprocal().unsqueeze(1)
+    inv_count = _inv_count(count)
+    fixed = (count == 0).unsqueeze(1)  # fixed statistics: constants, as in eval
 
     def domain_sum(rows: Tensor, across_ranks: bool) -> Tensor:
         total = rows.new_zeros(num_domains, c).index_add(0, ids, rows)
@@ -298,8 +343,10 @@ def _graph_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
             return _AllReduceSum.apply(total, group[0])
         return total
 
-    centred = xf - (domain_sum(xf.sum(2), True) * inv_count)[ids].unsqueeze(2)
-    invstd = torch.rsqrt(domain_sum(centred.square().sum(2), True) * inv_count + ctx.eps)
+    batch_mean = domain_sum(xf.sum(2), True) * inv_count
+    centred = xf - torch.where(fixed, mean, batch_mean)[ids].unsqueeze(2)
+    batch_invstd = torch.rsqrt(domain_sum(centred.square().sum(2), True) * inv_count + ctx.eps)
+    invstd = torch.where(fixed, fixed_invstd, batch_invstd)
     x_hat = centred * invstd[ids].unsqueeze(2)
     sum_dy = domain_sum(gf.sum(2), False)
     sum_dy_xhat = domain_sum((gf * x_hat).sum(2), False)
@@ -457,6 +504,7 @@ def domain_batch_norm(
     process_group: torch.distributed.ProcessGroup | None = None,
     *,
     name: str = "domain_batch_norm",
+    rare_domains: Tensor | None = None,
 ) -> Tensor:
     r"""Domain-split BatchNorm: every sample normalised with the statistics of its own domain.
 
@@ -474,9 +522,16 @@ def domain_batch_norm(
     one call without a loop over samples. An ``int`` domain is a single ``F.batch_norm`` on
     row views of the buffers. In training, the rows of present domains are updated like
     BatchNorm's (unbiased variance); an absent domain's rows, and its entry of
-    ``num_batches_tracked``, are left untouched. With ``sync`` (or a ``process_group``) in
-    training under ``torch.distributed``, batch statistics and the backward's sums are
-    all-reduced so every rank normalises with the global per-domain statistics.
+    ``num_batches_tracked``, are left untouched. With per-sample ids, a domain that has one
+    value per channel (one sample at a 1x1 map; on the global count when synchronised) does
+    not raise: it is normalised with its running statistics (eval formula and eval-mode
+    gradient) and leaves them and its ``num_batches_tracked`` entry untouched, the other
+    domains unaffected; without running statistics it gets ``beta`` (zero input gradient),
+    BatchNorm's limit at one value. No host read decides this (``torch.where`` on the
+    ``[D, C]`` statistics); pass ``rare_domains`` to learn which domains it concerned.
+    With ``sync`` (or a ``process_group``) in training under ``torch.distributed``, batch
+    statistics and the backward's sums are all-reduced so every rank normalises with the
+    global per-domain statistics.
 
     As ``F.batch_norm``: statistics in fp32 for fp16/bf16 inputs or parameters, output in the
     input's dtype; an empty batch gives an empty output and changes no buffer; a call that
@@ -502,14 +557,19 @@ def domain_batch_norm(
         process_group: group to reduce over (implies ``sync``). Default: ``None`` (world).
         name: how error messages name the caller (keyword only; layers pass their own
             name). Default: ``"domain_batch_norm"``.
+        rare_domains: a ``BoolTensor[D]`` on ``x``'s device into which the one-value domains
+            of this call are OR-ed in place (device-side, no host read; not while
+            ``torch.compile`` or ``torch.func`` trace), for the caller to report; the
+            function itself never warns (keyword only). Default: ``None``.
 
     Shape:
         ``x``: :math:`(N, C, *)`; output: same shape.
 
     Raises:
         ValueError: domain ids not integer, not of shape ``[N]``, or outside
-            ``[0, num_domains)``; a domain with a single value per channel in training
-            (decided on the global counts when synchronised, so every rank raises).
+            ``[0, num_domains)`` (CPU ids; a device-side assert on accelerators); an ``int``
+            domain with a single value per channel in training (decided on the global
+            counts when synchronised, so every rank raises).
 
     Example:
         >>> x = torch.randn(6, 3, 4, 4)
@@ -544,7 +604,11 @@ def domain_batch_norm(
     x3 = _rows(x)
     if not use_batch_stats and running_mean is not None and running_var is not None:
         return _eval_rows(x3, ids, running_mean, running_var, weight, bias, eps).view(x.shape)
-    stats = _domain_stats(x3, ids, num_domains, group, name)
+    stats = _domain_stats(x3, ids, num_domains, group, name, check=isinstance(domains, int))
+    if not isinstance(domains, int):
+        stats, rare = _rare_domains(stats, running_mean, running_var)
+        if rare_domains is not None and _eager():
+            rare_domains.logical_or_(rare)
     out = _DomainBatchNormFn.apply(x3, weight, bias, ids, eps, group, stats)
     if training and running_mean is not None and running_var is not None:
         with torch.no_grad():
