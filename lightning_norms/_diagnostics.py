@@ -55,6 +55,7 @@ __all__ = [
     "all_reduce_max_",
     "all_reduce_spreads",
     "eval_mismatch",
+    "nanmedian_rows",
     "summarise_spread",
 ]
 
@@ -223,8 +224,28 @@ def summarise_spread(ratio: Tensor, num_batches: Tensor, min_batches: int) -> Te
         >>> summarise_spread(torch.tensor([[-3.0]]), torch.tensor([20.0]), 10)
         tensor([0.])
     """
-    med = ratio.nanmedian(dim=1).values.clamp(min=0.0)
+    med = nanmedian_rows(ratio).clamp(min=0.0)
     return torch.where(num_batches >= max(min_batches, 3), med, torch.nan)
+
+
+def nanmedian_rows(x: Tensor) -> Tensor:
+    """``x.nanmedian(dim=1).values`` of a ``[G, C]`` tensor with deterministic kernels only.
+
+    ``Tensor.nanmedian(dim=...)`` returns indices too, and its CUDA kernel raises under
+    ``torch.use_deterministic_algorithms(True)`` (which ``Trainer(deterministic=True)`` sets);
+    older MPS builds lack it. Here NaN becomes ``+inf``, each row is sorted, and the lower middle
+    of its ``k`` non-NaN values (index ``(k - 1) // 2``, torch's choice for even ``k``) is
+    gathered; a row of NaN gives NaN.
+
+    Example:
+        >>> nanmedian_rows(torch.tensor([[3.0, float("nan"), 1.0, 2.0], [4.0, 1.0, 2.0, 3.0]]))
+        tensor([2., 2.])
+    """
+    missing = x.isnan()
+    count = x.shape[1] - missing.sum(dim=1, keepdim=True)
+    ordered = torch.where(missing, torch.inf, x).sort(dim=1).values
+    middle = ordered.gather(1, ((count - 1) // 2).clamp(min=0)).squeeze(1)
+    return torch.where(count.squeeze(1) > 0, middle, torch.nan)
 
 
 def eval_mismatch(

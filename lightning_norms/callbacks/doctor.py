@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, Protocol, cast
@@ -37,7 +37,7 @@ from lightning_norms.stats import is_recomputing
 __all__ = ["BNFinding", "BatchNormDoctor", "BatchNormDoctorWarning"]
 
 _TOO_FEW = "too few batches"  # status of a layer a check cannot judge yet (never "ok")
-_EVAL_MODE = "eval mode in training"  # training status of a layer run in eval mode only
+_EVAL_MODE = "eval mode"  # training status of a layer run in eval mode only (frozen)
 
 
 class BatchNormDoctorWarning(UserWarning):
@@ -135,28 +135,132 @@ def _epoch_training_done(trainer: pl.Trainer) -> bool:
     )
 
 
-@rank_zero_only
-def _print_table(title: str, caption: str, columns: list[str], rows: list[list[str]]) -> None:
-    """One table through a rich console, or as plain text through logging without rich."""
+def _short_path(name: str, width: int) -> str:
+    """``name`` shortened from the left at a dot to fit ``width``, never cut inside a part.
+
+    Example:
+        >>> _short_path("net.layer4.1.downsample.1", 18)
+        '…1.downsample.1'
+        >>> _short_path("net.layer4.1.bn2", 16)
+        'net.layer4.1.bn2'
+    """
+    if len(name) <= width:
+        return name
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        tail = ".".join(parts[i:])
+        if len(tail) < width:
+            return "…" + tail
+    return "…" + parts[-1]  # one part longer than the column: kept whole
+
+
+def _short_paths(names: Sequence[str], width: int) -> list[str]:
+    """:func:`_short_path` of each name; names whose short forms collide stay whole."""
+    short = [_short_path(n, width) for n in names]
+    seen: dict[str, int] = {}
+    for s in short:
+        seen[s] = seen.get(s, 0) + 1
+    return [s if seen[s] == 1 else n for s, n in zip(short, names, strict=True)]
+
+
+@dataclass
+class _Row:
+    """One layer's line of a check's table."""
+
+    layer: str
+    cells: list[str]
+    status: str  # "ok", too few batches, eval mode, or the failed columns
+    severity: float  # how far past its threshold the worst failed figure is (0: none failed)
+
+
+_STATUS_WIDTH = 15  # the status column's width budget (wider statuses wrap at ", ")
+_SUMMARY_ROWS = 6  # flagged layers a summary table shows (the worst first)
+
+
+def _layer_width(headers: Sequence[str], rows: Sequence[_Row], width: int) -> int:
+    """Columns left for the layer path in a ``width``-column table of these figure columns."""
+    used = 1 + _STATUS_WIDTH + 3
+    for i, header in enumerate(headers):
+        used += 3 + max(*(len(w) for w in header.split("\n")), *(len(r.cells[i]) for r in rows))
+    return max(width - used, 12)
+
+
+def _counts(rows: Sequence[_Row], shown: int) -> str:
+    """``20 BN layers: 3 flagged (all shown), 15 ok, 2 too few batches``."""
+    flagged = sum(r.severity > 0 for r in rows)
+    kinds = {"ok": 0, _TOO_FEW: 0, _EVAL_MODE: 0}
+    for r in rows:
+        if r.status in kinds:
+            kinds[r.status] += 1
+    parts = [f"{flagged} flagged"] if flagged else []
+    if flagged > shown:
+        parts[0] += f" (the worst {shown} shown)"
+    parts += [f"{n} {kind}" for kind, n in kinds.items() if n]
+    return f"{len(rows)} BN layer{'s' if len(rows) != 1 else ''}: " + ", ".join(parts)
+
+
+def _console() -> Any:
+    """A rich console, or ``None`` without rich (the tables then go through logging)."""
     try:
         from rich.console import Console
-        from rich.table import Table
     except ImportError:
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-        lines = [title, "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-        lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-        rank_zero_info("\n".join([*lines, caption]))
-        return
-    table = Table(title=title, caption=caption)
-    for i, column in enumerate(columns):
-        left = i in (0, 1, len(columns) - 1)
-        # layer paths are never cut: folded onto a second line if the terminal is narrow
-        overflow: Literal["fold", "ellipsis"] = "fold" if i == 0 else "ellipsis"
-        table.add_column(column, justify="left" if left else "right", overflow=overflow)
+        return None
+    return Console()
+
+
+def _plain_table(headers: list[str], cells: list[list[str]]) -> list[str]:
+    columns = ["layer", *(h.replace("/\n", "/").replace("\n", " ") for h in headers), "status"]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = [columns, *cells]
+    return ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in lines]
+
+
+def _rich_table(
+    title: str, caption: str, headers: list[str], rows: list[_Row], cells: list[list[str]]
+) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(
+        title=title, caption=caption, box=box.SIMPLE_HEAD, show_edge=False,
+        title_justify="left", caption_justify="left",
+    )  # fmt: skip
+    table.add_column("layer", no_wrap=True)
+    for header in headers:
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("status", min_width=_STATUS_WIDTH)
     styles = {"ok": None, _TOO_FEW: "yellow", _EVAL_MODE: "dim"}
-    for row in rows:
-        table.add_row(*row, style=styles.get(row[-1], "bold red"))
-    Console().print(table)
+    for row, line in zip(rows, cells, strict=True):
+        table.add_row(*line, style=styles.get(row.status, "bold red"))
+    return table
+
+
+@rank_zero_only
+def _print_report(
+    title: str, headers: list[str], rows: list[_Row], caption: str, summary: bool
+) -> None:
+    """One check's table (``summary``: the flagged layers only, the worst first, and a count of
+    the rest) through a rich console, or as plain text through logging without rich."""
+    console = _console()
+    shown = rows
+    if summary:
+        flagged = sorted((r for r in rows if r.severity > 0), key=lambda r: -r.severity)
+        shown = flagged[:_SUMMARY_ROWS]
+    counts = _counts(rows, len(shown))
+    if not shown:
+        if console is None:
+            rank_zero_info(f"{title} {counts}.")
+        else:
+            console.print(f"{title} {counts}.")
+        return
+    width = _layer_width(headers, shown, console.width if console is not None else 80)
+    names = [r.layer for r in rows]
+    short = dict(zip(names, _short_paths(names, width), strict=True))
+    cells = [[short[r.layer], *r.cells, r.status] for r in shown]
+    if console is None:
+        rank_zero_info("\n".join([title, *_plain_table(headers, cells), caption, counts]))
+    else:
+        console.print(_rich_table(title, f"{caption}\n{counts}", headers, shown, cells))
 
 
 class _ResolvesDomain(Protocol):
@@ -346,9 +450,8 @@ def _calls_figure(probe: _Probe) -> Tensor:
 def _batch_figure(probe: _Probe) -> Tensor:
     """The smallest non-empty batch a call normalised (times the ranks it syncs over)."""
     batch = probe.figures["batch"]
-    seen = batch[batch > 0]
-    smallest = seen.min() if seen.numel() else torch.tensor(math.nan, device=batch.device)
-    return smallest * _sync_world_size(probe.module)
+    smallest = torch.where(batch > 0, batch, torch.inf).min()  # no boolean indexing: no sync
+    return torch.where(smallest.isinf(), torch.nan, smallest) * _sync_world_size(probe.module)
 
 
 def _bias_figure(probe: _Probe) -> Tensor:
@@ -380,57 +483,74 @@ class _Check:
     threshold: str  # the BatchNormDoctor attribute that holds the threshold
     below: bool  # flag figures below the threshold (else above it)
     remedy: Callable[[_Probe, float, float], str]  # the finding's text, remedy included
+    header: str  # the column's header in the table, on two lines
+    hint: str  # the remedy in a few words (the summary's warning)
     exempt: tuple[str, ...] = ()  # class-name prefixes of layers this check does not judge
 
+    def severity(self, value: float, threshold: float) -> float:
+        """How far ``value`` is past ``threshold`` (a ratio above 1 when it fails the check)."""
+        if self.below:
+            return threshold / max(value, 1e-12)
+        return value / threshold if threshold > 0 else (math.inf if value > 0 else 0.0)
 
+    def worst(self, values: Sequence[float]) -> float:
+        """The worst of several layers' figures (NaN when none was judged)."""
+        judged = [v for v in values if not math.isnan(v)]
+        if not judged:
+            return math.nan
+        return min(judged) if self.below else max(judged)
+
+
+_EVAL_HINT = "recompute exact statistics (`PreciseBN`); `DomainBatchNorm` if sources differ"
 _CHECK_TABLE = (
     _Check(
         "batch_spread", "train", _spread_figure, "batch spread", ".2f", "_max_spread", False,
-        _spread_text,
+        _spread_text, "batch\nspread",
+        "shuffle, and put every source in every batch (`MixingBatchSampler`)",
     ),
     _Check(
         "calls_per_step", "train", _calls_figure, "calls/step", ".0f", "_max_calls", False,
-        _calls_text,
+        _calls_text, "calls/\nstep",
+        "feed one mixed batch (`MixingBatchSampler`, `mix_real_fake`) or `DomainBatchNorm`",
     ),
     _Check(
         "batch_size", "train", _batch_figure, "samples/call", ".0f", "_min_batch", True,
-        _batch_text, exempt=("BatchRenorm",),  # designed for small batches
+        _batch_text, "samples/\ncall", "use `BatchRenorm`, GroupNorm, or `NormSync` on DDP",
+        exempt=("BatchRenorm",),  # designed for small batches
     ),
     _Check(
         "redundant_bias", "train", _bias_figure, "biased input", ".2f", "_max_bias", False,
-        _bias_text,
+        _bias_text, "biased\ninput", "build the layer feeding it with `bias=False`",
     ),
     _Check(
         "eval_mean_shift", "eval", _shift_figure, "mean shift", ".3f", "_max_shift", False,
-        _shift_text,
+        _shift_text, "mean\nshift", _EVAL_HINT,
     ),
     _Check(
         "eval_var_ratio", "eval", _var_figure, "log var ratio", ".3f", "_max_lvr", False,
-        _var_text,
+        _var_text, "log var\nratio", _EVAL_HINT,
     ),
 )  # fmt: skip
-_FIGURES = tuple(c.name for c in _CHECK_TABLE)
 _QUESTIONS = {
     "train": "are training batches fair samples?",
     "eval": "do running stats match the validation data?",
 }
 
 
-def _status(verdicts: list[str]) -> str:
-    """A table row's status: the failed checks, else ``too few batches`` if any, else ``ok``."""
-    failed = [v for v in verdicts if v not in ("ok", _TOO_FEW)]
-    if failed:
-        return ", ".join(failed)
-    return _TOO_FEW if _TOO_FEW in verdicts else "ok"
+class _ArgumentError(MisconfigurationException, ValueError):
+    """A bad ``BatchNormDoctor`` argument: a ``ValueError``, and Lightning's
+    ``MisconfigurationException`` like the other callbacks' argument errors."""
 
 
-def _check_arguments(ints: dict[str, Any], floats: dict[str, Any]) -> None:
-    """Positive integers and positive finite thresholds, by argument name."""
+_VERBOSITIES = ("summary", "full", "quiet")
+_LOG_FIGURES = ("worst", "all", "none")
+
+
+def _check_arguments(ints: dict[str, Any], floats: dict[str, Any], choices: dict[str, Any]) -> None:
+    """Positive integers, positive finite thresholds and the named choices, by argument name."""
     for name, value in ints.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MisconfigurationException(
-                f"`{name}` should be a positive integer, got {value!r}."
-            )
+            raise _ArgumentError(f"`{name}` should be a positive integer, got {value!r}.")
     for name, value in floats.items():
         if (
             isinstance(value, bool)
@@ -438,24 +558,12 @@ def _check_arguments(ints: dict[str, Any], floats: dict[str, Any]) -> None:
             or not math.isfinite(value)
             or value <= 0
         ):
-            raise MisconfigurationException(
-                f"`{name}` should be a positive finite number, got {value!r}."
-            )
-
-
-def _figures_to_log(log_figures: bool | str | Iterable[str]) -> frozenset[str]:
-    """Validate ``log_figures``: ``True`` (all), ``False`` (none), one name or several."""
-    if isinstance(log_figures, bool):
-        return frozenset(_FIGURES if log_figures else ())
-    names = [log_figures] if isinstance(log_figures, str) else log_figures
-    if isinstance(names, Iterable):
-        names = list(names)
-        if all(isinstance(n, str) and n in _FIGURES for n in names):
-            return frozenset(names)
-    raise MisconfigurationException(
-        f"`log_figures` should be True, False or figure names among {list(_FIGURES)}, "
-        f"got {log_figures!r}."
-    )
+            raise _ArgumentError(f"`{name}` should be a positive finite number, got {value!r}.")
+    allowed = {"verbosity": _VERBOSITIES, "log_figures": _LOG_FIGURES}
+    for name, value in choices.items():
+        if value not in allowed[name]:
+            options = " or ".join(repr(v) for v in allowed[name])
+            raise _ArgumentError(f"`{name}` should be {options}, got {value!r}.")
 
 
 class BatchNormDoctor(Callback):
@@ -506,18 +614,23 @@ class BatchNormDoctor(Callback):
     mismatch. Sanity-check validation is skipped. Finally ``shuffle``: the training DataLoader
     reads in order (``SequentialSampler``, or a sampler with ``shuffle=False``); warned once.
 
-    Each finding is one ``rank_zero_warn`` (category :class:`BatchNormDoctorWarning`) naming the
-    layer's module path, the figure and the remedy this package offers. Each check epoch prints
-    one table per question on rank zero, the training one first (right after the epoch's last
-    training batch, before its validation), then the eval one (after each validation run),
-    through a rich console, or through Lightning's logging (``rank_zero_info``) without rich. A
-    layer a check cannot judge yet shows ``too few batches``, never ``ok``; one that ran in eval
-    mode only during training (frozen, e.g. by ``FreezeBatchNorm``) shows ``eval mode in
-    training`` in the training table and is judged by the eval checks. The figures named
-    by ``log_figures`` are logged as ``bn_doctor/<check>/<layer>``. :attr:`findings` holds the
-    findings of the last check epoch (or ``trainer.validate`` run). Under DDP the figures are
-    merged over ranks (sums for the statistics, maxima for counts), so every rank reports the
-    same findings.
+    Each check epoch reports once per question on rank zero, the training one first (right after
+    the epoch's last training batch, before its validation), then the eval one (after each
+    validation run), through a rich console, or through Lightning's logging
+    (``rank_zero_info``) without rich. ``verbosity="summary"`` (default) prints a short table of
+    the layers that need attention (at most 8, the furthest past a threshold first) and a line
+    counting the rest, or that line alone when none does, and one ``rank_zero_warn`` (category
+    :class:`BatchNormDoctorWarning`) per failed check, naming its worst layer, the figure, the
+    remedy this package offers and the other layers it flagged; ``"full"`` prints every layer
+    and warns once per finding; ``"quiet"`` prints and warns nothing (the findings and logged
+    figures stay). Tables fit the console's width (80 columns at least): module paths are
+    shortened from the left at a dot (``…layer4.1.bn2``), never inside a name. A layer a check
+    cannot judge yet shows ``too few batches``, never ``ok``; one that ran in eval mode only
+    during training (frozen, e.g. by ``FreezeBatchNorm``) shows ``eval mode`` in the training
+    table and is judged by the eval checks. :attr:`findings` holds every finding of the last
+    check epoch (or ``trainer.validate`` run), whatever the verbosity. Under DDP the figures
+    are merged over ranks (sums for the statistics, maxima for counts), so every rank reports
+    the same findings.
 
     The forwards of :func:`lightning_norms.stats.recompute_bn_stats` (``PreciseBN``) are
     ignored, whatever the callback order. Gradient checkpointing that re-runs a BN layer in
@@ -543,21 +656,26 @@ class BatchNormDoctor(Callback):
             0.1 its running statistics still hold ``0.9^n`` of their initial values, an EMA
             warm-up rather than a finding. A layer whose momentum is too small to forget them
             in that many batches is flagged. ``trainer.validate`` judges every layer.
-        log_figures: which figures go to the logger: ``True`` (default, all), ``False`` (none),
-            or one or several of ``batch_spread``, ``calls_per_step``, ``batch_size``,
+        verbosity: ``"summary"`` (default), ``"full"`` or ``"quiet"``: what is printed and
+            warned, see above.
+        log_figures: ``"worst"`` (default) logs one figure per check, its worst layer's, as
+            ``bn_doctor/<check>`` (the largest, the smallest for ``batch_size``); ``"all"``
+            logs every layer's as ``bn_doctor/<check>/<layer>``; ``"none"`` logs nothing.
+            The checks: ``batch_spread``, ``calls_per_step``, ``batch_size``,
             ``redundant_bias``, ``eval_mean_shift``, ``eval_var_ratio``.
 
     Raises:
-        MisconfigurationException: on a non-positive ``check_every_n_epochs``,
-            ``max_calls_per_step``, ``min_batch_size``, ``min_batches`` or ``warmup_batches``,
-            a non-positive or non-finite ``max_batch_spread``, ``max_mean_shift`` or
-            ``max_log_var_ratio``, or an unknown figure in ``log_figures``.
+        ValueError: on a non-positive ``check_every_n_epochs``, ``max_calls_per_step``,
+            ``min_batch_size``, ``min_batches`` or ``warmup_batches``, a non-positive or
+            non-finite ``max_batch_spread``, ``max_mean_shift`` or ``max_log_var_ratio``, or
+            an unknown ``verbosity`` or ``log_figures``; the message names the argument (also
+            a Lightning ``MisconfigurationException``, like the other callbacks' errors).
         ValueError: in ``setup``, with ``Trainer(sync_batchnorm=True)``, which would replace
             this package's layers with ``torch.nn.SyncBatchNorm``; use
             ``plugins=[lightning_norms.NormSync()]``.
 
     Example:
-        >>> doctor = BatchNormDoctor(min_batch_size=8, log_figures=["batch_spread"])
+        >>> doctor = BatchNormDoctor(min_batch_size=8, verbosity="full", log_figures="all")
         >>> doctor.findings
         []
         >>> # trainer = Trainer(callbacks=[doctor]); trainer.fit(model)
@@ -573,7 +691,8 @@ class BatchNormDoctor(Callback):
         max_log_var_ratio: float = 1.0,
         min_batches: int = 20,
         warmup_batches: int = 30,
-        log_figures: bool | str | Iterable[str] = True,
+        verbosity: Literal["summary", "full", "quiet"] = "summary",
+        log_figures: Literal["worst", "all", "none"] = "worst",
     ) -> None:
         _check_arguments(
             {
@@ -588,8 +707,10 @@ class BatchNormDoctor(Callback):
                 "max_mean_shift": max_mean_shift,
                 "max_log_var_ratio": max_log_var_ratio,
             },
+            {"verbosity": verbosity, "log_figures": log_figures},
         )
-        self._log_figures = _figures_to_log(log_figures)
+        self._verbosity = verbosity
+        self._log_figures = log_figures
         self._every = check_every_n_epochs
         self._max_spread = float(max_batch_spread)
         self._max_calls = max_calls_per_step
@@ -760,34 +881,85 @@ class BatchNormDoctor(Callback):
                 "build mixed batches with `lightning_norms.data.MixingBatchSampler`."
             )
             self.findings.append(BNFinding("shuffle", name, math.nan, math.nan, message))
-            if name not in self._warned_shuffle:
+            if name not in self._warned_shuffle and self._verbosity != "quiet":
                 self._warned_shuffle.add(name)
                 rank_zero_warn(message, category=BatchNormDoctorWarning)
 
-    def _judge(
-        self, check: _Check, probe: _Probe, value: float, pl_module: pl.LightningModule
-    ) -> str:
-        """Log one figure and judge it: ``ok``, ``too few batches`` or the check's name."""
-        if check.name in self._log_figures and not math.isnan(value):
-            name = f"bn_doctor/{check.name}/{probe.name}"
-            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+    def _judge(self, check: _Check, probe: _Probe, value: float) -> float:
+        """Judge one figure: its severity (> 0: a finding, recorded), 0 if ok, NaN if unjudged."""
         if math.isnan(value):
-            return _TOO_FEW
+            return math.nan
         threshold = float(getattr(self, check.threshold))
         exempt = type(probe.module).__name__.startswith(check.exempt)
         if exempt or not (value < threshold if check.below else value > threshold):
-            return "ok"
+            return 0.0
         message = (
             f"BatchNormDoctor: BN layer `{probe.name}` {check.remedy(probe, value, threshold)}"
         )
         self.findings.append(BNFinding(check.name, probe.name, value, threshold, message))
-        rank_zero_warn(message, category=BatchNormDoctorWarning)
-        return check.name
+        return check.severity(value, threshold)
+
+    def _row(self, checks: list[_Check], probe: _Probe, values: list[float], phase: str) -> _Row:
+        """One layer's table row, its checks judged."""
+        severities = [self._judge(c, probe, v) for c, v in zip(checks, values, strict=True)]
+        failed = [c.column for c, s in zip(checks, severities, strict=True) if s > 0]
+        if phase == "train" and probe.eval_calls > 0 and probe.train_calls == 0:
+            status = _EVAL_MODE
+        elif failed:
+            status = ", ".join(failed)
+        else:
+            status = _TOO_FEW if any(math.isnan(s) for s in severities) else "ok"
+        cells = [_fmt(v, c.spec) for c, v in zip(checks, values, strict=True)]
+        return _Row(probe.name, cells, status, max((s for s in severities if s > 0), default=0.0))
+
+    def _log(
+        self,
+        checks: list[_Check],
+        probes: list[_Probe],
+        figures: list[list[float]],
+        pl_module: pl.LightningModule,
+    ) -> None:
+        """``log_figures="worst"``: ``bn_doctor/<check>`` (the worst layer); ``"all"``:
+        ``bn_doctor/<check>/<layer>`` for every layer."""
+        values: dict[str, float] = {}
+        for i, check in enumerate(checks):
+            column = [row[i] for row in figures]
+            if self._log_figures == "worst":
+                values[f"bn_doctor/{check.name}"] = check.worst(column)
+            elif self._log_figures == "all":
+                for probe, value in zip(probes, column, strict=True):
+                    values[f"bn_doctor/{check.name}/{probe.name}"] = value
+        for name, value in values.items():
+            if not math.isnan(value):
+                pl_module.log(
+                    name, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1
+                )
+
+    def _warn(self, checks: list[_Check], rows: list[_Row], epoch: int) -> None:
+        """``full``: one warning per finding; ``summary``: one per check epoch and question,
+        counting the flagged layers, naming the worst, with the remedies in a few words."""
+        found = [f for f in self.findings if f.check in {c.name for c in checks}]
+        if self._verbosity == "quiet" or not found:
+            return
+        if self._verbosity == "full":
+            for finding in found:
+                rank_zero_warn(finding.message, category=BatchNormDoctorWarning)
+            return
+        failed = [c for c in checks if any(f.check == c.name for f in found)]
+        worst = max(rows, key=lambda r: r.severity)
+        hints = "; ".join(dict.fromkeys(c.hint for c in failed))
+        flagged = sum(r.severity > 0 for r in rows)
+        rank_zero_warn(
+            f"BatchNormDoctor: {flagged} of {len(rows)} BN layers flagged at epoch {epoch} "
+            f"({', '.join(c.column for c in failed)}; worst `{worst.layer}`): {hints}. "
+            "`verbosity='full'` or `.findings` explains each.",
+            category=BatchNormDoctorWarning,
+        )
 
     def _report(
         self, phase: Literal["train", "eval"], trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> None:
-        """Gather one phase's figures, judge every check of the phase, print its table."""
+        """Gather one phase's figures, log and judge every check of the phase, report it."""
         checks = [c for c in _CHECK_TABLE if c.phase == phase]
         names = {c.name for c in checks}
         self.findings = [f for f in self.findings if f.check not in names]
@@ -797,22 +969,22 @@ class BatchNormDoctor(Callback):
         figures = torch.stack(
             [torch.stack([c.figure(p).float() for c in checks]) for p in probes]
         ).tolist()  # the one host sync of the check
-        rows = []
-        for probe, values in zip(probes, figures, strict=True):
-            pairs = list(zip(checks, values, strict=True))
-            verdicts = [self._judge(c, probe, v, pl_module) for c, v in pairs]
-            cells = [_fmt(v, c.spec) for c, v in pairs]
-            frozen = phase == "train" and probe.eval_calls > 0 and probe.train_calls == 0
-            status = _EVAL_MODE if frozen else _status(verdicts)
-            rows.append([probe.name, type(probe.module).__name__, *cells, status])
+        self._log(checks, probes, figures, pl_module)
+        rows = [self._row(checks, p, v, phase) for p, v in zip(probes, figures, strict=True)]
+        if self._verbosity != "quiet":
+            self._print(phase, checks, rows, trainer.current_epoch)
+        self._warn(checks, rows, trainer.current_epoch)
+
+    def _print(self, phase: str, checks: list[_Check], rows: list[_Row], epoch: int) -> None:
         limits = [
             f"{c.column} {'<' if c.below else '>'} {getattr(self, c.threshold):g}" for c in checks
         ]
-        _print_table(
-            f"BatchNormDoctor, epoch {trainer.current_epoch}: {_QUESTIONS[phase]}",
-            "flagged: " + ", ".join(limits),
-            ["layer", "type", *(c.column for c in checks), "status"],
+        _print_report(
+            f"BatchNormDoctor, epoch {epoch}: {_QUESTIONS[phase]}",
+            [c.header for c in checks],
             rows,
+            "flagged: " + ", ".join(limits),
+            summary=self._verbosity == "summary",
         )
 
     def _gather(self, phase: Literal["train", "eval"], trainer: pl.Trainer) -> list[_Probe]:

@@ -25,6 +25,7 @@ from lightning_norms._diagnostics import (
     BatchSpread,
     all_reduce_spreads,
     eval_mismatch,
+    nanmedian_rows,
     summarise_spread,
 )
 from lightning_norms._moments import MomentAccumulator
@@ -104,6 +105,71 @@ def test_summarise_spread_needs_min_batches_and_skips_dead_channels() -> None:
     assert summarise_spread(ratio, spread.num_batches, 5).item() == pytest.approx(
         max(ratio[0, :2].median().item(), 0.0)
     )
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 7, 8])
+def test_nanmedian_rows_equals_torch_nanmedian(channels: int) -> None:
+    """Odd and even counts (torch takes the lower middle), NaN anywhere, all-NaN rows, ties."""
+    gen = torch.Generator().manual_seed(channels)
+    for _ in range(20):
+        x = torch.randn(6, channels, generator=gen).round(decimals=1)  # ties included
+        x[torch.rand(6, channels, generator=gen) < 0.4] = math.nan
+        x[0] = math.nan
+        x[1, 0] = math.inf
+        expected = x.nanmedian(dim=1).values
+        got = nanmedian_rows(x)
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+
+
+# ops whose CUDA kernel raises under torch.use_deterministic_algorithms(True) (torch's list:
+# median/nanmedian with indices, histc, bincount with weights, put_, scatter_reduce 'prod'),
+# plus the order statistics MPS lacked in older torch
+_NO_DETERMINISTIC_KERNEL = {
+    "median", "nanmedian", "kthvalue", "quantile", "nanquantile", "mode", "histc", "bincount",
+    "put_", "put", "scatter_reduce", "scatter_reduce_",
+}  # fmt: skip
+
+
+class _OpLog(torch.overrides.TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.names.add(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_doctor_runs_deterministic_and_calls_no_op_without_a_deterministic_kernel(
+    tmp_path: Path, grouped: bool
+) -> None:
+    """A fit with the doctor under ``deterministic=True`` (every recipe's setting), plain or
+    per-domain BN, every check judged: none of the ops the doctor adds to the fit is on torch's
+    list of ops without a deterministic CUDA kernel (``nanmedian(dim=...)`` was)."""
+    if grouped:
+        data = _two_domains(320)
+        val: Any = [DataLoader(TensorDataset(data.tensors[k]), batch_size=64) for k in (0, 2)]
+    else:
+        data = TensorDataset(*_data(640))
+        val = DataLoader(TensorDataset(*_data(128, seed=1)), batch_size=64)
+    train = DataLoader(data, batch_size=32, shuffle=True)
+
+    def fit(doctor: BatchNormDoctor | None) -> set[str]:
+        torch.manual_seed(0)
+        model = DomainTowers() if grouped else Net(_mlp())
+        log = _OpLog()
+        callbacks = [] if doctor is None else [doctor]
+        trainer = boring_trainer(tmp_path, max_epochs=1, deterministic=True, callbacks=callbacks)
+        with log:
+            trainer.fit(model, train, val)
+        return log.names
+
+    doctor = BatchNormDoctor(min_batches=5, warmup_batches=5, verbosity="quiet")
+    added = fit(doctor) - fit(None)
+    assert "sort" in added  # the doctor's median ran
+    assert added & _NO_DETERMINISTIC_KERNEL == set()
 
 
 def test_moment_accumulator_grouped_matches_torch() -> None:
@@ -208,8 +274,9 @@ def test_reductions_across_ranks_equal_one_process() -> None:
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs: dict, name: str) -> None:
-    with pytest.raises(MisconfigurationException, match=f"`{name}`"):
+    with pytest.raises(ValueError, match=f"`{name}`") as error:
         BatchNormDoctor(**kwargs)
+    assert isinstance(error.value, MisconfigurationException)  # as the other callbacks raise
 
 
 # ------------------------------------------------------------------------ Lightning helpers
@@ -249,6 +316,12 @@ def _fit(
     return trainer
 
 
+def _doctor(**kwargs: Any) -> BatchNormDoctor:
+    """Every layer printed, one warning per finding, every layer's figures logged: the planted
+    pitfalls below assert per-layer warnings and metrics."""
+    return BatchNormDoctor(verbosity="full", log_figures="all", **kwargs)
+
+
 def _by_check(findings: list[BNFinding]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for f in findings:
@@ -267,7 +340,7 @@ def test_clean_run_raises_nothing(tmp_path: Path, capsys: pytest.CaptureFixture)
     xv, yv = _data(256, seed=1)
     train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
     val = DataLoader(TensorDataset(xv, yv), batch_size=64)
-    doctor = BatchNormDoctor()
+    doctor = _doctor()
     model = Net(_mlp())
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -295,13 +368,13 @@ def test_plain_table_without_rich(
     x, y = _data()
     train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
     with caplog.at_level("INFO"):  # without rich the table goes through Lightning's logging
-        _fit(Net(_mlp()), train, None, tmp_path, BatchNormDoctor(), max_epochs=1,
+        _fit(Net(_mlp()), train, None, tmp_path, _doctor(), max_epochs=1,
              limit_val_batches=0)  # fmt: skip
     lines = caplog.text.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("layer"))
-    assert lines[header].split() == ["layer", "type", "batch", "spread", "calls/step",
-                                     "samples/call", "biased", "input", "status"]  # fmt: skip
-    assert lines[header + 1].split()[:2] == ["body.1", "BatchNorm1d"]
+    assert lines[header].split() == ["layer", "batch", "spread", "calls/step", "samples/call",
+                                     "biased", "input", "status"]  # fmt: skip
+    assert lines[header + 1].split()[0] == "body.1"
     assert lines[header + 1].split()[-4:] == ["1", "32", "0.00", "ok"]
 
 
@@ -312,7 +385,7 @@ def test_unshuffled_class_sorted_loader(tmp_path: Path) -> None:
     order = torch.argsort(y, stable=True)  # 8 batches of class 0, then class 1, ...
     train = DataLoader(TensorDataset(x[order], y[order]), batch_size=32, shuffle=False)
     val = DataLoader(TensorDataset(xv, yv), batch_size=64)
-    doctor = BatchNormDoctor()
+    doctor = _doctor()
     with pytest.warns(BatchNormDoctorWarning, match=r"`train_dataloader` does not shuffle"):
         _fit(Net(_mlp()), train, val, tmp_path, doctor, max_epochs=2)
     found = _by_check(doctor.findings)
@@ -350,7 +423,7 @@ def test_single_source_batches_flagged_without_shuffle_finding(tmp_path: Path) -
     torch.manual_seed(0)
     x, y = _data()
     train = DataLoader(TensorDataset(x, y), batch_sampler=_ClassPureBatches(y, 32))
-    doctor = BatchNormDoctor()
+    doctor = _doctor()
     with pytest.warns(BatchNormDoctorWarning, match=r"`body.1` sees training batches"):
         _fit(Net(_mlp()), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
     found = _by_check(doctor.findings)
@@ -387,7 +460,7 @@ def _two_domains(n: int = 640) -> TensorDataset:
 def test_shared_bn_fed_two_domain_pure_batches(tmp_path: Path) -> None:
     torch.manual_seed(0)
     train = DataLoader(_two_domains(), batch_size=32, shuffle=True)
-    doctor = BatchNormDoctor()
+    doctor = _doctor()
     with pytest.warns(BatchNormDoctorWarning, match=r"`tower.1` ran 2 times in one training step"):
         _fit(TwoTowers(), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
     found = _by_check(doctor.findings)
@@ -431,7 +504,7 @@ def test_domain_batchnorm_per_domain_checks(tmp_path: Path) -> None:
     train = DataLoader(data, batch_size=32, shuffle=True)
     val = [DataLoader(TensorDataset(data.tensors[0]), batch_size=64),
            DataLoader(TensorDataset(data.tensors[2]), batch_size=64)]  # fmt: skip
-    doctor = BatchNormDoctor()
+    doctor = _doctor()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         trainer = _fit(DomainTowers(), train, val, tmp_path, doctor, max_epochs=2)  # 40 steps
@@ -449,7 +522,7 @@ def test_domain_batchnorm_per_domain_checks(tmp_path: Path) -> None:
         def validation_step(self, batch: list[Tensor], batch_idx: int, dataloader_idx: int = 0):
             self(batch[0], 0)
 
-    doctor = BatchNormDoctor()
+    doctor = _doctor()
     with pytest.warns(BatchNormDoctorWarning, match=r"`norm` is evaluated"):
         _fit(Mislabelled(), train, val[1], tmp_path, doctor, max_epochs=2)
     found = _by_check(doctor.findings)
@@ -466,7 +539,7 @@ def test_stale_running_stats(tmp_path: Path) -> None:
     xv, yv = _data(256, seed=1)
     train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
     val = DataLoader(TensorDataset(xv, yv), batch_size=64)
-    doctor = BatchNormDoctor()
+    doctor = _doctor()
     with pytest.warns(BatchNormDoctorWarning, match=r"`body.4` is evaluated with a running mean"):
         _fit(Net(body), train, val, tmp_path, doctor, max_epochs=2)
     found = _by_check(doctor.findings)
@@ -482,7 +555,7 @@ def test_train_validation_shift(tmp_path: Path) -> None:
     xv, yv = _data(256, seed=1, shift=3.0)  # validation data differ from training
     train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
     val = DataLoader(TensorDataset(xv, yv), batch_size=64)
-    doctor = BatchNormDoctor()
+    doctor = _doctor()
     with pytest.warns(BatchNormDoctorWarning):
         _fit(Net(_mlp(bias=True)), train, val, tmp_path, doctor, max_epochs=2)
     found = _by_check(doctor.findings)
@@ -504,7 +577,7 @@ def test_tiny_per_device_batch(tmp_path: Path) -> None:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(64, 3, 6, 6), torch.randint(0, CLASSES, (64,)))
     train = DataLoader(data, batch_size=4, shuffle=True)
-    doctor = BatchNormDoctor()
+    doctor = _doctor()
     with pytest.warns(BatchNormDoctorWarning, match=r"`body.1` normalises only 4 samples"):
         _fit(Net(_conv_body()), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
     found = _by_check(doctor.findings)
@@ -517,13 +590,13 @@ def test_check_every_n_epochs(tmp_path: Path) -> None:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(64, 3, 6, 6), torch.randint(0, CLASSES, (64,)))
     train = DataLoader(data, batch_size=4, shuffle=True)
-    doctor = BatchNormDoctor(check_every_n_epochs=2)
+    doctor = _doctor(check_every_n_epochs=2)
     trainer = _fit(
         Net(_conv_body()), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0
     )
     assert doctor.findings == []
     assert not any(k.startswith("bn_doctor/") for k in trainer.callback_metrics)
-    doctor = BatchNormDoctor(min_batch_size=4)  # the threshold is an argument
+    doctor = _doctor(min_batch_size=4)  # the threshold is an argument
     _fit(Net(_conv_body()), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
     assert doctor.findings == []
 
@@ -531,7 +604,7 @@ def test_check_every_n_epochs(tmp_path: Path) -> None:
 def test_validate_checks_running_stats(tmp_path: Path) -> None:
     model = Net(_mlp())
     xv, yv = _data(256, seed=1)
-    doctor = BatchNormDoctor()
+    doctor = _doctor()
     trainer = boring_trainer(tmp_path, callbacks=[doctor])
     with pytest.warns(BatchNormDoctorWarning, match=r"`body.1` is evaluated"):
         trainer.validate(model, DataLoader(TensorDataset(xv, yv), batch_size=64))
@@ -551,7 +624,7 @@ from tests.callbacks.test_doctor import TwoTowers, _data, _two_domains
 torch.manual_seed(0)
 warnings.simplefilter("ignore")
 xv, yv = _data(256, seed=2)
-doctor = BatchNormDoctor()
+doctor = BatchNormDoctor(verbosity="full", log_figures="all")
 trainer = boring_trainer(".", strategy="ddp", devices=2, max_epochs=2, callbacks=[doctor])
 trainer.fit(TwoTowers(), DataLoader(_two_domains(), batch_size=16, shuffle=True),
             DataLoader(TensorDataset(xv, yv), batch_size=32))
@@ -609,7 +682,7 @@ def _resnet_fit_with_precise_bn(
     val = TensorDataset(torch.randn(32, 3, 32, 32, generator=gen))
     torch.manual_seed(0)
     model = ResNet()
-    doctor = BatchNormDoctor(warmup_batches=1)
+    doctor = _doctor(warmup_batches=1)
     precise = PreciseBN(num_batches=2, dataloader="val")  # exact stats of the validation data
     callbacks = [precise, doctor] if precise_first else [doctor, precise]
     trainer = boring_trainer(tmp_path, num_sanity_val_steps=0, callbacks=callbacks)
@@ -667,7 +740,7 @@ def test_train_table_comes_first_and_unjudged_layers_are_not_ok(
     xv, yv = _data(64, seed=1)
     train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)  # 5 steps < 20
     val = DataLoader(TensorDataset(xv, yv), batch_size=64)
-    doctor = BatchNormDoctor(warmup_batches=5)
+    doctor = _doctor(warmup_batches=5)
     with caplog.at_level("INFO"):
         _fit(Net(_mlp()), train, val, tmp_path, doctor, max_epochs=2, num_sanity_val_steps=0)
     text = caplog.text
@@ -678,14 +751,14 @@ def test_train_table_comes_first_and_unjudged_layers_are_not_ok(
     assert len(train_rows) == 8  # 2 layers x 2 tables x 2 epochs
     # batch spread needs min_batches=20 calls: never "ok" before; eval judged once warmed up
     epoch0_train, epoch0_eval = train_rows[0:2], train_rows[2:4]
-    assert all(r[2] == "n/a" and r[-3:] == ["too", "few", "batches"] for r in epoch0_train)
-    assert all(r[2] != "n/a" and r[-1] != "batches" for r in epoch0_eval)  # 5 steps >= warmup 5
-    doctor = BatchNormDoctor(warmup_batches=100)
+    assert all(r[1] == "n/a" and r[-3:] == ["too", "few", "batches"] for r in epoch0_train)
+    assert all(r[1] != "n/a" and r[-1] != "batches" for r in epoch0_eval)  # 5 steps >= warmup 5
+    doctor = _doctor(warmup_batches=100)
     caplog.clear()
     with caplog.at_level("INFO"):
         _fit(Net(_mlp()), train, val, tmp_path, doctor, max_epochs=1, num_sanity_val_steps=0)
     rows = [line.split() for line in caplog.text.splitlines() if line.startswith("body.")]
-    assert [r[2:] for r in rows[2:]] == [["n/a", "n/a", "too", "few", "batches"]] * 2
+    assert [r[1:] for r in rows[2:]] == [["n/a", "n/a", "too", "few", "batches"]] * 2
 
 
 def test_spread_figure_against_float64_formula(tmp_path: Path) -> None:
@@ -696,7 +769,7 @@ def test_spread_figure_against_float64_formula(tmp_path: Path) -> None:
     train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=False)
     body = nn.Sequential(nn.BatchNorm1d(DIM), nn.Linear(DIM, CLASSES))
     with pytest.warns(BatchNormDoctorWarning, match="does not shuffle"):
-        trainer = _fit(Net(body), train, None, tmp_path, BatchNormDoctor(), max_epochs=1,
+        trainer = _fit(Net(body), train, None, tmp_path, _doctor(), max_epochs=1,
                        limit_val_batches=0)  # fmt: skip
     mu = torch.stack([b.double().mean(0) for b in x.split(32)])
     within = torch.stack([b.double().var(0) / 32 for b in x.split(32)]).mean(0)
@@ -742,7 +815,7 @@ class BiasedNet(LightningModule):
 def test_bias_feeding_bn_is_flagged(tmp_path: Path) -> None:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(128, 3, 6, 6), torch.randint(0, CLASSES, (128,)))
-    doctor = BatchNormDoctor()
+    doctor = _doctor()
     with pytest.warns(BatchNormDoctorWarning, match=r"`bn` gets its input straight from `conv`"):
         trainer = _fit(BiasedNet(), DataLoader(data, batch_size=16, shuffle=True), None,
                        tmp_path, doctor, max_epochs=1, limit_val_batches=0)  # fmt: skip
@@ -756,30 +829,47 @@ def test_bias_feeding_bn_is_flagged(tmp_path: Path) -> None:
     assert not any(m._forward_hooks for m in trainer.lightning_module.modules())
 
 
-@pytest.mark.parametrize(
-    ("log_figures", "logged"),
-    [
-        (True, {"batch_spread", "calls_per_step", "batch_size", "redundant_bias"}),
-        (False, set()),
-        (["batch_size"], {"batch_size"}),
-        ("calls_per_step", {"calls_per_step"}),
-    ],
-)
-def test_log_figures_chooses_what_is_logged(tmp_path: Path, log_figures: object, logged: set):
+@pytest.mark.parametrize("log_figures", ["worst", "all", "none"])
+def test_log_figures_chooses_what_is_logged(tmp_path: Path, log_figures: str) -> None:
+    """Default: one figure per check, the worst layer's (largest; smallest for batch_size)."""
     torch.manual_seed(0)
     x, y = _data(256)
     train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
-    doctor = BatchNormDoctor(min_batches=5, log_figures=log_figures)  # type: ignore[arg-type]
-    trainer = _fit(Net(_mlp()), train, None, tmp_path, doctor, max_epochs=1, limit_val_batches=0)
-    keys = [k for k in trainer.callback_metrics if k.startswith("bn_doctor/")]
-    assert {k.split("/")[1] for k in keys} == logged
-    assert len(keys) == 2 * len(logged)  # both BN layers
+    val = DataLoader(TensorDataset(*_data(64, seed=1)), batch_size=64)
+    kind: Any = log_figures
+    doctor = BatchNormDoctor(min_batches=5, warmup_batches=5, log_figures=kind)
+    trainer = _fit(Net(_mlp()), train, val, tmp_path, doctor, max_epochs=1)
+    keys = sorted(k for k in trainer.callback_metrics if k.startswith("bn_doctor/"))
+    checks = ["batch_size", "batch_spread", "calls_per_step", "eval_mean_shift",
+              "eval_var_ratio", "redundant_bias"]  # fmt: skip
+    if log_figures == "none":
+        assert keys == []
+        return
+    if log_figures == "all":
+        assert keys == [f"bn_doctor/{c}/{layer}" for c in checks for layer in ("body.1", "body.4")]
+        return
+    assert keys == [f"bn_doctor/{c}" for c in checks]
+    full = _doctor(min_batches=5, warmup_batches=5)
+    torch.manual_seed(0)  # the same run, every layer logged
+    every = _fit(Net(_mlp()), train, val, tmp_path, full, max_epochs=1).callback_metrics
+    for c in checks:
+        layers = [every[f"bn_doctor/{c}/{layer}"].item() for layer in ("body.1", "body.4")]
+        worst = min(layers) if c == "batch_size" else max(layers)
+        assert trainer.callback_metrics[f"bn_doctor/{c}"].item() == pytest.approx(worst)
 
 
-@pytest.mark.parametrize("log_figures", [["batch_spread", "nope"], 3, [1]])
-def test_bad_log_figures(log_figures: object) -> None:
-    with pytest.raises(MisconfigurationException, match="`log_figures`"):
-        BatchNormDoctor(log_figures=log_figures)  # type: ignore[arg-type]
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"log_figures": True}, "log_figures"),
+        ({"log_figures": ["batch_spread"]}, "log_figures"),
+        ({"verbosity": "loud"}, "verbosity"),
+        ({"verbosity": None}, "verbosity"),
+    ],
+)
+def test_bad_choices_raise_value_error(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=f"`{name}` should be"):
+        BatchNormDoctor(**kwargs)
 
 
 @pytest.mark.parametrize("doctor_first", [True, False])
@@ -796,7 +886,7 @@ def test_with_freeze_batchnorm(
     model = Net(_conv_body())
     frozen = model.body[1]
     before = (frozen.running_mean.clone(), frozen.running_var.clone())
-    doctor = BatchNormDoctor(min_batches=5)
+    doctor = _doctor(min_batches=5)
     callbacks = [doctor, FreezeBatchNorm(modules="body.1")]
     with caplog.at_level("INFO"):
         trainer = _fit(model, DataLoader(data, batch_size=16, shuffle=True), None, tmp_path,
@@ -806,8 +896,103 @@ def test_with_freeze_batchnorm(
     assert torch.equal(frozen.running_var, before[1])
     assert doctor.findings == []
     rows = {line.split()[0]: line for line in caplog.text.splitlines() if line.startswith("body.")}
-    assert rows["body.1"].endswith("eval mode in training")  # neither "ok" nor "too few"
+    assert rows["body.1"].split()[-2:] == ["eval", "mode"]  # neither "ok" nor "too few"
     assert rows["body.7"].split()[-1] == "ok"
     metrics = trainer.callback_metrics
     assert metrics["bn_doctor/calls_per_step/body.1"].item() == 0.0
     assert metrics["bn_doctor/calls_per_step/body.7"].item() == 1.0
+
+
+# ------------------------------------------------------------- what a resnet18 epoch prints
+class ResNetModule(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        import torchvision
+
+        self.net = torchvision.models.resnet18(num_classes=CLASSES)
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        self.net(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _resnet_epoch(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, **kw: Any
+) -> tuple[list[str], list[str], BatchNormDoctor, dict[str, float]]:
+    """One resnet18 epoch (6 steps of 16 images 32x32) on an 80-column console: the printed
+    lines, the doctor's warnings as Python prints them, the doctor, the logged figures."""
+    monkeypatch.setenv("COLUMNS", "80")
+    torch.manual_seed(0)
+    x, y = torch.randn(96, 3, 32, 32), torch.randint(0, CLASSES, (96,))
+    train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    val = DataLoader(TensorDataset(x[:32], y[:32]), batch_size=16)
+    doctor = BatchNormDoctor(warmup_batches=4, **kw)  # the eval checks judge every layer
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer = _fit(ResNetModule(), train, val, tmp_path, doctor, max_epochs=1,
+                       num_sanity_val_steps=0)  # fmt: skip
+    printed = [line.rstrip() for line in capsys.readouterr().out.splitlines() if line.strip()]
+    shown = [
+        warnings.formatwarning(w.message, w.category, w.filename, w.lineno, "").rstrip()
+        for w in record
+        if issubclass(w.category, BatchNormDoctorWarning)
+    ]
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if "bn_doctor" in k}
+    return printed, shown, doctor, metrics
+
+
+_RESNET_BN = 20  # BatchNorm2d layers in resnet18
+
+
+def test_resnet18_summary_fits_one_screen(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    printed, shown, doctor, metrics = _resnet_epoch(tmp_path, capsys, monkeypatch)
+    assert len(doctor.findings) > 10  # running stats 6 steps old: most layers flagged
+    flagged = {f.layer for f in doctor.findings}
+    screen = len(printed) + sum(math.ceil(len(line) / 80) for w in shown for line in w.split("\n"))
+    assert screen <= 25, "\n".join(printed + shown)
+    assert max(map(len, printed)) <= 80
+    assert len(shown) == 1  # one warning for the eval question, none for the train one
+    assert f"{len(flagged)} of {_RESNET_BN} BN layers flagged" in shown[0]
+    assert any(line.startswith(f"{_RESNET_BN} BN layers: {len(flagged)} flagged (the worst 6")
+               for line in printed)  # fmt: skip
+    rows = [line.split() for line in printed if line.split()[0].startswith(("net.", "…"))]
+    worst = max(doctor.findings, key=lambda f: f.value if f.check == "eval_mean_shift" else 0)
+    assert len(rows) == 6, "\n".join(printed)
+    assert rows[0][0] in (worst.layer, "…" + worst.layer.split(".", 1)[1])
+    assert sorted(metrics) == [f"bn_doctor/{c}" for c in ("batch_size", "calls_per_step",
+                               "eval_mean_shift", "eval_var_ratio", "redundant_bias")]  # fmt: skip
+    assert metrics["bn_doctor/eval_mean_shift"] == pytest.approx(worst.value)
+    assert metrics["bn_doctor/batch_size"] == 16.0
+
+
+def test_resnet18_full_prints_every_layer_and_quiet_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    printed, shown, doctor, metrics = _resnet_epoch(
+        tmp_path, capsys, monkeypatch, verbosity="full", log_figures="all"
+    )
+    names = [n for n, m in ResNetModule().named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(names) == _RESNET_BN and max(map(len, printed)) <= 80
+    for name in names:  # every layer in both tables, shortened from the left at a dot
+        rows = [line for line in printed if line.split()[0] in (name, _tail(name))]
+        assert len(rows) == 2, name
+    assert len(shown) == len(doctor.findings)  # one warning per finding
+    assert len(metrics) == _RESNET_BN * 5  # 5 figures judged per layer (spread: too few)
+    printed, shown, doctor, metrics = _resnet_epoch(
+        tmp_path, capsys, monkeypatch, verbosity="quiet"
+    )
+    assert printed == [] and shown == []
+    assert len(doctor.findings) > 10 and len(metrics) == 5  # judged and logged all the same
+
+
+def _tail(name: str) -> str:
+    parts = name.split(".")
+    return "…" + ".".join(parts[1:])

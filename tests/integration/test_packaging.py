@@ -381,6 +381,22 @@ def test_launcher_fast_dev_run_against_the_wheel(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", [*LAUNCHERS, "report"])
+def test_module_entry_point_from_the_wheel(fresh_venv: Path, tmp_path: Path, name: str) -> None:
+    """``python -m lightning_norms.recipes.<name> --help`` outside any clone, from the wheel."""
+    python = str(fresh_venv / "bin" / "python")
+    module = f"lightning_norms.recipes.{name}"
+    code = f"import importlib.util as u; print(u.find_spec({module!r}).origin)"
+    assert _run([python, "-c", code], cwd=tmp_path, LN_WITH_EXTRAS="1").startswith(
+        str(fresh_venv)
+    )
+    out = _run([python, "-m", module, "--help"], cwd=tmp_path, LN_WITH_EXTRAS="1", COLUMNS="80")
+    assert out.lstrip().startswith("usage:")
+    expected = "lightning-norms" if name == "report" else "fit"  # the LightningCLI's subcommands
+    assert expected in out
+
+
+@pytest.mark.slow
 def test_docs_build_strict(tmp_path: Path) -> None:
     """``make docs``: the API reference builds from the docstrings without a single warning."""
     site = tmp_path / "site"
