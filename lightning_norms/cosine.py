@@ -24,8 +24,9 @@ class CosineLinear(nn.Module):
 
         y_o = \frac{w_o \cdot x}{\lVert w_o \rVert \lVert x \rVert + \epsilon} \in [-1, 1]
 
-    No bias (``bias`` is ``None``). A zero input gives 0 with finite gradients (of order
-    ``|w| / eps``: beyond fp16's range, so an fp16 input gradient there is ``inf``). Norms are
+    No bias (``bias`` is ``None``). A zero input gives 0 with finite gradients: of order
+    ``|w| / eps`` in fp32/fp64; 0 when the dot product is fp16 (fp16 autocast or module), where
+    ``|w| / eps`` overflows (see :func:`lightning_norms.functional.cosine_linear`). Norms are
     taken in fp32 for fp16/bf16 inputs and under autocast. ``weight`` has ``nn.Linear``'s shape
     and initialisation.
 
@@ -99,8 +100,9 @@ class CosineConv2d(nn.Module):
     output position ``(i, j)``. The patch norms come from one convolution of the
     channel-summed ``x**2`` with a ones kernel (same stride, padding, dilation), in fp32 for
     fp16/bf16 inputs and under autocast (an fp16 ``x**2`` overflows from ``|x| > 256``). No
-    bias (``bias`` is ``None``). A zero patch gives 0 with finite gradients (of order
-    ``|w| / eps``: an fp16 input gradient there is ``inf``). ``weight`` has ``nn.Conv2d``'s
+    bias (``bias`` is ``None``). A zero patch gives 0 with finite gradients: of order
+    ``|w| / eps`` in fp32/fp64; 0 when the convolution is fp16, where ``|w| / eps`` overflows
+    (see :func:`lightning_norms.functional.cosine_conv2d`). ``weight`` has ``nn.Conv2d``'s
     shape and initialisation.
 
     Args:

@@ -308,3 +308,135 @@ def test_same_padding_odd_kernel_takes_the_pool() -> None:
     x = torch.randn(2, 3, 7, 6)
     expected = _unfold_reference(x, m.weight.detach(), (1, 1), (1, 1), (1, 1), 1)
     torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-6)
+
+
+# --- issue 17 (transforms) and issue 21 (fp16 AMP) ---
+
+LAYERS = {
+    "conv3x3": (lambda: CosineConv2d(3, 4, 3, padding=1), (4, 3, 6, 6)),
+    "linear": (lambda: CosineLinear(5, 3), (4, 5)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_torch_func_grad_and_per_sample_gradients_equal_autograd(kind: str) -> None:
+    """Issue 17 item 4: `torch.func.grad`, `functional_call` and `vmap(grad)` per sample."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(11)
+    make, shape = LAYERS[kind]
+    m = make()
+    x, target = torch.randn(shape), torch.randn(m(torch.randn(shape)).shape)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+
+    def loss(p: dict, xs: Tensor, ts: Tensor) -> Tensor:
+        return (functional_call(m, p, (xs,)) - ts).square().sum()
+
+    whole = grad(loss)(params, x, target)["weight"]
+    (expected,) = torch.autograd.grad(loss(dict(m.named_parameters()), x, target), m.weight)
+    torch.testing.assert_close(whole, expected, rtol=1e-6, atol=1e-6)
+
+    def one(p: dict, xi: Tensor, ti: Tensor) -> Tensor:
+        return loss(p, xi[None], ti[None])
+
+    per_sample = vmap(grad(one), in_dims=(None, 0, 0))(params, x, target)["weight"]
+    loop = [
+        torch.autograd.grad(one(dict(m.named_parameters()), xi, ti), m.weight)[0]
+        for xi, ti in zip(x, target, strict=True)
+    ]
+    torch.testing.assert_close(per_sample, torch.stack(loop), rtol=1e-5, atol=1e-6)
+    # the custom Functions themselves under vmap, against the plain formula
+    batched = vmap(m)(x[:, None])
+    torch.testing.assert_close(batched[:, 0], m(x), rtol=1e-6, atol=1e-7)
+
+
+ONNX_CASES = {
+    "1x1": lambda: CosineConv2d(3, 4, 1),
+    "3x3 padding 1": lambda: CosineConv2d(3, 4, 3, padding=1),
+    "stride 2": lambda: CosineConv2d(3, 4, 3, stride=2, padding=1),
+    "dilation 2": lambda: CosineConv2d(3, 4, 3, padding=2, dilation=2),
+    "groups 2": lambda: CosineConv2d(4, 6, 3, padding=1, groups=2),
+    "linear": lambda: CosineLinear(5, 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ONNX_CASES))
+def test_onnx_export_matches_eager_in_onnxruntime(case: str) -> None:
+    """Issue 17 item 5: the TorchScript exporter (`dynamo=False`) gave outputs off by 1.16."""
+    import io
+
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(12)
+    m = ONNX_CASES[case]().eval()
+    x = torch.randn(2, 5) if case == "linear" else torch.randn(2, m.in_channels, 9, 8)
+    x[0, ..., :2] = 0  # zero inputs and patches too
+    buffer = io.BytesIO()
+    torch.onnx.export(m, (x,), buffer, dynamo=False)
+    session = ort.InferenceSession(buffer.getvalue())
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(y), m(x).detach(), rtol=0, atol=1e-5)
+
+
+def test_onnx_dynamo_export_matches_eager_in_onnxruntime() -> None:
+    """The default exporter (`dynamo=True`) dropped the summing pool's `divisor_override`."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(13)
+    m = CosineConv2d(3, 4, 3, padding=1).eval()
+    x = torch.randn(2, 3, 9, 8)
+    program = torch.onnx.export(m, (x,), dynamo=True, verbose=False)
+    session = ort.InferenceSession(program.model_proto.SerializeToString())
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(y), m(x).detach(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["3x3 padding 1", "groups 2", "linear"])
+def test_jit_trace_save_load_matches_eager(case: str, tmp_path) -> None:
+    """Issue 17 item 6: tracing recorded the Python Functions, which `torch.jit.save` refuses."""
+    torch.manual_seed(14)
+    m = ONNX_CASES[case]().eval()
+    x = torch.randn(2, 5) if case == "linear" else torch.randn(2, m.in_channels, 9, 8)
+    traced = torch.jit.trace(m, (x,))
+    torch.jit.save(traced, tmp_path / "m.pt")
+    loaded = torch.jit.load(tmp_path / "m.pt")
+    x2 = torch.randn_like(x)
+    torch.testing.assert_close(loaded(x2), m(x2).detach(), rtol=0, atol=1e-6)
+    # the traced graph is differentiable (plain ops): its gradients are the eager ones
+    x2.requires_grad_(True)
+    (g_loaded,) = torch.autograd.grad(loaded(x2).sum(), x2)
+    (g_eager,) = torch.autograd.grad(m(x2).sum(), x2)
+    torch.testing.assert_close(g_loaded, g_eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_fp16_autocast_grad_scaler_zero_patches_give_finite_gradients(kind: str) -> None:
+    """Issue 21 item 2: at loss scale 65536 an all-zero patch made `g / eps` overflow (NaN)."""
+    torch.manual_seed(15)
+    make, shape = LAYERS[kind]
+    m = make()
+    plain = nn.Conv2d(3, 4, 3, padding=1, bias=False) if kind == "conv3x3" else nn.Linear(5, 3)
+    plain.weight.data.copy_(m.weight.detach())
+    x = torch.randn(shape)
+    x[1] = 0  # an all-zero sample (input vector or patches)
+    if kind == "conv3x3":
+        x[0, ..., :3] = 0  # all-zero patches at the left edge of a sample
+    x.requires_grad_(True)
+    for layer in (plain, m):
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = layer(x)
+        assert y.dtype == torch.float16
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).mean().mul(65536.0).backward()
+        for g in (x.grad, layer.weight.grad):
+            assert torch.isfinite(g).all(), type(layer).__name__
+        x.grad = None
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = m(x)
+    assert torch.equal(y[1], torch.zeros_like(y[1]))  # the zero sample still gives 0
+    # away from the zero patches the fp16 gradient is the fp32 one, within fp16 rounding
+    x32 = x.detach().clone().requires_grad_(True)
+    xh = x.detach().clone().requires_grad_(True)
+    m(x32)[0].sum().backward()
+    with torch.autocast("cpu", dtype=torch.float16):
+        yh = m(xh)
+    yh[0].float().sum().backward()
+    keep = slice(4, None) if kind == "conv3x3" else slice(None)  # columns without zero patches
+    torch.testing.assert_close(xh.grad[0, ..., keep], x32.grad[0, ..., keep], rtol=2e-2, atol=2e-2)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
+from torch.torch_version import TorchVersion
 
 
 def _safe_norm(sum_sq: Tensor) -> Tensor:
@@ -21,11 +23,58 @@ def _at_least_fp32(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+_AUTOCAST_TAKES_DEVICE = TorchVersion(torch.__version__) >= (2, 4)
+"""``torch.is_autocast_enabled(device_type)`` exists from torch 2.4 (before: CPU and CUDA)."""
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``, on every torch this package supports."""
+    if _AUTOCAST_TAKES_DEVICE:
+        return torch.is_autocast_enabled(device_type)
+    if device_type == "cpu":
+        return torch.is_autocast_cpu_enabled()
+    return device_type == "cuda" and torch.is_autocast_enabled()
+
+
 def _full_precision(x: Tensor) -> contextlib.AbstractContextManager[Any]:
     """A context in which ``x``'s device runs without autocast (only entered when it is on)."""
-    if torch.is_autocast_enabled(x.device.type):
+    if _autocast_enabled(x.device.type):
         return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _use_functions(*tensors: Tensor) -> bool:
+    """Whether the custom autograd Functions run: only when eager autograd records the call.
+
+    They compute what the plain ops compute, with a cheaper backward. Without a gradient to
+    take (eval, ``no_grad``), under ``torch.jit.trace`` and in ``torch.onnx.export`` the plain
+    differentiable ops run instead: a traced or exported graph cannot hold a Python Function.
+    """
+    return (
+        torch.is_grad_enabled()
+        and any(t.requires_grad for t in tensors)
+        and not torch.jit.is_tracing()
+        and not torch.onnx.is_in_onnx_export()
+    )
+
+
+_FP16_ZERO = 2.0**-25
+"""Below this magnitude every fp16 value rounds to 0 (half of fp16's smallest subnormal)."""
+
+
+def _denominator(dot: Tensor, p: Tensor, w: Tensor, eps: float) -> Tensor:
+    """``D = p * w + eps``; for an fp16 ``dot``, ``inf`` where ``p`` or ``w`` is zero in fp16.
+
+    A patch (input, weight row) whose norm is below :data:`_FP16_ZERO` is all zeros once cast
+    to fp16: its fp16 dot product is exactly 0, and so is the output, with either ``D``. The
+    exact gradient there, ``g / eps``, is beyond fp16's range (it overflows to ``inf``, and the
+    convolution's backward turns ``inf * 0`` into NaN); ``D = inf`` makes it 0 instead, the
+    value torch takes for the gradient of a norm at 0. In fp32/fp64 nothing changes.
+    """
+    denom = torch.addcmul(p.new_full((), eps), p, w)
+    if dot.dtype != torch.float16:
+        return denom
+    return denom.masked_fill((p < _FP16_ZERO) | (w < _FP16_ZERO), math.inf)
 
 
 class _CosineDivide(torch.autograd.Function):
@@ -37,17 +86,21 @@ class _CosineDivide(torch.autograd.Function):
     any order are exact). The backward takes three full-size passes (``g / D``,
     ``g dot / D^2``) and two matrix products for the norms' gradients, where autograd's chain
     of ``mul``, ``add`` and ``div`` takes about eight. ``y`` itself is not kept: the caller
-    may change it in place.
+    may change it in place. ``setup_context`` and a generated vmap rule serve ``torch.func``.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, dot: Tensor, p: Tensor, w: Tensor, eps: float
-    ) -> tuple[Tensor, Tensor]:
-        denom = torch.addcmul(p.new_full((), eps), p, w)
-        ctx.save_for_backward(dot, p, w, denom)
-        ctx.set_materialize_grads(False)  # no zeros for the unused D
+    def forward(dot: Tensor, p: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        denom = _denominator(dot, p, w, eps)
         return (dot / denom).to(dot.dtype), denom
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        dot, p, w, _ = inputs
+        ctx.save_for_backward(dot, p, w, output[1])
+        ctx.set_materialize_grads(False)  # no zeros for the unused D
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -66,6 +119,13 @@ class _CosineDivide(torch.autograd.Function):
         return grad_dot.to(dot.dtype), grad_p, grad_w, None
 
 
+def _cosine_divide(dot: Tensor, p: Tensor, w: Tensor, eps: float) -> Tensor:
+    """``dot / (p * w + eps)`` in ``dot``'s dtype: :class:`_CosineDivide` or the plain ops."""
+    if _use_functions(dot, p, w):
+        return _CosineDivide.apply(dot, p, w, eps)[0]  # type: ignore[no-any-return]
+    return (dot / _denominator(dot, p, w, eps)).to(dot.dtype)
+
+
 def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
     r"""Cosine between each input vector and each weight row (Cosine Normalization).
 
@@ -79,6 +139,12 @@ def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
     A zero input (or weight row) gives 0 with finite gradients. The norms are taken in (at
     least) fp32, outside autocast, so fp16/bf16 inputs neither overflow nor lose precision there;
     the output has the dtype of the dot product (``F.linear``'s, autocast's under autocast).
+    The gradient at a zero input is ``g w / eps`` (exact, for the ``eps`` above); when the dot
+    product is fp16 that is beyond fp16's range (``inf``, and NaN after ``inf * 0`` in the
+    backward of the product, e.g. under a ``GradScaler``), so there an input (weight row) that
+    is all zeros in fp16 gets gradient 0, torch's value for the gradient of a norm at 0.
+    Elsewhere the gradient is exact: it is ``1 / (|w| |x|)`` times the plain layer's, so a
+    tiny input can still overflow fp16 (a ``GradScaler`` then lowers its scale).
 
     Args:
         x: input, features in the last dim.
@@ -100,25 +166,35 @@ def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
         w_norm = torch.linalg.vector_norm(_at_least_fp32(weight), dim=1)
     # rows as positions: dot^T is [1, 1, out, rows], a view (the products are matrix-vector)
     rows = dot.reshape(-1, weight.shape[0])
-    cos, _ = _CosineDivide.apply(
+    cos = _cosine_divide(
         rows.t()[None, None], x_norm.reshape(1, 1, 1, -1), w_norm.view(1, -1, 1), eps
     )
     return cos[0, 0].t().reshape(dot.shape)
 
 
+def _group_sum_sq(x: Tensor, groups: int) -> Tensor:
+    """``sum_c x[n, c, h, w]^2`` over each group's channels: ``[N, C, H, W] -> [N, G, H, W]``."""
+    sq = x.square()
+    return sq.sum(1, keepdim=True) if groups == 1 else sq.unflatten(1, (groups, -1)).sum(2)
+
+
 class _GroupSumSq(torch.autograd.Function):
-    """``sum_c x[n, c, h, w]^2`` over each group's channels: ``[N, C, H, W] -> [N, G, H, W]``.
+    """:func:`_group_sum_sq` with a one-pass backward.
 
     The backward is one broadcast product ``x * 2g`` (autograd's ``square`` backward takes
     three full-size passes: ``x^1``, ``* 2``, ``* g``); it is differentiable, so gradients of
-    any order are exact.
+    any order are exact. ``setup_context`` and a generated vmap rule serve ``torch.func``.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor, groups: int) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
-        sq = x.square()
-        return sq.sum(1, keepdim=True) if groups == 1 else sq.unflatten(1, (groups, -1)).sum(2)
+    def forward(x: Tensor, groups: int) -> Tensor:  # type: ignore[override]
+        return _group_sum_sq(x, groups)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
@@ -155,16 +231,19 @@ def _patch_sum_sq(
     """``|p|^2`` of every (zero-padded) patch of each group: ``[N, G, H_out, W_out]``, fp32+.
 
     The channel-summed squares, then a summing pool over the kernel window (a 1x1 kernel:
-    a strided view, no pool); a dilated window, or padding the pool cannot take (one-sided
-    "same", more than half the window), falls back to a convolution with a ones kernel.
+    a strided view, no pool); a dilated window, padding the pool cannot take (one-sided
+    "same", more than half the window), or an ONNX export (``AveragePool`` has no
+    ``divisor_override``: the exporters drop it) falls back to a convolution with a ones kernel.
     """
-    sq = _GroupSumSq.apply(_at_least_fp32(x), groups)
+    x = _at_least_fp32(x)
+    sq = _GroupSumSq.apply(x, groups) if _use_functions(x) else _group_sum_sq(x, groups)
     k = (int(kernel[0]), int(kernel[1]))
     s, d = _pair(stride), _pair(dilation)
     pad = _symmetric_padding(padding, k, d)
     if k == (1, 1) and pad == (0, 0):
         return sq[..., :: s[0], :: s[1]]
-    if d == (1, 1) and pad is not None and all(2 * q <= w for q, w in zip(pad, k, strict=True)):
+    poolable = pad is not None and all(2 * q <= w for q, w in zip(pad, k, strict=True))
+    if d == (1, 1) and poolable and not torch.onnx.is_in_onnx_export():
         return F.avg_pool2d(sq, k, s, pad, count_include_pad=True, divisor_override=1)
     ones = torch.ones(groups, 1, *k, dtype=sq.dtype, device=x.device)
     return F.conv2d(sq, ones, None, s, padding, d, groups)
@@ -192,7 +271,9 @@ def cosine_conv2d(
     position ``(i, j)``. :math:`\lVert p \rVert^2` is a summing pool of the channel-summed
     ``x**2`` over the kernel window (same stride and padding; a 1x1 kernel needs no pool; a
     dilated window takes a convolution with a ones kernel). A zero patch gives
-    0 with finite gradients. The squares and norms are taken in (at least) fp32, outside
+    0 with finite gradients: ``g w / eps`` there (exact), or 0 when the convolution is fp16 and
+    the patch is all zeros in fp16, where ``g w / eps`` overflows (as :func:`cosine_linear`).
+    The squares and norms are taken in (at least) fp32, outside
     autocast: an fp16 ``x**2`` overflows from ``|x| > 256``. The output has the dtype of the
     convolution (``F.conv2d``'s, autocast's under autocast).
 
@@ -220,7 +301,7 @@ def cosine_conv2d(
         patch_norm = _safe_norm(patch_sq)
         w_norm = torch.linalg.vector_norm(weight.flatten(1), dim=1, dtype=patch_norm.dtype)
     n, o, h, w = out.shape
-    cos, _ = _CosineDivide.apply(
+    cos = _cosine_divide(
         out.reshape(n, groups, o // groups, h * w),
         patch_norm.reshape(n, groups, 1, h * w),
         w_norm.view(groups, -1, 1),
