@@ -13,7 +13,9 @@ a positive value is what the claim predicts. With ``n`` seeds, ``m`` their mean 
 * **within noise**: anything else.
 
 The figures behind the verdict (mean, SE, t, p, seeds in the claimed direction, the per-seed
-range) are always printed with it.
+range) are always printed with it; with one seed, the difference alone (no standard error, no
+test). :attr:`Comparison.claimed_sign` says whether the mean points the claimed way, so that a
+study explains an effect only when the data show it in that direction.
 """
 
 from __future__ import annotations
@@ -55,10 +57,27 @@ class Comparison:
     def n(self) -> int:
         return len(self.diffs)
 
+    @property
+    def claimed_sign(self) -> bool:
+        """Whether the mean difference points the way the claim says (whatever the noise):
+        an explanation of the claimed effect only reads right when it does."""
+        return self.direction * self.mean > 0
+
     def describe(self, scale: float = 100.0, unit: str = " points") -> str:
-        """The verdict and its figures in one markdown sentence."""
+        """The verdict and its figures in one markdown sentence (one seed: the difference only,
+        there is no standard error to test it against).
+
+        Example:
+            >>> paired("a > b", [0.05]).describe()
+            '**a > b: not shown.** Difference +5.0 points on one seed: no standard error, no test.'
+        """
         if self.n == 0:
             return f"**{self.claim}: {self.verdict}** (no paired seeds)."
+        if self.n == 1:
+            return (
+                f"**{self.claim}: {self.verdict}.** Difference {scale * self.mean:+.1f}{unit} "
+                "on one seed: no standard error, no test."
+            )
         lo, hi = min(self.diffs), max(self.diffs)
         t = "inf" if math.isinf(self.t) else f"{self.t:.1f}"
         return (
@@ -72,6 +91,8 @@ class Comparison:
         """``verdict (mean ± SE, k/n seeds)`` for a summary table."""
         if self.n == 0:
             return f"{self.verdict} (no seeds)"
+        if self.n == 1:
+            return f"{self.verdict} ({scale * self.mean:+.1f}, one seed: no SE)"
         return (
             f"{self.verdict} ({scale * self.mean:+.1f} ± {scale * self.se:.1f} SE, "
             f"{self.agree}/{self.n} seeds)"

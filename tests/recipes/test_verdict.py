@@ -33,3 +33,20 @@ def test_paired_verdict_rule(diffs: list[float], direction: int, expected: str) 
 
         ref = ttest_1samp(diffs, 0.0, alternative="greater" if direction == 1 else "less")
         assert c.p == pytest.approx(ref.pvalue)
+
+
+def test_one_seed_says_so_instead_of_nan_figures() -> None:
+    from lightning_norms.recipes.verdict import paired
+
+    c = paired("`split` > `mixed`", [-0.012])
+    text, row = c.describe(), c.row()
+    assert text == (
+        "**`split` > `mixed`: not shown.** Difference -1.2 points on one seed: "
+        "no standard error, no test."
+    )
+    assert "nan" not in row and "±" not in row
+    assert row == "not shown (-1.2, one seed: no SE)"
+    assert not c.claimed_sign and paired("a > b", [0.01], 1).claimed_sign
+    assert paired("a < b", [-0.01], -1).claimed_sign  # a < b, and a - b < 0
+    two = paired("a > b", [0.02, 0.04]).describe()
+    assert "SE 1.0" in two and "t = 3.0" in two  # from two seeds on, the figures are real
