@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lightning-norms-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint docs wheel bench gpu-check venv clean
+.PHONY: demo test lint docs docs-check wheel bench gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -29,10 +29,15 @@ lint: $(STAMP)
 	$(PY) -m ruff check lightning_norms recipes tests bench docs
 	$(PY) -m mypy lightning_norms
 
-# API reference from the docstrings (mkdocs-material + mkdocstrings), warning-free or failing;
-# written to build/site
+# the docs site: guides, studies, API reference from the docstrings (mkdocs-material +
+# mkdocstrings, math by a vendored KaTeX), warning-free or failing; written to build/site
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# the built site in headless Chromium (Debian's `chromium`): math rendered, pages not blank;
+# screenshots under build/screens (not part of `make test`)
+docs-check: docs
+	$(PY) docs/check_pages.py
 
 # the wheel and sdist, under dist/ (no build isolation: setuptools comes with the dev extra)
 wheel: $(STAMP)

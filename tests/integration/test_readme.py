@@ -1,4 +1,4 @@
-"""The README runs as written: every Python block, the peer table, the commands it shows.
+"""The README runs as written: the quickstart, the install lines, the commands it shows.
 
 Each ```python block is written to a file and run as its own script (``python block.py``, in an
 empty temporary directory, one torch thread), exactly as a reader would paste it: a block that
@@ -36,8 +36,13 @@ def _blocks(language: str) -> list[tuple[str, str]]:
 PYTHON_BLOCKS = _blocks("python")
 
 
-def test_readme_has_python_blocks() -> None:
-    assert len(PYTHON_BLOCKS) >= 6
+def test_readme_has_the_quickstart() -> None:
+    """One quickstart: a torchvision model converted, PreciseBN and the doctor in a Trainer."""
+    assert PYTHON_BLOCKS and PYTHON_BLOCKS[0][0].startswith("quickstart")
+    quickstart = PYTHON_BLOCKS[0][1]
+    for name in ["resnet18", "convert_norms(", "PreciseBN(", "BatchNormDoctor(", "Trainer("]:
+        assert name in quickstart, name
+    assert len(quickstart.strip().splitlines()) <= 30
     assert len({block_id for block_id, _ in PYTHON_BLOCKS}) == len(PYTHON_BLOCKS)
 
 
@@ -59,25 +64,6 @@ def test_python_block_runs_as_a_script(code: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, f"block failed:\n{code}\n--- output ---\n{proc.stderr[-3000:]}"
 
 
-def _peer_table() -> list[list[str]]:
-    section = README.split("## Coming from torchvision", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("| ")]
-    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
-
-
-def test_peer_table_covers_the_peers_and_every_row_runs() -> None:
-    """Each row's snippet (the code in its last column) appears in the block that runs it."""
-    rows = _peer_table()
-    assert {row[1] for row in rows} >= {"torchvision", "timm", "fvcore", "mmpretrain", "Lightning"}
-    section = README.split("## Coming from torchvision", 1)[1].split("\n## ", 1)[0]
-    code = "\n".join(c for _, c in _blocks("python") if c in section)
-    for row in rows:
-        snippets = re.findall(r"`([^`]+)`", row[-1])
-        assert snippets, row
-        missing = [s for s in snippets if s not in code]
-        assert not missing, f"row {row[0]!r}: {missing} not in the block that runs the table"
-
-
 def _bash_lines() -> list[list[str]]:
     lines = []
     for _, code in _blocks("bash"):
@@ -89,7 +75,7 @@ def _bash_lines() -> list[list[str]]:
 
 
 def test_shell_commands_name_real_options() -> None:
-    """``lightning-norms report ...`` lines parse; ``python -m recipes.<name>`` launchers exist."""
+    """``lightning-norms`` lines parse; every ``python -m`` launcher exists where it says."""
     from lightning_norms.recipes.report import build_parser
 
     lines = _bash_lines()
@@ -98,19 +84,41 @@ def test_shell_commands_name_real_options() -> None:
     assert reports and launchers
     for args in reports:
         build_parser().parse_args(args)  # SystemExit on an unknown option or study
-    for module in launchers:
+    for module in launchers:  # recipes.<name> in the clone, lightning_norms.recipes.<name>
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
-    assert ["make", "demo"] in lines and ["make", "test"] in lines
-    assert ["pip", "install", "lightning-norms"] in lines
-    assert ["pip", "install", "lightning-norms[recipes]"] in lines
+    assert {m.split(".")[0] for m in launchers} == {"recipes", "lightning_norms"}
+
+
+def test_install_lines_work_from_the_repository() -> None:
+    """Not on PyPI yet: the install lines are the clone, its extra and the VCS URL, said so."""
+    installs = [w for w in _bash_lines() if w[:2] == ["pip", "install"]]
+    assert installs == [
+        ["pip", "install", "."],
+        ["pip", "install", ".[recipes]"],
+        ["pip", "install", "lightning-norms @ git+https://github.com/lightning-norms/lightning-norms"],
+    ]
+    assert "Not published on PyPI yet" in README
 
 
 def test_first_screen_holds_exactly_the_two_setup_commands() -> None:
-    first_screen = README.split("\n## ", 1)[0]
+    """What it is, install, the quickstart, then ``make demo`` / ``make test`` and no other make."""
+    first_screen = README.split("\n## Documentation", 1)[0]
+    assert first_screen.index("## Install") < first_screen.index("## Quickstart")
     lines = [
         shlex.split(line, comments=True)
         for _, code in _blocks("bash")
         if code in first_screen
         for line in code.splitlines()
     ]
-    assert [words for words in lines if words] == [["make", "demo"], ["make", "test"]]
+    makes = [words for words in lines if words and words[0] == "make"]
+    assert makes == [["make", "demo"], ["make", "test"]]
+
+
+def test_source_articles_are_named_and_the_claims_block_is_marked() -> None:
+    articles = README.split("## The source articles", 1)[1].split("\n## ", 1)[0]
+    assert len(re.findall(r"^\d\. \*\*", articles, re.M)) == 4
+    for year in ["2017", "2015", "2022", "2021"]:
+        assert f"({year})" in articles or f"{year})" in articles, year
+    claims = README.split("<!-- claims:start -->", 1)[1].split("<!-- claims:end -->", 1)[0]
+    assert claims.count("\n| ") >= 3
+    assert "docs/studies.md" in README
