@@ -15,7 +15,6 @@ from typing_extensions import override
 
 from lightning_norms._patterns import name_matches
 from lightning_norms.callbacks._checks import check_no_torch_sync_batchnorm
-from lightning_norms.callbacks.precise_bn import PreciseBN
 
 __all__ = ["FreezeBatchNorm"]
 
@@ -86,20 +85,25 @@ class FreezeBatchNorm(Callback):
     activation and dropout) keeps the model's mode.
 
     The affine parameters (``gamma``, ``beta``) keep training unless ``train_affine=False``,
-    which sets their ``requires_grad`` to ``False`` (and back to ``True`` for those it turned
-    off, when the layers are released); frozen for the whole fit, they are turned off in
-    ``setup``, before DDP wraps the model, so DDP expects no gradient for them.
-    ``BaseFinetuning`` callbacks may freeze and unfreeze the same modules: the freeze is
-    re-applied before every batch, so the order of the callbacks does not matter, and
-    parameters that ``BaseFinetuning`` unfreezes while they are held are handed back trainable
-    on release. The layers are released at the start of epoch ``until_epoch`` (they train
-    normally from then on) and at the end of ``fit`` (before a layer-sync plugin swaps its
-    layers back), also when it fails: every layer gets back the mode it had when first frozen.
+    which sets their ``requires_grad`` to ``False`` for every training batch (from
+    ``on_train_batch_start`` to ``on_train_batch_end``, after every callback's epoch-start
+    hooks) and hands each flag back between batches as it was, or as another callback set
+    it meanwhile (``BaseFinetuning``'s ``freeze_module`` / ``make_trainable`` are recognised
+    by the layer's ``track_running_stats``, which they switch together with the flags).
+    Frozen for the whole fit, they are also turned off in ``setup``, before DDP wraps the
+    model, so DDP expects no gradient for them, and handed back in ``on_fit_start``.
+    ``BaseFinetuning`` may thus freeze and unfreeze the same modules in either order of the
+    callbacks: at the end of ``fit`` every ``requires_grad`` flag is what ``BaseFinetuning``
+    alone would have left. The layers are released at the start of epoch
+    ``until_epoch`` (they train normally from then on) and at the end of ``fit`` (before a
+    layer-sync plugin swaps its layers back), also when it fails: every layer gets back the
+    mode it had when first frozen.
 
     ``Trainer(sync_batchnorm=True)`` is refused (it would replace this package's layers with
     ``torch.nn.SyncBatchNorm``); use ``plugins=[lightning_norms.NormSync()]``.
-    ``PreciseBN`` / ``recompute_bn_stats`` recompute every BN layer, frozen ones included (a
-    warning says so when both callbacks are given).
+    ``PreciseBN`` never recomputes the layers held in the latest training batch
+    (:attr:`held_layers`), whatever the order of the callbacks: frozen statistics stay
+    bit-identical.
 
     Args:
         modules: which BN layers (default ``None``: every ``_BatchNorm`` layer with running
@@ -147,37 +151,61 @@ class FreezeBatchNorm(Callback):
         self._until_epoch = until_epoch
         self._layers: list[tuple[str, _BatchNorm]] = []
         self._modes: dict[_BatchNorm, bool] = {}  # each layer's mode when first frozen
-        self._held: dict[int, nn.Parameter] = {}  # affine parameters this callback turned off
+        # affine parameters this callback turned off: flag and layer's track_running_stats then
+        self._wanted: dict[int, tuple[nn.Parameter, bool, _BatchNorm, bool]] = {}
+        self._taken = False
         self._frozen = False
+        self._held_in_training: list[_BatchNorm] = []
 
     @property
     def frozen_layers(self) -> list[str]:
         """Names of the layers currently held in eval mode."""
         return [name for name, _ in self._layers] if self._frozen else []
 
+    @property
+    def held_layers(self) -> list[nn.Module]:
+        """The layers held in eval mode during the latest training batch (kept after the fit
+        releases them): ``PreciseBN`` never recomputes these."""
+        return list(self._held_in_training)
+
     # ----------------------------------------------------------------------- freeze / release
-    def _hold_affine(self, layers: list[tuple[str, _BatchNorm]]) -> None:
+    def _take(self, layers: list[tuple[str, _BatchNorm]]) -> None:
+        """Affine ``requires_grad`` off; remember the flag (and the layer's
+        ``track_running_stats``, which ``BaseFinetuning`` switches with it) as they were."""
+        if self._taken:
+            return
         for _, layer in layers:
             for p in layer.parameters(recurse=False):
-                if p.requires_grad:
-                    p.requires_grad_(False)
-                    self._held[id(p)] = p
+                self._wanted[id(p)] = (p, p.requires_grad, layer, layer.track_running_stats)
+                p.requires_grad_(False)
+        self._taken = True
+
+    def _give_back(self) -> None:
+        """Every flag back as it was, or as another callback set it while it was taken.
+
+        A flag found on was turned on by someone else; a layer whose ``track_running_stats``
+        changed was frozen (``False``) or made trainable (``True``) by ``BaseFinetuning``,
+        whose ``freeze_module`` / ``make_trainable`` switch both together.
+        """
+        for p, wanted, layer, tracked in self._wanted.values():
+            if layer.track_running_stats != tracked:
+                wanted = layer.track_running_stats
+            p.requires_grad_(wanted or p.requires_grad)
+        self._wanted.clear()
+        self._taken = False
 
     def _freeze(self) -> None:
         for _, layer in self._layers:
             self._modes.setdefault(layer, layer.training)
             layer.training = False
-        if not self._train_affine:
-            self._hold_affine(self._layers)
+        self._held_in_training = [layer for _, layer in self._layers]
         self._frozen = True
 
     def _release(self) -> None:
         for layer, mode in self._modes.items():
             layer.training = mode
-        for p in self._held.values():
-            p.requires_grad_(True)
+        self._give_back()
         self._modes.clear()
-        self._held.clear()
         self._frozen = False
 
     # ----------------------------------------------------------------------- Lightning hooks
@@ -197,10 +225,13 @@ class FreezeBatchNorm(Callback):
         if self._until_epoch is None:
             # before DDP wraps the model: it then expects no gradient for them (no
             # "parameters that were not used" error), as for parameters frozen by the user
-            self._hold_affine(_select_layers(pl_module, self._patterns)[0])
+            self._take(_select_layers(pl_module, self._patterns)[0])
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the model is wrapped: flags back, so that what other callbacks (BaseFinetuning) do
+        # to them from here on is seen; they are taken again for every training batch
+        self._give_back()
         # after the strategy's setup: layer-sync plugins (NormSync) have replaced their layers
         self._layers, unmatched = _select_layers(pl_module, self._patterns)
         for pattern in unmatched:
@@ -212,12 +243,6 @@ class FreezeBatchNorm(Callback):
             rank_zero_warn(
                 f"FreezeBatchNorm: {type(pl_module).__name__} has no BatchNorm layer with "
                 "running statistics to freeze."
-            )
-        callbacks: list[Callback] = getattr(trainer, "callbacks", [])  # set at Trainer init
-        if self._layers and any(isinstance(c, PreciseBN) for c in callbacks):
-            rank_zero_warn(
-                "FreezeBatchNorm: PreciseBN recomputes the running statistics of every BN "
-                "layer, the frozen ones included; drop one of the two callbacks."
             )
 
     def _sync(self, trainer: pl.Trainer) -> None:
@@ -232,6 +257,7 @@ class FreezeBatchNorm(Callback):
                 )
             self._freeze()
         elif self._frozen:
+            self._held_in_training = []
             self._release()
             rank_zero_info(
                 f"FreezeBatchNorm: {len(self._layers)} BatchNorm layer(s) train again from "
@@ -247,6 +273,19 @@ class FreezeBatchNorm(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._sync(trainer)  # after any model.train() since the epoch started
+        if self._frozen and not self._train_affine:
+            self._take(self._layers)  # after every other callback's epoch-start hooks
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._give_back()  # between batches the flags are everyone else's
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

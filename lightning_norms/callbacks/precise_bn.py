@@ -10,6 +10,7 @@ of ``fit``, via :func:`lightning_norms.stats.recompute_bn_stats`.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -25,12 +26,14 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
 from lightning_norms.callbacks._checks import check_no_torch_sync_batchnorm
+from lightning_norms.callbacks.freeze import FreezeBatchNorm
 from lightning_norms.stats import (
     _DEFAULT_NUM_BATCHES,
     BNStatsReport,
@@ -167,6 +170,13 @@ class PreciseBN(Callback):
             )
 
     @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after every StochasticWeightAveraging's on_fit_start (this callback runs behind it)
+        for swa in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(swa, StochasticWeightAveraging):
+                _skip_swa_bn_epoch(trainer, swa)
+
+    @override
     def on_train_batch_end(
         self,
         trainer: Trainer,
@@ -229,22 +239,33 @@ class PreciseBN(Callback):
             return
         num_batches, total = self._pass_length(source)
         forward = _with_averaged_models(pl_module, self._forward(pl_module), self._forward_fn)
+        cap: dict[str, Any] = (
+            {"num_batches": num_batches}
+            if self._num_samples is None
+            else {"num_samples": self._num_samples}
+        )
+        held = _held_by_freeze(trainer, pl_module)
+        if held is None:
+            return
         with _progress_bar(trainer, total) as advance:
             batches = _device_batches(trainer, source, advance)
             try:
                 with trainer.precision_plugin.forward_context():
-                    if self._num_samples is None:
-                        report = recompute_bn_stats(pl_module, batches, num_batches, forward)
-                    else:
-                        report = recompute_bn_stats(
-                            pl_module, batches, forward_fn=forward, num_samples=self._num_samples
-                        )
+                    report = recompute_bn_stats(
+                        pl_module,
+                        batches,
+                        forward_fn=forward,
+                        exclude=held,
+                        progress=False,
+                        **cap,
+                    )
             finally:
                 batches.close()
         self._dirty = False
         self.last_report = report
         if report.layers:
             self._log(trainer, pl_module, report, log_to_module)
+            _announce(trainer, report.summary())
 
     def _pass_length(self, source: Iterable[Any]) -> tuple[int, int | None]:
         """``num_batches`` capped by the loader's length (warned once), and the bar's total."""
@@ -380,6 +401,61 @@ def _run_after_swa(trainer: Trainer, callback: Callback) -> None:
     callbacks.remove(callback)
     callbacks.insert(swa[-1], callback)  # the SWA callback moved down by one
     trainer.callbacks = callbacks  # type: ignore[attr-defined]
+
+
+def _skip_swa_bn_epoch(trainer: Trainer, swa: StochasticWeightAveraging) -> None:
+    """Undo the extra epoch SWA adds for its own BN update: the exact pass replaces it.
+
+    With BN layers and ``max_epochs != -1``, SWA's ``on_fit_start`` adds one epoch to the fit
+    loop in which it re-estimates the statistics (``momentum=None``, per-batch variances);
+    without it, SWA copies the averaged weights in its ``on_train_end`` after the last epoch,
+    and this callback's end-of-fit recompute (run behind it) gives them exact statistics.
+    """
+    if not getattr(swa, "_model_contains_batch_norm", False) or trainer.max_epochs == -1:
+        return
+    swa._model_contains_batch_norm = False
+    if trainer.fit_loop.max_epochs is not None:
+        trainer.fit_loop.max_epochs -= 1
+
+
+def _held_by_freeze(trainer: Trainer, pl_module: nn.Module) -> list[str] | None:
+    """Name patterns (escaped) of the layers a ``FreezeBatchNorm`` held in the latest batch.
+
+    ``None`` when it holds every BN layer with running statistics: nothing to recompute.
+    """
+    held = {
+        id(layer)
+        for c in trainer.callbacks  # type: ignore[attr-defined]
+        if isinstance(c, FreezeBatchNorm)
+        for layer in c.held_layers
+    }
+    if not held:
+        return []
+    tracked = [
+        (name, m)
+        for name, m in pl_module.named_modules()
+        if isinstance(m, _BatchNorm) and m.running_mean is not None
+    ]
+    if all(id(m) in held for _, m in tracked):
+        return None
+    return [re.sub(r"([*?\[])", r"[\1]", name) for name, m in tracked if id(m) in held]
+
+
+def _announce(trainer: Trainer, line: str) -> None:
+    """``line`` through the Trainer's console, on rank zero only.
+
+    Above the progress bars when one shows (``tqdm.write`` / the bar's ``print``), else through
+    Lightning's logging, where the Trainer's own messages go.
+    """
+    if not trainer.is_global_zero:
+        return
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, TQDMProgressBar) and bar.is_enabled:
+        Tqdm.write(line, file=sys.stdout)
+    elif bar is not None and bar.is_enabled:
+        bar.print(line)
+    else:
+        rank_zero_info(line)
 
 
 def _averages_weights(trainer: Trainer, pl_module: nn.Module) -> bool:

@@ -154,14 +154,36 @@ def test_patterns_choose_layers_by_name_or_container(tmp_path: Path) -> None:
         everything.on_fit_start(trainer, Net(nn.Flatten(), nn.LazyLinear(CLASSES)))
 
 
-def test_warns_that_precise_bn_recomputes_frozen_layers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("freeze_first", [True, False])
+def test_precise_bn_never_recomputes_frozen_layers(tmp_path: Path, freeze_first: bool) -> None:
     from lightning_norms.callbacks import PreciseBN
 
     torch.manual_seed(0)
     model = Net(_backbone(), nn.Linear(8, CLASSES))
-    with pytest.warns(UserWarning, match="PreciseBN recomputes .* the frozen ones included"):
-        _fit(model, [FreezeBatchNorm(), PreciseBN(num_batches=2)], tmp_path, max_epochs=1)
-    assert model.modes == [[False, False]] * 4
+    frozen = {k: v for k, v in _state(model, BUFFERS).items() if k.startswith("backbone.1.")}
+    trained = _state(model, BUFFERS)["backbone.4.running_var"]
+    precise = PreciseBN(num_batches=2)
+    callbacks: list[Callback] = [FreezeBatchNorm(modules="backbone.1"), precise]
+    _fit(model, callbacks if freeze_first else callbacks[::-1], tmp_path)
+    assert [entry["when"] for entry in precise.history] == ["epoch_end", "epoch_end"]
+    _assert_equal({k: v for k, v in _state(model, BUFFERS).items() if k in frozen}, frozen)
+    assert precise.last_report is not None
+    assert [layer.name for layer in precise.last_report.layers] == ["backbone.4"]
+    assert not torch.equal(model.backbone[4].running_var, trained)
+
+
+def test_precise_bn_with_every_layer_frozen_changes_nothing(tmp_path: Path) -> None:
+    from lightning_norms.callbacks import PreciseBN
+
+    torch.manual_seed(0)
+    model = Net(_backbone(), nn.Linear(8, CLASSES))
+    buffers = _state(model, BUFFERS)
+    precise = PreciseBN(num_batches=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*leave no BN layer")
+        _fit(model, [precise, FreezeBatchNorm()], tmp_path, max_epochs=1)
+    _assert_equal(_state(model, BUFFERS), buffers)
+    assert model.modes == [[False, False]] * 4 and precise.history == []
 
 
 # ------------------------------------------------------------------------- freezing in fit
@@ -396,3 +418,32 @@ def test_train_affine_false_with_until_epoch_refused_under_ddp(tmp_path: Path) -
     FreezeBatchNorm(train_affine=False).setup(trainer, model, "fit")
     assert [p.requires_grad for m in model.bns() for p in m.parameters()] == [False] * 4
     FreezeBatchNorm(train_affine=False, until_epoch=1).setup(trainer, model, "validate")
+
+
+class FreezeBackbone(BaseFinetuning):
+    """Freezes the backbone, BN affine included (``train_bn=False``), for the whole fit."""
+
+    def freeze_before_training(self, pl_module: LightningModule) -> None:
+        self.freeze(pl_module.backbone, train_bn=False)
+
+    def finetune_function(self, pl_module: LightningModule, epoch: int, optimizer: Any) -> None:
+        pass
+
+
+def _flags(model: nn.Module) -> dict[str, bool]:
+    return {name: p.requires_grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("freeze_first", [True, False])
+@pytest.mark.parametrize("tuner", [FreezeBackbone, lambda: UnfreezeBackboneAt(1)])
+def test_requires_grad_at_the_end_as_base_finetuning_alone_leaves_it(
+    tmp_path: Path, freeze_first: bool, tuner: Any
+) -> None:
+    torch.manual_seed(0)
+    alone = Net(_backbone(), nn.Linear(8, CLASSES))
+    model = copy.deepcopy(alone)
+    _fit(alone, [tuner()], tmp_path / "alone")
+    callbacks: list[Callback] = [FreezeBatchNorm(modules="backbone", train_affine=False), tuner()]
+    _fit(model, callbacks if freeze_first else callbacks[::-1], tmp_path / "both")
+    assert _flags(model) == _flags(alone)
+    assert model.affine_grad == [[False, False]] * 8  # held in every training step
