@@ -5,7 +5,7 @@ report``, goes through the same path: the recipe's ``cli_main`` builds the Light
 and its ``after_fit`` makes the run's record (``cli.record``, also written as JSON). The report
 calls :func:`run_grid` with one CLI configuration per setting and seed; it runs them quietly
 (no logger, checkpoints, summary or progress bar of their own) in ``--jobs`` spawned processes
-under one progress bar counting training epochs.
+under one progress bar (runs done of the total, elapsed time and time left).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 __all__ = [
     "DEFAULT_THREADS",
+    "GridProgress",
     "RecipeCLI",
     "default_threads",
     "recipe_cli",
@@ -180,12 +181,60 @@ class EpochProgress(L.Callback):
         self._sink.put(self._key)
 
 
-class _BarSink:
-    def __init__(self, bar: Any) -> None:
-        self._bar = bar
+class GridProgress:
+    """The progress bar of a grid of runs: ``3/15 runs done``, elapsed time and time left,
+    filled by training epochs (``put(key)`` after each epoch of run ``key``, the sink of
+    :class:`EpochProgress`; ``run_done(key)`` when a run ends, early stops included).
+
+    Example:
+        >>> progress = GridProgress(2, 3, "demo", disable=True)
+        >>> progress.put(0); progress.run_done(0); progress.close()
+        >>> progress.runs_done, progress.epochs_done
+        (1, 3)
+    """
+
+    FORMAT = "{desc} |{bar:20}| {percentage:3.0f}% [{elapsed} elapsed, ~{remaining} left]"
+
+    def __init__(self, runs: int, epochs: int, desc: str, disable: bool = False) -> None:
+        from tqdm.auto import tqdm
+
+        self.runs_done = 0
+        self.epochs_done = 0
+        self._runs = runs
+        self._name = desc
+        self._epochs = epochs
+        self._seen = [0] * runs
+        self.bar = tqdm(total=runs * epochs, disable=disable, bar_format=self.FORMAT)
+        self._show()
+
+    def _show(self) -> None:
+        self.bar.set_description_str(
+            f"{self._name}: {self.runs_done}/{self._runs} runs done", refresh=True
+        )
 
     def put(self, key: int) -> None:
-        self._bar.update(1)
+        """One training epoch of run ``key`` ended."""
+        if self._seen[key] < self._epochs:
+            self._seen[key] += 1
+            self._advance(1)
+
+    def _advance(self, epochs: int) -> None:
+        self.epochs_done += epochs
+        self.bar.update(epochs)
+
+    def run_done(self, key: int) -> None:
+        """Run ``key`` ended (its epochs not seen, after an early stop, count as done)."""
+        self._advance(self._epochs - self._seen[key])
+        self._seen[key] = self._epochs
+        self.runs_done += 1
+        self._show()
+
+    def write(self, text: str) -> None:
+        """Print ``text`` above the bar."""
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def run_recipe(
@@ -220,7 +269,7 @@ def _run_parallel(
     cli_main: CliMain,
     configs: Sequence[dict[str, Any]],
     jobs: int,
-    bar: Any,
+    progress: GridProgress,
     on_result: Callable[[dict], None],
 ) -> list[dict]:
     """The runs in ``jobs`` spawned processes (safe with torch); results in ``configs`` order."""
@@ -236,10 +285,10 @@ def _run_parallel(
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             while not queue.empty():
-                queue.get()
-                bar.update(1)
+                progress.put(queue.get())
             for fut in done:
                 results[futures[fut]] = fut.result()
+                progress.run_done(futures[fut])
                 on_result(results[futures[fut]])
     return results
 
@@ -260,8 +309,6 @@ def run_grid(
     on ``jobs``) and the wall time in seconds; ``on_result(record)`` gives the line printed as
     each run finishes.
     """
-    from tqdm.auto import tqdm
-
     base = {
         "max_epochs": args.epochs,
         "max_steps": args.max_steps,
@@ -274,21 +321,22 @@ def run_grid(
         for run in runs
     ]  # fmt: skip
     start = time.perf_counter()
-    bar = tqdm(total=len(configs) * args.epochs, desc=desc, unit="epoch", disable=args.no_progress)
+    progress = GridProgress(len(configs), args.epochs, desc, disable=args.no_progress)
 
     def report(record: dict) -> None:
         if on_result is not None:
-            bar.write(on_result(record))
+            progress.write(on_result(record))
 
     try:
         jobs = min(args.jobs, len(configs))
         if jobs > 1:
-            records = _run_parallel(cli_main, configs, jobs, bar, report)
+            records = _run_parallel(cli_main, configs, jobs, progress, report)
         else:
             records = []
             for i, config in enumerate(configs):
-                records.append(_run_task(cli_main, config, _BarSink(bar), i))
+                records.append(_run_task(cli_main, config, progress, i))
+                progress.run_done(i)
                 report(records[-1])
     finally:
-        bar.close()
+        progress.close()
     return records, time.perf_counter() - start

@@ -114,3 +114,24 @@ def test_help_and_version_import_neither_torch_nor_lightning(argv: list[str]) ->
     assert all(name in out for name in STUDIES)
     assert "run the two-domain study" not in out
     assert max(map(len, out.splitlines())) <= 80
+
+
+def test_grid_progress_reads_runs_done_and_time_left(capsys: pytest.CaptureFixture) -> None:
+    """``demo: 3/15 runs done |██  | 20% [00:12 elapsed, ~00:48 left]``, not ``epoch/s``; a run that
+    stops early (``--max-steps``) still counts its epochs as done."""
+    from lightning_norms.recipes.runner import GridProgress
+
+    progress = GridProgress(3, 2, "demo")
+    for key in (0, 0, 1):
+        progress.put(key)
+    progress.run_done(0)
+    progress.run_done(1)  # one epoch short: stopped early
+    progress.put(2)
+    progress.put(2)
+    progress.put(2)  # more epochs than the bar's share: ignored
+    progress.close()
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("demo: 2/3 runs done |") and "| 100% [" in last
+    assert " elapsed, ~" in last and last.endswith(" left]")
+    assert "epoch/s" not in last and "it/s" not in last and "s/epoch" not in last
+    assert (progress.runs_done, progress.epochs_done) == (2, 6)
