@@ -71,8 +71,12 @@ class PreciseBN(Callback):
     context. Batches of one sample (a loader's tail) are skipped: a BN layer in train mode
     cannot normalise one value per channel. Under DDP each rank uses its own shard (the
     loader's ``DistributedSampler``) and the sums are all-reduced, so all ranks end with
-    identical buffers; ``num_batches`` / ``num_samples`` count per process. Progress shows in
-    the Trainer's progress bar (a ``PreciseBN`` bar under TQDM or Rich). Logged:
+    identical buffers; ``num_batches`` / ``num_samples`` count per process (ranks may hold
+    different numbers of batches: layer sync is off for the pass). Progress shows in
+    the Trainer's progress bar (a ``PreciseBN`` bar under TQDM or Rich), and each recompute
+    prints one line on rank zero (:meth:`~lightning_norms.stats.BNStatsReport.summary`:
+    layers, batches, samples, largest mean and variance shift) above the bars, or through
+    Lightning's logging when no bar shows. Logged:
     ``precise_bn/mean_shift`` and ``precise_bn/var_shift`` (see
     :class:`~lightning_norms.stats.BNStatsReport`). The latest report is ``last_report``; a
     summary of every run (``when``: ``"epoch_end"``/``"fit_end"``, ``epoch`` and ``step`` as the
@@ -82,7 +86,9 @@ class PreciseBN(Callback):
 
     How a batch is run: ``forward_fn(model, batch)`` if given, else the LightningModule's
     ``precise_bn_forward(batch)`` if it defines one (route domains, unpack custom batches),
-    else ``model(batch[0])`` for tuple/list batches and ``model(batch)`` otherwise.
+    else ``model(batch[0])`` for tuple/list batches and ``model(batch)`` otherwise; a dict
+    batch then raises a ``TypeError`` naming ``forward_fn`` and ``precise_bn_forward``
+    before any buffer changes.
 
     Weight averaging: every ``torch.optim.swa_utils.AveragedModel`` inside the LightningModule
     gets the exact statistics of its own (averaged) weights in the same pass, each batch run
@@ -92,9 +98,13 @@ class PreciseBN(Callback):
     ``StochasticWeightAveraging`` the averaged weights end up in the module itself; this
     callback's end-of-fit recompute runs after that callback's ``on_train_end`` (it moves
     itself behind it in ``trainer.callbacks``), so the final statistics are those of the
-    averaged weights whatever the order the callbacks were given in. With either kind of
-    averaging the end-of-fit recompute always runs (averaged weights change outside training
-    batches).
+    averaged weights whatever the order the callbacks were given in. The exact pass replaces
+    SWA's own BN-update epoch (which averages per-batch variances): a fit with
+    ``max_epochs=E`` runs ``E`` epochs, not ``E + 1``. With either kind of averaging the
+    end-of-fit recompute always runs (averaged weights change outside training batches).
+
+    The layers a ``FreezeBatchNorm`` held in the latest training batch are never recomputed
+    (they run in eval mode in the pass, as in training), whatever the order of the callbacks.
 
     Caveats: with ``persistent_workers=True`` torch hands out one shared iterator per loader;
     the recompute runs only after the epoch's last training batch, so nothing training needs is

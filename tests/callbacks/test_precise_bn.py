@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -310,7 +311,8 @@ torch.save({k: v for k, v in model.state_dict().items()}, f"rank{trainer.global_
 
 @pytest.mark.ddp
 def test_ddp_ranks_end_with_identical_exact_buffers(tmp_path: Path) -> None:
-    run_script(DDP_SCRIPT, tmp_path)
+    proc = run_script(DDP_SCRIPT, tmp_path)
+    assert (proc.stdout + proc.stderr).count("PreciseBN: recomputed 1 BN layer(s)") == 1
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")
     for key in rank0:
@@ -488,6 +490,7 @@ def test_swa_callback_gets_exact_stats_of_the_averaged_weights(
     # "epochs": SWA runs its own update_bn epoch; "steps": SWA copies the averaged weights in
     # its on_train_end, after which the statistics must be recomputed whatever the order.
     model, swa = swa_fit(tmp_path, precise_first, **stop)
+    assert model.train_steps == 24  # 3 epochs of 8 batches: no extra BN-update epoch of SWA's
     assert_averaged_weights_in(model, swa)
     bn = model.body[1]
     assert_exact_for(model, make_data(128, 0).tensors[0], bn.running_mean, bn.running_var)
@@ -497,6 +500,7 @@ def test_swa_callback_gets_exact_stats_of_the_averaged_weights(
 def test_swa_alone_averages_per_batch_variances(tmp_path: Path) -> None:
     """The reference tells SWA's own update_bn result apart from the exact statistics."""
     model, swa = swa_fit(tmp_path, precise_first=True, with_precise=False, max_epochs=3)
+    assert model.train_steps == 32  # SWA alone adds a fourth epoch for its BN update
     assert_averaged_weights_in(model, swa)
     _, var = exact_bn_input_stats(model, make_data(128, 0).tensors[0])
     error = ((model.body[1].running_var.double() - var).abs() / var).max()
@@ -641,3 +645,68 @@ def test_ddp_swa_ranks_end_with_exact_stats_of_the_averaged_weights(tmp_path: Pa
         assert torch.equal(p, q)  # the averaged weights are in the module
     bn = model.body[1]
     assert_exact_for(model, make_data(96, 0).tensors[0], bn.running_mean, bn.running_var)
+
+
+# --- issue 18: one console line per recompute; issue 17: dict batches ---------------------------
+
+
+def summary_lines(precise: PreciseBN) -> list[str]:
+    return [
+        f"PreciseBN: recomputed 1 BN layer(s) from {h['num_batches']} batch(es), "
+        f"{h['num_samples']} sample(s); largest shift: mean {h['mean_shift']:.3g}, "
+        f"var {h['var_shift']:.3g}"
+        for h in precise.history
+    ]
+
+
+def test_one_line_per_recompute_in_the_log_without_a_bar(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    precise = PreciseBN(num_batches=3)
+    with caplog.at_level(logging.INFO):
+        boring_trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[precise])).fit(
+            Net(), **loaders()
+        )
+    lines = [r.getMessage() for r in caplog.records if "PreciseBN: recomputed" in r.getMessage()]
+    assert len(precise.history) == 2 and lines == summary_lines(precise)
+
+
+def test_one_line_per_recompute_above_the_tqdm_bar(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    precise = PreciseBN(num_batches=3)
+    kwargs = trainer_kwargs(tmp_path, max_epochs=2, enable_progress_bar=True)
+    boring_trainer(**{**kwargs, "callbacks": [TQDMProgressBar(), precise]}).fit(
+        Net(), **loaders()
+    )
+    out = capsys.readouterr().out
+    assert [line for line in summary_lines(precise) if out.count(line) == 1] == summary_lines(
+        precise
+    )
+
+
+class DictNet(Net):
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return super().training_step([batch["x"], batch["y"]], batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        pass
+
+
+class LastTrainingBuffers(Callback):
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
+        state = pl_module.state_dict()
+        self.buffers = {k: v.clone() for k, v in state.items() if k.startswith("body.1.")}
+
+
+def test_dict_batches_without_forward_fn_name_the_fix_and_change_nothing(tmp_path: Path) -> None:
+    data = make_data(64, 0)
+    dicts = [{"x": x, "y": y} for x, y in zip(*data.tensors, strict=True)]
+    model, spy = DictNet(), LastTrainingBuffers()
+    trainer = boring_trainer(**trainer_kwargs(tmp_path, callbacks=[spy, PreciseBN(num_batches=2)]))
+    with pytest.raises(TypeError, match=r"`forward_fn.*`precise_bn_forward\(batch\)`"):
+        trainer.fit(model, DataLoader(dicts, batch_size=16))
+    after = {k: v for k, v in model.state_dict().items() if k in spy.buffers}
+    assert after.keys() == spy.buffers.keys() and len(after) == 5  # affine and buffers
+    for key, value in after.items():
+        assert torch.equal(value, spy.buffers[key]), key
