@@ -98,7 +98,8 @@ def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     ``[1, N*C, L]`` view (every row a "channel": an exact two-pass mean and variance per row,
     the row still in cache for the second pass; about 3x faster on CPU than ``var_mean`` over
     the last dim); other inputs (``channels_last``, other devices, or while ``torch.compile``
-    traces) one ``torch.var_mean`` over the positions. A ``[N, C]`` input has one position
+    traces, or a ``torch.func`` transform, which has no batching rule for that kernel) one
+    ``torch.var_mean`` over the positions. A ``[N, C]`` input has one position
     per row (variance 0).
 
     Example:
@@ -110,7 +111,8 @@ def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     if xf.dim() == 2:
         return xf, torch.zeros_like(xf)
     n, c = xf.shape[:2]
-    native = xf.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
+    traced = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    native = xf.device.type in ("cpu", "cuda") and not traced
     if native and xf.numel() and xf.is_contiguous():
         mean, var = torch.batch_norm_update_stats(xf.view(1, n * c, -1), None, None, 0.0)
         return mean.view(n, c), var.view(n, c)

@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_norms import functional as LF
 from lightning_norms._base import BatchNormBase
-from lightning_norms.functional._domain import _check_domains, _expand_domains
+from lightning_norms.functional._domain import _check_domains, _eager, _expand_domains
 
 __all__ = ["DomainBatchNorm1d", "DomainBatchNorm2d", "DomainBatchNorm3d", "domain"]
 
@@ -97,7 +97,7 @@ class _DomainBatchNorm(BatchNormBase):
         if domain is not None:
             return domain
         if self._domain_ids is not None:
-            if not torch.compiler.is_compiling():
+            if _eager():
                 self._last_ids = self._domain_ids
             return self._domain_ids
         if self._last_ids is not None and torch._C._current_graph_task_id() != -1:
@@ -142,8 +142,12 @@ class _DomainBatchNorm(BatchNormBase):
         return out
 
     def _rare_record(self, x: Tensor) -> Tensor | None:
-        """Where the kernel records one-value domains (device-side), until the layer warned."""
-        if self._rare_warned or torch.compiler.is_compiling():
+        """Where the kernel records one-value domains (device-side), until the layer warned.
+
+        Nothing while ``torch.compile`` or a ``torch.func`` transform traces (a tensor made
+        there must not outlive it).
+        """
+        if self._rare_warned or not _eager():
             return None
         if self._rare_seen is None or self._rare_seen.device != x.device:
             self._rare_seen = torch.zeros(self.num_domains, dtype=torch.bool, device=x.device)

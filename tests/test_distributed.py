@@ -244,6 +244,32 @@ def _rare_domain_step(rank: int | None) -> dict[str, Any]:
     }
 
 
+def _func_step(rank: int) -> dict[str, Any]:
+    """``torch.func.grad`` / ``vmap`` through synchronised layers, and autograd for reference."""
+    torch.manual_seed(5)
+    model = _Net(sync=True)
+    x = torch.randn(8, 3, 4, 4)[rank * 4 : (rank + 1) * 4]
+    ids = torch.tensor([0, 1, 1, 1, 0, 0, 1, 0])[rank * 4 : (rank + 1) * 4]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        state = {**p, **{k: v.clone() for k, v in buffers.items()}}
+        return torch.func.functional_call(model, state, (x, ids)).square().sum()
+
+    grads = torch.func.grad(loss)(params)
+    model(x, domain=ids).square().sum().backward()
+    xb = torch.arange(6.0).view(3, 2) * (rank + 1)
+    return {
+        "grad": grads,
+        "autograd": {k: p.grad for k, p in model.named_parameters()},
+        "vmap_sum": torch.func.vmap(all_reduce_sum)(xb),
+        "grad_sum": torch.func.grad(lambda t: (all_reduce_sum(t.square()) * (rank + 1)).sum())(
+            torch.tensor([rank + 1.0])
+        ),
+    }
+
+
 def _ddp_worker(rank: int, world_size: int) -> dict[str, Any]:
     torch.manual_seed(123)
     results: dict[str, Any] = {}
@@ -283,6 +309,9 @@ def _ddp_worker(rank: int, world_size: int) -> dict[str, Any]:
     ids = torch.tensor([0, 1, 1, 1, 0, 0, 1, 0])[rank * 4 : (rank + 1) * 4]
     ddp(x, domain=ids).square().sum().backward()
     results["ddp_grads"] = [p.grad.clone() for p in model.parameters()]
+
+    # torch.func through the synced kernel and the differentiable all-reduce (issue 17.4)
+    results["func"] = _func_step(rank)
 
     x, ids, c = _penalty_batch()
     part = slice(rank * 4, (rank + 1) * 4)
@@ -373,6 +402,33 @@ def test_inside_torch_ddp(ddp_results):
         assert torch.equal(g0, g1)
         # DDP averages the ranks' gradients of their loss halves: half the whole batch's
         torch.testing.assert_close(g0, p.grad / 2, atol=1e-4, rtol=1e-5)
+
+
+def test_torch_func_through_synced_layers(ddp_results):
+    """Regression (issue 17.4): no ``setup_context`` / vmap rule in the synced pieces."""
+    for rank, r in enumerate(ddp_results):
+        for key, value in r["func"]["autograd"].items():
+            # (the conv bias gradient is ~0 through BN: an absolute tolerance)
+            torch.testing.assert_close(r["func"]["grad"][key], value, atol=1e-4, rtol=1e-5)
+        assert torch.equal(r["func"]["vmap_sum"], torch.arange(6.0).view(3, 2) * 3)
+        assert r["func"]["grad_sum"].tolist() == [2.0 * (rank + 1) * 3]
+
+
+def test_torch_func_grad_single_process_synced_bn():
+    torch.manual_seed(6)
+    layer = SyncedBatchNorm2d(3)
+    x = torch.randn(6, 3, 4, 4)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    buffers = {k: v.clone() for k, v in layer.named_buffers()}
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        state = {**p, **{k: v.clone() for k, v in buffers.items()}}
+        return torch.func.functional_call(layer, state, (x,)).square().sum()
+
+    grads = torch.func.grad(loss)(params)
+    layer(x).square().sum().backward()
+    for key, p in layer.named_parameters():
+        torch.testing.assert_close(grads[key], p.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_gradient_penalty_through_synced_layers(ddp_results):

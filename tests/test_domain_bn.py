@@ -940,3 +940,85 @@ def test_plain_resnet18_checkpoint_loads_strictly_after_conversion():
     for d in range(2):
         with domain(model, d):
             torch.testing.assert_close(model(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+# --- issue 17: torch.func (grad, vmap, functional_call) ---
+
+
+def _func_loss(layer: nn.Module, ids, buffers: dict[str, torch.Tensor]):
+    """``loss(params, x)`` through ``functional_call``; buffers copied inside the transform."""
+
+    def loss(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        state = {**params, **{k: v.clone() for k, v in buffers.items()}}
+        return torch.func.functional_call(layer, state, (x,), {"domain": ids}).square().sum()
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    ("training", "track"), [(True, True), (True, False), (False, True), (False, False)]
+)
+@pytest.mark.parametrize("ids", [torch.tensor([0, 1, 1, 0, 1, 0]), 1], ids=["per_sample", "int"])
+def test_torch_func_grad_equals_autograd(training, track, ids):
+    """Regression (issue 17.4): ``_DomainBatchNormFn`` had no ``setup_context``."""
+    torch.manual_seed(50)
+    layer = DomainBatchNorm2d(3, num_domains=2, track_running_stats=track).train(training)
+    _randomise(layer)
+    x = torch.randn(6, 3, 4, 4) * 2 + 1
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    buffers = {k: v.clone() for k, v in layer.named_buffers()}
+    grads = torch.func.grad(_func_loss(layer, ids, buffers), argnums=(0, 1))(params, x)
+    ref = copy.deepcopy(layer)
+    xr = x.clone().requires_grad_()
+    ref(xr, domain=ids).square().sum().backward()
+    for key, p in ref.named_parameters():
+        torch.testing.assert_close(grads[0][key], p.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], xr.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("training", "track"), [(True, False), (False, True), (False, False)])
+def test_vmap_over_whole_batches_equals_a_loop(training, track):
+    """``vmap`` of the layer and of its ``grad`` over a leading dim of whole batches.
+
+    (Training with running statistics under ``vmap`` is refused as by ``nn.BatchNorm2d``:
+    the in-place update of unbatched buffers.)
+    """
+    torch.manual_seed(51)
+    layer = DomainBatchNorm2d(3, num_domains=2, track_running_stats=track).train(training)
+    _randomise(layer)
+    ids = torch.tensor([0, 1, 1, 0, 1, 0])
+    xb = torch.randn(3, 6, 3, 4, 4)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    loss = _func_loss(layer, ids, {k: v.clone() for k, v in layer.named_buffers()})
+    out = torch.func.vmap(
+        lambda x: torch.func.functional_call(layer, params, (x,), {"domain": ids})
+    )(xb)
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xb)
+    for i in range(3):
+        torch.testing.assert_close(out[i], layer(xb[i], domain=ids), atol=1e-6, rtol=0)
+        ref = torch.func.grad(loss)(params, xb[i])
+        for key, value in ref.items():
+            torch.testing.assert_close(grads[key][i], value, atol=1e-5, rtol=1e-5)
+
+
+def test_per_sample_gradients_in_eval_match_a_loop():
+    """Opacus-style ``vmap(grad(...))`` over samples with their own domain ids."""
+    torch.manual_seed(52)
+    layer = DomainBatchNorm2d(3, num_domains=2).eval()
+    _randomise(layer)
+    x = torch.randn(6, 3, 4, 4)
+    ids = torch.tensor([0, 1, 1, 0, 1, 0])
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p, xi, di):
+        out = torch.func.functional_call(layer, p, (xi[None],), {"domain": di[None]})
+        return out.square().sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, ids)
+    for i in range(6):
+        ref = copy.deepcopy(layer)
+        ref(x[i : i + 1], domain=ids[i : i + 1]).square().sum().backward()
+        torch.testing.assert_close(grads["weight"][i], ref.weight.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grads["bias"][i], ref.bias.grad, atol=1e-5, rtol=1e-5)
+    assert layer._rare_seen is None  # no tensor made inside a transform outlives it
+    copy.deepcopy(layer)

@@ -37,9 +37,14 @@ Group = tuple[torch.distributed.ProcessGroup | None] | None
 """``None`` (local statistics) or a 1-tuple holding the process group to all-reduce over."""
 
 
+def _functorch() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ...) is running."""
+    return bool(torch._C._are_functorch_transforms_active())
+
+
 def _eager() -> bool:
     """Whether host-needing checks may run (not while ``torch.compile`` or ``torch.func`` trace)."""
-    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+    return not (torch.compiler.is_compiling() or _functorch())
 
 
 def _check_domains(
@@ -219,10 +224,11 @@ def domain_batch_stats(
         return moments.n, moments.mean, moments.var(unbiased=False)
 
 
-def _fold_domains(grad: Tensor, param: Tensor) -> Tensor:
-    """A ``[D, C]`` gradient for ``param``: as is (per domain) or summed over domains (shared)."""
-    grad = grad if param.dim() == 2 else grad.sum(0)
-    return as_dtype(grad, param.dtype)
+def _fold_domains(grad: Tensor, param: tuple[int, torch.dtype]) -> Tensor:
+    """A ``[D, C]`` gradient for a parameter of ``(dim, dtype)``: as is (per domain, ``dim``
+    2) or summed over domains (shared)."""
+    grad = grad if param[0] == 2 else grad.sum(0)
+    return as_dtype(grad, param[1])
 
 
 def _scale_shift(
@@ -294,22 +300,26 @@ def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
     if x3.numel():
         row_sum, row_dot = _row_grad_sums(g3, x3, mean.index_select(0, ids))
         rows = as_dtype(torch.cat([row_sum, row_dot], 1), mean.dtype)
-        sums = mean.new_zeros(mean.shape[0], 2 * c).index_add_(0, ids, rows)
+        sums = rows.new_zeros(mean.shape[0], 2 * c).index_add(0, ids, rows)
     else:
         sums = mean.new_zeros(mean.shape[0], 2 * c)
     grad_weight = grad_bias = None
     if weight is not None and ctx.needs_input_grad[1]:
-        grad_weight = _fold_domains(sums[:, c:] * invstd, weight)
+        grad_weight = _fold_domains(sums[:, c:] * invstd, ctx.weight_meta)
     if ctx.needs_input_grad[2]:
-        grad_bias = _fold_domains(sums[:, :c].clone(), ctx.bias_like)
+        grad_bias = _fold_domains(sums[:, :c].clone(), ctx.bias_meta)
     if ctx.needs_input_grad[0]:
         if ctx.group is not None:  # input gradients see every rank's sums, as SyncBatchNorm
-            torch.distributed.all_reduce(sums, group=ctx.group[0])
+            sums = _AllReduceSum.apply(sums, ctx.group[0])
         k = invstd.square() * sums[:, c:] * inv_count
         coefs = torch.cat([scale, -scale * k, scale * (k * mean - sums[:, :c] * inv_count)], 1)
         rows3 = coefs.index_select(0, ids).unsqueeze(2)
         grad_x = torch.addcmul(rows3[:, 2 * c :], x3, rows3[:, c : 2 * c])
-        grad_x = as_dtype(grad_x.addcmul_(g3, rows3[:, :c]), x3.dtype)
+        if _functorch():  # out of place: grad_x may be unbatched where g3 is batched
+            grad_x = torch.addcmul(grad_x, g3, rows3[:, :c])
+        else:  # in place: no second activation-sized temporary
+            grad_x = grad_x.addcmul_(g3, rows3[:, :c])
+        grad_x = as_dtype(grad_x, x3.dtype)
     return grad_x, grad_weight, grad_bias
 
 
@@ -352,9 +362,9 @@ def _graph_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
     sum_dy_xhat = domain_sum((gf * x_hat).sum(2), False)
     grad_weight = grad_bias = grad_x = None
     if weight is not None and ctx.needs_input_grad[1]:
-        grad_weight = _fold_domains(sum_dy_xhat, weight)
+        grad_weight = _fold_domains(sum_dy_xhat, ctx.weight_meta)
     if ctx.needs_input_grad[2]:
-        grad_bias = _fold_domains(sum_dy, ctx.bias_like)
+        grad_bias = _fold_domains(sum_dy, ctx.bias_meta)
     if ctx.needs_input_grad[0]:
         sums = torch.stack([sum_dy, sum_dy_xhat]) * inv_count
         if group is not None:
@@ -373,18 +383,21 @@ class _DomainBatchNormFn(torch.autograd.Function):
     Forward: ``y = x * scale_r + shift_r`` (:func:`_affine_rows`, one elementwise op) with the
     per-domain ``scale = gamma / sigma_d``, ``shift = beta - mu_d * scale`` gathered per row;
     the output is a new tensor, never a view, so an inplace op after the layer
-    (``nn.ReLU(inplace=True)``, ``out += identity``) is legal. Backward: :func:`_fused_grads`
-    (one ``native_batch_norm_backward`` pass for the per-row sums, merged per domain and
-    all-reduced across ranks as torch's SyncBatchNorm does, then ``a*dy + b*x + c``), or, when
-    a graph of the gradient is asked for (``create_graph=True``: grad mode is on inside
-    ``backward``), :func:`_graph_grads` on the saved input, which stays connected to the graph.
+    (``nn.ReLU(inplace=True)``, ``out += identity``) is legal. ``stats`` are
+    ``(count [D], mean [D, C], M2 [D, C])``; a domain of count 0 with rows uses ``mean`` and
+    ``M2`` as fixed mean and variance (running statistics: eval formula and gradient).
+    Backward: :func:`_fused_grads` (one ``native_batch_norm_backward`` pass for the per-row
+    sums, merged per domain and all-reduced across ranks as torch's SyncBatchNorm does, then
+    ``a*dy + b*x + c``), or, when a graph of the gradient is asked for (``create_graph=True``:
+    grad mode is on inside ``backward``), :func:`_graph_grads` on the saved input, which stays
+    connected to the graph. ``forward`` without ``ctx`` plus ``setup_context`` and a generated
+    vmap rule: ``torch.func`` (``grad``, ``vmap``, ``functional_call``) works through it.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(  # type: ignore[override]
-        # Any, as in torch's docs: FunctionCtx's stub has neither saved_tensors nor
-        # needs_input_grad, takes no None in save_for_backward, and no custom attributes
-        ctx: Any,
         x3: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
@@ -393,14 +406,20 @@ class _DomainBatchNormFn(torch.autograd.Function):
         group: Group,
         stats: tuple[Tensor, Tensor, Tensor],
     ) -> Tensor:
-        count, mean, m2 = stats
-        invstd = torch.rsqrt(m2 / count.clamp(min=1).unsqueeze(1) + eps)
-        scale, shift = _scale_shift(mean, invstd, weight, bias)
-        out = _affine_rows(x3, ids, scale, shift)
+        invstd = _invstd(stats, eps)
+        return _affine_rows(x3, ids, *_scale_shift(stats[1], invstd, weight, bias))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        # Any, as in torch's docs: FunctionCtx's stub has neither saved_tensors nor
+        # needs_input_grad, takes no None in save_for_backward, and no custom attributes
+        x3, weight, bias, ids, eps, group, (count, mean, m2) = inputs
+        invstd = _invstd((count, mean, m2), eps)
+        scale = invstd if weight is None else invstd * as_dtype(weight, invstd.dtype)
         ctx.save_for_backward(x3, ids, weight, count, mean, invstd, scale)
         ctx.eps, ctx.group = eps, group
-        ctx.bias_like = bias.detach() if bias is not None else None
-        return out
+        ctx.weight_meta = None if weight is None else (weight.dim(), weight.dtype)
+        ctx.bias_meta = None if bias is None else (bias.dim(), bias.dtype)
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -411,6 +430,12 @@ class _DomainBatchNormFn(torch.autograd.Function):
         grad_fn = _graph_grads if torch.is_grad_enabled() else _fused_grads
         grads = grad_fn(ctx, saved, g3)
         return (*grads, None, None, None, None)
+
+
+def _invstd(stats: tuple[Tensor, Tensor, Tensor], eps: float) -> Tensor:
+    """``1 / sqrt(M2 / count + eps)`` per domain (count clamped at 1: fixed statistics)."""
+    count, _, m2 = stats
+    return torch.rsqrt(m2 / count.clamp(min=1).unsqueeze(1) + eps)
 
 
 def _empty_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

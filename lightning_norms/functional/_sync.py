@@ -30,16 +30,27 @@ class AllReduceSum(torch.autograd.Function):
     """Sum over ranks; the gradient of every rank's input is the sum of all ranks' gradients.
 
     The backward is itself an ``AllReduceSum``, so gradients of any order are correct
-    (gradient penalties through synchronised layers).
+    (gradient penalties through synchronised layers). ``setup_context`` and a ``vmap`` rule
+    (the sum over ranks is elementwise: a batched tensor is all-reduced as a whole) make it
+    usable under ``torch.func`` transforms.
     """
 
     @staticmethod
-    def forward(ctx: Any, tensor: Tensor, group: Any) -> Tensor:  # type: ignore[override]
-        ctx.group = group
+    def forward(tensor: Tensor, group: Any) -> Tensor:  # type: ignore[override]
         out = tensor.clone(memory_format=torch.contiguous_format)
         torch.distributed.all_reduce(out, group=group)
         return out
 
     @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.group = inputs[1]
+
+    @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         return AllReduceSum.apply(grad, ctx.group), None
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple[int | None, None], tensor: Tensor, group: Any
+    ) -> tuple[Tensor, int | None]:
+        return AllReduceSum.apply(tensor, group), in_dims[0]
