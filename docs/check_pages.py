@@ -82,6 +82,10 @@ def _check_dom(dom: str, min_math: int) -> list[str]:
         problems.append(f"{rendered} KaTeX formulas, expected at least {min_math}")
     if left:
         problems.append(f"{left} math elements left unrendered")
+    prose = re.sub(r"<(script|pre|code)\b.*?</\1>", "", dom, flags=re.S)
+    prose = re.sub(r'<span class="katex">.*?</annotation>', "", prose, flags=re.S)
+    if re.search(r"\$\$|\\\[|\\begin\{|\\frac", prose):
+        problems.append("raw LaTeX left in the page text")
     if "katex-error" in dom:
         problems.append("KaTeX reported an error (class katex-error)")
     return problems
