@@ -121,6 +121,14 @@ class BatchRenorm2d(_BatchRenorm):
     ``track_running_stats=False``, the layer is ``nn.BatchNorm2d``. Batch statistics are taken in
     fp32 under fp16/bf16 autocast.
 
+    Under activation checkpointing (``torch.utils.checkpoint``, either mode) the recomputed
+    forward uses the ``r``, ``d`` (and so the warm-up limits) of the original forward, found by
+    its batch statistics (see :func:`lightning_norms.functional.batch_renorm`): gradients equal
+    those without checkpointing. As for ``nn.BatchNorm2d``, the recompute updates the running
+    statistics and ``num_batches_tracked`` again wherever torch's checkpoint re-runs the update
+    (twice per step; once when the non-reentrant recompute stops early, at a BatchRenorm that
+    ends the segment).
+
     Args:
         num_features: number of channels ``C``.
         eps: added to the variances. Default: ``1e-5``.

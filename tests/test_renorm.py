@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -673,3 +675,76 @@ def test_compiled_training_step_reads_the_running_statistics_before_the_update()
     torch.testing.assert_close(twin.bias.grad, eager.bias.grad, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x.grad, gx, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(twin.running_mean, eager.running_mean, rtol=0, atol=0)
+
+
+# --- issue 17: activation checkpointing, torch.func, jit.trace ---
+
+
+def _checkpointed_net(shared: bool) -> nn.Sequential:
+    """Conv, BatchRenorm, ReLU, conv, BatchRenorm (the same layer again when ``shared``)."""
+    first = BatchRenorm2d(4, r_max=2.0, d_max=1.0, warmup_steps=3)
+    last = first if shared else BatchRenorm2d(4, r_max=1.5, d_max=0.5, warmup_steps=2)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), first, nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), last
+    )
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointing_gives_the_gradients_of_no_checkpointing(
+    reentrant: bool, shared: bool
+) -> None:
+    """Issue 17 item 2: the recompute read the advanced running stats (rel. error 0.97)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(21)
+    net = _checkpointed_net(shared)
+    for _ in range(4):  # through the warm-up: the limits change every step
+        net.zero_grad()
+        twin = copy.deepcopy(net)
+        x = (torch.randn(4, 3, 6, 6) * 2 + 1).requires_grad_(True)
+        x_twin = x.detach().clone().requires_grad_(True)
+        y = checkpoint(net, x, use_reentrant=reentrant)
+        y_twin = twin(x_twin)
+        torch.testing.assert_close(y, y_twin, rtol=0, atol=0)
+        grad = torch.randn_like(y)
+        y.backward(grad)
+        y_twin.backward(grad)
+        torch.testing.assert_close(x.grad, x_twin.grad, rtol=1e-6, atol=1e-7)
+        for p, p_twin in zip(net.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, p_twin.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointing_running_statistics_as_batchnorm(reentrant: bool) -> None:
+    """The recompute updates the running statistics where torch's checkpoint re-runs it.
+
+    ``nn.BatchNorm2d`` under ``torch.utils.checkpoint`` updates twice per step (its counter
+    too), and so does a BatchRenorm; but the non-reentrant mode stops the recompute at the last
+    saved activation, which for a BatchRenorm that ends the segment comes before its update:
+    once per step there.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(22)
+    bn, plain = nn.BatchNorm2d(4), BatchRenorm2d(4, r_max=1.0, d_max=0.0)
+    renorm = BatchRenorm2d(4, r_max=2.0, d_max=1.0, warmup_steps=0)
+    _randomise(bn, plain, renorm)
+    followed, last, once, twice = (copy.deepcopy(renorm) for _ in range(4))
+    x = (torch.randn(4, 4, 5, 5) * 2 + 1).requires_grad_(True)
+    for layer in (bn, plain, followed):
+        segment = nn.Sequential(layer, nn.ReLU())
+        checkpoint(segment, x, use_reentrant=reentrant).sum().backward()
+    checkpoint(last, x, use_reentrant=reentrant).sum().backward()
+    once(x)
+    twice(x)
+    twice(x)
+    assert int(bn.num_batches_tracked) == int(plain.num_batches_tracked) == 2
+    torch.testing.assert_close(plain.running_mean, bn.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(plain.running_var, bn.running_var, rtol=1e-6, atol=1e-7)
+    for layer, expected in ((followed, twice), (last, twice if reentrant else once)):
+        assert int(layer.num_batches_tracked) == int(expected.num_batches_tracked)
+        for name in ("running_mean", "running_var"):
+            torch.testing.assert_close(
+                getattr(layer, name), getattr(expected, name), rtol=1e-6, atol=1e-7
+            )

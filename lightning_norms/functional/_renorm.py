@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from lightning_norms._moments import (
     Moments,
@@ -119,6 +121,77 @@ def _renorm_factors(
     return r, d
 
 
+_HISTORY = 4
+"""Training calls per running-statistics buffer whose ``r, d`` a recompute can find."""
+
+_FACTORS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+"""``running_mean`` -> ``deque`` of its last training calls' ``(mean_B, var_B, r, d)``."""
+
+_SAME_BATCH = 1e-4
+"""Relative tolerance under which a recompute's batch statistics are the original's."""
+
+
+def _remembers(*tensors: Tensor) -> bool:
+    """Whether :func:`_step_factors` keeps and reads its history: in eager Python only.
+
+    Not while ``torch.compile``/``torch.export`` or ``torch.jit.trace`` trace (a graph has no
+    Python state), nor on ``torch.func``'s wrapped tensors (they must not outlive the transform).
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _in_backward() -> bool:
+    """Whether this call runs inside an autograd backward pass (a checkpoint's recompute)."""
+    return bool(torch._C._current_graph_task_id() != -1)
+
+
+def _same_batch(mean: Tensor, var: Tensor, batch_mean: Tensor, batch_var: Tensor) -> Tensor:
+    """0-dim bool on the device: ``(mean, var)`` equal ``(batch_mean, batch_var)`` to rounding."""
+    scale = batch_var.abs() + torch.finfo(batch_var.dtype).tiny
+    near_mean = (mean - batch_mean).square() <= _SAME_BATCH**2 * scale
+    near_var = (var - batch_var).abs() <= _SAME_BATCH * scale
+    return (near_mean & near_var).all()
+
+
+def _step_factors(
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``r, d`` of this training call, the same in an activation-checkpointing recompute.
+
+    ``torch.utils.checkpoint`` (either mode) runs the forward again inside the backward pass,
+    after the first forward advanced the running statistics and ``num_batches_tracked``, so
+    :func:`_renorm_factors` would give other ``r``, ``d`` (and warm-up limits) there, and
+    wrong gradients. So each training call outside a backward pass keeps its
+    ``(mean_B, var_B, r, d)`` (references, no copy) in a short history per ``running_mean``
+    buffer (:data:`_FACTORS`, weak: it dies with the buffer, and is not module state); a call
+    inside a backward pass, the recompute, takes the ``r, d`` of the newest kept call whose
+    batch statistics equal its own (to :data:`_SAME_BATCH`, on the device: no host read), so
+    the recompute reproduces the original forward. A layer called several times per step
+    matches each call by its batch; with no match the fresh factors stand.
+    """
+    r, d = _renorm_factors(batch_mean, batch_var, running_mean, running_var, eps, r_max, d_max)
+    if not _remembers(batch_mean, running_mean, running_var):
+        return r, d
+    history = _FACTORS.get(running_mean)
+    if _in_backward():
+        for mean, var, r_then, d_then in history or ():  # oldest first: the newest match wins
+            same = _same_batch(mean, var, batch_mean, batch_var)
+            r, d = torch.where(same, r_then, r), torch.where(same, d_then, d)
+        return r, d
+    if history is None:
+        history = _FACTORS[running_mean] = deque(maxlen=_HISTORY)
+    history.append((batch_mean.detach(), batch_var.detach(), r.detach(), d.detach()))
+    return r, d
+
+
 def _fold(
     weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -140,7 +213,7 @@ def _renorm_affine(
     d_max: float | Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Fold ``r`` and ``d`` into BatchNorm's affine, in the affine's (else the buffers') dtype."""
-    r, d = _renorm_factors(batch_mean, batch_var, running_mean, running_var, eps, r_max, d_max)
+    r, d = _step_factors(batch_mean, batch_var, running_mean, running_var, eps, r_max, d_max)
     dtype = running_mean.dtype if weight is None else weight.dtype
     return _fold(weight, bias, r.to(dtype), d.to(dtype))
 
@@ -225,7 +298,7 @@ def _renorm_train(
     """
     mean, var = _batch_mean_var(x)
     dtype = torch.promote_types(running_mean.dtype, torch.float32)
-    r, d = _renorm_factors(mean, var, running_mean, running_var, eps, r_max, d_max)
+    r, d = _step_factors(mean, var, running_mean, running_var, eps, r_max, d_max)
     # as the training kernel: 1 / sqrt(var + eps) in the accumulation dtype, then rounded
     invstd = (var.to(accumulate_dtype(var.device)) + eps).rsqrt().to(var.dtype)
     weight = None if weight is None else weight.to(dtype)
@@ -304,6 +377,13 @@ def batch_renorm(
     cost of one ``F.batch_norm``. The running statistics are updated as by BatchNorm (unbiased
     variance). Otherwise (eval, or no running statistics: ``r = 1, d = 0``) this is
     ``F.batch_norm``. An empty training batch returns an empty output and changes nothing.
+
+    Activation checkpointing: a training call inside a backward pass (the recompute of
+    ``torch.utils.checkpoint``, which comes after this step's update of ``running_mean``,
+    ``running_var`` and ``num_batches_tracked``) reuses the ``r``, ``d`` of the recent call on
+    the same ``running_mean`` buffer with equal batch statistics (the original forward), so its
+    output and gradients are the original's. It updates the running statistics again, as
+    ``F.batch_norm`` does under checkpointing.
 
     Args:
         x: input with channels in dim 1.
