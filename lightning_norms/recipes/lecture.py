@@ -38,6 +38,7 @@ from lightning_norms.recipes.runner import RecipeCLI, recipe_cli, run_grid, writ
 from lightning_norms.recipes.verdict import Comparison, compare
 from lightning_norms.recipes.writer import (
     StudyReport,
+    add_caption,
     by_seed,
     group_by,
     mean_std,
@@ -234,8 +235,7 @@ def plot(records: Sequence[dict], path: Path, caption: str = "") -> None:
     axes[0][0].set_ylabel("validation accuracy (%)")
     text = "lines: seed mean; bands: min to max over seeds" + (f"\n{caption}" if caption else "")
     fig.suptitle("Lecture study: BN vs no BN, validation accuracy vs training steps", fontsize=9)
-    fig.text(0.01, 0.01, text, fontsize=6.5, ha="left", va="bottom", color="#333333")
-    fig.tight_layout(rect=(0, 0.05 + 0.03 * text.count("\n"), 1, 1))
+    fig.tight_layout(rect=(0, add_caption(fig, text), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -19,6 +19,7 @@ from lightning_norms.recipes.verdict import Comparison
 __all__ = [
     "MARKS",
     "StudyReport",
+    "add_caption",
     "by_seed",
     "group_by",
     "mean_std",
@@ -96,15 +97,26 @@ def plot_bars(
                    linewidth=0.4, zorder=3)  # fmt: skip
     ax.set_xticks(range(len(groups)), list(groups), fontsize=7, rotation=30, ha="right")
     ax.set_xlim(-0.6, len(groups) - 0.4)
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(ylabel, fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", linewidth=0.4, alpha=0.5)
     ax.spines[["top", "right"]].set_visible(False)
-    text = MARKS + (f"\n{caption}" if caption else "")
-    fig.text(0.01, 0.01, text, fontsize=6.5, ha="left", va="bottom", color="#333333")
-    fig.tight_layout(rect=(0, 0.04 + 0.03 * text.count("\n"), 1, 1))
+    bottom = add_caption(fig, MARKS + (f"\n{caption}" if caption else ""))
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def add_caption(fig: Any, text: str) -> float:
+    """Print ``text`` small under the figure, wrapped to its width; returns the share of the
+    figure's height it takes (the bottom of ``tight_layout``'s rect)."""
+    import textwrap
+
+    width_in, height_in = fig.get_size_inches()
+    chars = max(40, int(width_in * 17))
+    lines = [w for line in text.splitlines() for w in textwrap.wrap(line, chars) or [""]]
+    fig.text(0.01, 0.01, "\n".join(lines), fontsize=6.5, ha="left", va="bottom", color="#333")
+    return min(0.5, (0.03 + 0.11 * len(lines)) / height_in)
 
 
 @dataclass
