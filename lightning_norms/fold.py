@@ -82,16 +82,17 @@ def _affine(norm: nn.Module, name: str, domain: int | None) -> tuple[Tensor, Ten
         _after(norm, name)
     except ValueError:
         return f"{type(norm).__name__} overrides the BatchNorm forward"
-    state = _state(norm, name, domain, "fold_norms")
+    # float64 on the CPU (MPS has no float64): exact enough to fold any dtype into
+    state = {k: v.cpu().double() for k, v in _state(norm, name, domain, "fold_norms").items()}
     if "running_mean" not in state or not getattr(norm, "track_running_stats", True):
         return "no running statistics: it normalises with batch statistics in eval too"
-    mean, var = state["running_mean"].double(), state["running_var"].double()
+    mean, var = state["running_mean"], state["running_var"]
     scale = (var + cast(float, norm.eps)).rsqrt()
     if "weight" in state:
-        scale = scale * state["weight"].double()
+        scale = scale * state["weight"]
     shift = -mean * scale
     if "bias" in state:
-        shift = shift + state["bias"].double()
+        shift = shift + state["bias"]
     return scale, shift
 
 
@@ -134,16 +135,17 @@ def _source(
 
 
 def _fold(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
-    """``W' = W * scale`` per output channel, ``b' = b * scale + shift`` (in float64)."""
+    """``W' = W * scale`` per output channel, ``b' = b * scale + shift`` (float64, CPU)."""
     weight = layer.get_parameter("weight")
     bias = cast("Tensor | None", layer.bias)
+    w64 = weight.detach().cpu().double()
     if isinstance(layer, nn.modules.conv._ConvTransposeNd):  # [in, out / groups, *kernel]
         groups, out = layer.groups, weight.shape[1]
         factor = scale.view(groups, 1, out, *[1] * (weight.dim() - 2))
-        new = (weight.double().unflatten(0, (groups, -1)) * factor).flatten(0, 1)
+        new = (w64.unflatten(0, (groups, -1)) * factor).flatten(0, 1)
     else:  # [out, in / groups, *kernel] or [out, in]
-        new = weight.double() * scale.view(-1, *[1] * (weight.dim() - 1))
-    new_bias = shift if bias is None else bias.double() * scale + shift
+        new = w64 * scale.view(-1, *[1] * (weight.dim() - 1))
+    new_bias = shift if bias is None else bias.detach().cpu().double() * scale + shift
     with torch.no_grad():
         weight.copy_(new)
         if bias is None:

@@ -261,3 +261,28 @@ def test_training_mode_raises() -> None:
 def test_report_repr_is_short() -> None:
     report = fold_norms(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval())
     assert repr(report) == "FoldReport(folded=1 layer(s), kept={})"
+
+
+def test_float64_fold_is_exact_to_float64_rounding() -> None:
+    """The formula itself, free of fp32 rounding: a float64 model folds to 1e-12."""
+    torch.manual_seed(0)
+    model = _randomise(resnet18(weights=None, num_classes=10).double())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+    assert len(fold_norms(model).folded) == 20
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_domain_norm_act_folds_the_named_domain_and_keeps_the_activation() -> None:
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), norm_act.BatchNormAct2d(4, act_layer=nn.SiLU))
+    model = _randomise(convert_norms(model, "domain", num_domains=2))
+    act = model[1].act
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad(), domain(model, 1):
+        expected = model(x)
+    assert fold_norms(model, domain=1).folded == ["1"]
+    assert list(model[1].named_children()) == [("drop", model[1].drop), ("act", act)]
+    _assert_folded_output(model, x, expected)
