@@ -18,7 +18,7 @@ import multiprocessing as mp
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ __all__ = [
     "RecipeCLI",
     "default_threads",
     "recipe_cli",
+    "results_table",
     "run_grid",
     "run_recipe",
     "torch_threads",
@@ -98,10 +99,48 @@ class RecipeCLI(LightningCLI):
         if after is not None:
             after()
 
+    def run_test(self) -> list[dict[str, float]]:
+        """``trainer.test`` of the fitted model and data, its results printed as one table
+        (:func:`results_table`; rank zero, unless quiet) instead of Lightning's, which repeats
+        every epoch-end metric under each DataLoader."""
+        results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        self.say(results_table(results))
+        return results
+
     def say(self, text: str) -> None:
         """Print ``text`` on rank zero unless quiet."""
         if not self.quiet and self.trainer.is_global_zero:
             print(text)
+
+
+def results_table(results: Sequence[Mapping[str, float]]) -> str:
+    """``trainer.test``'s results as one table, each metric once.
+
+    Lightning prints a column per DataLoader and repeats under each one every metric logged at
+    epoch end (the recipes' per-domain accuracies): those appear here once, with one value;
+    metrics logged per DataLoader (``<name>/dataloader_idx_<k>``) get a value per DataLoader.
+
+    Example:
+        >>> print(results_table([{"test/acc": 0.85, "loss/dataloader_idx_0": 0.25},
+        ...                      {"test/acc": 0.85, "loss/dataloader_idx_1": 0.5}]))
+        test metric  value   DataLoader 0  DataLoader 1
+        test/acc     0.8500
+        loss                 0.2500        0.5000
+    """
+    loaders = len(results)
+    rows: dict[str, list[str]] = {}
+    for result in results:
+        for key, value in result.items():
+            name, _, idx = key.rpartition("/dataloader_idx_")
+            cells = rows.setdefault(name if idx.isdigit() else key, [""] * (loaders + 1))
+            cells[int(idx) + 1 if idx.isdigit() else 0] = f"{float(value):.4f}"
+    per_loader = loaders > 1 and any(any(cells[1:]) for cells in rows.values())
+    header = ["test metric", "value", *([f"DataLoader {k}" for k in range(loaders)] * per_loader)]
+    lines = [header, *([name, *cells[: len(header) - 1]] for name, cells in rows.items())]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
 
 
 def recipe_cli(

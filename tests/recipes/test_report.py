@@ -135,3 +135,23 @@ def test_grid_progress_reads_runs_done_and_time_left(capsys: pytest.CaptureFixtu
     assert " elapsed, ~" in last and last.endswith(" left]")
     assert "epoch/s" not in last and "it/s" not in last and "s/epoch" not in last
     assert (progress.runs_done, progress.epochs_done) == (2, 6)
+
+
+def test_results_table_prints_each_test_metric_once() -> None:
+    """The two-domain recipe's test: three epoch-end accuracies that Lightning repeats under
+    DataLoader 0 and 1, printed once each; a per-DataLoader metric keeps its columns."""
+    from lightning_norms.recipes.runner import results_table
+
+    shared = {"test/acc_domain0": 0.9, "test/acc_domain1": 0.8125, "test/acc": 0.85}
+    lines = results_table([dict(shared), dict(shared)]).splitlines()
+    assert lines == [
+        "test metric       value",
+        "test/acc_domain0  0.9000",
+        "test/acc_domain1  0.8125",
+        "test/acc          0.8500",
+    ]
+    both = [{**shared, "loss/dataloader_idx_0": 0.5}, {**shared, "loss/dataloader_idx_1": 0.25}]
+    lines = results_table(both).splitlines()
+    assert lines[0].split()[:3] == ["test", "metric", "value"] and "DataLoader 1" in lines[0]
+    assert lines[-1].split() == ["loss", "0.5000", "0.2500"]
+    assert sum("test/acc_domain0" in line for line in lines) == 1
