@@ -32,6 +32,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import lightning_norms
 from lightning_norms import BatchRenorm2d, DomainBatchNorm2d, LayerNorm2d, convert_norms
+from lightning_norms.convert import (
+    BatchRenormAct2d,
+    DomainBatchNormAct2d,
+    GroupNormAct2d,
+    LayerNormAct2d,
+)
 from lightning_norms.distributed import SyncedBatchNorm2d
 from tests._zoo import (
     EVAL_EXACT,
@@ -51,7 +57,7 @@ from tests._zoo import (
     run,
 )
 
-pytest.importorskip("timm")
+timm = pytest.importorskip("timm")
 
 # the class every norm layer has after convert_norms(model, target)
 TARGET_TYPE: dict[str, type[nn.Module]] = {
@@ -61,6 +67,15 @@ TARGET_TYPE: dict[str, type[nn.Module]] = {
     "group": nn.GroupNorm,
     "batch": nn.BatchNorm2d,
     "frozen": FrozenBatchNorm2d,
+}
+# what a norm + activation layer (timm's BatchNormAct2d) becomes: its keys and act are kept
+ACT_TYPE: dict[str, type[nn.Module]] = {
+    "domain": DomainBatchNormAct2d,
+    "renorm": BatchRenormAct2d,
+    "layer2d": LayerNormAct2d,
+    "group": GroupNormAct2d,
+    "batch": timm.layers.BatchNormAct2d,
+    "frozen": timm.layers.FrozenBatchNormAct2d,
 }
 
 
@@ -88,15 +103,15 @@ def evaluate(model: nn.Module, x: Tensor, ids: int | Tensor | None) -> Tensor:
 
 def check_converted(model: nn.Module, original: nn.Module, target: str) -> None:
     """Every BN layer became ``target``'s class (same count) and nothing else was lost."""
-    cls = TARGET_TYPE[target]
+    classes = (TARGET_TYPE[target], ACT_TYPE[target])
     norms = {id(m) for _, m in norm_layers(original)}
-    already = sum(type(m) is cls and id(m) not in norms for m in original.modules())
-    count = sum(type(m) is cls for m in model.modules())
+    already = sum(type(m) in classes and id(m) not in norms for m in original.modules())
+    count = sum(type(m) in classes for m in model.modules())
     assert count == len(norms) + already, (target, count, len(norms), already)
     if target in ("layer2d", "group"):
         assert norm_layers(model) == []
     else:
-        assert all(type(m) is cls for _, m in norm_layers(model))
+        assert all(type(m) in classes for _, m in norm_layers(model))
     # timm's BatchNormAct2d: its activation (and anything else after the norm) is kept
     assert leaf_types(model) == leaf_types(original)
 
@@ -184,9 +199,9 @@ def test_timm_batchnormact_renorm_and_back_keeps_the_activation(name: str) -> No
     with torch.no_grad():
         reference = original(x)
         model = convert_norms(convert_norms(copy.deepcopy(original), "renorm"), "batch")
-        assert [type(m) for _, m in norm_layers(model)] == [nn.BatchNorm2d] * len(
-            norm_layers(original)
-        )
+        assert [type(m) for _, m in norm_layers(model)] == [
+            type(m) for _, m in norm_layers(original)
+        ]
         assert leaf_types(model) == leaf_types(original)
         assert_eval_close(model(x), reference)
 
