@@ -76,3 +76,19 @@ def test_gan_report_gives_verdicts_from_fixed_records(
     # mixed - alternating per seed: -1, 0, +1 (x 1e-3): no sign majority; split: +10 on 3/3
     assert "**`mixed` MMD² < `alternating` MMD²: within noise.**" in text
     assert "**`split` MMD² < `alternating` MMD²: not shown (the opposite held).**" in text
+
+
+def test_gan_plot_names_the_study_and_scales_mmd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MMD² is drawn x 1e-3, as the report and the README quote it, under a title naming it."""
+    from matplotlib.figure import Figure
+
+    figures: list[Figure] = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    records = [{"mode": m, "seed": s, "mmd": 4e-3 + 1e-3 * s} for m in gan.MODES for s in range(3)]
+    gan.plot(records, tmp_path / "p.png")
+    (ax,) = figures[0].axes
+    assert "GAN study" in ax.get_title() and "x 1e-3" in ax.get_ylabel()
+    low, high = ax.get_ylim()
+    assert 3.0 < low < 4.0 and 6.0 < high < 7.0

@@ -35,3 +35,26 @@ def test_lecture_steps_to_target_and_sigmoid_net() -> None:
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     opt = model.configure_optimizers()
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+
+
+def test_lecture_plot_has_a_legend_and_a_labelled_target_on_every_panel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.figure import Figure
+
+    from lightning_norms.recipes import lecture
+
+    figures: list[Figure] = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    records = [
+        {"variant": v, "activation": act, "lr": lr, "seed": s, "target": 0.9,
+         "curve": [(10, 0.5), (20, 0.95 if v == "mixed" else 0.1)]}
+        for act, lr in (("relu", 0.003), ("sigmoid", 0.003)) for v in ("mixed", "none")
+        for s in range(2)
+    ]  # fmt: skip
+    lecture.plot(records, tmp_path / "p.png")
+    axes = figures[0].axes
+    assert len(axes) == 2
+    for ax in axes:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels == ["BN (mean of 2)", "no BN (mean of 2)", "target 90 %"]

@@ -46,3 +46,28 @@ def test_small_batch_report_gives_verdicts_from_fixed_records(
     assert "**`renorm` > `batch` at 4 per device, shuffled: held.**" in text
     assert "**`renorm` > `batch` at 32 per device, class-sorted: within noise.**" in text
     assert paths["plot"] == tmp_path / "sb" / "plot.png" and paths["plot"].stat().st_size > 0
+
+
+def test_small_batch_plot_fits_its_axis_to_a_one_point_effect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A +0.7-point effect must be visible: the y axis spans the dots, not 0-100, and the
+    caption says what 4 and 32 are and what the marks are."""
+    from matplotlib.collections import PathCollection
+    from matplotlib.figure import Figure
+
+    figures: list[Figure] = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    records = [
+        {"norm": n, "batch_size": b, "order": o, "seed": s,
+         "acc": 0.979 + 0.007 * (n == "renorm") + 0.001 * s}
+        for n in small_batch.NORMS for b, o in small_batch.SETTINGS for s in range(3)
+    ]  # fmt: skip
+    small_batch.plot(records, tmp_path / "p.png", "the command")
+    (ax,) = figures[0].axes
+    low, high = ax.get_ylim()
+    assert 97.0 < low < 97.9 and 98.8 < high < 99.5
+    text = " ".join(t.get_text() for t in figures[0].texts)
+    assert "samples per device" in text and "whiskers" in text and "the command" in text
+    dots = [c for c in ax.collections if isinstance(c, PathCollection)]
+    assert len({tuple(c.get_facecolor()[0]) for c in dots}) == 3  # one colour per norm
