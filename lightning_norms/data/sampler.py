@@ -80,11 +80,10 @@ def _check_sizes(source_sizes: Any) -> list[int]:
     if isinstance(source_sizes, Sampler):
         raise TypeError(
             f"{_NAME}: got a sampler ({type(source_sizes).__name__}) as `source_sizes`. "
-            "Lightning does this when it injects a DistributedSampler into a DataLoader that "
-            "was created outside a `*_dataloader` hook. Create the DataLoader inside "
-            "`train_dataloader()` (Lightning then re-creates this sampler with its own "
-            "arguments), or pass `Trainer(use_distributed_sampler=False)`: the sampler "
-            "shards by rank itself."
+            "Lightning passes one when it re-creates a batch sampler whose arguments it did "
+            "not record (a subclass with its own `__init__`, created outside a "
+            "`*_dataloader` hook or first imported inside one). Pass "
+            "`Trainer(use_distributed_sampler=False)`: the sampler shards by rank itself."
         )
     sizes = _sequence("source_sizes", source_sizes, "ints")
     if len(sizes) == 0:
@@ -159,6 +158,24 @@ def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _record_arguments(owner: BatchSampler, **arguments: Any) -> None:
+    """Keep the arguments where Lightning looks for them to re-create the batch sampler.
+
+    Lightning's ``use_distributed_sampler`` re-creates a ``BatchSampler`` subclass from the
+    arguments its patched ``__init__`` records (``__pl_saved_*``), with
+    ``sampler=DistributedSampler(...)``; it patches only the classes that exist when it enters
+    a ``*_dataloader`` hook. Recording them here too makes the re-creation work wherever the
+    sampler was imported or created (inside a hook, outside one, first imported inside one).
+    What Lightning recorded itself (it sets these before ``__init__`` runs) is kept.
+    """
+    if hasattr(owner, "__pl_saved_args") or type(owner).__init__ is not _INIT:
+        return  # Lightning recorded them itself / a subclass's own arguments are unknown here
+    object.__setattr__(owner, "__pl_saved_args", ())
+    object.__setattr__(owner, "__pl_saved_kwargs", arguments)
+    object.__setattr__(owner, "__pl_saved_arg_names", ())
+    object.__setattr__(owner, "__pl_saved_default_kwargs", {})
+
+
 class _EpochView(Sampler[int]):
     """The flat index stream of a ``MixingBatchSampler`` (its ``.sampler``).
 
@@ -212,17 +229,20 @@ class MixingBatchSampler(BatchSampler):
     ``shuffle=False``: sources are read in order and a batch lists source 0's quota, then source
     1's, ... (no shuffling at all, for evaluation).
 
-    Lightning (verified with Lightning 2.6, ``strategy="ddp"``): create the
-    ``DataLoader(dataset, batch_sampler=sampler)`` inside the ``train_dataloader()`` hook of a
-    DataModule or LightningModule. With the default ``Trainer(use_distributed_sampler=True)``,
-    Lightning re-creates a custom ``BatchSampler`` subclass from the arguments it was built with
-    plus ``sampler=DistributedSampler(...)``; the re-created sampler takes ``num_replicas`` and
-    ``rank`` from that sampler (unless given explicitly), never uses its order, and yields the
-    same batches. ``Trainer(use_distributed_sampler=False)`` also works, wherever the DataLoader
-    is built: Lightning then leaves it alone and the sampler reads rank and world size from
-    ``torch.distributed`` when it is used. A DataLoader built outside a hook with the default
-    flag cannot be re-created: Lightning calls this class with a sampler as first argument,
-    which raises a ``TypeError`` saying to do one of the two above. Lightning calls ``set_epoch``
+    Lightning (verified with Lightning 2.6, ``strategy="ddp"``): give it as a DataLoader's
+    ``batch_sampler``, wherever the DataLoader or the sampler is created or this module
+    imported (inside a ``*_dataloader`` hook or outside, first imported inside one). With the
+    default ``Trainer(use_distributed_sampler=True)``, Lightning re-creates a custom
+    ``BatchSampler`` subclass from the arguments it was built with plus
+    ``sampler=DistributedSampler(...)``; the sampler records its own arguments where Lightning
+    reads them (Lightning records them only for classes that existed when it entered the
+    hook), and the re-created sampler takes ``num_replicas`` and ``rank`` from the injected
+    sampler (unless given explicitly), never uses its order, and yields the same batches.
+    ``Trainer(use_distributed_sampler=False)`` also works: Lightning then leaves it alone and
+    the sampler reads rank and world size from ``torch.distributed`` when it is used. (A
+    subclass with its own ``__init__`` must be created inside a hook, after it was imported,
+    or used with ``use_distributed_sampler=False``; otherwise Lightning calls it with a sampler
+    as first argument, which raises a ``TypeError`` saying so.) Lightning calls ``set_epoch``
     on ``dataloader.batch_sampler.sampler`` each epoch; ``self.sampler`` (the flat view of this
     rank's indices) forwards it here, so every epoch is reshuffled.
 
@@ -253,7 +273,7 @@ class MixingBatchSampler(BatchSampler):
             length, negative, NaN/inf or all zero; a positive ratio whose quota is 0; a source
             too small for a single batch per rank; ``rank`` outside ``[0, num_replicas)``.
         TypeError: called with a sampler in place of ``source_sizes`` (Lightning re-creating a
-            DataLoader that was built outside a ``*_dataloader`` hook).
+            subclass whose arguments it did not record).
 
     Example:
         >>> s = MixingBatchSampler([6, 12], batch_size=3, ratios=[1, 2], seed=0)
@@ -291,6 +311,18 @@ class MixingBatchSampler(BatchSampler):
         self._global_full = min(n // q for n, q in zip(sizes, self.quotas, strict=True) if q > 0)
         self._layouts: dict[int, tuple[int, list[int]]] = {}
         self._check_fits()
+        _record_arguments(
+            self,
+            source_sizes=sizes,
+            batch_size=self.batch_size,
+            ratios=given,
+            shuffle=self.shuffle,
+            drop_last=self.drop_last,
+            seed=self.seed,
+            num_replicas=num_replicas,
+            rank=rank,
+            sampler=sampler,
+        )
 
     def _check_fits(self) -> None:
         """Refuse an explicit ``rank >= num_replicas`` and sources too small for one batch."""
@@ -406,3 +438,6 @@ class MixingBatchSampler(BatchSampler):
             f"quotas={self.quotas}, shuffle={self.shuffle}, drop_last={self.drop_last}, "
             f"seed={self.seed}, num_replicas={self._num_replicas}, rank={self._rank})"
         )
+
+
+_INIT = MixingBatchSampler.__init__

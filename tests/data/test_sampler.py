@@ -289,12 +289,52 @@ def test_lightning_reinstantiation_adopts_rank_from_injected_sampler():
     assert [b[0].tolist() for b in new] == list(reference)
 
 
-def test_lightning_reinstantiation_outside_hook_raises_clear_type_error():
+def _fresh_sampler_class() -> type:
+    """``MixingBatchSampler`` as a class first created now (a first import of its module)."""
+    import importlib.util
+
+    from lightning_norms.data import sampler as module
+
+    spec = importlib.util.spec_from_file_location("fresh_sampler", module.__file__)
+    assert spec is not None and spec.loader is not None
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    return fresh.MixingBatchSampler
+
+
+@pytest.mark.parametrize("where", ["first_imported_in_hook", "created_before_hook", "no_hook"])
+def test_lightning_reinstantiation_wherever_it_was_imported_or_created(where: str):
+    """Lightning records a BatchSampler's arguments only for classes that exist when it enters
+    a `*_dataloader` hook; the sampler records them itself for every other case."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
     from lightning.pytorch.utilities.data import _update_dataloader
 
     data = TensorDataset(torch.arange(40))
-    loader = DataLoader(data, batch_sampler=MixingBatchSampler([10, 30], 4, ratios=[1, 3]))
-    with pytest.raises(TypeError, match="train_dataloader"):
+    if where == "no_hook":
+        loader = DataLoader(data, batch_sampler=MixingBatchSampler([10, 30], 4, ratios=[1, 3]))
+    else:
+        early = MixingBatchSampler([10, 30], 4, ratios=[1, 3])
+        with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+            if where == "first_imported_in_hook":
+                early = _fresh_sampler_class()([10, 30], 4, ratios=[1, 3])
+            loader = DataLoader(data, batch_sampler=early)
+    new = _update_dataloader(loader, DistributedSampler(data, num_replicas=2, rank=1))
+    assert type(new.batch_sampler) is type(loader.batch_sampler)
+    assert (new.batch_sampler.num_replicas, new.batch_sampler.rank) == (2, 1)
+    reference = MixingBatchSampler([10, 30], 4, ratios=[1, 3], num_replicas=2, rank=1)
+    assert [b[0].tolist() for b in new] == list(reference)
+
+
+def test_subclass_with_its_own_init_created_outside_a_hook_names_the_fix():
+    from lightning.pytorch.utilities.data import _update_dataloader
+
+    class Custom(MixingBatchSampler):
+        def __init__(self, sizes, batch_size, **kwargs):
+            super().__init__(sizes, batch_size, **kwargs)
+
+    data = TensorDataset(torch.arange(40))
+    loader = DataLoader(data, batch_sampler=Custom([10, 30], 4, ratios=[1, 3]))
+    with pytest.raises(TypeError, match="use_distributed_sampler=False"):
         _update_dataloader(loader, DistributedSampler(data, num_replicas=2, rank=0))
 
 
@@ -332,7 +372,7 @@ from pathlib import Path
 import torch
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
-from lightning_norms.data import MixingBatchSampler
+IMPORT_AT_TOP
 from tests._boring import BoringNormModel, boring_trainer
 
 SIZES, RATIOS, BATCH = [20, 45, 37], [1, 2, 1], 8
@@ -348,6 +388,7 @@ class Indices(Dataset):
 
 class Data(L.LightningDataModule):
     def train_dataloader(self):
+        IMPORT_IN_HOOK
         sampler = MixingBatchSampler(SIZES, BATCH, ratios=RATIOS, seed=11)
         return DataLoader(Indices(), batch_sampler=sampler)
 
@@ -359,6 +400,7 @@ class Model(BoringNormModel):
 
     def training_step(self, batch, batch_idx):
         bs = self.trainer.train_dataloader.batch_sampler
+        assert type(bs).__name__ == "MixingBatchSampler", type(bs)
         self.record.append({
             "epoch": self.current_epoch, "indices": batch[0].tolist(),
             "world": bs.num_replicas, "rank": bs.rank, "len": len(bs),
@@ -377,11 +419,18 @@ if __name__ == "__main__":
 """
 
 
+IMPORT = "from lightning_norms.data import MixingBatchSampler"
+
+
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_lightning_ddp_fit_sees_exact_quotas_on_both_ranks(tmp_path: Path):
-    # the default Trainer(use_distributed_sampler=True): Lightning re-creates the sampler
-    run_script(LIGHTNING_SCRIPT, tmp_path)
+@pytest.mark.parametrize("first_import", ["top", "in_hook"])
+def test_lightning_ddp_fit_sees_exact_quotas_on_both_ranks(tmp_path: Path, first_import: str):
+    # the default Trainer(use_distributed_sampler=True): Lightning re-creates the sampler, also
+    # when the module is first imported inside train_dataloader() (issue 17, item 14)
+    top, hook = (IMPORT, "pass") if first_import == "top" else ("", IMPORT)
+    script = LIGHTNING_SCRIPT.replace("IMPORT_AT_TOP", top).replace("IMPORT_IN_HOOK", hook)
+    run_script(script, tmp_path)
     sizes = [20, 45, 37]
     records = [json.loads((tmp_path / f"record_{r}.json").read_text()) for r in range(2)]
     for epoch in (0, 1):
