@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -748,3 +749,48 @@ def test_checkpointing_running_statistics_as_batchnorm(reentrant: bool) -> None:
             torch.testing.assert_close(
                 getattr(layer, name), getattr(expected, name), rtol=1e-6, atol=1e-7
             )
+
+
+def test_renorm_function_under_torch_func_grad_and_vmap() -> None:
+    """Issue 17 item 4: the training kernel's Function has `setup_context` and a vmap rule.
+
+    ``vmap(grad(...))`` over an ensemble of independent problems equals a loop of
+    ``autograd.grad`` (the training call itself mutates the running buffers, which
+    ``torch.func`` refuses for ``nn.BatchNorm2d`` as well).
+    """
+    from torch.func import grad, vmap
+
+    from lightning_norms.functional._renorm import _RenormFn
+
+    torch.manual_seed(23)
+    e, eps = 3, 1e-5
+    x = torch.randn(e, 6, 4, 5, 5, dtype=torch.float64) * 2 + 1
+    w, b = torch.rand(e, 4, dtype=torch.float64) + 0.5, torch.randn(e, 4, dtype=torch.float64)
+    r, d = torch.rand(e, 4, dtype=torch.float64) + 0.5, torch.randn(e, 4, dtype=torch.float64)
+    weights = torch.randn(x.shape[1:], dtype=torch.float64)
+
+    def loss(x: Tensor, w: Tensor, b: Tensor, r: Tensor, d: Tensor) -> Tensor:
+        var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=0)
+        y = _RenormFn.apply(x, w, b, mean, (var + eps).rsqrt(), r, d, eps)
+        return (y * weights).sum()
+
+    grads = vmap(grad(loss, argnums=(0, 1, 2)))(x, w, b, r, d)
+    for i in range(e):
+        xi, wi, bi = (t[i].clone().requires_grad_(True) for t in (x, w, b))
+        expected = torch.autograd.grad(loss(xi, wi, bi, r[i], d[i]), (xi, wi, bi))
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-10)
+
+
+def test_eval_jit_trace_save_load_matches_eager(tmp_path) -> None:
+    """Issue 17 item 6: eval is ``F.batch_norm``: tracing, saving and loading work."""
+    torch.manual_seed(24)
+    m = BatchRenorm2d(4, r_max=2.0, d_max=1.0, warmup_steps=0)
+    _randomise(m)
+    m.eval()
+    x = torch.randn(3, 4, 5, 5)
+    torch.jit.save(torch.jit.trace(m, (x,)), tmp_path / "m.pt")
+    loaded = torch.jit.load(tmp_path / "m.pt")
+    x2 = torch.randn(2, 4, 3, 3)
+    expected = F.batch_norm(x2, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+    torch.testing.assert_close(loaded(x2), expected.detach(), rtol=0, atol=0)

@@ -237,12 +237,14 @@ class _RenormFn(torch.autograd.Function):
     ``x * alpha + beta``: equal results). The backward is torch's training-mode
     ``native_batch_norm_backward`` (the statistics' dependence on ``x`` included, ``r`` and
     ``d`` constants), itself differentiable: gradients of any order are those of
-    ``F.batch_norm(training=True)`` with the folded affine.
+    ``F.batch_norm(training=True)`` with the folded affine. ``forward`` without ``ctx`` plus
+    ``setup_context`` and a generated vmap rule: ``torch.func`` works through it.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
@@ -252,11 +254,15 @@ class _RenormFn(torch.autograd.Function):
         d: Tensor,
         eps: float,
     ) -> Tensor:
-        ctx.eps = eps
-        ctx.save_for_backward(x, weight, mean, invstd, r, d)
         folded_weight, folded_bias = _fold(weight, bias, r, d)
         unit = torch.ones_like(mean)
         return F.batch_norm(x, mean, unit, invstd * folded_weight, folded_bias, False, 0.0, 0.0)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, weight, _, mean, invstd, r, d, eps = inputs
+        ctx.eps = eps
+        ctx.save_for_backward(x, weight, mean, invstd, r, d)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
