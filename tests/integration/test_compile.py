@@ -1,6 +1,7 @@
 """``torch.compile``: no graph breaks in the layers, compiled results equal eager ones.
 
-Host-needing validation (domain ids in range, one value per channel) runs in eager mode only,
+Host-needing validation (domain ids in range, one value per channel for an ``int`` domain)
+runs in eager mode only, and a one-value domain among per-sample ids is a ``torch.where``,
 so dynamo traces DomainBatchNorm2d (per-sample and ``int`` ids) and BatchRenorm2d in one
 graph, in training and eval. The references are the same layers run eagerly: outputs, input
 and parameter gradients, running statistics and ``num_batches_tracked``.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -96,5 +98,27 @@ def test_eager_validation_still_raises() -> None:
     with pytest.raises(ValueError, match=r"DomainBatchNorm2d\(3, num_domains=2\).*got 2"):
         layer(_input(), domain=torch.tensor([0, 1, 2, 0, 1, 0]))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        layer(torch.randn(2, 3, 1, 1), domain=torch.tensor([0, 1]))
+        layer(torch.randn(1, 3, 1, 1), domain=1)
     assert layer.num_batches_tracked.tolist() == [0, 0]
+
+
+def test_one_value_domain_compiles_without_breaks_or_recompiles() -> None:
+    """Issue 17.1: the rare-domain rule is a ``torch.where``, not a host-side branch.
+
+    The same compiled graph serves a batch where domain 1 has one value per channel and one
+    where it has several (only the composition changes), and equals eager on both.
+    """
+    eager = DomainBatchNorm2d(3, 2)
+    compiled_layer = copy.deepcopy(eager)
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    compiled = torch.compile(compiled_layer, backend="aot_eager", fullgraph=True, dynamic=False)
+    x = torch.randn(6, 3, 1, 1) * 2 + 1
+    for ids in (torch.tensor([0, 0, 1, 0, 0, 0]), torch.tensor([0, 1, 1, 0, 1, 0])):
+        with warnings.catch_warnings():  # the eager layer warns once (one-value domain)
+            warnings.simplefilter("ignore")
+            want = _step(eager, {"domain": ids}, x)
+        for got, ref in zip(_step(compiled, {"domain": ids}, x), want, strict=True):
+            torch.testing.assert_close(got, ref)
+    assert counts["stats"]["unique_graphs"] == 1
+    assert compiled_layer.num_batches_tracked.tolist() == [2, 1]
