@@ -1,1 +1,5 @@
-"""Launchers for ``python -m recipes.<name>`` (not installed; code: ``lightning_norms.recipes``)."""
+"""Launchers for ``python -m recipes.<name>`` inside a clone (not installed).
+
+The code is ``lightning_norms.recipes``; from an installed wheel the same commands are
+``python -m lightning_norms.recipes.<name>``.
+"""

@@ -11,5 +11,7 @@ class-sorted batches), ``runner`` (the CLI base, seeded quiet runs in parallel p
 ``writer`` (tables, plots, the report files) and ``verdict`` (the paired per-seed rule).
 ``lightning-norms report`` (:mod:`lightning_norms.recipes.report`) picks a study from its
 ``STUDIES`` table; the repository's top-level ``recipes/`` holds the ``python -m
-recipes.<name>`` launchers.
+recipes.<name>`` launchers, which work inside a clone only. From an installed wheel, run
+``python -m lightning_norms.recipes.<name>`` (``two_domain``, ``precise_bn``, ``small_batch``,
+``gan``, ``lecture``, ``report``) or ``lightning-norms report``.
 """
