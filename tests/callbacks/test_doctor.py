@@ -376,6 +376,12 @@ def test_plain_table_without_rich(
                                      "biased", "input", "status"]  # fmt: skip
     assert lines[header + 1].split()[0] == "body.1"
     assert lines[header + 1].split()[-4:] == ["1", "32", "0.00", "ok"]
+    caplog.clear()
+    with caplog.at_level("INFO"):  # the default summary: one line when every layer is fine
+        _fit(Net(_mlp()), train, None, tmp_path, BatchNormDoctor(), max_epochs=1,
+             limit_val_batches=0)  # fmt: skip
+    assert "fair samples? 2 BN layers: 2 ok." in caplog.text
+    assert "layer" not in caplog.text.replace("BN layers", "")  # no table
 
 
 def test_unshuffled_class_sorted_loader(tmp_path: Path) -> None:
