@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import weakref
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -157,9 +158,7 @@ def _short_path(name: str, width: int) -> str:
 def _short_paths(names: Sequence[str], width: int) -> list[str]:
     """:func:`_short_path` of each name; names whose short forms collide stay whole."""
     short = [_short_path(n, width) for n in names]
-    seen: dict[str, int] = {}
-    for s in short:
-        seen[s] = seen.get(s, 0) + 1
+    seen = Counter(short)
     return [s if seen[s] == 1 else n for s, n in zip(short, names, strict=True)]
 
 
@@ -186,7 +185,7 @@ def _layer_width(headers: Sequence[str], rows: Sequence[_Row], width: int) -> in
 
 
 def _counts(rows: Sequence[_Row], shown: int) -> str:
-    """``20 BN layers: 3 flagged (all shown), 15 ok, 2 too few batches``."""
+    """``20 BN layers: 9 flagged (the worst 6 shown), 9 ok, 2 too few batches``."""
     flagged = sum(r.severity > 0 for r in rows)
     kinds = {"ok": 0, _TOO_FEW: 0, _EVAL_MODE: 0}
     for r in rows:

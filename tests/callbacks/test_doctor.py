@@ -1002,3 +1002,16 @@ def test_resnet18_full_prints_every_layer_and_quiet_nothing(
 def _tail(name: str) -> str:
     parts = name.split(".")
     return "…" + ".".join(parts[1:])
+
+
+def test_paths_are_shortened_from_the_left_at_a_dot() -> None:
+    from lightning_norms.callbacks.doctor import _short_paths
+
+    names = ["net.layer4.1.downsample.1", "net.layer4.1.bn2", "encoder.blocks.0.bn",
+             "decoder.blocks.0.bn", "model.a_very_long_single_module_name"]  # fmt: skip
+    short = _short_paths(names, 16)
+    assert short[:2] == ["…1.downsample.1", "net.layer4.1.bn2"]  # fits: kept whole
+    assert short[2:4] == names[2:4]  # "…blocks.0.bn" twice would be ambiguous: kept whole
+    assert short[4] == "…a_very_long_single_module_name"  # one name wider than the column
+    for name, cut in zip(names, short, strict=True):
+        assert cut == name or (name.endswith(cut[1:]) and name[-len(cut)] == ".")
