@@ -13,6 +13,7 @@ import ast
 import html
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -229,3 +230,21 @@ def test_home_page_code_fits_without_scrolling() -> None:
     assert home.startswith("---\nhide:\n  - toc\n---")
     code = re.findall(r"^```\w*\n(.*?)^```$", home, re.M | re.S)
     assert [line for block in code for line in block.splitlines() if len(line) > 100] == []
+
+
+def test_guide_commands_name_real_options() -> None:
+    """The guides' ``lightning-norms`` lines parse; every ``python -m`` module exists."""
+    from lightning_norms.recipes.report import build_parser
+
+    lines = []
+    for page in (DOCS / "guides").glob("*.md"):
+        for code in re.findall(r"^```bash\n(.*?)^```$", page.read_text(), re.M | re.S):
+            words = [shlex.split(line, comments=True) for line in code.splitlines()]
+            lines += [w for w in words if w]
+    reports = [w[1:] for w in lines if w[0] == "lightning-norms"]
+    modules = [w[2] for w in lines if w[:2] == ["python", "-m"]]
+    assert reports and modules
+    for args in reports:
+        build_parser().parse_args(args)  # SystemExit on an unknown option or study
+    for module in modules:
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
