@@ -99,7 +99,7 @@ class RecipeCLI(LightningCLI):
         if after is not None:
             after()
 
-    def run_test(self) -> list[dict[str, float]]:
+    def run_test(self) -> list[Mapping[str, float]]:
         """``trainer.test`` of the fitted model and data, its results printed as one table
         (:func:`results_table`; rank zero, unless quiet) instead of Lightning's, which repeats
         every epoch-end metric under each DataLoader."""
