@@ -67,6 +67,27 @@ def as_dtype(t: Tensor, dtype: torch.dtype, copy: bool = False) -> Tensor:
     return t.clone() if copy else t
 
 
+def kernel_input_dtype(
+    device: torch.device, input_dtype: torch.dtype, stat_dtype: torch.dtype
+) -> torch.dtype:
+    """The dtype to hand torch's BatchNorm kernels an input in, next to ``stat_dtype`` tensors.
+
+    CPU and CUDA kernels take a fp16/bf16 input with fp32 statistics and parameters (what
+    ``nn.BatchNorm2d`` does under autocast): the input as it is. Other devices (MPS) get one
+    dtype: the input upcast to the statistics' dtype first (the output is cast back by the
+    caller).
+
+    Example:
+        >>> kernel_input_dtype(torch.device("cuda"), torch.float16, torch.float32)
+        torch.float16
+        >>> kernel_input_dtype(torch.device("mps"), torch.float16, torch.float32)
+        torch.float32
+    """
+    if device.type in ("cpu", "cuda") or input_dtype == stat_dtype:
+        return input_dtype
+    return stat_dtype
+
+
 def accumulate_dtype(device: torch.device) -> torch.dtype:
     """The dtype of accumulations and all-reduces: float64 (float32 on MPS, which lacks it)."""
     return torch.float32 if device.type == "mps" else torch.float64
@@ -99,8 +120,8 @@ def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     the row still in cache for the second pass; about 3x faster on CPU than ``var_mean`` over
     the last dim); other inputs (``channels_last``, other devices, or while ``torch.compile``
     traces, or a ``torch.func`` transform, which has no batching rule for that kernel) one
-    ``torch.var_mean`` over the positions. A ``[N, C]`` input has one position
-    per row (variance 0).
+    ``torch.var_mean`` over the positions. A ``[N, C]`` input (or ``[N, C, 1, ...]``) has one
+    position per row: the rows are the values, variance 0, no reduction kernel.
 
     Example:
         >>> mean, var = row_moments(torch.tensor([[[1.0, 3.0], [2.0, 2.0]]]))
@@ -108,9 +129,10 @@ def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
         ([[2.0, 2.0]], [[1.0, 0.0]])
     """
     xf = as_dtype(x, stat_dtype(x))
-    if xf.dim() == 2:
-        return xf, torch.zeros_like(xf)
     n, c = xf.shape[:2]
+    if math.prod(xf.shape[2:]) == 1:  # one position per row
+        rows = xf.reshape(n, c)
+        return rows, torch.zeros_like(rows)
     traced = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
     native = xf.device.type in ("cpu", "cuda") and not traced
     if native and xf.numel() and xf.is_contiguous():

@@ -1085,3 +1085,40 @@ def test_lightning_fit_with_checkpointing_and_domain_equals_plain_loop():
         opt.step()
     for (key, p), q in zip(plain.named_parameters(), module.net.parameters(), strict=True):
         torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=key)
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops dispatched inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("shape", "reduces"), [((8, 4), False), ((8, 4, 1), False), ((8, 4, 3), True)]
+)
+def test_one_position_input_has_no_row_reduction_kernels(shape, reduces):
+    """Issue 21.7: BatchNorm1d-shaped input ran N*C one-element reductions (CUDA)."""
+    torch.manual_seed(70)
+    layer = DomainBatchNorm1d(4, num_domains=2)
+    _randomise(layer)
+    ids = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    x = (torch.randn(shape) * 2 + 1).requires_grad_()
+    refs = _references(layer, nn.BatchNorm1d)
+    with _OpNames() as ops:
+        y = layer(x, domain=ids)
+        y.square().sum().backward()
+    kernels = {"batch_norm_update_stats", "native_batch_norm_backward"}
+    assert bool(kernels & ops.names) == reduces, ops.names
+    for d, bn in enumerate(refs):
+        xd = x.detach()[ids == d].requires_grad_()
+        yd = bn(xd)
+        yd.square().sum().backward()
+        torch.testing.assert_close(y[ids == d], yd, atol=ATOL, rtol=0)
+        torch.testing.assert_close(x.grad[ids == d], xd.grad, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(layer.weight.grad[d], bn.weight.grad, atol=1e-4, rtol=1e-5)

@@ -15,6 +15,7 @@ from lightning_norms._moments import (
     batch_moments,
     ema_factor,
     group_moments,
+    kernel_input_dtype,
     row_moments,
     update_running,
 )
@@ -88,3 +89,29 @@ def test_absent_group_and_factor() -> None:
     assert ema_factor(0.3, 10) == 0.3 and ema_factor(None, 5) == 0.2
     with pytest.raises(ValueError, match="num_batches_tracked"):
         update_running(mean, var, moments, None)
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "expected"),
+    [
+        ("cpu", torch.float16, torch.float16),
+        ("cuda", torch.bfloat16, torch.bfloat16),
+        ("mps", torch.float16, torch.float32),
+        ("mps", torch.bfloat16, torch.float32),
+        ("mps", torch.float32, torch.float32),
+        ("xpu", torch.float16, torch.float32),
+    ],
+)
+def test_kernel_input_dtype_upcasts_off_cpu_and_cuda(device, dtype, expected) -> None:
+    """Issue 21.6: the MPS dispatch decision, testable without the device."""
+    assert kernel_input_dtype(torch.device(device), dtype, torch.float32) == expected
+
+
+def test_one_position_rows_need_no_reduction_kernel() -> None:
+    """Issue 21.7: ``(N, C)`` and ``(N, C, 1)`` rows are the values (variance 0), exactly."""
+    x = torch.randn(5, 3, dtype=torch.float64)
+    for t in (x, x[..., None], x[..., None, None]):
+        mean, var = row_moments(t)
+        assert torch.equal(mean, x) and torch.equal(var, torch.zeros_like(x))
+    mean, var = row_moments(x.half())
+    assert mean.dtype == torch.float32 and torch.equal(mean, x.half().float())

@@ -27,6 +27,7 @@ from lightning_norms._moments import (
     as_dtype,
     batch_moments,
     ema_factor,
+    kernel_input_dtype,
     stat_dtype,
     update_running,
 )
@@ -86,12 +87,12 @@ def _check_range(ids: Tensor, num_domains: int, name: str) -> None:
     CPU ids: one host read of min and max (free on CPU), a ``ValueError``. Accelerator ids: a
     device-side assert (``torch._assert_async``, no host read; it fails at the next sync).
     """
-    low, high = torch.aminmax(ids)
+    lowest, highest = torch.aminmax(ids)
     if ids.device.type != "cpu":
         message = f"{name}: domain ids must be in [0, {num_domains})"
-        torch._assert_async((low >= 0) & (high < num_domains), message)
+        torch._assert_async((lowest >= 0) & (highest < num_domains), message)
         return
-    low, high = int(low), int(high)
+    low, high = int(lowest), int(highest)
     if low < 0 or high >= num_domains:
         bad = low if low < 0 else high
         raise ValueError(
@@ -114,8 +115,15 @@ def _rows(x: Tensor) -> Tensor:
 
 
 def _check_counts(count: Tensor, name: str) -> None:
-    """Raise (on every rank alike, when ``count`` is global) for a one-value domain."""
+    """Raise (on every rank alike, when ``count`` is global) for a one-value domain.
+
+    A host read on CPU; a device-side assert (no host read) on accelerators.
+    """
     single = count == 1
+    if count.device.type != "cpu":
+        message = f"{name}: expected more than 1 value per channel when training"
+        torch._assert_async(~single.any(), message)
+        return
     if bool(single.any()):
         which = torch.nonzero(single).flatten().tolist()
         raise ValueError(
@@ -259,9 +267,18 @@ def _row_grad_sums(g3: Tensor, x3: Tensor, mean_rows: Tensor) -> tuple[Tensor, T
     """Per-row ``sum(dy)`` and ``sum(dy * (x - mean))`` as ``[N, C]``, in one fused pass.
 
     ``native_batch_norm_backward`` over the ``[1, N*C, L]`` view (every row a "channel", with
-    unit weight and invstd), whose parameter gradients are exactly these sums.
+    unit weight and invstd), whose parameter gradients are exactly these sums. One position
+    per row (``BatchNorm1d`` on ``(N, C)``): no reduction at all (``N*C`` one-element
+    reductions on CUDA otherwise), the sums are ``dy`` and ``dy * (x - mean)`` elementwise.
+    The kernel gets the input in :func:`~lightning_norms._moments.kernel_input_dtype`
+    (upcast off CPU/CUDA, e.g. MPS).
     """
     n, c, length = x3.shape
+    if length == 1:
+        g, x = as_dtype(g3.view(n, c), mean_rows.dtype), as_dtype(x3.view(n, c), mean_rows.dtype)
+        return g, g * (x - mean_rows)
+    dtype = kernel_input_dtype(x3.device, x3.dtype, mean_rows.dtype)
+    g3, x3 = as_dtype(g3, dtype), as_dtype(x3, dtype)
     ones = torch.ones(n * c, dtype=mean_rows.dtype, device=x3.device)
     _, row_dot, row_sum = torch.ops.aten.native_batch_norm_backward(
         g3.view(1, n * c, length),
@@ -480,8 +497,10 @@ def _int_domain_batch_norm(
         factor = float(ema_factor(momentum, 1.0))
     elif tracked and num_batches_tracked is not None:
         factor = float(ema_factor(None, float(num_batches_tracked[domain]) + 1.0))
+    params = [t for t in (running_mean, weight) if t is not None]
+    dtype = kernel_input_dtype(x.device, x.dtype, params[0].dtype) if params else x.dtype
     out = F.batch_norm(
-        x,
+        as_dtype(x, dtype),
         None if running_mean is None else running_mean[domain],
         None if running_var is None else running_var[domain],
         weight[domain] if per_domain_affine and weight is not None else weight,
@@ -492,7 +511,7 @@ def _int_domain_batch_norm(
     )
     if tracked and num_batches_tracked is not None:
         num_batches_tracked[domain].add_(1)
-    return out
+    return as_dtype(out, x.dtype)
 
 
 def _eval_rows(
