@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lightning-norms-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint docs docs-check wheel bench gpu-check venv clean
+.PHONY: demo test test-floor lint docs docs-check wheel bench gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,16 @@ test: $(STAMP)
 	$(PY) -m ruff check lightning_norms recipes tests bench docs
 	$(PY) -m mypy lightning_norms
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+# the oldest torch / torchvision / Lightning pair pyproject.toml claims, in .venv-floor (from the
+# package index; about 3 GB of wheels): the unit and callback suites, not the slow integration ones
+FLOOR_VENV ?= .venv-floor
+FLOOR_PINS ?= torch==2.4.1 torchvision==0.19.1 lightning==2.4.0
+test-floor:
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q $(FLOOR_PINS) -e ".[dev]"
+	$(FLOOR_VENV)/bin/python -c "import torch, lightning; print('floor:', torch.__version__, lightning.__version__)"
+	$(FLOOR_VENV)/bin/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS) tests/test_*.py tests/callbacks tests/data
 
 lint: $(STAMP)
 	$(PY) -m ruff check lightning_norms recipes tests bench docs
@@ -51,4 +61,4 @@ gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py
 
 clean:
-	rm -rf $(VENV) runs lightning_logs build dist
+	rm -rf $(VENV) $(FLOOR_VENV) runs lightning_logs build dist
