@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from lightning_norms import BatchRenorm2d, DomainBatchNorm2d, NormSync
+from lightning_norms._base import BatchNormBase
+from lightning_norms._sync_guard import RefuseTorchSyncConversion
 from lightning_norms.distributed import SyncedBatchNorm1d, SyncedBatchNorm2d, SyncedBatchNorm3d
 from tests._dist import REPO_ROOT, run_script
 
@@ -166,6 +168,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning_norms import BatchRenorm2d, DomainBatchNorm2d, NormSync
+from lightning_norms._base import BatchNormBase
+from lightning_norms._sync_guard import RefuseTorchSyncConversion
 
 
 class Data(Dataset):
@@ -246,3 +250,67 @@ def test_lightning_ddp_fit_keeps_running_stats_identical(tmp_path):
     assert not torch.allclose(stats[0]["control.running_mean"], stats[1]["control.running_mean"])
     # each domain lived on one rank only, yet both ranks hold both domains' statistics
     assert not torch.allclose(stats[0]["dbn.running_mean"][0], stats[0]["dbn.running_mean"][1])
+
+
+# --- issue 21 item 8: Trainer(sync_batchnorm=True) without our callbacks is loud ---------------
+
+
+class _GuardedRenorm(BatchRenorm2d):
+    """``BatchRenorm2d`` with the guard ``_base.BatchNormBase`` is to carry (see below)."""
+
+    qconfig = RefuseTorchSyncConversion()
+
+
+class _GuardedDomain(DomainBatchNorm2d):
+    qconfig = RefuseTorchSyncConversion()
+
+
+def test_torch_sync_conversion_refuses_a_guarded_layer():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), _GuardedRenorm(4))
+    with pytest.raises(ValueError, match=r"_GuardedRenorm.*sync_batchnorm=True.*NormSync\(\)"):
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # torch converts children as it walks: the plain BN before it was converted already
+    assert [type(m) for m in model] == [nn.Conv2d, nn.SyncBatchNorm, _GuardedRenorm]
+
+
+def test_guard_is_an_ordinary_unset_attribute_elsewhere():
+    layer = _GuardedDomain(4, num_domains=2)
+    assert not hasattr(layer, "qconfig") and getattr(layer, "qconfig", None) is None
+    with pytest.raises(AttributeError, match="qconfig"):
+        del layer.qconfig
+    layer.qconfig = "config"  # what torch.ao.quantization's prepare does
+    assert layer.qconfig == "config" and copy.deepcopy(layer).qconfig == "config"
+    del layer.qconfig
+    assert not hasattr(layer, "qconfig")
+    assert "qconfig" not in layer.state_dict() and not hasattr(copy.deepcopy(layer), "qconfig")
+
+
+def test_trainer_sync_batchnorm_without_our_callbacks_fails_before_training(tmp_path):
+    import torch.distributed as dist
+
+    from tests._boring import BoringNormModel, boring_loader, boring_trainer
+
+    body = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), _GuardedDomain(4, num_domains=2), nn.ReLU(),
+        _GuardedRenorm(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+    )  # fmt: skip
+    model = BoringNormModel(body)
+    trainer = boring_trainer(tmp_path, strategy="ddp", devices=1, sync_batchnorm=True)
+    try:
+        with pytest.raises(ValueError, match=r"_GuardedDomain.*NormSync"):
+            trainer.fit(model, boring_loader())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert model.train_steps == 0
+    assert type(model.body[1]) is _GuardedDomain and type(model.body[3]) is _GuardedRenorm
+
+
+@pytest.mark.skipif(
+    not isinstance(BatchNormBase.__dict__.get("qconfig"), RefuseTorchSyncConversion),
+    reason="the guard is not yet a class attribute of lightning_norms._base.BatchNormBase",
+)
+@pytest.mark.parametrize("layer", [DomainBatchNorm2d(4, 2), BatchRenorm2d(4), SyncedBatchNorm2d(4)])
+def test_every_package_layer_refuses_torch_sync_conversion(layer):
+    with pytest.raises(ValueError, match="NormSync"):
+        nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(layer))

@@ -58,6 +58,7 @@ LAYER_OF_TOP = {
         (
             "_base",
             "_patterns",
+            "_sync_guard",
             "_diagnostics",
             "domain_bn",
             "renorm",
