@@ -462,7 +462,7 @@ def _announce(trainer: Trainer, line: str) -> None:
     bar = trainer.progress_bar_callback
     if isinstance(bar, TQDMProgressBar) and bar.is_enabled:
         Tqdm.write(line, file=sys.stdout)
-    elif bar is not None and bar.is_enabled:
+    elif bar is not None and getattr(bar, "is_enabled", True):
         bar.print(line)
     else:
         rank_zero_info(line)
