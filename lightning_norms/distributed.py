@@ -197,7 +197,8 @@ class SyncedBatchNorm2d(_SyncedBatchNorm, nn.BatchNorm2d):
         - Output: same shape as input
 
     Raises:
-        ValueError: one value per channel over all ranks in training (on every rank).
+        ValueError: one value per channel over all ranks in training (on every rank; a
+            device-side assert on accelerators, which read no value back).
 
     Example:
         >>> m = SyncedBatchNorm2d(3)

@@ -161,7 +161,7 @@ class _DomainBatchNorm(BatchNormBase):
         backward. After the warning the layer records nothing more.
         """
         seen = self._rare_seen
-        if self._rare_warned or seen is None or not bool(seen.any()):
+        if self._rare_warned or seen is None or seen.is_meta or not bool(seen.any()):
             return
         self._rare_warned, self._rare_seen = True, None
         where = f"{self._module_path}: " if self._module_path else ""
@@ -307,7 +307,17 @@ class DomainBatchNorm2d(_DomainBatchNorm):
     ``LongTensor[num_domains]``, the number of training batches each domain appeared in (so
     ``momentum=None``, a cumulative average, is exact per domain; a domain absent from a batch
     keeps its statistics and its count). An empty batch, or a call that raises, leaves every
-    buffer as it was.
+    buffer as it was. ``load_state_dict`` also takes a plain ``nn.BatchNorm2d`` state
+    (``[C]`` tensors, scalar counter), copied into every domain as :meth:`from_batchnorm`.
+
+    A rare domain never crashes training: with per-sample ids, a domain that has one value
+    per channel (one sample at a 1x1 map, resnet layer4 at 32x32 input) is normalised with its
+    running statistics (eval formula and eval-mode gradient) and leaves them and its
+    ``num_batches_tracked`` entry untouched; the other domains are unaffected. The layer warns
+    once (``UserWarning`` with its module path when :func:`domain` routed it): right away on
+    CPU, at the next ``train()``/``eval()`` on accelerators (no host read in forward). Without
+    running statistics such a domain gets ``beta``. An ``int`` domain of one value per channel
+    raises like ``nn.BatchNorm2d``.
 
     Gradients of any order are exact (a gradient penalty through the layer, per-sample ids
     and ``sync`` included): the custom backward switches to differentiable ops when a graph
@@ -320,8 +330,13 @@ class DomainBatchNorm2d(_DomainBatchNorm):
     per-domain counts, means and sums of squared deviations are all-reduced (one fp64
     all-reduce) and the backward's sums too, so every rank normalises with the global
     statistics, on CPU (gloo) and GPU (nccl). Every rank joins the same collectives whatever
-    domains it holds; a domain with one value per channel over all ranks raises on every rank.
-    Eval uses the running statistics (no collectives).
+    domains it holds; a domain with one value per channel over all ranks follows the rule
+    above on every rank. Eval uses the running statistics (no collectives).
+
+    Transforms: ``torch.compile`` (no graph breaks, no recompile when only the domain
+    composition changes), ``torch.func`` (``grad``, ``vmap``, ``functional_call``; training
+    with running statistics under ``vmap`` is refused as for ``nn.BatchNorm2d``), activation
+    checkpointing with :func:`domain` (see there), ``copy.deepcopy`` and pickling.
 
     Args:
         num_features: number of channels ``C``.
@@ -345,7 +360,8 @@ class DomainBatchNorm2d(_DomainBatchNorm):
 
     Raises:
         ValueError: wrong input rank or channels; domain ids not integer, not ``[N]``, outside
-            ``[0, num_domains)``, or missing; a domain with one value per channel in training.
+            ``[0, num_domains)`` (a device-side assert off CPU), or missing; an ``int``
+            domain with one value per channel in training.
 
     Example:
         >>> m = DomainBatchNorm2d(3, num_domains=2)

@@ -819,6 +819,7 @@ def test_no_host_reads_off_cpu(training, domains):
     (g,) = torch.autograd.grad(layer(x, domain=ids).square().sum(), x, create_graph=True)
     g.sum().backward()
     assert y.shape == x.shape and x.grad.shape == x.shape
+    layer.eval()  # where accelerators report a one-value domain: a meta record is skipped
 
 
 # --- issue 17: domain() + activation checkpointing ---
@@ -1122,3 +1123,22 @@ def test_one_position_input_has_no_row_reduction_kernels(shape, reduces):
         torch.testing.assert_close(y[ids == d], yd, atol=ATOL, rtol=0)
         torch.testing.assert_close(x.grad[ids == d], xd.grad, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(layer.weight.grad[d], bn.weight.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_recompute_bn_stats_counts_a_one_value_domain():
+    """Regression (issue 17.1): the population pass crashed on a one-sample domain at 1x1."""
+    from lightning_norms.stats import recompute_bn_stats
+
+    torch.manual_seed(71)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), DomainBatchNorm2d(4, num_domains=2))
+    batches = [(torch.randn(5, 3, 1, 1) + 3, torch.tensor([0, 0, 0, 0, 1])) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        recompute_bn_stats(net, batches, forward_fn=lambda m, b: m[1](m[0](b[0]), domain=b[1]))
+    with torch.no_grad():
+        h = torch.cat([net[0](x) for x, _ in batches])
+    ids = torch.cat([i for _, i in batches])
+    for d in range(2):
+        hd = h[ids == d].transpose(0, 1).flatten(1)
+        torch.testing.assert_close(net[1].running_mean[d], hd.mean(1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(net[1].running_var[d], hd.var(1), atol=1e-5, rtol=1e-5)
