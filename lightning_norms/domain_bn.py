@@ -196,7 +196,8 @@ class _DomainBatchNorm(BatchNormBase):
         for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             value, mine = state_dict.get(prefix + key), own.get(key)
             if isinstance(value, Tensor) and mine is not None and value.shape == mine.shape[1:]:
-                state_dict[prefix + key] = value.expand_as(mine)
+                # a copy, not a stride-0 view: load_state_dict(assign=True) keeps the tensor
+                state_dict[prefix + key] = value.expand_as(mine).clone()
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -920,6 +920,10 @@ def test_plain_batchnorm_state_loads_into_every_domain(shared_affine):
     for key, value in ref.state_dict().items():
         assert torch.equal(layer.state_dict()[key], value), key
     assert state["running_mean"].shape == (5,)  # the caller's dict is not changed
+    assigned = DomainBatchNorm2d(5, num_domains=3, shared_affine=shared_affine)
+    assigned.load_state_dict(state, assign=True)  # its buffers are updated in place later
+    assigned(torch.randn(6, 5, 2, 2), domain=torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert not torch.equal(assigned.running_mean[0], assigned.running_mean[1])
     layer.load_state_dict(ref.state_dict())  # [num_domains, C] loads as is
     bad = {**ref.state_dict(), "running_mean": torch.zeros(2, 5)}
     with pytest.raises(RuntimeError, match="size mismatch for running_mean"):
