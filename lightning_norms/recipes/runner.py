@@ -243,13 +243,15 @@ class GridProgress:
         self._name = desc
         self._epochs = epochs
         self._seen = [0] * runs
-        self.bar = tqdm(total=runs * epochs, disable=disable, bar_format=self.FORMAT)
-        self._show()
+        self.bar = tqdm(
+            total=runs * epochs, desc=self._desc(), disable=disable, bar_format=self.FORMAT
+        )
+
+    def _desc(self) -> str:
+        return f"{self._name}: {self.runs_done}/{self._runs} runs done"
 
     def _show(self) -> None:
-        self.bar.set_description_str(
-            f"{self._name}: {self.runs_done}/{self._runs} runs done", refresh=True
-        )
+        self.bar.set_description_str(self._desc(), refresh=True)
 
     def put(self, key: int) -> None:
         """One training epoch of run ``key`` ended."""

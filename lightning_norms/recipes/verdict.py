@@ -63,6 +63,12 @@ class Comparison:
         an explanation of the claimed effect only reads right when it does."""
         return self.direction * self.mean > 0
 
+    def _scaled(self, scale: float) -> tuple[float, float, float]:
+        """Mean, lowest and highest per-seed difference times ``scale`` (``+ 0.0``: a zero
+        difference reads ``+0.0``, never ``-0.0``)."""
+        lo, hi = min(self.diffs), max(self.diffs)
+        return scale * self.mean + 0.0, scale * lo + 0.0, scale * hi + 0.0
+
     def describe(self, scale: float = 100.0, unit: str = " points") -> str:
         """The verdict and its figures in one markdown sentence (one seed: the difference only,
         there is no standard error to test it against).
@@ -73,28 +79,29 @@ class Comparison:
         """
         if self.n == 0:
             return f"**{self.claim}: {self.verdict}** (no paired seeds)."
+        mean, lo, hi = self._scaled(scale)
         if self.n == 1:
             return (
-                f"**{self.claim}: {self.verdict}.** Difference {scale * self.mean:+.1f}{unit} "
+                f"**{self.claim}: {self.verdict}.** Difference {mean:+.1f}{unit} "
                 "on one seed: no standard error, no test."
             )
-        lo, hi = min(self.diffs), max(self.diffs)
         t = "inf" if math.isinf(self.t) else f"{self.t:.1f}"
         return (
-            f"**{self.claim}: {self.verdict}.** Paired difference {scale * self.mean:+.1f}{unit} "
+            f"**{self.claim}: {self.verdict}.** Paired difference {mean:+.1f}{unit} "
             f"(SE {scale * self.se:.1f}, t = {t}, one-sided p = {self.p:.3f}, {self.n} seeds); "
             f"the claimed sign on {self.agree} of {self.n} seeds "
-            f"(per seed {scale * lo:+.1f} to {scale * hi:+.1f})."
+            f"(per seed {lo:+.1f} to {hi:+.1f})."
         )
 
     def row(self, scale: float = 100.0) -> str:
         """``verdict (mean ± SE, k/n seeds)`` for a summary table."""
         if self.n == 0:
             return f"{self.verdict} (no seeds)"
+        mean = self._scaled(scale)[0]
         if self.n == 1:
-            return f"{self.verdict} ({scale * self.mean:+.1f}, one seed: no SE)"
+            return f"{self.verdict} ({mean:+.1f}, one seed: no SE)"
         return (
-            f"{self.verdict} ({scale * self.mean:+.1f} ± {scale * self.se:.1f} SE, "
+            f"{self.verdict} ({mean:+.1f} ± {scale * self.se:.1f} SE, "
             f"{self.agree}/{self.n} seeds)"
         )
 

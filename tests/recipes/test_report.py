@@ -122,6 +122,8 @@ def test_grid_progress_reads_runs_done_and_time_left(capsys: pytest.CaptureFixtu
     from lightning_norms.recipes.runner import GridProgress
 
     progress = GridProgress(3, 2, "demo")
+    first = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[0]
+    assert first.startswith("demo: 0/3 runs done |")  # named from the first frame on
     for key in (0, 0, 1):
         progress.put(key)
     progress.run_done(0)

@@ -48,5 +48,6 @@ def test_one_seed_says_so_instead_of_nan_figures() -> None:
     assert row == "not shown (-1.2, one seed: no SE)"
     assert not c.claimed_sign and paired("a > b", [0.01], 1).claimed_sign
     assert paired("a < b", [-0.01], -1).claimed_sign  # a < b, and a - b < 0
+    assert "Difference +0.0 points" in paired("a < b", [0.0], -1).describe()  # never -0.0
     two = paired("a > b", [0.02, 0.04]).describe()
     assert "SE 1.0" in two and "t = 3.0" in two  # from two seeds on, the figures are real
