@@ -40,11 +40,13 @@ from lightning_norms.recipes.models import DigitsClassifier, Variant, accuracy_r
 from lightning_norms.recipes.runner import RecipeCLI, recipe_cli, run_grid, write_json
 from lightning_norms.recipes.verdict import Comparison, compare
 from lightning_norms.recipes.writer import (
+    MARKS,
     StudyReport,
+    add_caption,
     by_seed,
+    draw_points,
     group_by,
     mean_std,
-    plot_bars,
     study_head,
     verdict_section,
 )
@@ -247,28 +249,31 @@ COLORS = {"batch": "#4C72B0", "renorm": "#DD8452", "group": "#55A868"}
 
 
 def plot(records: list[dict], path: Path, caption: str = "") -> None:
-    """Test accuracy of every norm in every setting, one dot per seed, the axis fitted to the
-    dots (the effects are a point or less)."""
+    """Test accuracy of every norm, one panel per setting of :data:`SETTINGS` with its own y
+    axis fitted to its dots (the BatchRenorm-vs-BN effects are a point or less)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     groups = group_by(records, ("norm", "batch_size", "order"))
-    keys = [(n, b, o) for b, o in SETTINGS for n in NORMS if (n, b, o) in groups]
-    bars = {
-        f"{n}, {b}/device{', sorted' if o != 'shuffled' else ''}": [
-            r["acc"] for r in groups[(n, b, o)]
-        ]
-        for n, b, o in keys
-    }
+    fig, axes = plt.subplots(1, len(SETTINGS), figsize=(3.4 * len(SETTINGS), 4.0), squeeze=False)
+    for ax, (b, o) in zip(axes[0], SETTINGS, strict=True):
+        norms = [n for n in NORMS if (n, b, o) in groups]
+        bars = {n: [r["acc"] for r in groups[(n, b, o)]] for n in norms}
+        draw_points(ax, bars, colors=[COLORS[n] for n in norms])
+        ax.set_title(f"{b} per device, {o.replace('_', '-')}", fontsize=9)
+    axes[0][0].set_ylabel("test accuracy (%)", fontsize=8)
+    fig.suptitle("Small-batch study: BN vs BatchRenorm vs GroupNorm (own y axis per panel)",
+                 fontsize=9)  # fmt: skip
     note = (
-        f"4 / 32 = samples per device whose statistics BN uses (every step trains on "
-        f"{STEP_BATCH}); sorted = class-sorted batches (2 classes each)"
+        f"4 / 32 per device = samples whose statistics BN uses (every step trains on "
+        f"{STEP_BATCH}: 8 or 1 micro-batches); class-sorted = every batch holds 2 classes"
     )
-    plot_bars(
-        bars,
-        path,
-        "test accuracy (%)",
-        "Small-batch study: BN vs BatchRenorm vs GroupNorm",
-        colors=[COLORS[n] for n, _, _ in keys],
-        caption=note + (f"\n{caption}" if caption else ""),
-    )
+    text = MARKS + "\n" + note + (f"\n{caption}" if caption else "")
+    fig.tight_layout(rect=(0, add_caption(fig, text), 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def run_study(args: argparse.Namespace) -> StudyReport:

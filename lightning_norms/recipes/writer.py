@@ -21,6 +21,7 @@ __all__ = [
     "StudyReport",
     "add_caption",
     "by_seed",
+    "draw_points",
     "group_by",
     "mean_std",
     "plot_bars",
@@ -64,28 +65,15 @@ def verdict_section(found: Sequence[tuple[Comparison, float, str]]) -> list[str]
 MARKS = "dots: one per seed; black bar: seed mean; whiskers: ± 1 std over seeds"
 
 
-def plot_bars(
+def draw_points(
+    ax: Any,
     groups: dict[str, list[float]],
-    path: Path,
-    ylabel: str,
-    title: str,
     scale: float = 100.0,
-    *,
     colors: Sequence[str] | None = None,
-    caption: str = "",
 ) -> None:
-    """One column per group: the seeds as dots, their mean as a black bar, ± 1 std whiskers.
-
-    The y axis fits the dots (a small effect stays visible); :data:`MARKS` and ``caption`` (for
-    example the command and commit) are printed under the plot. ``colors``: one per group.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """On ``ax``, one column per group: the seeds as dots, their mean as a black bar, ± 1 std
+    whiskers (:data:`MARKS`); the y axis fits the dots."""
     colors = list(colors) if colors is not None else ["#4C72B0"] * len(groups)
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.75 * len(groups) + 2.0), 4.2))
     for i, (values, color) in enumerate(zip(groups.values(), colors, strict=True)):
         ys = [scale * v for v in values]
         mean = statistics.fmean(ys)
@@ -97,10 +85,33 @@ def plot_bars(
                    linewidth=0.4, zorder=3)  # fmt: skip
     ax.set_xticks(range(len(groups)), list(groups), fontsize=7, rotation=30, ha="right")
     ax.set_xlim(-0.6, len(groups) - 0.4)
-    ax.set_ylabel(ylabel, fontsize=8)
-    ax.set_title(title, fontsize=9)
     ax.grid(axis="y", linewidth=0.4, alpha=0.5)
     ax.spines[["top", "right"]].set_visible(False)
+
+
+def plot_bars(
+    groups: dict[str, list[float]],
+    path: Path,
+    ylabel: str,
+    title: str,
+    scale: float = 100.0,
+    *,
+    colors: Sequence[str] | None = None,
+    caption: str = "",
+) -> None:
+    """One column per group (:func:`draw_points`) in one axis, the y axis fitted to the dots
+    (a small effect stays visible); :data:`MARKS` and ``caption`` (for example the command and
+    commit) are printed under the plot. ``colors``: one per group.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.75 * len(groups) + 2.0), 4.2))
+    draw_points(ax, groups, scale, colors)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
     bottom = add_caption(fig, MARKS + (f"\n{caption}" if caption else ""))
     fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=120)
