@@ -9,8 +9,11 @@ except attribute reads of the old layer; torch's function asks ``hasattr(module,
 of every layer it converts (to carry a quantization config over).
 :class:`RefuseTorchSyncConversion` is a class attribute that answers that one question with a
 ``ValueError`` naming ``NormSync`` (the plugin that synchronises these layers, on CPU and GPU),
-and behaves exactly like an unset attribute everywhere else (``hasattr`` is ``False``, ``getattr(m, "qconfig", None)`` is
-``None``; assigning a ``qconfig`` stores it as usual). No Lightning import, no global patch.
+and behaves exactly like an unset attribute everywhere else (``hasattr`` is ``False``,
+``getattr(m, "qconfig", None)`` is ``None``; assigning a ``qconfig`` stores it as usual). No
+Lightning import, no global patch. torch converts children as it walks the model, so plain
+BatchNorm layers met before the first of this package's layers are already converted when it
+raises; the fit (or the caller) stops there.
 """
 
 from __future__ import annotations
