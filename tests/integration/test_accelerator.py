@@ -261,7 +261,7 @@ def _collectives_worker(rank: int, world: int) -> dict[str, list[Any]]:
             grad.square().sum().backward()  # double backward (a gradient penalty)
         devices = {entry[3] for entry in log}
         logs[name] = [log, devices]
-    net = nn.Sequential(nn.Conv2d(4, 4, 1), SyncedBatchNorm2d(4), DomainBatchNorm2d(4, 1))
+    net = nn.Sequential(nn.Conv2d(4, 4, 1), SyncedBatchNorm2d(4), BatchRenorm2d(4, sync=True))
     batches = [torch.randn(2, 4, 3, 3) for _ in range(4 if rank == 0 else 3)]
     log = []
     with _recording(log), warnings.catch_warnings():
