@@ -1,0 +1,150 @@
+"""``bench/bench_targets.py`` (issue 20's targets in one run): its counters and its smoke run.
+
+The counters are checked on modules whose counts are known by construction: ``nn.BatchNorm2d``
+is 3 launches per forward+backward (``native_batch_norm``, its backward, the
+``num_batches_tracked`` increment), one more ``torch.add`` is one more; a ``.item()`` is a host
+read; a forward that keeps an activation-sized tensor alive peaks that much higher; ``x * x``
+saves one storage. The ``--quick`` run must print every row with a verdict and the summary.
+No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from tests._dist import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+import bench_targets
+from gpu_check import HOST_READS, _count_ops
+
+SHAPE = (4, 3, 5, 5)
+
+
+class _BNPlusAdd(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with one extra elementwise op (its backward is a pass-through)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return torch.add(super().forward(input), 1.0)
+
+
+class _BNWithItem(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that reads one value back to Python per call."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self.last_mean = input.mean().item()
+        return super().forward(input)
+
+
+class _KeepsActivation(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that keeps one extra activation-sized tensor alive."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        out = super().forward(input)
+        self.kept = out.detach() * 2
+        return out
+
+
+class _Square(nn.Module):
+    def forward(self, input: Tensor) -> Tensor:
+        return input * input
+
+
+class _Fp32Round(nn.Module):
+    """Upcasts to fp32 and back: 2 fp32 activations forward (the cast, the product), 2 backward."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return (input.float() * 2).to(input.dtype)
+
+
+def test_launch_counter_counts_batch_norm_and_one_extra_op() -> None:
+    x = torch.randn(SHAPE)
+    bn = _count_ops(bench_targets.step_fn(nn.BatchNorm2d(3), x))
+    plus = _count_ops(bench_targets.step_fn(_BNPlusAdd(3), x))
+    assert bn == 3
+    assert plus == bn + 1
+
+
+def test_host_read_counter_sees_one_item() -> None:
+    x = torch.randn(SHAPE)
+    assert _count_ops(bench_targets.step_fn(nn.BatchNorm2d(3), x), HOST_READS) == 0
+    assert _count_ops(bench_targets.step_fn(_BNWithItem(3), x), HOST_READS) >= 1
+
+
+def test_memory_counters() -> None:
+    x = torch.randn(8, 16, 16, 16)
+    peak = bench_targets.peak_bytes(bench_targets.step_fn(nn.BatchNorm2d(16), x))
+    more = bench_targets.peak_bytes(bench_targets.step_fn(_KeepsActivation(16), x))
+    assert peak >= 2 * x.nbytes  # the output and the input gradient
+    assert more - peak >= x.nbytes
+    assert bench_targets.saved_bytes(_Square(), x, {}) == x.nbytes
+    xb = x.bfloat16()
+    bn_fp32 = bench_targets.fp32_activations(
+        bench_targets.step_fn(nn.BatchNorm2d(16), xb), x.numel()
+    )
+    assert bn_fp32 == 0
+    assert bench_targets.fp32_activations(bench_targets.step_fn(_Fp32Round(), xb), x.numel()) == 4
+
+
+def test_counting_backend_counts_compiles() -> None:
+    torch._dynamo.reset()
+    backend = bench_targets.CountingBackend()
+    compiled = torch.compile(nn.BatchNorm2d(3), backend=backend, dynamic=False)
+    for shape in (SHAPE, SHAPE, (6, 3, 5, 5)):
+        compiled(torch.randn(shape))
+    torch._dynamo.reset()
+    assert backend.calls == 2
+
+
+ROW_LABELS = [
+    *(
+        f"host reads  {name}  train / eval"
+        for name in ("DomainBatchNorm2d ids", "DomainBatchNorm2d int", "BatchRenorm2d")
+    ),
+    *(f"host reads  {name}" for name in ("SyncedBatchNorm2d", "CosineConv2d 1x1", "LayerNorm2d")),
+    "host reads  CosineConv2d 3x3",
+    "host reads  CosineLinear",
+    *(f"launches  {name}" for name in bench_targets.LAUNCH_TARGETS),
+    "eager 8x16x4x4  ctl BN / BN copy",
+    "eager 8x16x4x4  DomainBatchNorm2d ids / BN",
+    "eager 8x16x16x16  DomainBatchNorm2d ids / masked BNs",
+    "eager 8x16x16x16  BatchRenorm2d / BN",
+    "CosineConv2d 1x1 / Conv2d",
+    "CosineLinear / Linear",
+    *(f"{name} / BN" for name in ("DomainBatchNorm2d ids", "BatchRenorm2d", "SyncedBatchNorm2d")),
+    *(f"graph breaks  {name}" for name in ("DomainBatchNorm2d ids", "BatchRenorm2d")),
+    "compiles  DomainBatchNorm2d ids  3 sizes x 3 compositions",
+    "compiles  DomainBatchNorm2d int  3 sizes x 3 compositions",
+    *(f"precise BN  {m}" for m in ("resnet18", "mobilenet_v3_small")),
+    "memory  DomainBatchNorm2d ids  peak / BN's",
+    "memory  DomainBatchNorm2d ids  bf16 input: fp32 activations made",
+]
+
+
+@pytest.mark.slow
+def test_quick_run_prints_every_target() -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "bench_targets.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.endswith(("met", "MISSED", "info"))]
+    for label in ROW_LABELS:
+        assert any(row.startswith(label) or f" {label}" in row for row in rows), label
+    judged = [row for row in rows if not row.endswith("info")]
+    assert len(rows) == 58
+    assert f"of {len(judged)} targets met" in proc.stdout
+    assert "launches  nn.BatchNorm2d (control)" in proc.stdout
+    assert "3 (twin 3)" in proc.stdout
