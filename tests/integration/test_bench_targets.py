@@ -43,6 +43,15 @@ class _BNWithItem(nn.BatchNorm2d):
         return super().forward(input)
 
 
+class _BNWithBool(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that branches on a tensor (``bool``: is_nonzero -> item -> read)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.isfinite().all():
+            return super().forward(input)
+        return input
+
+
 class _KeepsActivation(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that keeps one extra activation-sized tensor alive."""
 
@@ -72,10 +81,13 @@ def test_launch_counter_counts_batch_norm_and_one_extra_op() -> None:
     assert plus == bn + 1
 
 
-def test_host_read_counter_sees_one_item() -> None:
+def test_host_read_counter_counts_each_read_once() -> None:
     x = torch.randn(SHAPE)
-    assert _count_ops(bench_targets.step_fn(nn.BatchNorm2d(3), x), HOST_READS) == 0
-    assert _count_ops(bench_targets.step_fn(_BNWithItem(3), x), HOST_READS) >= 1
+    count = bench_targets.count_host_reads
+    assert count(bench_targets.step_fn(nn.BatchNorm2d(3), x)) == 0
+    assert count(bench_targets.step_fn(_BNWithItem(3), x)) == 1
+    assert count(bench_targets.step_fn(_BNWithBool(3), x)) == 1
+    assert _count_ops(bench_targets.step_fn(_BNWithBool(3), x), HOST_READS) == 3  # nested
 
 
 def test_memory_counters() -> None:
