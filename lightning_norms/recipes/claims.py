@@ -303,8 +303,8 @@ def _settings(meta: dict[str, Any]) -> list[str]:
         f"{meta['seeds']}); run as `{meta['ran']}`.",
         f"- Wall time: {meta['wall_s']:.0f} s on {meta['machine']}, {meta['date']}.",
         f"- Code: commit `{meta['commit'][:10]}`{tree}.",
-        f"- Records: [`records/{meta['study']}/`](records/{meta['study']}/) (`results.json`, "
-        "`report.md`, the report's plot, `meta.json`).",
+        f"- Records: `docs/records/{meta['study']}/` (`results.json`, "
+        f"[`report.md`](records/{meta['study']}/report.md), the report's plot, `meta.json`).",
     ]
 
 
@@ -382,7 +382,7 @@ def studies_page(root: Path) -> str:
         "",
         "Every figure on this page and in the README's claims table is written by "
         "`python -m lightning_norms.recipes.claims` from the committed records under "
-        "[`records/`](records/); `tests/integration/test_claims.py` checks them. A claim is "
+        "`docs/records/`; `tests/integration/test_claims.py` checks them. A claim is "
         "**held** only when its paired per-seed difference has the claimed sign on at least 4 "
         "of 5 seeds (3 of 3) and is beyond two standard errors or a one-sided paired t-test "
         "gives p < 0.05; **not shown (the opposite held)** when the opposite meets that rule; "
