@@ -42,12 +42,17 @@ from tests._registry import (
 
 REPO = Path(__file__).resolve().parents[2]
 
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*one value per channel:UserWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning"),
+]
+
 # (rtol, atol) against the float64 reference, by the dtype the layer runs in
 TOL: dict[torch.dtype, tuple[float, float]] = {
     F64: (1e-7, 1e-9),
     torch.float32: (1e-4, 1e-4),
-    torch.float16: (1e-2, 2e-2),
-    torch.bfloat16: (4e-2, 8e-2),
+    torch.float16: (2e-3, 4e-3),
+    torch.bfloat16: (1e-2, 1.6e-2),
 }
 
 
@@ -94,17 +99,19 @@ def _state(layer: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in layer.state_dict().items()}
 
 
-def _close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str, plain: Tensor) -> None:
-    """Within the dtype's tolerance of the float64 truth, or no further than twice what the
-    plain torch ops reach in float32 (``plain``: BatchNorm with 3 samples at mean 100 is
-    ill-conditioned; the layer must match torch there, not beat float32)."""
+def _close(
+    actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str, plain: Tensor | None
+) -> None:
+    """Within the dtype's tolerance of the float64 truth or, where ``plain`` is given, no
+    further from it than twice what torch's own ops reach in that dtype (BatchNorm with 3
+    samples at mean 100 is ill-conditioned in float32; an entry that computes through torch's
+    kernels in fp16/bf16 is held to torch's accuracy there)."""
     rtol, atol = TOL[dtype]
     expected = expected.detach().to(F64)
     scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
-    if dtype == torch.float32 and expected.numel():
-        atol = max(atol * scale, 2 * float((plain.detach().to(F64) - expected).abs().max()))
-    else:
-        atol *= scale
+    atol *= scale
+    if plain is not None and expected.numel():
+        atol = max(atol, 2 * float((plain.detach().to(F64) - expected).abs().max()))
     torch.testing.assert_close(
         actual.detach().to(F64), expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}"
     )
@@ -139,7 +146,8 @@ def _results(info: LayerInfo, layer: nn.Module, sample: Sample, x: Tensor) -> di
 def _check_against_reference(info: LayerInfo, layer: nn.Module, sample: Sample, seed: int) -> None:
     x = sample.make(seed)
     truth = _results(info, layer, sample, x.to(F64))
-    plain = _results(info, layer, sample, x.float())
+    as_torch = sample.dtype == torch.float32 or info.low_precision_as_torch
+    plain = _results(info, layer, sample, x) if as_torch else {}
     out, x_grad = _run(layer, x, sample)
     assert out.dtype == x.dtype and out.shape == truth["output"].shape
     found = {"output": out, "input gradient": x_grad}
@@ -149,7 +157,7 @@ def _check_against_reference(info: LayerInfo, layer: nn.Module, sample: Sample, 
     found.update((f"buffer {name}", b) for name, b in layer.named_buffers())
     assert found.keys() == truth.keys()
     for what, value in found.items():
-        _close(value, truth[what], sample.dtype, what, plain[what])
+        _close(value, truth[what], sample.dtype, what, plain.get(what))
 
 
 def _check_step(info: LayerInfo, layer: nn.Module, sample: Sample, seed: int) -> None:
@@ -179,6 +187,41 @@ def test_train(info: LayerInfo, sample: Sample) -> None:
 @pytest.mark.parametrize(("info", "sample"), _sample_cases("eval"))
 def test_eval(info: LayerInfo, sample: Sample) -> None:
     _check_step(info, info.build(sample.dtype).eval(), sample, 0)
+
+
+@pytest.mark.parametrize("info", _entries("autocast"))
+def test_autocast_bf16(info: LayerInfo) -> None:
+    """Statistics and norms in fp32 under autocast: bf16 accuracy against the truth."""
+    layer = info.build().train()
+    sample = info.default
+    x = sample.make()
+    truth = _results(info, layer, sample, x.to(F64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, x_grad = _run(layer, x, sample)
+    found = {"output": out, "input gradient": x_grad}
+    found.update((f"buffer {name}", b) for name, b in layer.named_buffers())
+    for what, value in found.items():
+        _close(value, truth[what], torch.bfloat16, what, None)
+
+
+@pytest.mark.parametrize("info", _entries("inplace"))
+def test_inplace_after_the_layer(info: LayerInfo) -> None:
+    """``out += 1; relu_(out)`` after the layer (a ResNet block's ops): the same gradients as
+    the out-of-place ops (the output is never a view that forbids it)."""
+    grads = []
+    for inplace in (False, True):
+        layer = info.build().train()
+        x = info.default.make().requires_grad_(True)
+        out = layer(x, **info.default.kwargs())
+        if inplace:
+            out += 1
+            torch.relu_(out)
+        else:
+            out = torch.relu(out + 1)
+        out.backward(_upstream(out).to(out.dtype))
+        grads.append([out.detach(), x.grad, *(p.grad for p in layer.parameters())])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 # --- float64 gradients of every order ---
