@@ -1146,3 +1146,27 @@ def test_recompute_bn_stats_counts_a_one_value_domain():
         hd = h[ids == d].transpose(0, 1).flatten(1)
         torch.testing.assert_close(net[1].running_mean[d], hd.mean(1), atol=1e-5, rtol=0)
         torch.testing.assert_close(net[1].running_var[d], hd.var(1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+def test_jit_trace_save_load_of_eval_per_sample(track, tmp_path):
+    """Issue 17 (harness): without running statistics the trace held the autograd Function."""
+    torch.manual_seed(72)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), DomainBatchNorm2d(4, 3, track_running_stats=track))
+    net.eval()
+
+    class Routed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, ids):
+            with domain(self.net, ids):
+                return self.net(x)
+
+    x, ids = torch.randn(6, 3, 3, 3), torch.tensor([0, 1, 1, 0, 2, 2])
+    torch.jit.save(torch.jit.trace(Routed(), (x, ids)), tmp_path / "net.pt")
+    loaded = torch.jit.load(tmp_path / "net.pt")
+    for xx, ii in ((x, ids), (x.flip(0) * 2, torch.tensor([2, 2, 0, 0, 1, 0]))):
+        torch.testing.assert_close(loaded(xx, ii), Routed()(xx, ii), atol=1e-5, rtol=1e-5)

@@ -44,8 +44,9 @@ def _functorch() -> bool:
 
 
 def _eager() -> bool:
-    """Whether host-needing checks may run (not while ``torch.compile`` or ``torch.func`` trace)."""
-    return not (torch.compiler.is_compiling() or _functorch())
+    """Whether host-needing checks may run (not while ``torch.compile``, ``torch.func`` or
+    ``torch.jit.trace`` trace)."""
+    return not (torch.compiler.is_compiling() or _functorch() or torch.jit.is_tracing())
 
 
 def _check_domains(
@@ -532,6 +533,31 @@ def _eval_rows(
     return _affine_rows(x3, ids, *_scale_shift(running_mean.to(dtype), invstd, weight, bias))
 
 
+def _traced_rows(
+    x3: Tensor,
+    ids: Tensor,
+    num_domains: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Per-domain batch statistics normalisation from plain differentiable ops (``[N, C, L]``).
+
+    What ``torch.jit.trace`` records for a call without running statistics (it cannot save a
+    Python autograd Function): segment sums by ``index_add``, ``(x - mu_d) / sigma_d``
+    with biased variance, then the affine; autograd gives the gradients.
+    """
+    c, dtype = x3.shape[1], stat_dtype(x3)
+    xf = x3.to(dtype)
+    zeros = xf.new_zeros(num_domains, c)
+    rows = xf.new_zeros(num_domains).index_add(0, ids, xf.new_ones(ids.shape[0]))
+    inv_count = (rows * x3.shape[2]).clamp(min=1).reciprocal().unsqueeze(1)
+    centred = xf - (zeros.index_add(0, ids, xf.sum(2)) * inv_count)[ids].unsqueeze(2)
+    invstd = torch.rsqrt(zeros.index_add(0, ids, centred.square().sum(2)) * inv_count + eps)
+    scale, shift = _scale_shift(zeros, invstd, weight, bias)
+    return torch.addcmul(shift[ids].unsqueeze(2), centred, scale[ids].unsqueeze(2)).to(x3.dtype)
+
+
 def domain_batch_norm(
     x: Tensor,
     domains: int | Tensor,
@@ -648,6 +674,8 @@ def domain_batch_norm(
     x3 = _rows(x)
     if not use_batch_stats and running_mean is not None and running_var is not None:
         return _eval_rows(x3, ids, running_mean, running_var, weight, bias, eps).view(x.shape)
+    if running_mean is None and group is None and torch.jit.is_tracing():
+        return _traced_rows(x3, ids, num_domains, weight, bias, eps).view(x.shape)
     stats = _domain_stats(x3, ids, num_domains, group, name, check=isinstance(domains, int))
     if not isinstance(domains, int):
         stats, rare = _rare_domains(stats, running_mean, running_var)
