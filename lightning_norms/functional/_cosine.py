@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
-from torch.torch_version import TorchVersion
 
 
 def _safe_norm(sum_sq: Tensor) -> Tensor:
@@ -23,22 +22,9 @@ def _at_least_fp32(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-_AUTOCAST_TAKES_DEVICE = TorchVersion(torch.__version__) >= (2, 4)
-"""``torch.is_autocast_enabled(device_type)`` exists from torch 2.4 (before: CPU and CUDA)."""
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type``, on every torch this package supports."""
-    if _AUTOCAST_TAKES_DEVICE:
-        return torch.is_autocast_enabled(device_type)
-    if device_type == "cpu":
-        return torch.is_autocast_cpu_enabled()
-    return device_type == "cuda" and torch.is_autocast_enabled()
-
-
 def _full_precision(x: Tensor) -> contextlib.AbstractContextManager[Any]:
     """A context in which ``x``'s device runs without autocast (only entered when it is on)."""
-    if _autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type):  # the device argument: torch >= 2.4
         return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()
 
