@@ -228,8 +228,8 @@ def _patch_sum_sq(
     pad = _symmetric_padding(padding, k, d)
     if k == (1, 1) and pad == (0, 0):
         return sq[..., :: s[0], :: s[1]]
-    poolable = pad is not None and all(2 * q <= w for q, w in zip(pad, k, strict=True))
-    if d == (1, 1) and poolable and not torch.onnx.is_in_onnx_export():
+    pool = d == (1, 1) and not torch.onnx.is_in_onnx_export()
+    if pool and pad is not None and all(2 * q <= w for q, w in zip(pad, k, strict=True)):
         return F.avg_pool2d(sq, k, s, pad, count_include_pad=True, divisor_override=1)
     ones = torch.ones(groups, 1, *k, dtype=sq.dtype, device=x.device)
     return F.conv2d(sq, ones, None, s, padding, d, groups)
