@@ -258,7 +258,10 @@ STUDY_INTRO = {
     "discriminator's BN is fed alternating all-real / all-fake batches, one 50/50 mixed batch, the "
     "mixed batch with per-kind statistics and a shared affine (`split`), or has no BN (`none`).",
     "small_batch": "Batch Renormalization (Ioffe 2017, named in article 1) against BN and "
-    "GroupNorm when each device normalises over few samples or over class-sorted batches.",
+    "GroupNorm when each device normalises over few samples or over class-sorted batches. "
+    "GroupNorm with class-sorted batches stays at chance on every seed (a rerun of seed 0 "
+    "gives near-zero logits and one predicted class for every test image): an open question "
+    "about this recipe, not a claim.",
     "precise_bn": "Article 3: the EMA running statistics lag the weights; PreciseBN recomputes "
     "them on the frozen model. The same weights are tested with both. The BN momentum changes "
     "only the EMA, never the weights, so at one learning rate the two momenta share their "
