@@ -147,7 +147,8 @@ class _DomainBatchNorm(BatchNormBase):
         Nothing while ``torch.compile`` or a ``torch.func`` transform traces (a tensor made
         there must not outlive it).
         """
-        if self._rare_warned or not _eager():
+        batch_stats = self.training or not self.track_running_stats
+        if self._rare_warned or not batch_stats or not _eager():
             return None
         if self._rare_seen is None or self._rare_seen.device != x.device:
             self._rare_seen = torch.zeros(self.num_domains, dtype=torch.bool, device=x.device)

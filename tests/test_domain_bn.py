@@ -800,16 +800,18 @@ def test_torch_compile_equals_eager():
         torch.testing.assert_close(value, dict(eager.named_buffers())[key], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("domains", [torch.tensor([0, 1, 0, 0, 1]), 1], ids=["per_sample", "int"])
-def test_no_host_reads_off_cpu(training, domains):
+def test_no_host_reads_off_cpu(training, domains, momentum):
     """Issue 17: on a device, nothing reads a value back (meta tensors raise on any read).
 
     Covers the id range check (a device-side assert off CPU), the one-value domain (domain 1
-    at a 1x1 map: ``torch.where``, its warning deferred to ``train()``), first and second
-    order backward.
+    at a 1x1 map: ``torch.where``, its warning deferred to ``train()``), an ``int`` domain with
+    ``momentum=None`` (the row path, its factor on the device), first and second order
+    backward.
     """
-    layer = DomainBatchNorm2d(3, num_domains=2, device="meta").train(training)
+    layer = DomainBatchNorm2d(3, 2, momentum=momentum, device="meta").train(training)
     x = torch.randn(5, 3, 1, 1, device="meta", requires_grad=True)
     if isinstance(domains, int):
         x = torch.randn(5, 3, 2, 2, device="meta", requires_grad=True)

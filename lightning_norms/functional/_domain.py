@@ -485,12 +485,9 @@ def _int_domain_batch_norm(
     """A whole batch of one domain: one ``F.batch_norm`` on row views of the buffers.
 
     ``num_batches_tracked`` (given in training only) is advanced after the kernel succeeded.
+    ``momentum=None`` reads the step count on the host, as ``nn.BatchNorm*d`` does (callers
+    off CPU take the row path instead, whose factor stays on the device).
     """
-    if use_batch_stats and x.numel() <= x.shape[1]:
-        raise ValueError(
-            f"{name}: expected more than 1 value per channel when training, got input of "
-            f"shape {tuple(x.shape)}"
-        )
     per_domain_affine = weight is not None and weight.dim() == 2
     tracked = running_mean is not None and num_batches_tracked is not None
     factor = 0.0
@@ -656,7 +653,14 @@ def domain_batch_norm(
     group = (process_group,) if training and _sync_world(sync, process_group) else None
     if x.numel() == 0 and group is None:  # synced: every rank must join the collectives
         return _empty_batch_norm(x, weight, bias)
-    if isinstance(domains, int) and group is None:
+    local_int = isinstance(domains, int) and group is None
+    if local_int and use_batch_stats and x.numel() <= x.shape[1]:
+        raise ValueError(
+            f"{name}: expected more than 1 value per channel when training, got input of "
+            f"shape {tuple(x.shape)}"
+        )
+    cumulative_on_device = momentum is None and training and x.device.type != "cpu"
+    if local_int and not cumulative_on_device:
         return _int_domain_batch_norm(
             x,
             domains,
@@ -676,7 +680,8 @@ def domain_batch_norm(
         return _eval_rows(x3, ids, running_mean, running_var, weight, bias, eps).view(x.shape)
     if running_mean is None and group is None and torch.jit.is_tracing():
         return _traced_rows(x3, ids, num_domains, weight, bias, eps).view(x.shape)
-    stats = _domain_stats(x3, ids, num_domains, group, name, check=isinstance(domains, int))
+    check = isinstance(domains, int) and group is not None  # else shape-checked above
+    stats = _domain_stats(x3, ids, num_domains, group, name, check=check)
     if not isinstance(domains, int):
         stats, rare = _rare_domains(stats, running_mean, running_var)
         if rare_domains is not None and _eager():
