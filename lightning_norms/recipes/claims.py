@@ -362,7 +362,8 @@ def _gan_why(records: list[dict]) -> list[str]:
 def _section(root: Path, study: str, claims: list[tuple[Claim, Comparison, str, dict]]) -> list:
     records, meta = load(root, study)
     title = (root / RECORDS / study / "report.md").read_text().splitlines()[0].lstrip("# ")
-    lines = [f"## {title}", "", STUDY_INTRO[study], "", *_settings(meta), ""]
+    lines = [f'<a id="{study}"></a>', "", f"## {title}", "", STUDY_INTRO[study], ""]
+    lines += [*_settings(meta), ""]
     lines += ["Claims, as the README's table gives them:", ""]
     lines += [f"- {c.text}: **{cmp.verdict}**. {measured}." for c, cmp, measured, _ in claims]
     lines += ["", *_table(study, records), "", "Verdicts, as the report prints them:", ""]
