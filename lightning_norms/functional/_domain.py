@@ -660,7 +660,7 @@ def domain_batch_norm(
             f"shape {tuple(x.shape)}"
         )
     cumulative_on_device = momentum is None and training and x.device.type != "cpu"
-    if local_int and not cumulative_on_device:
+    if isinstance(domains, int) and local_int and not cumulative_on_device:
         return _int_domain_batch_norm(
             x,
             domains,
