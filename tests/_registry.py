@@ -49,7 +49,7 @@ TRANSFORMS: dict[str, str] = {
     "compile": "torch.compile(aot_eager, fullgraph): training steps and eval equal eager, "
     "no graph break",
     "inductor": "torch.compile(inductor): one training step equals eager (a subset)",
-    "export": "torch.export.export (eval) equals eager",
+    "export": "torch.export.export (eval, dynamic batch size) equals eager",
     "onnx": "torch.onnx.export (eval) run in onnxruntime equals eager",
     "jit": "torch.jit.trace (eval) + save/load equals eager",
     "copy": "copy.deepcopy and pickle: same state, same outputs",
