@@ -21,8 +21,10 @@ mode unless a row says eval. Sections, in this order (each row: target, threshol
   ``nn.Linear``; the ``ctl`` row of each group times the peer against a copy of itself;
 - ``compiled``: ``torch.compile`` (inductor; ``aot_eager`` with ``--quick``), ``dynamic=False``,
   ours / compiled ``nn.BatchNorm2d`` at 32x64x16x16, with a compiled BN copy as control; graph
-  breaks from ``torch._dynamo.explain`` in training and eval; compiles counted by a backend that
-  counts its calls (default ``dynamic``), over 3 batch sizes x 3 domain compositions;
+  breaks from ``torch._dynamo.explain`` in training and eval (static shapes); compiles counted
+  by a backend that counts its calls (default ``dynamic``: the second size recompiles with a
+  dynamic batch dimension), over 3 batch sizes x 3 domain compositions (an ``int`` domain: the
+  values 0, 1, 2), and the graph breaks of that run (``torch._dynamo.utils.counters``);
 - ``precise BN``: ``recompute_bn_stats`` / the bare no-grad training-mode forwards over the same
   batches (``bench/bench_precise_bn.py``'s method: rotated order, median of per-round ratios,
   the bare forwards timed twice as control) on torchvision ``resnet18`` and
@@ -391,6 +393,7 @@ def compile_counts() -> None:
         if name == "DomainBatchNorm2d int":
             layer = DomainBatchNorm2d(c, 3)  # three int domains: three compositions
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         backend = CountingBackend()
         compiled = torch.compile(layer, backend=backend)
         batches = 0
@@ -400,6 +403,8 @@ def compile_counts() -> None:
                 batches += 1
         what = "3 sizes x 3 compositions" if batches == 9 else "3 sizes"
         report(f"compiles  {name}  {what}", str(backend.calls), backend.calls <= 2, "<= 2")
+        breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+        report(f"graph breaks  {name}  same run (dynamic shapes)", str(breaks), breaks == 0, "0")
 
 
 # ---------------------------------------------------------------------------- precise BN

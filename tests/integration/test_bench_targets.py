@@ -134,6 +134,7 @@ ROW_LABELS = [
     *(f"graph breaks  {name}" for name in ("DomainBatchNorm2d ids", "BatchRenorm2d")),
     "compiles  DomainBatchNorm2d ids  3 sizes x 3 compositions",
     "compiles  DomainBatchNorm2d int  3 sizes x 3 compositions",
+    "graph breaks  BatchRenorm2d  same run (dynamic shapes)",
     *(f"precise BN  {m}" for m in ("resnet18", "mobilenet_v3_small")),
     "memory  DomainBatchNorm2d ids  peak / BN's",
     "memory  DomainBatchNorm2d ids  bf16 input: fp32 activations made",
@@ -156,7 +157,7 @@ def test_quick_run_prints_every_target() -> None:
     for label in ROW_LABELS:
         assert any(row.startswith(label) or f" {label}" in row for row in rows), label
     judged = [row for row in rows if not row.endswith("info")]
-    assert len(rows) == 58
+    assert len(rows) == 62
     assert f"of {len(judged)} targets met" in proc.stdout
     assert "launches  nn.BatchNorm2d (control)" in proc.stdout
     assert "3 (twin 3)" in proc.stdout
