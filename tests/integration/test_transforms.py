@@ -538,48 +538,63 @@ def test_plain_bn_state_loads_into_every_domain(info: LayerInfo) -> None:
 # --- 2-rank gloo ---
 
 
-def _ddp_worker(rank: int, world_size: int, names: list[str]) -> dict[str, Any]:
+def _ddp_samples(info: LayerInfo) -> list[Sample]:
+    """The default sample; for per-sample domain ids also the one whose domain 1 has a single
+    value per channel over both ranks (rank 1 holds none of it): the rare-domain rule on the
+    global count."""
+    rare = [s for s in info.samples if s.name == "one_value" and isinstance(s.domain, Tensor)]
+    return [info.default, *rare]
+
+
+def _ddp_worker(rank: int, world_size: int, names: list[str]) -> dict[tuple[str, str], Any]:
     results = {}
     for name in names:
         info = BY_NAME[name]
-        layer = info.build().train()
-        sample = info.default
-        half = sample.make().shape[0] // world_size
-        part = slice(rank * half, (rank + 1) * half)
-        steps = []
-        for seed in (0, 1):
-            x = sample.make(seed)[part].detach().requires_grad_(True)
-            ids = sample.domain[part] if isinstance(sample.domain, Tensor) else sample.domain
-            out = layer(x, **({} if ids is None else {"domain": ids}))
-            full_up = _upstream(torch.empty(sample.shape)).to(out.dtype)
-            out.backward(full_up[part])
-            grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
-            layer.zero_grad()
-            steps.append((out.detach(), x.grad, grads, _state(layer)))
-        results[name] = steps
+        for sample in _ddp_samples(info):
+            layer = info.build().train()
+            half = sample.shape[0] // world_size
+            part = slice(rank * half, (rank + 1) * half)
+            steps = []
+            for seed in (0, 1):
+                x = sample.make(seed)[part].detach().requires_grad_(True)
+                ids = sample.domain[part] if isinstance(sample.domain, Tensor) else sample.domain
+                out = layer(x, **({} if ids is None else {"domain": ids}))
+                full_up = _upstream(torch.empty(sample.shape)).to(out.dtype)
+                out.backward(full_up[part])
+                grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+                layer.zero_grad()
+                steps.append((out.detach(), x.grad, grads, _state(layer)))
+            results[name, sample.name] = steps
     return results
 
 
-def _ddp_names() -> list[str]:
-    return [i.name for i in REGISTRY if "ddp" not in i.skips and "ddp" not in i.xfails]
-
-
 @pytest.fixture(scope="module")
-def ddp_results() -> list[dict[str, Any]]:
-    return run_ddp(_ddp_worker, _ddp_names())
+def ddp_results() -> list[dict[tuple[str, str], Any]]:
+    names = [i.name for i in REGISTRY if "ddp" not in i.skips and "ddp" not in i.xfails]
+    return run_ddp(_ddp_worker, names)
+
+
+def _ddp_cases() -> list[Any]:
+    return [
+        pytest.param(info, sample, id=f"{info.name}-{sample.name}", marks=_marks(info, "ddp"))
+        for info in REGISTRY
+        for sample in _ddp_samples(info)
+    ]
 
 
 @pytest.mark.ddp
 @pytest.mark.xdist_group("transforms_ddp")  # one worker: the module fixture spawns once
-@pytest.mark.parametrize("info", _entries("ddp"))
-def test_ddp_sync_equals_one_process(info: LayerInfo, ddp_results: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize(("info", "sample"), _ddp_cases())
+def test_ddp_sync_equals_one_process(
+    info: LayerInfo, sample: Sample, ddp_results: list[dict[tuple[str, str], Any]]
+) -> None:
+    """Two synced training steps on halves of the batch equal one process on all of it."""
     layer = info.build().train()
-    sample = info.default
     for seed in (0, 1):
         out, x_grad = _run(layer, sample.make(seed), sample)
         grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
         layer.zero_grad()
-        halves = [r[info.name][seed] for r in ddp_results]
+        halves = [r[info.name, sample.name][seed] for r in ddp_results]
         torch.testing.assert_close(torch.cat([h[0] for h in halves]), out.detach())
         torch.testing.assert_close(torch.cat([h[1] for h in halves]), x_grad)
         for name, g in grads.items():
