@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["STUDIES", "Study", "build_parser", "main"]
 
 DEFAULT_BATCH_SIZE = 64
-DEFAULT_SEEDS = 3
+DEFAULT_SEEDS = 5
 # The parser's constants, written out so that ``--help`` imports neither torch nor Lightning
 # (``tests/recipes/test_report.py`` checks them against the study modules).
 #: :data:`lightning_norms.recipes.models.VARIANTS`, in order
@@ -106,7 +106,7 @@ def _add_study_options(rep: argparse.ArgumentParser) -> None:
         "--output-dir", default=None, help="default: runs/demo (two_domain), else runs/<study>"
     )
     rep.add_argument(
-        "--seeds", type=int, default=None, help="seeds 0..N-1 (default 5 two_domain, else 3)"
+        "--seeds", type=int, default=None, help="seeds 0..N-1 (default 5, every study)"
     )
     epochs = ", ".join(f"{k} {s.epochs}" for k, s in STUDIES.items())
     rep.add_argument("--epochs", type=int, default=None, help=f"epochs per run (default: {epochs})")

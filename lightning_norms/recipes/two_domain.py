@@ -141,7 +141,7 @@ class TwoDomainCLI(RecipeCLI):
         trainer, model = self.trainer, self.model
         if trainer.interrupted or trainer.sanity_checking:
             return
-        trainer.test(model, datamodule=self.datamodule, verbose=not self.quiet)
+        self.run_test()
         config = self.options
         record = {
             "variant": model.variant,
@@ -163,6 +163,11 @@ def cli_main(args: Any = None, run: bool = True, **options: Any) -> TwoDomainCLI
     return recipe_cli(
         TwoDomainCLI, DigitsClassifier, TwoDomainDigits, "two_domain", EPOCHS, args, run, **options
     )
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """``"1 seed"``, ``"5 seeds"``: ``n`` and the word in the right number."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -252,6 +257,7 @@ def verdict(
     lines: list[str] = []
     if "separate" in found:
         lines.append(found["separate"].describe())
+    if "separate" in found and found["separate"].claimed_sign:
         d_sep, d_mix = summary["separate"], summary["mixed"]
         gaps = [d_sep[f"acc_domain{k}"][0] - d_mix[f"acc_domain{k}"][0] for k in range(2)]
         worst = min(range(2), key=lambda k: gaps[k])
@@ -441,8 +447,9 @@ def run_study(args: argparse.Namespace) -> StudyReport:
         for seed in range(args.seeds)
     ]  # fmt: skip
     print(
-        f"two-domain study: {len(args.variants)} variants x {args.seeds} seeds, "
-        f"{args.epochs} epochs each, {min(args.jobs, len(runs))} process(es)",
+        f"two-domain study: {_count(len(args.variants), 'variant')} x "
+        f"{_count(args.seeds, 'seed')}, {_count(args.epochs, 'epoch')} each, "
+        f"{_count(min(args.jobs, len(runs)), 'process', 'processes')}",
         flush=True,
     )
     records, wall = run_grid(

@@ -32,15 +32,16 @@ __all__ = [
 
 
 def mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
-    """``"mean ± std"`` of ``values`` times ``scale`` (std 0 for one value).
+    """``"mean ± std"`` of ``values`` times ``scale``; one value alone (no spread to show).
 
     Example:
-        >>> mean_std([0.9, 0.95])
-        '92.5 ± 3.5'
+        >>> mean_std([0.9, 0.95]), mean_std([0.9])
+        ('92.5 ± 3.5', '90.0')
     """
     mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+    if len(values) < 2:
+        return f"{scale * mean:.{digits}f}"
+    return f"{scale * mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
 
 
 def group_by(records: Sequence[dict], keys: Sequence[str]) -> dict[tuple, list[dict]]:

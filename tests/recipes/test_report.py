@@ -52,7 +52,7 @@ def test_every_study_is_in_the_table_with_its_defaults() -> None:
         args = report.parse_args(["report", "--study", name])
         study = report.STUDIES[name]
         assert study.run is module.run_study and args.epochs == module.EPOCHS
-        assert args.seeds == (5 if name == "two_domain" else 3)
+        assert args.seeds == getattr(module, "SEEDS", getattr(module, "DEMO_SEEDS", None)) == 5
         assert args.output_dir == ("runs/demo" if name == "two_domain" else f"runs/{name}")
     with pytest.raises(SystemExit):
         report.parse_args(["report", "--study", "sweeps"])
@@ -61,12 +61,16 @@ def test_every_study_is_in_the_table_with_its_defaults() -> None:
 def test_parser_constants_match_the_study_modules() -> None:
     """``--help`` answers without importing the studies: its constants are written out in
     ``report.py``; here they meet the modules' own."""
-    from lightning_norms.recipes import models, report, two_domain
+    from lightning_norms.recipes import gan, lecture, models, precise_bn, report, small_batch
+    from lightning_norms.recipes import two_domain
 
     assert tuple(models.VARIANTS) == report.VARIANT_NAMES
     assert report.HEADLINE == two_domain.HEADLINE
     assert report.DEMO_IMAGE_SIZE == two_domain.DEMO_IMAGE_SIZE
     assert report.STUDIES["two_domain"].seeds == two_domain.DEMO_SEEDS
+    for module in (gan, lecture, precise_bn, small_batch):
+        study = report.STUDIES[module.__name__.rpartition(".")[2]]
+        assert (study.epochs, study.seeds) == (module.EPOCHS, module.SEEDS)
 
 
 _HELP_PROBE = """
