@@ -155,7 +155,7 @@ def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
     cos = _cosine_divide(
         rows.t()[None, None], x_norm.reshape(1, 1, 1, -1), w_norm.view(1, -1, 1), eps
     )
-    return cos[0, 0].t().reshape(dot.shape)
+    return cos.squeeze(1).squeeze(0).t().reshape(dot.shape)  # views: no select_backward
 
 
 def _group_sum_sq(x: Tensor, groups: int) -> Tensor:
