@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_norms._sync_guard import RefuseTorchSyncConversion
 from lightning_norms.functional._sync import sync_world
 
 __all__ = ["INPUT_DIMS", "BatchNormBase"]
@@ -56,6 +57,8 @@ class BatchNormBase(_BatchNorm):
     """
 
     _dims: int = 2
+    # torch's convert_sync_batchnorm (Trainer(sync_batchnorm=True)) refuses to replace us, loudly
+    qconfig = RefuseTorchSyncConversion()
 
     def __init__(
         self,
