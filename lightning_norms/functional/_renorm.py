@@ -13,6 +13,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from lightning_norms._moments import (
     Moments,
     accumulate_dtype,
+    as_dtype,
     batch_moments,
     ema_factor,
     stat_dtype,
@@ -215,7 +216,7 @@ def _renorm_affine(
     """Fold ``r`` and ``d`` into BatchNorm's affine, in the affine's (else the buffers') dtype."""
     r, d = _step_factors(batch_mean, batch_var, running_mean, running_var, eps, r_max, d_max)
     dtype = running_mean.dtype if weight is None else weight.dtype
-    return _fold(weight, bias, r.to(dtype), d.to(dtype))
+    return _fold(weight, bias, as_dtype(r, dtype), as_dtype(d, dtype))
 
 
 def _is_plain_bn(r_max: float | Tensor, d_max: float | Tensor) -> bool:
@@ -303,13 +304,14 @@ def _renorm_train(
     buffer changes.
     """
     mean, var = _batch_mean_var(x)
-    dtype = torch.promote_types(running_mean.dtype, torch.float32)
+    dtype = stat_dtype(running_mean)  # no conversion dispatched where the dtype is already it
     r, d = _step_factors(mean, var, running_mean, running_var, eps, r_max, d_max)
     # as the training kernel: 1 / sqrt(var + eps) in the accumulation dtype, then rounded
-    invstd = (var.to(accumulate_dtype(var.device)) + eps).rsqrt().to(var.dtype)
-    weight = None if weight is None else weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    out = _RenormFn.apply(x, weight, bias, mean, invstd, r.to(dtype), d.to(dtype), eps)
+    invstd = as_dtype(as_dtype(var, accumulate_dtype(var.device)).add(eps).rsqrt(), var.dtype)
+    weight = None if weight is None else as_dtype(weight, dtype)
+    bias = None if bias is None else as_dtype(bias, dtype)
+    r, d = as_dtype(r, dtype), as_dtype(d, dtype)
+    out = _RenormFn.apply(x, weight, bias, mean, invstd, r, d, eps)
     _update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     return cast(Tensor, out)
 
