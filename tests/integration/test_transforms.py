@@ -371,18 +371,23 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _shuffled(sample: Sample) -> Sample:
-    """The same sample with the domain composition changed (no recompile allowed)."""
-    if not isinstance(sample.domain, Tensor):
-        return sample
-    return Sample(sample.name, sample.shape, sample.domain.flip(0), sample.dtype)
+def _next_batch(sample: Sample, dynamic: bool) -> Sample:
+    """The next step's input: another domain composition (and, ``dynamic``, 2 samples
+    more: batch sizes 0 and 1 are specialised by dynamo); neither may recompile."""
+    n = sample.shape[0] + 2 if dynamic else sample.shape[0]
+    ids = sample.domain
+    if isinstance(ids, Tensor):
+        ids = torch.cat([ids.flip(0), ids[:2]])[:n]
+    return Sample(sample.name, (n, *sample.shape[1:]), ids, sample.dtype)
 
 
-def _compiled_equals_eager(info: LayerInfo, backend: str, steps: int) -> None:
+def _compiled_equals_eager(
+    info: LayerInfo, backend: str, steps: int, dynamic: bool = False
+) -> None:
     eager = info.build().train()
     compiled_layer = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_layer, backend=backend, fullgraph=True)
-    samples = [info.default, _shuffled(info.default)]
+    compiled = torch.compile(compiled_layer, backend=backend, fullgraph=True, dynamic=dynamic)
+    samples = [info.default, _next_batch(info.default, dynamic)]
     for step in range(steps):
         sample = samples[step % 2]
         with torch._dynamo.config.patch(error_on_recompile=step > 0):
@@ -405,10 +410,11 @@ def _compiled_equals_eager(info: LayerInfo, backend: str, steps: int) -> None:
 
 
 @pytest.mark.usefixtures("_fresh_dynamo")
-@pytest.mark.parametrize("info", _entries("compile"))
-def test_compile_aot_eager(info: LayerInfo) -> None:
-    """fullgraph=True: any graph break raises; a new domain composition must not recompile."""
-    _compiled_equals_eager(info, "aot_eager", steps=2)
+@pytest.mark.parametrize(("info", "shapes"), _entries("compile", variants=("static", "dynamic")))
+def test_compile_aot_eager(info: LayerInfo, shapes: str) -> None:
+    """fullgraph=True: any graph break raises; a new domain composition (and, with dynamic
+    shapes, a new batch size) must not recompile."""
+    _compiled_equals_eager(info, "aot_eager", steps=2, dynamic=shapes == "dynamic")
 
 
 @pytest.mark.slow
