@@ -28,7 +28,7 @@ test: $(STAMP)
 # the oldest torch / torchvision / Lightning pair pyproject.toml claims, in .venv-floor (from the
 # package index; about 3 GB of wheels): the unit and callback suites, not the slow integration ones
 FLOOR_VENV ?= .venv-floor
-FLOOR_PINS ?= torch==2.4.1 torchvision==0.19.1 lightning==2.4.0
+FLOOR_PINS ?= torch==2.4.1 torchvision==0.19.1 lightning==2.6.1
 test-floor:
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip install -q $(FLOOR_PINS) -e ".[dev]"
