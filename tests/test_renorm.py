@@ -818,3 +818,36 @@ def test_bf16_offset_input_closer_to_float64_than_batchnorm(
     assert errors["BatchRenorm2d"] <= 2**-6  # the bf16 output's own rounding (|y| < 8)
     if module_dtype == torch.bfloat16:  # where BatchNorm's kernel loses more than the rounding
         assert errors["BatchRenorm2d"] < errors["BatchNorm2d"] / 2
+
+
+def _synced_checkpoint_worker(rank: int, world_size: int) -> dict[bool, Tensor]:
+    """Each rank: a synced BatchRenorm under checkpointing vs its twin without, 3 steps."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)  # the same layers on every rank
+    out = {}
+    for reentrant in (True, False):
+        renorm = BatchRenorm2d(4, r_max=2.0, d_max=1.0, warmup_steps=3, sync=True)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), renorm, nn.ReLU())
+        diffs = []
+        for step in range(3):
+            net.zero_grad()
+            twin = copy.deepcopy(net)
+            gen = torch.Generator().manual_seed(10 * step + rank)
+            x = (torch.randn(4, 3, 6, 6, generator=gen) * 2 + 1).requires_grad_(True)
+            x_twin = x.detach().clone().requires_grad_(True)
+            grad = torch.randn(4, 4, 6, 6, generator=gen)
+            checkpoint(net, x, use_reentrant=reentrant).backward(grad)
+            twin(x_twin).backward(grad)
+            pairs = [(x.grad, x_twin.grad), (net[0].weight.grad, twin[0].weight.grad)]
+            diffs.append(max(float((a - b).abs().max()) for a, b in pairs))
+        out[reentrant] = torch.tensor(diffs)
+    return out
+
+
+@pytest.mark.ddp
+def test_synced_checkpointing_gives_the_gradients_of_no_checkpointing() -> None:
+    """Issue 17 item 2 on the synchronised path (2 gloo ranks, both checkpoint modes)."""
+    for result in run_ddp(_synced_checkpoint_worker):
+        for reentrant, diffs in result.items():
+            assert float(diffs.max()) <= 1e-6, (reentrant, diffs)
