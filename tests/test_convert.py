@@ -836,3 +836,16 @@ def test_sync_on_two_cpu_ranks_equals_one_process_on_the_whole_batch() -> None:
         if "running" in key:  # every rank ends with the global statistics
             for r in results:
                 torch.testing.assert_close(r[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_converted_domain_layers_know_their_module_path_for_warnings() -> None:
+    """A rare domain's warning names where the layer sits, also without ``domain()``."""
+    from torchvision.models import resnet18
+
+    model = convert_norms(resnet18(num_classes=4), "domain", num_domains=2).train()
+    layer = model.layer4[0].bn1
+    assert layer._module_path == "layer4.0.bn1"
+    ids = torch.tensor([0] * 7 + [1])  # one value per channel of domain 1 at a 1x1 map
+    with pytest.warns(UserWarning, match=r"layer4\.0\.bn1"):
+        out = layer(torch.randn(8, 512, 1, 1), domain=ids)
+    assert torch.isfinite(out).all()
