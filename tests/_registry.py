@@ -468,6 +468,11 @@ REGISTRY: tuple[LayerInfo, ...] = (
 BY_NAME: dict[str, LayerInfo] = {info.name: info for info in REGISTRY}
 
 
+def _escape_brackets(text: str) -> str:
+    """``[x]`` in a note would be read as a cross-reference by the docs build: escape it."""
+    return text.replace("[", "\\[").replace("]", "\\]")
+
+
 def coverage_markdown() -> str:
     """``docs/coverage.md``: the registry x transforms table, ✓ or a note with the reason."""
     notes: dict[str, int] = {}
@@ -496,7 +501,7 @@ def coverage_markdown() -> str:
         "|---|" + "---|" * len(TRANSFORMS),
         *rows,
         "",
-        *(f"[{n}] {reason}  " for reason, n in notes.items()),
+        *(f"[{n}] {_escape_brackets(reason)}  " for reason, n in notes.items()),
         "",
         "Sample inputs (`train` and `eval` run every one of them):",
         "",
