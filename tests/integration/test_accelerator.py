@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.profiler import profile
 
+import lightning_norms as ln
 from lightning_norms import BatchRenorm2d, DomainBatchNorm2d
 from lightning_norms.distributed import SyncedBatchNorm2d
 from lightning_norms.stats import recompute_bn_stats
@@ -198,17 +199,48 @@ def _zero_patches(sample: Sample) -> Tensor:
     return x
 
 
+def _plain_twin(layer: nn.Module) -> nn.Module | None:
+    """The plain layer a cosine layer replaces (same weight, no bias), else ``None``."""
+    if isinstance(layer, ln.CosineLinear):
+        twin: nn.Module = nn.Linear(layer.in_features, layer.out_features, bias=False)
+    elif isinstance(layer, ln.CosineConv2d):
+        twin = nn.Conv2d(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+            layer.padding, layer.dilation, layer.groups, bias=False,
+        )
+    else:
+        return None
+    with torch.no_grad():
+        twin.weight.copy_(layer.weight)
+    return twin
+
+
+def _finite_grads(layer: nn.Module, x: Tensor, kwargs: dict[str, Any], scale: float) -> list[str]:
+    """Names of the gradients that are not finite after an fp16-autocast step at ``scale``."""
+    layer.zero_grad()
+    x = x.detach().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = layer(x, **kwargs)
+    (out.float().sum() * scale).backward()
+    grads = {"input": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    return [n for n, g in grads.items() if g is not None and not bool(torch.isfinite(g).all())]
+
+
 @pytest.mark.parametrize("info", TRAINABLE, ids=lambda info: info.name)
-def test_fp16_autocast_at_loss_scale_65536_keeps_gradients_finite(info: LayerInfo) -> None:
+def test_fp16_autocast_with_a_grad_scaler_keeps_gradients_finite(info: LayerInfo) -> None:
+    """At the scaler's first scale (65536), or the largest power-of-two scale at which the plain
+    layer it replaces (``nn.Linear`` / ``nn.Conv2d`` for the cosine layers) keeps finite
+    gradients, over inputs with an all-zero sample and all-zero patches."""
     sample = _default_sample(info)
     layer = info.build().train()
-    x = _zero_patches(sample).requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.float16):
-        out = layer(x, **sample.kwargs())
-    (out.float().sum() * 65536.0).backward()
-    grads = {"input": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
-    bad = [n for n, g in grads.items() if g is not None and not bool(torch.isfinite(g).all())]
-    assert not bad, f"non-finite gradients of {bad} at loss scale 65536"
+    x = _zero_patches(sample)
+    twin = _plain_twin(layer)
+    scale = 65536.0
+    while twin is not None and _finite_grads(twin, x, {}, scale) and scale > 1:
+        scale /= 16
+    assert twin is None or not _finite_grads(twin, x, {}, scale), "the plain layer overflows"
+    bad = _finite_grads(layer, x, sample.kwargs(), scale)
+    assert not bad, f"non-finite gradients of {bad} at loss scale {scale:g}"
 
 
 # --- collectives: every rank the same calls, in the same order, on the module's device ---

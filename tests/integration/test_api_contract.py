@@ -1769,9 +1769,16 @@ def test_sync_domain_mixed_batch_and_single_value_domain(gloo_world1):
     for d in (0, 2):
         _close(y[ids == d], refs[d].train()(x[ids == d]))
         _close(m.running_mean[d], refs[d].running_mean)
-    # domain 1 has one value per channel in total (1 sample, 1x1 map): ValueError
-    with pytest.raises(ValueError):
-        m(torch.randn(3, 4, 1, 1, dtype=F64), domain=torch.tensor([0, 0, 1]))
+    # domain 1 has one value per channel in total (1 sample, 1x1 map): the rare-domain rule
+    # (API.md) normalises it with its running statistics and leaves them as they were
+    before = m.running_mean[1].clone(), m.running_var[1].clone(), m.num_batches_tracked[1].clone()
+    x1 = torch.randn(3, 4, 1, 1, dtype=F64)
+    with pytest.warns(UserWarning, match="one value per channel|running statistics"):
+        y1 = m(x1, domain=torch.tensor([0, 0, 1]))
+    _close(y1[2:], refs[1].eval()(x1[2:]))
+    buffers = (m.running_mean[1], m.running_var[1], m.num_batches_tracked[1])
+    for got, want in zip(buffers, before, strict=True):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("name", ["BatchRenorm2d", "DomainBatchNorm2d"])
