@@ -70,6 +70,7 @@ from _peers import MaskedBatchNorms  # noqa: E402
 from bench_precise_bn import _errors, _Float64Reference  # noqa: E402
 from gpu_check import HOST_READS, _count_ops  # noqa: E402
 
+import lightning_norms  # noqa: E402
 from lightning_norms import (  # noqa: E402
     BatchRenorm2d,
     CosineConv2d,
@@ -575,7 +576,7 @@ def memory() -> None:
 
 
 def _commit() -> str:
-    """The commit measured, with ``+dirty`` when the package has uncommitted edits."""
+    """The commit measured, ``+dirty`` with uncommitted package edits, ``unknown`` outside git."""
     root = _BENCH.parent
     try:
         head = subprocess.run(
@@ -623,7 +624,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.simplefilter("ignore")  # torchvision and one-value-domain notes
     backend = "aot_eager" if args.quick else "inductor"
     print(
-        f"issue 20 targets: commit {_commit()}, torch {torch.__version__}, threads "
+        f"issue 20 targets: commit {_commit()} ({Path(lightning_norms.__file__).parent}), "
+        f"torch {torch.__version__}, threads "
         f"{torch.get_num_threads()}, rounds {args.rounds}, cpus {os.cpu_count()}, load average "
         f"{os.getloadavg()[0]:.1f} at start{', QUICK (smoke run)' if args.quick else ''}"
     )
