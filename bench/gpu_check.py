@@ -176,19 +176,52 @@ def _zero_patch_input(shape: tuple[int, ...], device: torch.device) -> Tensor:
     return x
 
 
+def _plain_twin(m: nn.Module) -> nn.Module | None:
+    """The plain layer a cosine layer replaces (same weight, no bias), else ``None``."""
+    if isinstance(m, CosineLinear):
+        twin: nn.Module = nn.Linear(m.in_features, m.out_features, bias=False)
+    elif isinstance(m, CosineConv2d):
+        twin = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                         m.dilation, m.groups, bias=False)
+    else:
+        return None
+    with torch.no_grad():
+        twin.weight.copy_(m.weight)
+    return twin.to(m.weight.device)
+
+
+def _amp_finite(call: Callable[[Tensor], Tensor], params: list[Tensor], x: Tensor,
+                dtype: torch.dtype, scale: float) -> bool:
+    """Whether every gradient of an autocast step with the loss scaled by ``scale`` is finite."""
+    for p in params:
+        p.grad = None
+    x = x.detach().requires_grad_(True)
+    with torch.autocast(x.device.type, dtype=dtype):
+        out = call(x)
+    (out.float().sum() * scale).backward()
+    grads = [x.grad, *(p.grad for p in params if p.grad is not None)]
+    return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 def check_amp(device: torch.device, quick: bool) -> str:
-    dtypes = [torch.float16, torch.bfloat16]
+    """fp16/bf16 autocast at a GradScaler's first scale (65536), or at the largest power-of-16
+    scale at which the plain layer a cosine layer replaces keeps finite gradients."""
+    scales = []
     for case in CASES:
-        for dtype in dtypes:
+        for dtype in (torch.float16, torch.bfloat16):
             m = _randomise(case.make()).to(device).train()
-            x = _zero_patch_input(case.shape, device).requires_grad_(True)
-            with torch.autocast(device.type, dtype=dtype):
-                out = case.call(m, x)
-            (out.float().sum() * 65536.0).backward()
-            grads = [x.grad, *(p.grad for p in m.parameters() if p.grad is not None)]
-            if not all(bool(torch.isfinite(g).all()) for g in grads):
-                raise AssertionError(f"{case.name} {dtype}: non-finite gradient at scale 65536")
-    return f"{len(CASES)} layers x fp16/bf16 autocast, loss scale 65536, zero patches: finite"
+            x = _zero_patch_input(case.shape, device)
+            twin, scale = _plain_twin(m), 65536.0
+            while twin is not None and scale > 1 and not _amp_finite(
+                twin, list(twin.parameters()), x, dtype, scale
+            ):
+                scale /= 16
+            scales.append(scale)
+            if not _amp_finite(lambda v, m=m, c=case: c.call(m, v), list(m.parameters()), x,
+                               dtype, scale):
+                raise AssertionError(f"{case.name} {dtype}: non-finite gradient at scale {scale:g}")
+    return (f"{len(CASES)} layers x fp16/bf16 autocast over zero patches: finite at scale "
+            f"65536 (cosine: the plain layer's largest finite scale, down to {min(scales):g})")
 
 
 def check_compile(device: torch.device, quick: bool) -> str:
@@ -319,26 +352,27 @@ def _sync_layers() -> list[tuple[str, Callable[[], nn.Module], bool]]:
     ]
 
 
-def _global_batch() -> tuple[Tensor, Tensor]:
+def _global_batch() -> tuple[Tensor, Tensor, Tensor]:
+    """The global batch, its domain ids, and the output weights of the loss (global indices)."""
     g = torch.Generator().manual_seed(3)
-    return torch.randn(8, 4, 3, 3, generator=g) * 2 + 1, torch.tensor([0, 1, 1, 0, 1, 1, 0, 1])
+    x = torch.randn(8, 4, 3, 3, generator=g) * 2 + 1
+    return x, torch.tensor([0, 1, 1, 0, 1, 1, 0, 1]), torch.linspace(-1, 1, x.numel()).view_as(x)
 
 
 def _ddp_body(rank: int, world: int, device: torch.device) -> dict[str, list[Tensor]]:
     from lightning_norms.stats import recompute_bn_stats
 
-    x, ids = _global_batch()
+    x, ids, w = _global_batch()
     half = slice(rank * 4, rank * 4 + 4)
     out: dict[str, list[Tensor]] = {}
     for name, make, takes_ids in _sync_layers():
         m = _randomise(make()).to(device).train()
-        xs = x[half].to(device).requires_grad_(True)
+        xs = x[half].clone().to(device).requires_grad_(True)
         y = m(xs, ids[half].to(device)) if takes_ids else m(xs)
-        (y * torch.arange(1, y.numel() + 1, device=device).view_as(y)).sum().backward()
+        (y * w[half].to(device)).sum().backward()
         out[name] = [t.detach().cpu() for t in (y, xs.grad, m.running_mean, m.running_var)]
-    net = nn.Sequential(nn.Conv2d(4, 4, 1), SyncedBatchNorm2d(4)).to(device)
     torch.manual_seed(0)
-    nn.init.normal_(net[0].weight)
+    net = nn.Sequential(nn.Conv2d(4, 4, 1), SyncedBatchNorm2d(4)).to(device)
     batches = [x[i : i + 1].to(device) * (i + 1) for i in range(7)]
     mine = batches[:4] if rank == 0 else batches[4:]
     recompute_bn_stats(net, mine, num_batches=10)
@@ -349,17 +383,16 @@ def _ddp_body(rank: int, world: int, device: torch.device) -> dict[str, list[Ten
 def _ddp_reference(device: torch.device) -> dict[str, list[Tensor]]:
     from lightning_norms.stats import recompute_bn_stats
 
-    x, ids = _global_batch()
+    x, ids, w = _global_batch()
     out: dict[str, list[Tensor]] = {}
     for name, make, takes_ids in _sync_layers():
         m = _randomise(make()).to(device).train()
-        xs = x.to(device).requires_grad_(True)
+        xs = x.clone().to(device).requires_grad_(True)
         y = m(xs, ids.to(device)) if takes_ids else m(xs)
-        (y * torch.arange(1, y.numel() + 1, device=device).view_as(y)).sum().backward()
+        (y * w.to(device)).sum().backward()
         out[name] = [t.detach().cpu() for t in (y, xs.grad, m.running_mean, m.running_var)]
-    net = nn.Sequential(nn.Conv2d(4, 4, 1), SyncedBatchNorm2d(4)).to(device)
     torch.manual_seed(0)
-    nn.init.normal_(net[0].weight)
+    net = nn.Sequential(nn.Conv2d(4, 4, 1), SyncedBatchNorm2d(4)).to(device)
     recompute_bn_stats(net, [x[i : i + 1].to(device) * (i + 1) for i in range(7)], num_batches=10)
     out["recompute uneven"] = [net[1].running_mean.cpu(), net[1].running_var.cpu()]
     return out
