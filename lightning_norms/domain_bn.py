@@ -22,7 +22,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_norms import functional as LF
 from lightning_norms._base import BatchNormBase
-from lightning_norms.functional._domain import _check_domains, _eager, _expand_domains
+from lightning_norms.functional._domain import (
+    _check_domains,
+    _eager,
+    _expand_domains,
+    host_ids,
+)
 
 __all__ = ["DomainBatchNorm1d", "DomainBatchNorm2d", "DomainBatchNorm3d", "domain"]
 
@@ -129,10 +134,11 @@ class _DomainBatchNorm(BatchNormBase):
 
     def forward(self, input: Tensor, domain: int | Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
-        rare = self._rare_record(input)
+        ids = self._ids(domain)
+        rare = self._rare_record(input, ids)
         out = LF.domain_batch_norm(
             x=input,
-            domains=self._ids(domain),
+            domains=ids,
             num_domains=self.num_domains,
             **self._norm_kwargs(),
             rare_domains=rare,
@@ -141,18 +147,32 @@ class _DomainBatchNorm(BatchNormBase):
             self._warn_rare()
         return out
 
-    def _rare_record(self, x: Tensor) -> Tensor | None:
+    def _rare_record(self, x: Tensor, ids: int | Tensor) -> Tensor | None:
         """Where the kernel records one-value domains (device-side), until the layer warned.
 
         Nothing while ``torch.compile`` or a ``torch.func`` transform traces (a tensor made
-        there must not outlive it).
+        there must not outlive it), for an ``int`` domain (it raises instead), nor on CPU
+        where no domain can have one value: more than one position per sample, or no domain
+        with a single sample (:func:`host_ids`, shared with the range check), unless
+        synchronised (global counts). So the record's host read on CPU happens only where a
+        domain may have used its running statistics.
         """
         batch_stats = self.training or not self.track_running_stats
         if self._rare_warned or not batch_stats or not _eager():
             return None
+        if not isinstance(ids, Tensor) or ids.dim() == 0:
+            return None
+        local_cpu = x.device.type == "cpu" and ids.device.type == "cpu" and not self.sync_active()
+        if local_cpu and not self._may_be_rare(x, ids):
+            return None
         if self._rare_seen is None or self._rare_seen.device != x.device:
             self._rare_seen = torch.zeros(self.num_domains, dtype=torch.bool, device=x.device)
         return self._rare_seen
+
+    @staticmethod
+    def _may_be_rare(x: Tensor, ids: Tensor) -> bool:
+        """Whether a domain of this local batch can have one value per channel (CPU ids)."""
+        return x.shape[2:].numel() == 1 and 1 in host_ids(ids).rows.values()
 
     def _warn_rare(self) -> None:
         """Warn once that a domain with one value per channel used its running statistics.

@@ -1172,3 +1172,14 @@ def test_jit_trace_save_load_of_eval_per_sample(track, tmp_path):
     loaded = torch.jit.load(tmp_path / "net.pt")
     for xx, ii in ((x, ids), (x.flip(0) * 2, torch.tensor([2, 2, 0, 0, 1, 0]))):
         torch.testing.assert_close(loaded(xx, ii), Routed()(xx, ii), atol=1e-5, rtol=1e-5)
+
+
+def test_ids_read_once_per_tensor_and_again_after_an_inplace_change():
+    """CPU ids are read on the host once per tensor (shared by layers), re-read when changed."""
+    net = nn.Sequential(DomainBatchNorm2d(3, 2), DomainBatchNorm2d(3, 2))
+    ids, x = torch.tensor([0, 1, 0, 1]), torch.randn(4, 3, 2, 2)
+    with domain(net, ids):
+        net(x)
+    ids[0] = 2
+    with domain(net, ids), pytest.raises(ValueError, match=r"in \[0, 2\), got 2"):
+        net(x)

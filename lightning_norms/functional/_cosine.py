@@ -23,8 +23,11 @@ def _at_least_fp32(x: Tensor) -> Tensor:
 
 
 def _full_precision(x: Tensor) -> contextlib.AbstractContextManager[Any]:
-    """A context in which ``x``'s device runs without autocast (only entered when it is on)."""
-    if torch.is_autocast_enabled(x.device.type):  # the device argument: torch >= 2.4
+    """A context in which ``x``'s device runs without autocast (only entered when it is on).
+
+    The meta device has no autocast (torch raises when asked about it).
+    """
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()
 

@@ -15,7 +15,9 @@ in a per-sample batch is normalised with its running statistics (:func:`_rare_do
 
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from collections import Counter
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -82,18 +84,50 @@ def _check_domains(
     return domains
 
 
+class HostIds(NamedTuple):
+    """What the host knows of a CPU ids tensor: smallest and largest id, rows per id."""
+
+    low: int
+    high: int
+    rows: Counter[int]
+
+
+_HOST_IDS: list[tuple[weakref.ref[Tensor], int, HostIds]] = []
+"""The last CPU ids tensor read (a weak reference, its version) and what it held."""
+
+
+def host_ids(ids: Tensor) -> HostIds:
+    """The values of CPU ``ids`` summarised on the host: one read per ids tensor and version.
+
+    Every layer of a network called with the same ids tensor (``with domain(model, ids)``, or
+    one ``ids`` passed to each layer) shares the one read: the 2nd layer on needs none, and
+    neither does a repeated call with an unchanged tensor (an in-place change bumps its
+    version and is read again). Inference tensors have no version: read on every call.
+    """
+    if not ids.is_inference() and _HOST_IDS:
+        ref, version, info = _HOST_IDS[0]
+        if ref() is ids and version == ids._version:
+            return info
+    values = ids.flatten().tolist()
+    info = HostIds(min(values, default=0), max(values, default=-1), Counter(values))
+    if not ids.is_inference():
+        _HOST_IDS[:] = [(weakref.ref(ids), ids._version, info)]
+    return info
+
+
 def _check_range(ids: Tensor, num_domains: int, name: str) -> None:
     """Raise unless every id is in ``[0, num_domains)``.
 
-    CPU ids: one host read of min and max (free on CPU), a ``ValueError``. Accelerator ids: a
-    device-side assert (``torch._assert_async``, no host read; it fails at the next sync).
+    CPU ids: a ``ValueError`` from :func:`host_ids` (one host read per ids tensor, shared by
+    every layer it is passed to). Accelerator ids: a device-side assert
+    (``torch._assert_async``, no host read; it fails at the next sync).
     """
-    lowest, highest = torch.aminmax(ids)
     if ids.device.type != "cpu":
+        lowest, highest = torch.aminmax(ids)
         message = f"{name}: domain ids must be in [0, {num_domains})"
         torch._assert_async((lowest >= 0) & (highest < num_domains), message)
         return
-    low, high = int(lowest), int(highest)
+    low, high, _ = host_ids(ids)
     if low < 0 or high >= num_domains:
         bad = low if low < 0 else high
         raise ValueError(
@@ -485,22 +519,23 @@ def _int_domain_batch_norm(
     """A whole batch of one domain: one ``F.batch_norm`` on row views of the buffers.
 
     ``num_batches_tracked`` (given in training only) is advanced after the kernel succeeded.
-    ``momentum=None`` reads the step count on the host, as ``nn.BatchNorm*d`` does (callers
-    off CPU take the row path instead, whose factor stays on the device).
+    ``momentum=None``: the kernel writes the batch statistics into fresh rows (momentum 1),
+    merged into the buffers with the factor ``1 / steps`` on the device (no host read).
     """
     per_domain_affine = weight is not None and weight.dim() == 2
     tracked = running_mean is not None and num_batches_tracked is not None
-    factor = 0.0
-    if momentum is not None:
-        factor = float(ema_factor(momentum, 1.0))
-    elif tracked and num_batches_tracked is not None:
-        factor = float(ema_factor(None, float(num_batches_tracked[domain]) + 1.0))
+    buffers = (running_mean, running_var)
+    rows: list[Tensor | None] = [None if t is None else t[domain] for t in buffers]
+    factor, fresh = (0.0 if momentum is None else momentum), []
+    if momentum is None and tracked and running_mean is not None and running_var is not None:
+        fresh = [torch.zeros_like(running_mean[domain]), torch.zeros_like(running_var[domain])]
+        rows, factor = [fresh[0], fresh[1]], 1.0
     params = [t for t in (running_mean, weight) if t is not None]
     dtype = kernel_input_dtype(x.device, x.dtype, params[0].dtype) if params else x.dtype
     out = F.batch_norm(
         as_dtype(x, dtype),
-        None if running_mean is None else running_mean[domain],
-        None if running_var is None else running_var[domain],
+        rows[0],
+        rows[1],
         weight[domain] if per_domain_affine and weight is not None else weight,
         bias[domain] if per_domain_affine and bias is not None else bias,
         use_batch_stats,
@@ -508,6 +543,11 @@ def _int_domain_batch_norm(
         eps,
     )
     if tracked and num_batches_tracked is not None:
+        if fresh and running_mean is not None and running_var is not None:
+            steps = num_batches_tracked[domain].to(fresh[0].dtype) + 1.0
+            factor_new = cast(Tensor, ema_factor(None, steps))
+            running_mean[domain].lerp_(fresh[0], factor_new)
+            running_var[domain].lerp_(fresh[1], factor_new)
         num_batches_tracked[domain].add_(1)
     return as_dtype(out, x.dtype)
 
@@ -659,8 +699,7 @@ def domain_batch_norm(
             f"{name}: expected more than 1 value per channel when training, got input of "
             f"shape {tuple(x.shape)}"
         )
-    cumulative_on_device = momentum is None and training and x.device.type != "cpu"
-    if isinstance(domains, int) and local_int and not cumulative_on_device:
+    if isinstance(domains, int) and local_int:
         return _int_domain_batch_norm(
             x,
             domains,

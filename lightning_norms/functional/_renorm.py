@@ -56,7 +56,12 @@ def _batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _update_running(
-    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, factor: float
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    factor: float | Tensor,
 ) -> None:
     """``running <- running + factor * (batch - running)``, the variance unbiased.
 
@@ -64,6 +69,8 @@ def _update_running(
     in place for buffers of that dtype, else computed in it and rounded once to the buffers'.
     """
     unbiased = var * (count / max(count - 1, 1))
+    if isinstance(factor, Tensor):
+        factor = as_dtype(factor, mean.dtype)
     with torch.no_grad():
         for buf, stat in ((running_mean, mean), (running_var, unbiased)):
             if buf.dtype == stat.dtype:
@@ -292,7 +299,7 @@ def _renorm_train(
     running_var: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    momentum: float,
+    momentum: float | Tensor,
     eps: float,
     r_max: float | Tensor,
     d_max: float | Tensor,
@@ -336,17 +343,24 @@ def _check_renorm_call(
         )
 
 
-def _ema_factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
+def _ema_factor(
+    momentum: float | None, num_batches_tracked: Tensor | None, on_host: bool
+) -> float | Tensor:
     """This step's running-average factor (:func:`lightning_norms._moments.ema_factor`).
 
     ``num_batches_tracked`` counts the steps before this one; without it (statistics not
-    tracked) there is nothing to update and the factor is 0.
+    tracked) there is nothing to update and the factor is 0. ``momentum=None``: a 0-dim
+    tensor on the device (no host read), or with ``on_host`` a float (for ``F.batch_norm``,
+    which reads it as ``nn.BatchNorm*d`` does).
     """
     if momentum is not None:
         return momentum
     if num_batches_tracked is None:
         return 0.0
-    return float(ema_factor(None, float(num_batches_tracked) + 1.0))
+    if on_host:
+        return float(ema_factor(None, float(num_batches_tracked) + 1.0))
+    steps = num_batches_tracked.reshape(()).to(accumulate_dtype(num_batches_tracked.device))
+    return ema_factor(None, steps + 1.0)
 
 
 def batch_renorm(
@@ -460,8 +474,9 @@ def batch_renorm(
             )
         if x.numel() == 0:  # as nn.BatchNorm*d: an empty output, no statistics to take
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-    factor = _ema_factor(momentum, steps)
-    if training and tracked and not _is_plain_bn(r_max, d_max):
+    renorm = training and tracked and not _is_plain_bn(r_max, d_max)
+    factor = _ema_factor(momentum, steps, on_host=not renorm)
+    if renorm:
         out = _renorm_train(
             x,
             cast(Tensor, running_mean),
@@ -474,7 +489,10 @@ def batch_renorm(
             d_max,
         )
     else:
-        out = F.batch_norm(x, running_mean, running_var, weight, bias, training, factor, eps)
+        momentum_float = cast(float, factor)  # on_host: a float
+        out = F.batch_norm(
+            x, running_mean, running_var, weight, bias, training, momentum_float, eps
+        )
     if steps is not None:
         steps.add_(1)
     return out
