@@ -419,3 +419,16 @@ def test_docs_build_strict(tmp_path: Path) -> None:
     public.remove("data")
     documented = {anchor.rsplit(".", 1)[-1] for anchor in anchors}
     assert sorted(set(public) - documented) == []  # every public name has its entry
+
+
+@pytest.mark.slow
+def test_readme_python_blocks_run_from_the_wheel(fresh_venv: Path, tmp_path: Path) -> None:
+    """A fresh venv holding only the wheel and its core dependencies (``pip install .``) runs
+    every Python block of the README verbatim, outside the clone."""
+    from tests.integration.test_readme import PYTHON_BLOCKS
+
+    assert PYTHON_BLOCKS
+    for block_id, code in PYTHON_BLOCKS:
+        script = tmp_path / f"{block_id}.py"
+        script.write_text(code)
+        _run([str(fresh_venv / "bin" / "python"), str(script)], cwd=tmp_path, timeout=600)
