@@ -333,9 +333,20 @@ def _row_grad_sums(g3: Tensor, x3: Tensor, mean_rows: Tensor) -> tuple[Tensor, T
 Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
 
 
-def _inv_count(count: Tensor) -> Tensor:
-    """``1 / count`` as ``[D, 1]``, 0 where the count is 0 (absent, or fixed statistics)."""
-    return (count.clamp(min=1).reciprocal() * (count > 0)).unsqueeze(1)
+KernelStats = tuple[Tensor, Tensor, Tensor]
+"""``(inv_count [D, 1], mean [D, C], invstd [D, C])``: what :class:`_DomainBatchNormFn` uses."""
+
+
+def _kernel_stats(stats: Moments, eps: float) -> KernelStats:
+    """Per-domain ``1 / count`` (0 where the count is 0), mean and ``1 / sqrt(var + eps)``.
+
+    Computed once per call, for the forward and the backward. A domain of count 0 with rows
+    has fixed statistics (:func:`_rare_domains`: ``M2`` holds its variance, divided by 1).
+    """
+    count = stats.n.unsqueeze(1)
+    inv = count.clamp(min=1).reciprocal()
+    invstd = (stats.m2 * inv).add_(eps).rsqrt_()
+    return torch.where(count > 0, inv, 0.0), stats.mean, invstd
 
 
 def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
@@ -344,10 +355,9 @@ def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
     ``dx = scale * (dy - E_d[dy] - (x - mu_d) invstd_d^2 E_d[dy (x - mu_d)])`` regrouped as
     ``a_r * dy + b_r * x + c_r`` with per-row coefficients: two elementwise ops.
     """
-    x3, ids, weight, count, mean, invstd, scale = saved
+    x3, ids, weight, inv_count, mean, invstd, scale = saved
     c = mean.shape[1]
     g3 = g3.contiguous()
-    inv_count = _inv_count(count)
     grad_x = None
     if x3.numel():
         row_sum, row_dot = _row_grad_sums(g3, x3, mean.index_select(0, ids))
@@ -363,8 +373,12 @@ def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
     if ctx.needs_input_grad[0]:
         if ctx.group is not None:  # input gradients see every rank's sums, as SyncBatchNorm
             sums = _AllReduceSum.apply(sums, ctx.group[0])
-        k = invstd.square() * sums[:, c:] * inv_count
-        coefs = torch.cat([scale, -scale * k, scale * (k * mean - sums[:, :c] * inv_count)], 1)
+        means = sums * inv_count  # [E_d[dy] | E_d[dy (x - mu)]]
+        k = invstd.square().mul_(means[:, c:])
+        shifted = torch.addcmul(means[:, :c], k, mean, value=-1.0)  # E_d[dy] - k mu
+        # per domain [scale | -scale k | -scale (E_d[dy] - k mu)]
+        signed = torch.stack([k, shifted], 1).mul_(scale.unsqueeze(1)).neg_().flatten(1)
+        coefs = torch.cat([scale, signed], 1)
         rows3 = coefs.index_select(0, ids).unsqueeze(2)
         grad_x = torch.addcmul(rows3[:, 2 * c :], x3, rows3[:, c : 2 * c])
         if _functorch():  # out of place: grad_x may be unbatched where g3 is batched
@@ -392,12 +406,11 @@ def _graph_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
     (means over the domain's elements on all ranks), in fp32 at least. Autograd
     differentiates this graph, so double backward (gradient penalties) is exact.
     """
-    x3, ids, weight, count, mean, fixed_invstd, _ = saved
+    x3, ids, weight, inv_count, mean, fixed_invstd, _ = saved
     group = ctx.group
     num_domains, c = mean.shape
     xf, gf = x3.to(mean.dtype), g3.to(mean.dtype)
-    inv_count = _inv_count(count)
-    fixed = (count == 0).unsqueeze(1)  # fixed statistics: constants, as in eval
+    fixed = inv_count == 0  # fixed statistics: constants, as in eval
 
     def domain_sum(rows: Tensor, across_ranks: bool) -> Tensor:
         total = rows.new_zeros(num_domains, c).index_add(0, ids, rows)
@@ -456,19 +469,18 @@ class _DomainBatchNormFn(torch.autograd.Function):
         ids: Tensor,
         eps: float,
         group: Group,
-        stats: tuple[Tensor, Tensor, Tensor],
+        stats: KernelStats,
     ) -> Tensor:
-        invstd = _invstd(stats, eps)
-        return _affine_rows(x3, ids, *_scale_shift(stats[1], invstd, weight, bias))
+        _, mean, invstd = stats
+        return _affine_rows(x3, ids, *_scale_shift(mean, invstd, weight, bias))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         # Any, as in torch's docs: FunctionCtx's stub has neither saved_tensors nor
         # needs_input_grad, takes no None in save_for_backward, and no custom attributes
-        x3, weight, bias, ids, eps, group, (count, mean, m2) = inputs
-        invstd = _invstd((count, mean, m2), eps)
+        x3, weight, bias, ids, eps, group, (inv_count, mean, invstd) = inputs
         scale = invstd if weight is None else invstd * as_dtype(weight, invstd.dtype)
-        ctx.save_for_backward(x3, ids, weight, count, mean, invstd, scale)
+        ctx.save_for_backward(x3, ids, weight, inv_count, mean, invstd, scale)
         ctx.eps, ctx.group = eps, group
         ctx.weight_meta = None if weight is None else (weight.dim(), weight.dtype)
         ctx.bias_meta = None if bias is None else (bias.dim(), bias.dtype)
@@ -482,12 +494,6 @@ class _DomainBatchNormFn(torch.autograd.Function):
         grad_fn = _graph_grads if torch.is_grad_enabled() else _fused_grads
         grads = grad_fn(ctx, saved, g3)
         return (*grads, None, None, None, None)
-
-
-def _invstd(stats: tuple[Tensor, Tensor, Tensor], eps: float) -> Tensor:
-    """``1 / sqrt(M2 / count + eps)`` per domain (count clamped at 1: fixed statistics)."""
-    count, _, m2 = stats
-    return torch.rsqrt(m2 / count.clamp(min=1).unsqueeze(1) + eps)
 
 
 def _empty_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -721,11 +727,12 @@ def domain_batch_norm(
         return _traced_rows(x3, ids, num_domains, weight, bias, eps).view(x.shape)
     check = isinstance(domains, int) and group is not None  # else shape-checked above
     stats = _domain_stats(x3, ids, num_domains, group, name, check=check)
-    if not isinstance(domains, int):
+    # one value per channel needs one position per sample (or counts summed over ranks)
+    if not isinstance(domains, int) and (group is not None or x3.shape[2] == 1):
         stats, rare = _rare_domains(stats, running_mean, running_var)
         if rare_domains is not None and _eager():
             rare_domains.logical_or_(rare)
-    out = _DomainBatchNormFn.apply(x3, weight, bias, ids, eps, group, stats)
+    out = _DomainBatchNormFn.apply(x3, weight, bias, ids, eps, group, _kernel_stats(stats, eps))
     if training and running_mean is not None and running_var is not None:
         with torch.no_grad():
             update_running(running_mean, running_var, stats, momentum, num_batches_tracked)

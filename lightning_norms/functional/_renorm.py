@@ -19,7 +19,12 @@ from lightning_norms._moments import (
     stat_dtype,
     update_running,
 )
-from lightning_norms.functional._domain import _domain_stats, _DomainBatchNormFn, _rows
+from lightning_norms.functional._domain import (
+    _domain_stats,
+    _DomainBatchNormFn,
+    _kernel_stats,
+    _rows,
+)
 from lightning_norms.functional._sync import sync_world
 
 
@@ -539,7 +544,8 @@ def _synced_batch_renorm(
             r_max,
             d_max,
         )
-    out = _DomainBatchNormFn.apply(x3, weight, bias, ids, eps, group, (count, mean, m2))
+    stats = _kernel_stats(Moments(count, mean, m2), eps)
+    out = _DomainBatchNormFn.apply(x3, weight, bias, ids, eps, group, stats)
     if tracked:
         with torch.no_grad():
             update_running(
