@@ -61,10 +61,6 @@ TRANSFORMS: dict[str, str] = {
 
 NO_STATS = "no batch statistics: equal to its unsynced layer, no collective to check"
 NOT_DOMAIN = "not a domain layer (its own state_dict is a plain BN's already)"
-NEW_DYNAMIC_RENORM = (
-    "issue 17, found by this harness (also bench_targets, 69a3dd6): BatchRenorm training "
-    "breaks the graph under dynamic shapes (batch_norm_update_stats: no fake-tensor kernel)"
-)
 SAME_EVAL = "eval computation identical to the base entry's (ONNX export is slow: checked once)"
 
 
@@ -389,7 +385,7 @@ def _domain_entries() -> list[LayerInfo]:
 
 def _renorm_entries() -> list[LayerInfo]:
     active = {"r_max": 1.5, "d_max": 0.5, "warmup_steps": 0}
-    bugs = {"compile[dynamic]": NEW_DYNAMIC_RENORM}
+    bugs: dict[str, str] = {}  # compile[dynamic] fixed (issue 20: traced path under compile)
     entries = [
         LayerInfo(f"BatchRenorm{dim}", lambda cls=cls: cls(4, **active), "renorm",
                   _bn_samples(_RANK[dim], "none"),

@@ -672,10 +672,11 @@ def test_compiled_training_step_reads_the_running_statistics_before_the_update()
     gx = x.grad.clone()
     x.grad = None
     compiled(x).backward(grad)
-    torch.testing.assert_close(twin.weight.grad, eager.weight.grad, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(twin.bias.grad, eager.bias.grad, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(x.grad, gx, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(twin.running_mean, eager.running_mean, rtol=0, atol=0)
+    # compiled: plain ops (issue 20), fp32 rounding apart; re-read buffers would differ by ~1e-2
+    torch.testing.assert_close(twin.weight.grad, eager.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(twin.bias.grad, eager.bias.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad, gx, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(twin.running_mean, eager.running_mean, rtol=0, atol=1e-7)
 
 
 # --- issue 17: activation checkpointing, torch.func, jit.trace ---

@@ -313,8 +313,12 @@ def _renorm_train(
 
     ``r``, ``d`` and the affine are taken in the buffers' dtype (fp32 at least): the kernel
     rejects what ``F.batch_norm`` rejects (e.g. an fp64 input to fp32 buffers) before any
-    buffer changes.
+    buffer changes. While ``torch.compile`` traces: :func:`_renorm_traced` instead.
     """
+    if torch.compiler.is_compiling():
+        return _renorm_traced(
+            x, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max
+        )
     mean, var = _batch_mean_var(x)
     dtype = stat_dtype(running_mean)  # no conversion dispatched where the dtype is already it
     r, d = _step_factors(mean, var, running_mean, running_var, eps, r_max, d_max)
@@ -326,6 +330,41 @@ def _renorm_train(
     out = _RenormFn.apply(x, weight, bias, mean, invstd, r, d, eps)
     _update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     return cast(Tensor, out)
+
+
+def _renorm_traced(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float | Tensor,
+    eps: float,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
+) -> Tensor:
+    """The training step from plain differentiable ops, for ``torch.compile`` to fuse.
+
+    ``y = (x - mu_B) * (invstd_B * gamma r) + (gamma d + beta)`` with ``torch.var_mean``
+    statistics (a fake-tensor kernel: dynamic shapes trace), ``r`` and ``d`` detached
+    (constants in the backward); autograd gives BatchNorm's training backward, which inductor
+    fuses with the forward's reductions as it does for ``F.batch_norm``. Same numbers as the
+    eager :class:`_RenormFn` path to fp32 rounding.
+    """
+    dims = [0, *range(2, x.dim())]
+    xf = as_dtype(x, stat_dtype(x))
+    var, mean = torch.var_mean(xf, dim=dims, correction=0)
+    dtype = stat_dtype(running_mean)
+    r, d = _step_factors(mean.detach(), var.detach(), running_mean, running_var, eps, r_max, d_max)
+    weight = None if weight is None else as_dtype(weight, dtype)
+    bias = None if bias is None else as_dtype(bias, dtype)
+    scale, shift = _fold(weight, bias, as_dtype(r, dtype), as_dtype(d, dtype))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    scale = torch.rsqrt(var + eps) * scale
+    out = torch.addcmul(shift.view(shape), xf - mean.view(shape), scale.view(shape))
+    count = x.numel() // x.shape[1]
+    _update_running(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
+    return as_dtype(out, x.dtype)
 
 
 def _check_renorm_call(

@@ -122,3 +122,30 @@ def test_one_value_domain_compiles_without_breaks_or_recompiles() -> None:
             torch.testing.assert_close(got, ref)
     assert counts["stats"]["unique_graphs"] == 1
     assert compiled_layer.num_batches_tracked.tolist() == [2, 1]
+
+
+def test_batch_renorm_compiles_to_plain_ops_that_inductor_fuses() -> None:
+    """Issue 20: while compiling, BatchRenorm traces plain ops (no autograd Function and no
+    ``batch_norm_update_stats``, which stop fusion and break dynamic shapes), equal to eager."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, _: list[Tensor]) -> Callable[..., object]:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    layer = BatchRenorm2d(4, r_max=1.5, d_max=0.5, warmup_steps=0)
+    with torch.no_grad():
+        layer.running_mean.fill_(0.3)
+        layer.running_var.fill_(2.0)
+    eager, x = copy.deepcopy(layer), (torch.randn(8, 4, 3, 3) * 2 + 1).requires_grad_()
+    out = torch.compile(layer, backend=backend, fullgraph=True, dynamic=True)(x)
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert not [t for t in targets if "autograd_function" in t or "update_stats" in t], targets
+    x_ref = x.detach().clone().requires_grad_()
+    ref = eager(x_ref)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x_ref)
+    torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer.running_var, eager.running_var, atol=1e-6, rtol=0)
