@@ -110,7 +110,7 @@ def renorm_limits(
     """
     if step is None or warmup_steps <= 0 or (r_max == 1 and d_max == 0):
         return r_max, d_max
-    progress = (step.to(torch.float32) / warmup_steps).clamp(max=1.0)
+    progress = (step / warmup_steps).clamp(max=1.0)  # true division: fp32, one op
     return 1.0 + (r_max - 1.0) * progress, d_max * progress
 
 
@@ -125,12 +125,15 @@ def _renorm_factors(
 ) -> tuple[Tensor, Tensor]:
     """``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, +-d_max)``."""
     # a snapshot of the buffers (``stack`` is never recomputed by torch.compile's partitioner,
-    # which could otherwise re-read in the backward the buffers this step updates in place)
-    mu, var = torch.stack([running_mean, running_var]).unbind()
-    sigma = (var + eps).sqrt()
+    # which could otherwise re-read in the backward the buffers this step updates in place),
+    # the batch variance stacked with them: both 1 / sigma in one pass
+    dtype = batch_var.dtype
+    rows = torch.stack([as_dtype(running_mean, dtype), as_dtype(running_var, dtype), batch_var])
+    inv_sigma, inv_sigma_batch = rows[1:].add_(eps).rsqrt_().unbind()
     # each limit is a float or a 0-dim tensor; clamp takes either (its stubs want one kind)
-    r = ((batch_var + eps).sqrt() / sigma).clamp(1.0 / r_max, r_max)  # type: ignore[arg-type]
-    d = ((batch_mean - mu) / sigma).clamp(-d_max, d_max)  # type: ignore[arg-type]
+    low = r_max.reciprocal() if isinstance(r_max, Tensor) else 1.0 / r_max
+    r = (inv_sigma / inv_sigma_batch).clamp(low, r_max)  # type: ignore[arg-type]
+    d = ((batch_mean - rows[0]) * inv_sigma).clamp(-d_max, d_max)  # type: ignore[arg-type]
     return r, d
 
 
