@@ -1183,3 +1183,18 @@ def test_ids_read_once_per_tensor_and_again_after_an_inplace_change():
     ids[0] = 2
     with domain(net, ids), pytest.raises(ValueError, match=r"in \[0, 2\), got 2"):
         net(x)
+
+
+def test_device_ids_range_asserted_once_per_tensor_and_domain_count():
+    """Off CPU (meta here) the device-side range assert runs once per ids tensor and version;
+    a layer with fewer domains asserts again (its bound is tighter)."""
+    from torch.profiler import profile
+
+    three, two = DomainBatchNorm2d(4, 3).to("meta"), DomainBatchNorm2d(4, 2).to("meta")
+    x = torch.empty(6, 4, 3, 3, device="meta")
+    ids = torch.tensor([0, 1, 0, 1, 1, 0], device="meta")
+    with profile() as prof:
+        three(x, ids)
+        three(x, ids)
+        two(x, ids)
+    assert sum(e.name == "aten::_assert_async" for e in prof.events()) == 2

@@ -115,17 +115,37 @@ def host_ids(ids: Tensor) -> HostIds:
     return info
 
 
+_ASSERTED: list[tuple[weakref.ref[Tensor], int, int]] = []
+"""The last accelerator ids tensor range-asserted (weak reference, version, ``num_domains``)."""
+
+
+def _same_ids(
+    cache: list[tuple[weakref.ref[Tensor], int, int]], ids: Tensor, num_domains: int
+) -> bool:
+    """Whether ``ids`` (same object, unchanged) was asserted below at most ``num_domains``."""
+    if not cache or ids.is_inference():
+        return False
+    ref, version, checked = cache[0]
+    return ref() is ids and version == ids._version and checked <= num_domains
+
+
 def _check_range(ids: Tensor, num_domains: int, name: str) -> None:
     """Raise unless every id is in ``[0, num_domains)``.
 
     CPU ids: a ``ValueError`` from :func:`host_ids` (one host read per ids tensor, shared by
     every layer it is passed to). Accelerator ids: a device-side assert
-    (``torch._assert_async``, no host read; it fails at the next sync).
+    (``torch._assert_async``, no host read; it fails at the next sync), once per ids tensor
+    and version for layers of as many domains or more (the other layers of a network skip
+    its four launches).
     """
     if ids.device.type != "cpu":
+        if _same_ids(_ASSERTED, ids, num_domains):  # asserted already for this tensor
+            return
         lowest, highest = torch.aminmax(ids)
         message = f"{name}: domain ids must be in [0, {num_domains})"
         torch._assert_async((lowest >= 0) & (highest < num_domains), message)
+        if not ids.is_inference():
+            _ASSERTED[:] = [(weakref.ref(ids), ids._version, num_domains)]
         return
     low, high, _ = host_ids(ids)
     if low < 0 or high >= num_domains:
