@@ -617,6 +617,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run: small, 2 rounds, aot_eager"
     )
+    parser.add_argument("--commit", help="commit to print when run outside git (git archive)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.min_run_time = 2, 0.01
@@ -624,7 +625,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.simplefilter("ignore")  # torchvision and one-value-domain notes
     backend = "aot_eager" if args.quick else "inductor"
     print(
-        f"issue 20 targets: commit {_commit()} ({Path(lightning_norms.__file__).parent}), "
+        f"issue 20 targets: commit {args.commit or _commit()} "
+        f"({Path(lightning_norms.__file__).parent}), "
         f"torch {torch.__version__}, threads "
         f"{torch.get_num_threads()}, rounds {args.rounds}, cpus {os.cpu_count()}, load average "
         f"{os.getloadavg()[0]:.1f} at start{', QUICK (smoke run)' if args.quick else ''}"
