@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
+from lightning_norms._moments import as_dtype
+
 
 def _safe_norm(sum_sq: Tensor) -> Tensor:
     """``sqrt(sum_sq)`` with a finite gradient at 0 (the gradient there is 0, not NaN)."""
@@ -83,7 +85,7 @@ class _CosineDivide(torch.autograd.Function):
     @staticmethod
     def forward(dot: Tensor, p: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         denom = _denominator(dot, p, w, eps)
-        return (dot / denom).to(dot.dtype), denom
+        return as_dtype(dot / denom, dot.dtype), denom
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
@@ -97,22 +99,22 @@ class _CosineDivide(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         dot, p, w, denom = ctx.saved_tensors
         grad_dot = (torch.zeros_like(dot) if grad is None else grad) / denom
-        spread = grad_dot * dot / denom  # minus d loss / d denominator
+        grad_denom_total = torch.mul(grad_dot, dot).div_(denom).neg_()  # d loss / d denominator
         if grad_denom is not None:
-            spread = spread - grad_denom
+            grad_denom_total = grad_denom_total + grad_denom
         grad_p = grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_p = torch.matmul(w.transpose(-1, -2), spread).neg()
+            grad_p = torch.matmul(w.transpose(-1, -2), grad_denom_total)
         if ctx.needs_input_grad[2]:
-            grad_w = torch.matmul(spread, p.transpose(-1, -2)).sum(0).neg()
-        return grad_dot.to(dot.dtype), grad_p, grad_w, None
+            grad_w = torch.matmul(grad_denom_total, p.transpose(-1, -2)).sum(0)
+        return as_dtype(grad_dot, dot.dtype), grad_p, grad_w, None
 
 
 def _cosine_divide(dot: Tensor, p: Tensor, w: Tensor, eps: float) -> Tensor:
     """``dot / (p * w + eps)`` in ``dot``'s dtype: :class:`_CosineDivide` or the plain ops."""
     if _use_functions(dot, p, w):
         return _CosineDivide.apply(dot, p, w, eps)[0]  # type: ignore[no-any-return]
-    return (dot / _denominator(dot, p, w, eps)).to(dot.dtype)
+    return as_dtype(dot / _denominator(dot, p, w, eps), dot.dtype)
 
 
 def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
