@@ -1,8 +1,8 @@
 """The one base of the package's BatchNorm variants (domain-split, renormalised, synced).
 
 As torch's ``_BatchNorm`` is for ``nn.BatchNorm*d``: the base owns what every variant shares
-and leaves the math to the functional twin, which each subclass's ``forward`` calls by keyword
-(``LF.domain_batch_norm(x=..., **self._norm_kwargs())``, ``LF.batch_renorm(...)``):
+and leaves the math to the functional twin, which each subclass's ``forward`` calls with
+explicit keywords from :meth:`~BatchNormBase._norm_state` (``running_mean=state.running_mean``):
 
 - input checks: the rank expected by a 1d/2d/3d class (:data:`INPUT_DIMS`) and the channel
   count, ``ValueError`` naming the layer and the shape it got;
@@ -16,7 +16,7 @@ and leaves the math to the functional twin, which each subclass's ``forward`` ca
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,11 +35,23 @@ INPUT_DIMS: dict[int, tuple[tuple[int, ...], str]] = {
 """Spatial kind (``1``, ``2``, ``3`` as in ``BatchNorm1d/2d/3d``) -> input ranks, their name."""
 
 
+class NormState(NamedTuple):
+    """What a layer's mode decides for one call of its functional twin (the rest, ``weight``,
+    ``bias``, ``momentum``, ``eps``, are the layer's attributes as they are)."""
+
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    training: bool
+    num_batches_tracked: Tensor | None
+    sync: bool
+    process_group: Any
+
+
 class BatchNormBase(_BatchNorm):
     """Base of ``DomainBatchNorm*d``, ``BatchRenorm*d`` and ``SyncedBatchNorm*d``.
 
     Subclasses set ``_dims`` (1, 2 or 3), may extend :meth:`_extra_fields`, and implement
-    ``forward`` as one call of their functional twin with :meth:`_norm_kwargs`.
+    ``forward`` as one call of their functional twin, by keyword, from :meth:`_norm_state`.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype: as
@@ -104,7 +116,7 @@ class BatchNormBase(_BatchNorm):
         """
         return bool(self.training and sync_world(self.sync, self.process_group))
 
-    def _norm_kwargs(self) -> dict[str, Any]:
+    def _norm_state(self) -> NormState:
         """The state a functional twin takes, by keyword, with torch's ``_BatchNorm`` rules.
 
         Running statistics are passed in eval, and in training when tracked (then updated);
@@ -117,19 +129,14 @@ class BatchNormBase(_BatchNorm):
         counting = self.training and self.track_running_stats
         running_mean = self.running_mean if tracked else None
         running_var = self.running_var if tracked else None
-        return {
-            "running_mean": running_mean,
-            "running_var": running_var,
-            "weight": self.weight,
-            "bias": self.bias,
-            "training": self.training or (running_mean is None and running_var is None),
-            "momentum": self.momentum,
-            "eps": self.eps,
-            "num_batches_tracked": self.num_batches_tracked if counting else None,
-            "sync": self.sync and self.training,
-            "process_group": self.process_group if self.training else None,
-            "name": self._name(),
-        }
+        return NormState(
+            running_mean=running_mean,
+            running_var=running_var,
+            training=self.training or (running_mean is None and running_var is None),
+            num_batches_tracked=self.num_batches_tracked if counting else None,
+            sync=self.sync and self.training,
+            process_group=self.process_group if self.training else None,
+        )
 
     def _extra_fields(self) -> list[str]:
         """The subclass's own ``name=value`` fields for :meth:`extra_repr`."""

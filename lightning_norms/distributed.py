@@ -109,14 +109,30 @@ class _SyncedBatchNorm(BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        state = self._norm_kwargs()
+        state = self._norm_state()
         # one domain: [1, C] views of the buffers (the same storage); in one process (or eval)
         # this is nn.BatchNorm's own F.batch_norm call, advancing the counter only after it
         # succeeded and not for an empty batch
-        for key in ("running_mean", "running_var", "num_batches_tracked"):
-            if state[key] is not None:
-                state[key] = state[key].view(1, *state[key].shape)
-        return LF.domain_batch_norm(x=input, domains=0, num_domains=1, **state)
+        mean, var, steps = [
+            None if t is None else t.view(1, *t.shape)
+            for t in (state.running_mean, state.running_var, state.num_batches_tracked)
+        ]
+        return LF.domain_batch_norm(
+            x=input,
+            domains=0,
+            num_domains=1,
+            running_mean=mean,
+            running_var=var,
+            weight=self.weight,
+            bias=self.bias,
+            training=state.training,
+            momentum=self.momentum,
+            eps=self.eps,
+            num_batches_tracked=steps,
+            sync=state.sync,
+            process_group=state.process_group,
+            name=self._name(),
+        )
 
     @classmethod
     def from_batchnorm(cls, bn: nn.Module, process_group: Any = None) -> nn.Module:

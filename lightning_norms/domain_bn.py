@@ -136,11 +136,22 @@ class _DomainBatchNorm(BatchNormBase):
         self._check_input_dim(input)
         ids = self._ids(domain)
         rare = self._rare_record(input, ids)
+        state = self._norm_state()
         out = LF.domain_batch_norm(
             x=input,
             domains=ids,
             num_domains=self.num_domains,
-            **self._norm_kwargs(),
+            running_mean=state.running_mean,
+            running_var=state.running_var,
+            weight=self.weight,
+            bias=self.bias,
+            training=state.training,
+            momentum=self.momentum,
+            eps=self.eps,
+            num_batches_tracked=state.num_batches_tracked,
+            sync=state.sync,
+            process_group=state.process_group,
+            name=self._name(),
             rare_domains=rare,
         )
         if rare is not None and rare.device.type == "cpu":  # a host read is free on CPU

@@ -65,13 +65,28 @@ class _BatchRenorm(BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        state = self._norm_kwargs()
-        step = state["num_batches_tracked"]
+        state = self._norm_state()
+        step = state.num_batches_tracked
         r_max: float | Tensor = 1.0
         d_max: float | Tensor = 0.0
         if step is not None:  # training with running statistics: the ramped limits
             r_max, d_max = LF.renorm_limits(self.r_max, self.d_max, step, self.warmup_steps)
-        return LF.batch_renorm(x=input, r_max=r_max, d_max=d_max, **state)
+        return LF.batch_renorm(
+            x=input,
+            running_mean=state.running_mean,
+            running_var=state.running_var,
+            weight=self.weight,
+            bias=self.bias,
+            training=state.training,
+            momentum=self.momentum,
+            eps=self.eps,
+            r_max=r_max,
+            d_max=d_max,
+            sync=state.sync,
+            process_group=state.process_group,
+            num_batches_tracked=step,
+            name=self._name(),
+        )
 
     def _name(self) -> str:
         return type(self).__name__

@@ -170,9 +170,9 @@ def test_extra_repr_fields() -> None:
 
 def test_sync_only_in_training_and_with_a_group() -> None:
     layer = BatchRenorm2d(3, sync=True)
-    state = layer._norm_kwargs()
-    assert state["sync"] is True and state["training"] is True
+    state = layer._norm_state()
+    assert state.sync is True and state.training is True
     layer.eval()
-    state = layer._norm_kwargs()
-    assert state["sync"] is False and state["training"] is False
+    state = layer._norm_state()
+    assert state.sync is False and state.training is False
     assert not layer.sync_active()  # no process group initialised in this process
