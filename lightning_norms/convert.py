@@ -688,9 +688,10 @@ def convert_norms(
     new: dict[int, nn.Module] = {}
     for name, module in bn_modules(model):
         if _selected(name, keep, drop):
-            new[id(module)] = _replacement(module, name or "<model>", to, kwargs, domain)
-            if hasattr(new[id(module)], "_module_path") and name:
-                new[id(module)]._module_path = name  # a rare-domain warning names the layer
+            layer = _replacement(module, name or "<model>", to, kwargs, domain)
+            if hasattr(layer, "_module_path") and name:
+                vars(layer)["_module_path"] = name  # a rare-domain warning names the layer
+            new[id(module)] = layer
     names = [name for name, _ in bn_modules(model)]
     _warn_unmatched(model, names, keep or [], "include")
     _warn_unmatched(model, names, drop, "exclude")
