@@ -61,8 +61,15 @@ def test_every_study_is_in_the_table_with_its_defaults() -> None:
 def test_parser_constants_match_the_study_modules() -> None:
     """``--help`` answers without importing the studies: its constants are written out in
     ``report.py``; here they meet the modules' own."""
-    from lightning_norms.recipes import gan, lecture, models, precise_bn, report, small_batch
-    from lightning_norms.recipes import two_domain
+    from lightning_norms.recipes import (
+        gan,
+        lecture,
+        models,
+        precise_bn,
+        report,
+        small_batch,
+        two_domain,
+    )
 
     assert tuple(models.VARIANTS) == report.VARIANT_NAMES
     assert report.HEADLINE == two_domain.HEADLINE
