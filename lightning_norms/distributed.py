@@ -12,7 +12,7 @@ on GPU only ("SyncBatchNorm layers only work with GPU modules"). This module has
 
 ``DomainBatchNorm*d`` and ``BatchRenorm*d`` synchronise with ``sync=True`` / a
 ``process_group`` through the same functional core (``lightning_norms.functional``); all three
-share one base, :class:`lightning_norms._base.BatchNormBase`.
+share one internal base class and subclass torch's ``_BatchNorm``.
 """
 
 from __future__ import annotations

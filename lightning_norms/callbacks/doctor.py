@@ -580,7 +580,7 @@ class BatchNormDoctor(Callback):
         ``s2_t / N_t`` the variance a mean of ``N_t`` i.i.d. samples would have and
         ``D_k = mean_t (mu_t - mu_{t-k})^2 / 2``: ``R = (2 D_1 - D_2) / mean_t (s2_t / N_t)``,
         the median over channels, the max over domains. The lag-2 term cancels the drift of the
-        activations while the weights train (see :mod:`lightning_norms._diagnostics`), so
+        activations while the weights train, so
         shuffled batches give ``R ~ 1`` however fast the weights move; batches whose source
         changes from call to call (towers fed alternating domains, real/fake GAN batches,
         randomly ordered single-class batches) give ``R >> 1``. The first BN layer on a path
