@@ -128,17 +128,26 @@ def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
         >>> mean.tolist(), var.tolist()
         ([[2.0, 2.0]], [[1.0, 0.0]])
     """
-    xf = as_dtype(x, stat_dtype(x))
-    n, c = xf.shape[:2]
-    if math.prod(xf.shape[2:]) == 1:  # one position per row
-        rows = xf.reshape(n, c)
+    dtype = stat_dtype(x)
+    n, c = x.shape[:2]
+    if math.prod(x.shape[2:]) == 1:  # one position per row
+        rows = as_dtype(x.reshape(n, c), dtype)
         return rows, torch.zeros_like(rows)
     traced = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-    native = xf.device.type in ("cpu", "cuda") and not traced
-    if native and xf.numel() and xf.is_contiguous():
-        mean, var = torch.batch_norm_update_stats(xf.view(1, n * c, -1), None, None, 0.0)
+    native = x.device.type in ("cpu", "cuda") and not traced
+    if native and x.numel() and x.is_contiguous():
+        # fp16/bf16 read as they are: the kernel accumulates in fp32 and, given fp32 running
+        # buffers (momentum 0: left as they are), returns fp32 rows (no fp32 copy of x)
+        xk = as_dtype(x, kernel_input_dtype(x.device, x.dtype, dtype))
+        buffer = None if xk.dtype == dtype else x.new_ones(2, n * c, dtype=dtype)
+        mean, var = torch.batch_norm_update_stats(
+            xk.view(1, n * c, -1),
+            None if buffer is None else buffer[0],
+            None if buffer is None else buffer[1],
+            0.0,
+        )
         return mean.view(n, c), var.view(n, c)
-    var, mean = torch.var_mean(xf.flatten(2), dim=2, correction=0)
+    var, mean = torch.var_mean(as_dtype(x, dtype).flatten(2), dim=2, correction=0)
     return mean, var
 
 

@@ -8,6 +8,8 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from lightning_norms import (
     DomainBatchNorm1d,
@@ -1198,3 +1200,52 @@ def test_device_ids_range_asserted_once_per_tensor_and_domain_count():
         three(x, ids)
         two(x, ids)
     assert sum(e.name == "aten::_assert_async" for e in prof.events()) == 2
+
+
+class _FreshFloat32(TorchDispatchMode):
+    """Counts op outputs in fp32 with at least ``numel`` elements that alias no input."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        taken = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= self.numel:
+                self.count += t.untyped_storage().data_ptr() not in taken
+        return out
+
+
+def _fp32_activations(layer: nn.Module, x: torch.Tensor, **kwargs: object) -> int:
+    """Activation-sized fp32 tensors made by one forward+backward of ``layer`` on ``x``."""
+    x = x.detach().requires_grad_(True)
+    with _FreshFloat32(x.numel()) as mode:
+        layer(x, **kwargs).backward(torch.ones_like(x))
+    return mode.count
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("training", [True, False])
+def test_low_precision_makes_no_more_fp32_activations_than_batchnorm(dtype, training):
+    x = (torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(0)) + 100).to(dtype)
+    ids = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1])
+    layer, bn = DomainBatchNorm2d(4, 2).train(training), nn.BatchNorm2d(4).train(training)
+    count = _fp32_activations(layer, x, domain=ids)
+    assert count <= _fp32_activations(bn, x) == 0
+    # still BatchNorm per domain in fp32 inside: output and input gradient near fp64's
+    xr = x.double().requires_grad_(True)
+    ref = DomainBatchNorm2d(4, 2).double().train(training)
+    xl = x.detach().requires_grad_(True)
+    y = DomainBatchNorm2d(4, 2).train(training)(xl, domain=ids)
+    g = torch.linspace(-1, 1, x.numel()).view(x.shape)
+    (y.float() * g).sum().backward()
+    (ref(xr, domain=ids) * g.double()).sum().backward()
+    torch.testing.assert_close(y.double(), ref(xr.detach(), domain=ids), atol=0.02, rtol=0.01)
+    assert xl.grad is not None and xr.grad is not None
+    torch.testing.assert_close(xl.grad.double(), xr.grad, atol=0.02, rtol=0.01)

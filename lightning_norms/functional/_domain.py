@@ -307,13 +307,44 @@ def _scale_shift(
     return scale, torch.addcmul(as_dtype(bias, invstd.dtype), mean, scale, value=-1.0)
 
 
+def _low_precision(x3: Tensor, coefs: Tensor) -> bool:
+    """Whether ``x3`` is fp16/bf16 that torch's BatchNorm kernels read next to fp32 ``coefs``.
+
+    Not under a ``torch.func`` transform (batched, the kernel wants one dtype).
+    """
+    low = x3.dtype in (torch.float16, torch.bfloat16) and coefs.dtype == torch.float32
+    native = kernel_input_dtype(x3.device, x3.dtype, coefs.dtype) == x3.dtype
+    return low and native and not _functorch()
+
+
+def _row_kernel(x3: Tensor, scale: Tensor, shift: Tensor | None) -> Tensor:
+    """``x * scale + shift`` with fp32 per-row ``[N, C]`` coefficients, fp16/bf16 ``x3``.
+
+    BatchNorm's eval kernel on the ``[1, N*C, L]`` view (mean 0, variance 1, eps 0: the
+    weight and bias are the coefficients as they are): it computes in fp32 and writes
+    ``x3``'s dtype, with no activation-sized fp32 tensor (an elementwise op mixing the dtypes
+    would make one). Differentiable to any order.
+    """
+    n, c, length = x3.shape
+    zeros = scale.new_zeros(2, n * c)
+    flat = None if shift is None else shift.reshape(-1)
+    out = F.batch_norm(
+        x3.view(1, n * c, length), zeros[0], zeros[1] + 1.0, scale.reshape(-1), flat, eps=0.0
+    )
+    return out.view(n, c, length)
+
+
 def _affine_rows(x3: Tensor, ids: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``x * scale[ids] + shift[ids]`` per ``(sample, channel)`` row: one elementwise op.
 
+    fp16/bf16 on CPU/CUDA: :func:`_row_kernel` (computed in fp32, no fp32 activation).
     Returns a new ``[N, C, L]`` tensor in ``x3``'s dtype (never a view).
     """
     c = scale.shape[1]
-    rows = torch.cat([scale, shift], 1).index_select(0, ids).unsqueeze(2)
+    rows = torch.cat([scale, shift], 1).index_select(0, ids)
+    if _low_precision(x3, rows):
+        return _row_kernel(x3, rows[:, :c], rows[:, c:])
+    rows = rows.unsqueeze(2)
     out = torch.addcmul(rows[:, c:], x3, rows[:, :c])
     return as_dtype(out, x3.dtype)
 
@@ -399,6 +430,8 @@ def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
         # per domain [scale | -scale k | -scale (E_d[dy] - k mu)]
         signed = torch.stack([k, shifted], 1).mul_(scale.unsqueeze(1)).neg_().flatten(1)
         coefs = torch.cat([scale, signed], 1)
+        if _low_precision(x3, coefs) and g3.dtype == x3.dtype:
+            return _low_precision_grad(g3, x3, coefs.index_select(0, ids)), grad_weight, grad_bias
         rows3 = coefs.index_select(0, ids).unsqueeze(2)
         grad_x = torch.addcmul(rows3[:, 2 * c :], x3, rows3[:, c : 2 * c])
         if _functorch():  # out of place: grad_x may be unbatched where g3 is batched
@@ -407,6 +440,19 @@ def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
             grad_x = grad_x.addcmul_(g3, rows3[:, :c])
         grad_x = as_dtype(grad_x, x3.dtype)
     return grad_x, grad_weight, grad_bias
+
+
+def _low_precision_grad(g3: Tensor, x3: Tensor, rows: Tensor) -> Tensor:
+    """``a * dy + (b * x + c)`` for fp16/bf16 ``g3``, ``x3`` and fp32 rows ``[N, 3C] = [a|b|c]``.
+
+    Both terms from :func:`_row_kernel` (fp32 inside, each rounded once to ``x3``'s dtype),
+    added in place in that dtype: no activation-sized fp32 tensor (about one rounding more
+    than a single fp32 expression; not used under ``torch.func``, see :func:`_low_precision`).
+    """
+    c = rows.shape[1] // 3
+    linear = _row_kernel(x3, rows[:, c : 2 * c], rows[:, 2 * c :])
+    scaled = _row_kernel(g3, rows[:, :c], None)
+    return linear.add_(scaled)
 
 
 def _graph_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
