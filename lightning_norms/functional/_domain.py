@@ -331,7 +331,9 @@ def _row_kernel(x3: Tensor, scale: Tensor, shift: Tensor | None) -> Tensor:
     out = F.batch_norm(
         x3.view(1, n * c, length), zeros[0], zeros[1] + 1.0, scale.reshape(-1), flat, eps=0.0
     )
-    return out.view(n, c, length)
+    # not a view of the kernel's output: returned from a custom Function, a view would forbid
+    # inplace ops after the layer (``nn.ReLU(inplace=True)``, ``out += identity``)
+    return torch.ops.aten._unsafe_view(out, (n, c, length))
 
 
 def _affine_rows(x3: Tensor, ids: Tensor, scale: Tensor, shift: Tensor) -> Tensor:

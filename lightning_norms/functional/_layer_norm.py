@@ -32,9 +32,9 @@ def layer_norm2d(
 
     Example:
         >>> import torch
-        >>> x = torch.randn(2, 3, 4, 4)
+        >>> x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
         >>> y = layer_norm2d(x)
-        >>> torch.allclose(y.mean(1), torch.zeros(2, 4, 4), atol=1e-6)
+        >>> torch.allclose(y.mean(1), torch.zeros(2, 4, 4), atol=1e-5)
         True
     """
     c = x.shape[1]
