@@ -14,6 +14,7 @@ strict xfail naming the issue-17 item (it fails once fixed: then drop the mark i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import pickle
 import shutil
@@ -204,15 +205,21 @@ def test_autocast_bf16(info: LayerInfo) -> None:
         _close(value, truth[what], torch.bfloat16, what, None)
 
 
+@pytest.mark.parametrize("precision", ["default", "bf16"])
 @pytest.mark.parametrize("info", _entries("inplace"))
-def test_inplace_after_the_layer(info: LayerInfo) -> None:
+def test_inplace_after_the_layer(info: LayerInfo, precision: str) -> None:
     """``out += 1; relu_(out)`` after the layer (a ResNet block's ops): the same gradients as
-    the out-of-place ops (the output is never a view that forbids it)."""
+    the out-of-place ops (the output is never a view that forbids it), in the default sample's
+    precision and with a bf16 input (low-precision paths may take other kernels)."""
+    sample, dtype = info.default, torch.float32
+    if precision == "bf16":  # weights of the layers without statistics follow, as nn.Conv2d's
+        sample = dataclasses.replace(sample, dtype=torch.bfloat16)
+        dtype = torch.bfloat16 if info.kind == "cosine" else torch.float32
     grads = []
     for inplace in (False, True):
-        layer = info.build().train()
-        x = info.default.make().requires_grad_(True)
-        out = layer(x, **info.default.kwargs())
+        layer = info.build(dtype).train()
+        x = sample.make().requires_grad_(True)
+        out = layer(x, **sample.kwargs())
         if inplace:
             out += 1
             torch.relu_(out)
