@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.integration.test_readme import run_block_as_script
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 RAW_MARKERS = [
@@ -191,19 +193,7 @@ def test_guides_have_python_blocks() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("code", [c for _, c in GUIDE_BLOCKS], ids=[i for i, _ in GUIDE_BLOCKS])
 def test_guide_block_runs_as_a_script(code: str, tmp_path: Path) -> None:
-    script = tmp_path / "block.py"
-    script.write_text(code)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(OMP_NUM_THREADS="1", PYTHONHASHSEED="0", MPLBACKEND="Agg")
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, f"block failed:\n{code}\n--- output ---\n{proc.stderr[-3000:]}"
+    run_block_as_script(code, tmp_path, timeout=240)
 
 
 def test_peer_table_covers_the_peers_and_every_row_runs() -> None:

@@ -46,9 +46,9 @@ def test_readme_has_the_quickstart() -> None:
     assert len({block_id for block_id, _ in PYTHON_BLOCKS}) == len(PYTHON_BLOCKS)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("code", [c for _, c in PYTHON_BLOCKS], ids=[i for i, _ in PYTHON_BLOCKS])
-def test_python_block_runs_as_a_script(code: str, tmp_path: Path) -> None:
+def run_block_as_script(code: str, tmp_path: Path, timeout: float = BLOCK_TIMEOUT_S) -> None:
+    """Run a documentation block as its own script in ``tmp_path`` (outside the clone's
+    ``PYTHONPATH``); fail with the block and its stderr when it exits non-zero."""
     script = tmp_path / "block.py"
     script.write_text(code)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
@@ -59,9 +59,15 @@ def test_python_block_runs_as_a_script(code: str, tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=BLOCK_TIMEOUT_S,
+        timeout=timeout,
     )
     assert proc.returncode == 0, f"block failed:\n{code}\n--- output ---\n{proc.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("code", [c for _, c in PYTHON_BLOCKS], ids=[i for i, _ in PYTHON_BLOCKS])
+def test_python_block_runs_as_a_script(code: str, tmp_path: Path) -> None:
+    run_block_as_script(code, tmp_path)
 
 
 def _bash_lines() -> list[list[str]]:
