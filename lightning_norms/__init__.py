@@ -7,8 +7,9 @@ Lightning when it is first touched.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_norms._shared import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -31,7 +32,9 @@ _LAZY: dict[str, str] = {
     "NormSync": "plugins",
 }
 
-__all__ = sorted([*_LAZY, "functional", "stats", "callbacks", "data"])
+_SUBMODULES = ("functional", "stats", "callbacks", "data")
+
+__all__ = sorted([*_LAZY, *_SUBMODULES])
 
 if TYPE_CHECKING:
     from lightning_norms.convert import bn_modules, convert_norms, create_norm
@@ -48,17 +51,4 @@ if TYPE_CHECKING:
     from lightning_norms.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
-        value = getattr(module, name)
-        globals()[name] = value
-        return value
-    if name in ("functional", "stats", "callbacks", "data"):
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, _SUBMODULES)

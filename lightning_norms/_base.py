@@ -19,13 +19,13 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_norms._sync_guard import RefuseTorchSyncConversion
 from lightning_norms.functional._sync import sync_world
 
-__all__ = ["INPUT_DIMS", "BatchNormBase"]
+__all__ = ["INPUT_DIMS", "BatchNormBase", "NormState", "retype"]
 
 INPUT_DIMS: dict[int, tuple[tuple[int, ...], str]] = {
     1: ((2, 3), "2D (N, C) or 3D (N, C, L)"),
@@ -149,3 +149,17 @@ class BatchNormBase(_BatchNorm):
         if self.process_group is not None:
             fields.append("process_group=...")
         return ", ".join(fields)
+
+
+def retype(module: nn.Module, cls: type[nn.Module], extra: dict[str, Any]) -> nn.Module:
+    """A ``cls`` module sharing ``module``'s state objects (parameters, buffers, hooks)."""
+    new = cls.__new__(cls)
+    state = dict(module.__dict__)
+    for key in ("sync", "process_group"):
+        state.pop(key, None)
+    new.__dict__.update(state)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    new.__dict__.update(extra)
+    return new

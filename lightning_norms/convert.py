@@ -1,7 +1,8 @@
 """Swap the BatchNorm layers of a model for another normalisation, keeping their state.
 
-One name -> class table (``create_norm``, timm style) serves both the layer factory and the
-converter; the keyword arguments a name takes are its class's own, read from its signature.
+One name -> kind table (``lightning_norms._kinds.KINDS``, timm style) serves both the layer
+factory and the converter; the keyword arguments a name takes are its class's own, read from
+its signature.
 ``torchvision`` is never imported at module level: its ``FrozenBatchNorm2d`` is imported when a
 ``"frozen"`` layer is built and recognised by its qualified class name otherwise.
 """
@@ -9,7 +10,6 @@ converter; the keyword arguments a name takes are its class's own, read from its
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import warnings
 from collections.abc import Iterable
@@ -21,16 +21,23 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from lightning_norms._patterns import name_matches
-from lightning_norms.distributed import SyncedBatchNorm1d, SyncedBatchNorm2d, SyncedBatchNorm3d
-from lightning_norms.domain_bn import (
-    DomainBatchNorm1d,
-    DomainBatchNorm2d,
-    DomainBatchNorm3d,
-    _DomainBatchNorm,
+from lightning_norms._kinds import (
+    BN_SETTINGS,
+    KINDS,
+    NormAct,
+    after_norm,
+    is_bn,
+    is_domain,
+    is_frozen,
+    norm_state,
+    resolve,
 )
+from lightning_norms._patterns import name_matches
+from lightning_norms._shared import check_int
+from lightning_norms.distributed import SyncedBatchNorm2d
+from lightning_norms.domain_bn import DomainBatchNorm2d
 from lightning_norms.layernorm import LayerNorm2d
-from lightning_norms.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from lightning_norms.renorm import BatchRenorm2d
 
 __all__ = [
     "BatchRenormAct2d",
@@ -42,51 +49,6 @@ __all__ = [
     "convert_norms",
     "create_norm",
 ]
-
-# BatchNorm layers with fixed statistics that are not `_BatchNorm`s (buffers weight, bias,
-# running_mean, running_var), by qualified class name: torchvision is not imported to check.
-_FROZEN = {
-    "torchvision.ops.misc.FrozenBatchNorm2d",
-    "timm.layers.norm_act.FrozenBatchNormAct2d",
-}
-# timm's norm + activation layers: forward is `norm -> drop -> act` (children of those names)
-_NORM_ACT = {
-    "timm.layers.norm_act.BatchNormAct2d",
-    "timm.models.layers.norm_act.BatchNormAct2d",
-    "timm.layers.norm_act.FrozenBatchNormAct2d",
-}
-_AFTER = ("drop", "act")
-# classes whose forward is a plain normalisation (their subclasses may inherit it)
-_PLAIN = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    BatchRenorm1d,
-    BatchRenorm2d,
-    BatchRenorm3d,
-    DomainBatchNorm1d,
-    DomainBatchNorm2d,
-    DomainBatchNorm3d,
-    SyncedBatchNorm1d,
-    SyncedBatchNorm2d,
-    SyncedBatchNorm3d,
-)
-_BN_SETTINGS = ("eps", "momentum", "affine", "track_running_stats")
-_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def _qualname(module: nn.Module) -> str:
-    return f"{type(module).__module__}.{type(module).__qualname__}"
-
-
-def _is_frozen(module: nn.Module) -> bool:
-    return _qualname(module) in _FROZEN
-
-
-def _is_bn(module: nn.Module) -> bool:
-    """A BatchNorm-type layer: any ``_BatchNorm`` (ours included) or a frozen BatchNorm."""
-    return isinstance(module, _BatchNorm) or _is_frozen(module)
 
 
 def bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -113,26 +75,10 @@ def bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         >>> [(name, type(m).__name__) for name, m in bn_modules(net)]
         [('1', 'BatchNorm2d')]
     """
-    return [(name, m) for name, m in model.named_modules() if _is_bn(m)]
+    return [(name, m) for name, m in model.named_modules() if is_bn(m)]
 
 
-class _NormAct(nn.Module):
-    """Mixin: the norm's own forward, then ``drop``, then ``act``, as timm's ``BatchNormAct2d``.
-
-    The norm's parameters and buffers keep their names and ``drop`` / ``act`` are children of
-    the layer itself, so the ``state_dict`` keys are those of timm's layer.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.drop: nn.Module = nn.Identity()
-        self.act: nn.Module = nn.Identity()
-
-    def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return self.act(self.drop(super().forward(input, *args, **kwargs)))
-
-
-class BatchRenormAct2d(_NormAct, BatchRenorm2d):
+class BatchRenormAct2d(NormAct, BatchRenorm2d):
     """:class:`~lightning_norms.BatchRenorm2d`, then its ``drop`` and ``act`` children.
 
     What :func:`convert_norms` makes of timm's ``BatchNormAct2d`` (same ``state_dict`` keys);
@@ -146,7 +92,7 @@ class BatchRenormAct2d(_NormAct, BatchRenorm2d):
     """
 
 
-class DomainBatchNormAct2d(_NormAct, DomainBatchNorm2d):
+class DomainBatchNormAct2d(NormAct, DomainBatchNorm2d):
     """:class:`~lightning_norms.DomainBatchNorm2d`, then its ``drop`` and ``act`` children.
 
     The ``convert_norms(..., "domain")`` form of timm's ``BatchNormAct2d``; see
@@ -154,7 +100,7 @@ class DomainBatchNormAct2d(_NormAct, DomainBatchNorm2d):
     """
 
 
-class SyncedBatchNormAct2d(_NormAct, SyncedBatchNorm2d):
+class SyncedBatchNormAct2d(NormAct, SyncedBatchNorm2d):
     """``SyncedBatchNorm2d``, then its ``drop`` and ``act`` children.
 
     The ``convert_norms(..., "sync")`` form of timm's ``BatchNormAct2d``; see
@@ -162,7 +108,7 @@ class SyncedBatchNormAct2d(_NormAct, SyncedBatchNorm2d):
     """
 
 
-class LayerNormAct2d(_NormAct, LayerNorm2d):
+class LayerNormAct2d(NormAct, LayerNorm2d):
     """:class:`~lightning_norms.LayerNorm2d`, then its ``drop`` and ``act`` children.
 
     The ``convert_norms(..., "layer2d")`` form of timm's ``BatchNormAct2d``; see
@@ -170,7 +116,7 @@ class LayerNormAct2d(_NormAct, LayerNorm2d):
     """
 
 
-class GroupNormAct2d(_NormAct, nn.GroupNorm):
+class GroupNormAct2d(NormAct, nn.GroupNorm):
     """``nn.GroupNorm``, then its ``drop`` and ``act`` children.
 
     The ``convert_norms(..., "group")`` form of timm's ``BatchNormAct2d``; see
@@ -178,61 +124,6 @@ class GroupNormAct2d(_NormAct, nn.GroupNorm):
     """
 
 
-@dataclass(frozen=True)
-class _Kind:
-    """One name of :func:`create_norm`: its class per input rank and what it takes.
-
-    ``classes``: the class for ``dims`` 1, 2, 3 (``None``: not that rank; a string: a qualified
-    name imported when built). ``features``: the constructor argument that takes ``C``.
-    ``carried``: the source layer's settings :func:`convert_norms` passes on. ``moves``: the
-    class takes no ``device``/``dtype``, the layer is moved after it is built. ``act``: the
-    2d class that also applies ``drop`` and ``act`` (what a norm + activation layer becomes).
-    """
-
-    classes: tuple[type[nn.Module] | str | None, ...]
-    carried: tuple[str, ...] = ()
-    features: str = "num_features"
-    hint: str = ""
-    moves: bool = False
-    act: type[nn.Module] | str | None = None
-
-
-_NORMS: dict[str, _Kind] = {
-    "batch": _Kind(
-        (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
-        _BN_SETTINGS,
-        act="timm.layers.norm_act.BatchNormAct2d",
-    ),
-    "renorm": _Kind(
-        (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d), _BN_SETTINGS, act=BatchRenormAct2d
-    ),
-    "domain": _Kind(
-        (DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d),
-        _BN_SETTINGS,
-        act=DomainBatchNormAct2d,
-    ),
-    "sync": _Kind(
-        (SyncedBatchNorm1d, SyncedBatchNorm2d, SyncedBatchNorm3d),
-        _BN_SETTINGS,
-        act=SyncedBatchNormAct2d,
-    ),
-    "frozen": _Kind(
-        (None, "torchvision.ops.misc.FrozenBatchNorm2d", None),
-        ("eps",),
-        hint=" (torchvision's FrozenBatchNorm2d)",
-        moves=True,
-        act="timm.layers.norm_act.FrozenBatchNormAct2d",
-    ),
-    "layer2d": _Kind(
-        (None, LayerNorm2d, None),
-        ("affine",),
-        features="num_channels",
-        hint=" (use 'group' with num_groups=1 for a LayerNorm over each sample)",
-        act=LayerNormAct2d,
-    ),
-    "group": _Kind((nn.GroupNorm,) * 3, ("affine",), features="num_channels", act=GroupNormAct2d),
-    "none": _Kind((nn.Identity,) * 3),
-}
 # timm's names (lower case) -> (this table's name, the input rank the name fixes)
 _TIMM_NAMES: dict[str, tuple[str, int | None]] = {
     "batchnorm": ("batch", None),
@@ -245,31 +136,24 @@ _TIMM_NAMES: dict[str, tuple[str, int | None]] = {
 }
 
 
-def _resolve(cls: type[nn.Module] | str) -> type[nn.Module]:
-    if isinstance(cls, str):
-        module, _, name = cls.rpartition(".")
-        return getattr(importlib.import_module(module), name)
-    return cls
-
-
 def _class(name: str, dims: Any) -> type[nn.Module]:
     """The class of kind ``name`` for inputs of rank ``dims``, or ``ValueError``."""
     if isinstance(dims, bool) or dims not in (1, 2, 3):
         raise ValueError(f"create_norm({name!r}): `dims` must be 1, 2 or 3, got {dims!r}")
-    cls = _NORMS[name].classes[dims - 1]
+    cls = KINDS[name].classes[dims - 1]
     if cls is None:
         raise ValueError(
             f"create_norm({name!r}): only 2d layers (4D N, C, H, W inputs), got "
-            f"dims={dims!r}{_NORMS[name].hint}"
+            f"dims={dims!r}{KINDS[name].hint}"
         )
-    return _resolve(cls)
+    return resolve(cls)
 
 
 def _arguments(name: str) -> tuple[list[str], list[str]]:
     """The keyword arguments kind ``name`` takes and those it requires, read from its class's
     own signature (``C`` excluded; ``device`` and ``dtype`` added for a class that moves)."""
-    kind = _NORMS[name]
-    cls = _resolve(next(c for c in kind.classes if c is not None))
+    kind = KINDS[name]
+    cls = resolve(next(c for c in kind.classes if c is not None))
     params = [
         p
         for p in inspect.signature(cls).parameters.values()
@@ -294,10 +178,9 @@ def _check_kwargs(where: str, name: str, kwargs: dict[str, Any], taken: Iterable
 
 
 def _check_groups(num_features: int, num_groups: Any) -> None:
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(
-            f"create_norm('group'): `num_groups` must be a positive int, got {num_groups!r}"
-        )
+    where = "create_norm('group')"
+    if check_int("num_groups", num_groups, where=where) <= 0:
+        raise ValueError(f"{where}: `num_groups` must be a positive int, got {num_groups}")
     if num_features % num_groups:
         raise ValueError(
             f"create_norm('group'): num_groups={num_groups} does not divide the "
@@ -310,9 +193,9 @@ def _build(
 ) -> nn.Module:
     """Kind ``name`` for ``num_features`` channels and inputs of rank ``dims`` (checked
     keyword arguments): the class (its norm + activation form with ``act``) called by keyword."""
-    cls, kind = _class(name, dims), _NORMS[name]
+    cls, kind = _class(name, dims), KINDS[name]
     if act and kind.act is not None:
-        cls = _resolve(kind.act)
+        cls = resolve(kind.act)
     if name == "group":
         _check_groups(num_features, kwargs["num_groups"])
     kwargs = dict(kwargs)
@@ -332,10 +215,10 @@ def _name(name: str, kwargs: dict[str, Any]) -> str:
     """This table's name for ``name`` (any case, timm's names too); a rank a timm name fixes
     goes into ``kwargs["dims"]``."""
     key = name.lower()
-    if key in _NORMS:
+    if key in KINDS:
         return key
     if key not in _TIMM_NAMES:
-        known = sorted({*_NORMS, *_TIMM_NAMES})
+        known = sorted({*KINDS, *_TIMM_NAMES})
         raise ValueError(f"create_norm: unknown `name`={name!r}; choose one of {known}")
     key, dims = _TIMM_NAMES[key]
     if dims is not None and kwargs.setdefault("dims", dims) != dims:
@@ -434,7 +317,7 @@ def _rank(bn: nn.Module, where: str) -> int:
     """Spatial rank (1, 2 or 3) of a ``*BatchNorm{1,2,3}d``: its (or a base class's) name."""
     for cls in type(bn).__mro__:
         if cls.__name__[-2:] in ("1d", "2d", "3d") and (
-            issubclass(cls, _BatchNorm) or _is_frozen(bn)
+            issubclass(cls, _BatchNorm) or is_frozen(bn)
         ):
             return int(cls.__name__[-2])
     raise ValueError(
@@ -444,63 +327,6 @@ def _rank(bn: nn.Module, where: str) -> int:
     )
 
 
-def _is_norm_act(bn: nn.Module) -> bool:
-    """A norm + activation layer whose forward is ``norm -> drop -> act`` (timm's
-    ``BatchNormAct2d`` / ``FrozenBatchNormAct2d``, this package's ``*Act2d``)."""
-    return any(
-        (cls is _NormAct or f"{cls.__module__}.{cls.__qualname__}" in _NORM_ACT)
-        and type(bn).forward is getattr(cls, "forward", None)
-        for cls in type(bn).__mro__
-    )
-
-
-def _after(bn: nn.Module, where: str) -> dict[str, nn.Module] | None:
-    """The ``drop`` and ``act`` children of a norm + activation layer, ``None`` for a plain
-    norm, or ``ValueError`` for a forward it does not know."""
-    if _is_norm_act(bn):
-        return {name: getattr(bn, name) for name in _AFTER}
-    if _is_frozen(bn) or any(type(bn).forward is cls.forward for cls in _PLAIN):
-        return None
-    raise ValueError(
-        f"convert_norms: {type(bn).__name__} at {where!r} overrides the BatchNorm forward "
-        "(it may add behaviour after the norm, e.g. an activation) and cannot be taken apart; "
-        "exclude it (`exclude=`) or replace it by hand"
-    )
-
-
-def _domain_row(
-    bn: _DomainBatchNorm, where: str, domain: int | None, caller: str = "convert_norms"
-) -> int:
-    if domain is None:
-        if bn.num_domains == 1:
-            return 0
-        raise ValueError(
-            f"{caller}: {type(bn).__name__} at {where!r} has {bn.num_domains} domains; "
-            "name the one whose state to use with `domain=k`"
-        )
-    if isinstance(domain, bool) or not isinstance(domain, int):
-        raise ValueError(f"{caller}: `domain` must be an int, got {domain!r}")
-    if not 0 <= domain < bn.num_domains:
-        raise ValueError(
-            f"{caller}: domain={domain} is outside [0, {bn.num_domains}) for "
-            f"{type(bn).__name__} at {where!r}"
-        )
-    return domain
-
-
-def _state(
-    bn: nn.Module, where: str, domain: int | None, caller: str = "convert_norms"
-) -> dict[str, Tensor]:
-    """The per-channel ``[C]`` state of ``bn`` (of domain ``k`` for a ``DomainBatchNorm``)."""
-    state = {n: t.detach() for n in _STATE if isinstance(t := getattr(bn, n, None), Tensor)}
-    if isinstance(bn, _DomainBatchNorm):
-        row = _domain_row(bn, where, domain, caller)
-        state = {
-            n: t[row] if t.dim() == 2 or n == "num_batches_tracked" else t for n, t in state.items()
-        }
-    return state
-
-
 def _describe(bn: nn.Module, where: str, domain: int | None) -> _Source:
     """Read everything the replacement of ``bn`` needs; raises on a layer it cannot take."""
     if isinstance(bn, LazyModuleMixin) and bn.has_uninitialized_params():
@@ -508,15 +334,15 @@ def _describe(bn: nn.Module, where: str, domain: int | None) -> _Source:
             f"convert_norms: {type(bn).__name__} at {where!r} is not initialised yet; "
             "run one forward pass first"
         )
-    after, dims = _after(bn, where), _rank(bn, where)
-    state = _state(bn, where, domain)
+    after, dims = after_norm(bn, where), _rank(bn, where)
+    state = norm_state(bn, where, domain, "convert_norms")
     ref = state.get("running_mean", state.get("weight"))
     factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
-    if _is_frozen(bn):
+    if is_frozen(bn):
         settings: dict[str, Any] = {"eps": bn.eps}
         requires_grad: dict[str, bool] = {}
     else:
-        settings = {name: getattr(bn, name) for name in _BN_SETTINGS}
+        settings = {name: getattr(bn, name) for name in BN_SETTINGS}
         requires_grad = {
             n: p.requires_grad for n in ("weight", "bias") if (p := getattr(bn, n)) is not None
         }
@@ -540,7 +366,7 @@ def _replacement(
     bn: nn.Module, where: str, to: str, kwargs: dict[str, Any], domain: int | None
 ) -> nn.Module:
     """The new module for ``bn``; a norm + activation layer's keeps its ``drop`` and ``act``."""
-    if to == "domain" and isinstance(bn, _DomainBatchNorm):
+    if KINDS[to].per_domain and is_domain(bn):
         raise ValueError(
             f"convert_norms(to='domain'): {type(bn).__name__} at {where!r} is already domain-split"
         )
@@ -550,7 +376,7 @@ def _replacement(
             f"convert_norms(to='frozen'): {type(bn).__name__} at {where!r} has no running "
             "statistics to freeze (track_running_stats=False)"
         )
-    settings = {k: v for k, v in src.settings.items() if k in _NORMS[to].carried}
+    settings = {k: v for k, v in src.settings.items() if k in KINDS[to].carried}
     arguments = {**settings, **src.factory, **kwargs}
     try:
         new = _build(to, _num_features(bn), src.dims, arguments, act=src.after is not None)
@@ -678,11 +504,11 @@ def convert_norms(
         >>> convert_norms(net, "group", num_groups=1)[1]
         GroupNorm(1, 8, eps=1e-05, affine=True...)
     """
-    if to not in _NORMS or to == "none":
-        choices = sorted(set(_NORMS) - {"none"})
+    if to not in KINDS or to == "none":
+        choices = sorted(set(KINDS) - {"none"})
         raise ValueError(f"convert_norms: unknown `to`={to!r}; choose one of {choices}")
     domain = kwargs.pop("domain", None)
-    taken = (*_NORMS[to].carried, "device", "dtype")
+    taken = (*KINDS[to].carried, "device", "dtype")
     _check_kwargs(f"convert_norms(to={to!r})", to, kwargs, taken)
     keep, drop = _patterns(include, "include"), _patterns(exclude, "exclude") or []
     new: dict[int, nn.Module] = {}

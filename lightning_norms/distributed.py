@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_norms import functional as LF
-from lightning_norms._base import BatchNormBase
+from lightning_norms._base import BatchNormBase, retype
 from lightning_norms.functional._sync import AllReduceSum, sync_world
 
 __all__ = [
@@ -149,21 +149,7 @@ class _SyncedBatchNorm(BatchNormBase):
         """
         # called on the concrete SyncedBatchNorm*d, never on the mixin itself
         synced = cast("type[nn.Module]", cls)
-        return _retype(bn, synced, {"sync": True, "process_group": process_group})
-
-
-def _retype(module: nn.Module, cls: type[nn.Module], extra: dict[str, Any]) -> nn.Module:
-    """A ``cls`` module sharing ``module``'s state objects (parameters, buffers, hooks)."""
-    new = cls.__new__(cls)
-    state = dict(module.__dict__)
-    for key in ("sync", "process_group"):
-        state.pop(key, None)
-    new.__dict__.update(state)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = dict(module._modules)
-    new.__dict__.update(extra)
-    return new
+        return retype(bn, synced, {"sync": True, "process_group": process_group})
 
 
 class SyncedBatchNorm1d(_SyncedBatchNorm, nn.BatchNorm1d):
@@ -238,10 +224,3 @@ class SyncedBatchNorm3d(_SyncedBatchNorm, nn.BatchNorm3d):
 
     _dims = 3
 
-
-_SYNCED_BATCHNORM: dict[type[nn.Module], type[nn.Module]] = {
-    nn.BatchNorm1d: SyncedBatchNorm1d,
-    nn.BatchNorm2d: SyncedBatchNorm2d,
-    nn.BatchNorm3d: SyncedBatchNorm3d,
-}
-"""Exact ``nn.BatchNorm*d`` class -> its synced twin (what ``NormSync`` converts)."""

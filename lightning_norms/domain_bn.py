@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_norms import functional as LF
 from lightning_norms._base import BatchNormBase
+from lightning_norms._shared import check_int
 from lightning_norms.functional._domain import (
     _check_domains,
     _eager,
@@ -56,11 +57,7 @@ class _DomainBatchNorm(BatchNormBase):
         sync: bool = False,
         process_group: Any = None,
     ) -> None:
-        name = type(self).__name__
-        if isinstance(num_domains, bool) or not isinstance(num_domains, int):
-            raise TypeError(f"{name}: `num_domains` must be an int, got {num_domains!r}")
-        if num_domains < 1:
-            raise ValueError(f"{name}: `num_domains` must be >= 1, got {num_domains}")
+        num_domains = check_int("num_domains", num_domains, 1, where=type(self).__name__)
         super().__init__(
             num_features,
             eps,

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
-from lightning_norms.convert import _after, _state, bn_modules
+from lightning_norms._kinds import after_norm, norm_state
+from lightning_norms.convert import bn_modules
 
 __all__ = ["FoldReport", "fold_norms"]
 
@@ -79,11 +80,11 @@ def _affine(norm: nn.Module, name: str, domain: int | None) -> tuple[Tensor, Ten
     if isinstance(norm, LazyModuleMixin) and norm.has_uninitialized_params():
         return "not initialised (a lazy layer that never ran)"
     try:
-        _after(norm, name)
+        after_norm(norm, name)
     except ValueError:
         return f"{type(norm).__name__} overrides the BatchNorm forward"
     # float64 on the CPU (MPS has no float64): exact enough to fold any dtype into
-    state = {k: v.cpu().double() for k, v in _state(norm, name, domain, "fold_norms").items()}
+    state = {k: v.cpu().double() for k, v in norm_state(norm, name, domain, "fold_norms").items()}
     if "running_mean" not in state or not getattr(norm, "track_running_stats", True):
         return "no running statistics: it normalises with batch statistics in eval too"
     mean, var = state["running_mean"], state["running_var"]
@@ -158,7 +159,7 @@ def _fold(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
 def _replace(model: nn.Module, old: nn.Module) -> None:
     """Every reference to ``old`` in ``model``: ``nn.Identity``, or the ``drop`` and ``act``
     of a norm + activation layer (their ``state_dict`` keys unchanged)."""
-    after = _after(old, "")
+    after = after_norm(old, "")
     new = nn.Identity() if after is None else nn.Sequential(OrderedDict(after))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -17,8 +17,8 @@ from lightning.pytorch.plugins.layer_sync import LayerSync
 from torch import nn
 from typing_extensions import override
 
-from lightning_norms._base import BatchNormBase
-from lightning_norms.distributed import _SYNCED_BATCHNORM, _retype
+from lightning_norms._base import BatchNormBase, retype
+from lightning_norms._kinds import SYNCED_TWINS
 
 __all__ = ["NormSync"]
 
@@ -83,9 +83,9 @@ class NormSync(LayerSync):
         return new
 
     def _apply_one(self, module: nn.Module) -> nn.Module:
-        synced = _SYNCED_BATCHNORM.get(type(module))
+        synced = SYNCED_TWINS.get(type(module))
         if synced is not None:
-            return _retype(
+            return retype(
                 module, synced, {"sync": True, "process_group": self.process_group, _CONVERTED: 1}
             )
         if isinstance(module, BatchNormBase) and not hasattr(module, _PREVIOUS):
@@ -95,8 +95,8 @@ class NormSync(LayerSync):
 
     def _revert_one(self, module: nn.Module) -> nn.Module:
         if getattr(module, _CONVERTED, False):
-            base = next(k for k, v in _SYNCED_BATCHNORM.items() if v is type(module))
-            new = _retype(module, base, {})
+            base = next(k for k, v in SYNCED_TWINS.items() if v is type(module))
+            new = retype(module, base, {})
             del new.__dict__[_CONVERTED]
             return new
         if hasattr(module, _PREVIOUS):

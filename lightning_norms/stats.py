@@ -11,7 +11,6 @@ ranks with Chan's parallel formula — not an EMA, and not an average of per-bat
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
 import sys
@@ -29,6 +28,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
 from lightning_norms._base import BatchNormBase
+from lightning_norms._batches import DEFAULT_NUM_BATCHES as _DEFAULT_NUM_BATCHES
+from lightning_norms._batches import batch_size, default_forward, takes_one_input
+from lightning_norms._kinds import is_domain, reads_back
 from lightning_norms._moments import (
     Moments,
     all_reduce_moments,
@@ -39,26 +41,15 @@ from lightning_norms._moments import (
     zero_moments,
 )
 from lightning_norms._patterns import name_matches
-from lightning_norms.domain_bn import DomainBatchNorm2d
+from lightning_norms._shared import check_int
 
 __all__ = ["BNStatsReport", "LayerShift", "is_recomputing", "recompute_bn_stats"]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
-# forwards whose training update is torch's BN rule (read back after a momentum-1 forward):
-# nn.BatchNorm*d and any subclass that keeps torch's forward, DomainBatchNorm*d likewise
-_READ_BACK_FORWARDS = (_BatchNorm.forward, DomainBatchNorm2d.forward)
 _EXACT_DTYPES = (torch.float32, torch.float64)
 
 _RECOMPUTING = threading.local()
-
-
-class _DefaultInt(int):
-    """An ``int`` default that can be told apart from the same value passed explicitly."""
-
-
-# `num_batches`'s default (200); `num_samples` may only be combined with this default.
-_DEFAULT_NUM_BATCHES: int = _DefaultInt(200)
 
 
 def is_recomputing() -> bool:
@@ -201,40 +192,6 @@ def _average(values: list[float]) -> float:
     return math.fsum(values) / len(values) if values else 0.0
 
 
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, (tuple, list)):
-        return model(batch[0])
-    return model(batch)
-
-
-def _batch_size(batch: Any) -> int | None:
-    """Samples in a batch: dim 0 of its first tensor (searching tuples, lists and dicts)."""
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.dim() else None
-    if not isinstance(batch, (Mapping, tuple, list)):
-        return None
-    for item in batch.values() if isinstance(batch, Mapping) else batch:
-        size = _batch_size(item)
-        if size is not None:
-            return size
-    return None
-
-
-def _takes_one_input(model: nn.Module) -> bool:
-    """Whether ``model.forward`` can be called with a single positional argument."""
-    try:
-        inspect.signature(model.forward).bind(None)
-    except TypeError:
-        return False
-    except ValueError:  # no signature to inspect (a builtin): assume it can
-        return True
-    return True
-
-
-def _is_domain_bn(module: nn.Module) -> bool:
-    return callable(getattr(module, "resolve_domain", None)) and hasattr(module, "num_domains")
-
-
 def _reads_back(module: _BatchNorm) -> bool:
     """Whether a layer's momentum-1 update leaves exactly its batch statistics in its buffers.
 
@@ -246,7 +203,7 @@ def _reads_back(module: _BatchNorm) -> bool:
     """
     if module.running_mean is None or module.running_mean.dtype not in _EXACT_DTYPES:
         return False
-    return type(module).forward in _READ_BACK_FORWARDS
+    return reads_back(module)
 
 
 @contextmanager
@@ -304,7 +261,7 @@ class _Collector:
             raise ValueError(f"{name}: a BN layer without running statistics has no collector")
         self.name = name
         self.module = module
-        self.domain = _is_domain_bn(module)
+        self.domain = is_domain(module)
         self.target = target if self.domain else None
         self.mean: Tensor = module.running_mean
         self.var: Tensor = module.running_var
@@ -449,13 +406,6 @@ class _Collector:
         return thin
 
 
-def _check_count(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"recompute_bn_stats: `{name}` must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"recompute_bn_stats: `{name}` must be >= 1, got {value}")
-
-
 def _check_args(
     model: Any, batches: Any, num_batches: Any, forward_fn: Any, num_samples: Any, domain: Any
 ) -> None:
@@ -465,9 +415,9 @@ def _check_args(
         raise TypeError(
             f"recompute_bn_stats: `batches` must be an iterable of batches, got {type(batches)}"
         )
-    _check_count(num_batches, "num_batches")
+    check_int("num_batches", num_batches, 1, where="recompute_bn_stats")
     if num_samples is not None:
-        _check_count(num_samples, "num_samples")
+        check_int("num_samples", num_samples, 1, where="recompute_bn_stats")
         if num_batches is not _DEFAULT_NUM_BATCHES:
             raise ValueError(
                 "recompute_bn_stats: pass `num_batches` or `num_samples`, not both "
@@ -478,14 +428,11 @@ def _check_args(
             f"recompute_bn_stats: `forward_fn` must be callable or None, got {type(forward_fn)}"
         )
     if domain is not None:
-        if isinstance(domain, bool) or not isinstance(domain, int):
-            raise TypeError(f"recompute_bn_stats: `domain` must be an int or None, got {domain!r}")
-        if domain < 0:
-            raise ValueError(f"recompute_bn_stats: `domain` must be >= 0, got {domain}")
+        check_int("domain", domain, 0, where="recompute_bn_stats")
 
 
 def _check_domain_layers(layers: list[tuple[str, _BatchNorm]], domain: int) -> None:
-    domain_layers = [(name, m) for name, m in layers if _is_domain_bn(m)]
+    domain_layers = [(name, m) for name, m in layers if is_domain(m)]
     if not domain_layers:
         raise ValueError(
             f"recompute_bn_stats: `domain={domain}` given, but the model has no DomainBatchNorm "
@@ -575,7 +522,7 @@ def _plan(
     tracked = [(name, m) for name, m in tracked if selection.chooses(name, m)]
     if selection.domain is not None:
         _check_domain_layers(tracked, selection.domain)
-        tracked = [(name, m) for name, m in tracked if _is_domain_bn(m)]
+        tracked = [(name, m) for name, m in tracked if is_domain(m)]
     if report.skipped:
         warnings.warn(
             f"recompute_bn_stats: skipping {len(report.skipped)} BN layer(s) without running "
@@ -649,7 +596,7 @@ def _run_pass(
             batch = next(batches)
         except StopIteration:
             return
-        size = _batch_size(batch)
+        size = batch_size(batch)
         if size is None and by_samples:
             raise TypeError(
                 "recompute_bn_stats: `num_samples` needs batches whose size can be read (a "
@@ -695,9 +642,9 @@ def _forward(model: nn.Module, batch: Any, forward_fn: ForwardFn | None) -> None
         return
     _check_default_input(batch)
     try:
-        _default_forward(model, batch)
+        default_forward(model, batch)
     except TypeError as err:
-        if _takes_one_input(model):
+        if takes_one_input(model):
             raise
         raise TypeError(
             f"recompute_bn_stats: {type(model).__name__}.forward needs more than the batch's "

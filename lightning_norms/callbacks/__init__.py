@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_norms._shared import lazy_exports
 
 _LAZY: dict[str, str] = {
     "PreciseBN": "precise_bn",
@@ -20,9 +21,4 @@ if TYPE_CHECKING:
     from lightning_norms.callbacks.precise_bn import PreciseBN
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

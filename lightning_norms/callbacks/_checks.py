@@ -1,12 +1,34 @@
-"""Trainer checks shared by the package's callbacks."""
+"""Argument and Trainer checks shared by the package's callbacks."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from lightning.pytorch.plugins import TorchSyncBatchNorm
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-__all__ = ["check_no_torch_sync_batchnorm"]
+from lightning_norms._shared import IntTypeError, check_int
+
+__all__ = ["ArgumentError", "ArgumentTypeError", "check_int_arg", "check_no_torch_sync_batchnorm"]
+
+
+class ArgumentError(MisconfigurationException, ValueError):
+    """A bad callback argument: Lightning's ``MisconfigurationException`` and a ``ValueError``."""
+
+
+class ArgumentTypeError(MisconfigurationException, IntTypeError):
+    """A callback argument of the wrong type: a ``MisconfigurationException``, a ``TypeError``
+    and (as :class:`~lightning_norms._shared.IntTypeError`) a ``ValueError``."""
+
+
+def check_int_arg(name: str, value: Any, minimum: int | None = None) -> int:
+    """:func:`~lightning_norms._shared.check_int` raising the callbacks' argument errors.
+
+    Example:
+        >>> check_int_arg("every_n_epochs", 2, 1)
+        2
+    """
+    return check_int(name, value, minimum, errors=(ArgumentTypeError, ArgumentError))
 
 
 def check_no_torch_sync_batchnorm(trainer: Any, callback: str) -> None:

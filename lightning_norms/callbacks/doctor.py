@@ -14,7 +14,6 @@ from typing import Any, Literal, Protocol, cast
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -31,8 +30,13 @@ from lightning_norms._diagnostics import (
     eval_mismatch,
     summarise_spread,
 )
+from lightning_norms._kinds import is_domain, is_small_batch_kind
 from lightning_norms._moments import MomentAccumulator, Moments, all_reduce_moments
-from lightning_norms.callbacks._checks import check_no_torch_sync_batchnorm
+from lightning_norms.callbacks._checks import (
+    ArgumentError,
+    check_int_arg,
+    check_no_torch_sync_batchnorm,
+)
 from lightning_norms.stats import is_recomputing
 
 __all__ = ["BNFinding", "BatchNormDoctor", "BatchNormDoctorWarning"]
@@ -263,7 +267,7 @@ def _print_report(
 
 
 class _ResolvesDomain(Protocol):
-    """A grouped BN layer (``_Probe.grouped``): one with a callable ``resolve_domain``."""
+    """A grouped BN layer (``_Probe.grouped``): a domain layer, with ``resolve_domain``."""
 
     def resolve_domain(self, x: Tensor, domain: Any = None, /) -> Tensor: ...
 
@@ -274,7 +278,7 @@ class _Probe:
     def __init__(self, name: str, module: _BatchNorm) -> None:
         self.name = name
         self.module = module
-        self.grouped = callable(getattr(module, "resolve_domain", None))
+        self.grouped = is_domain(module)
         self.num_groups = int(getattr(module, "num_domains", 1)) if self.grouped else 1
         self.spread: BatchSpread | None = None
         self.moments: MomentAccumulator | None = None
@@ -484,7 +488,7 @@ class _Check:
     remedy: Callable[[_Probe, float, float], str]  # the finding's text, remedy included
     header: str  # the column's header in the table, on two lines
     hint: str  # the remedy in a few words (the summary's warning)
-    exempt: tuple[str, ...] = ()  # class-name prefixes of layers this check does not judge
+    exempt: Callable[[nn.Module], bool] | None = None  # layers this check does not judge
 
     def severity(self, value: float, threshold: float) -> float:
         """How far ``value`` is past ``threshold`` (a ratio above 1 when it fails the check)."""
@@ -515,7 +519,7 @@ _CHECK_TABLE = (
     _Check(
         "batch_size", "train", _batch_figure, "samples/call", ".0f", "_min_batch", True,
         _batch_text, "samples/\ncall", "use `BatchRenorm`, GroupNorm, or `NormSync` on DDP",
-        exempt=("BatchRenorm",),  # designed for small batches
+        exempt=is_small_batch_kind,  # designed for small batches
     ),
     _Check(
         "redundant_bias", "train", _bias_figure, "biased input", ".2f", "_max_bias", False,
@@ -536,11 +540,6 @@ _QUESTIONS = {
 }
 
 
-class _ArgumentError(MisconfigurationException, ValueError):
-    """A bad ``BatchNormDoctor`` argument: a ``ValueError``, and Lightning's
-    ``MisconfigurationException`` like the other callbacks' argument errors."""
-
-
 _VERBOSITIES = ("summary", "full", "quiet")
 _LOG_FIGURES = ("worst", "all", "none")
 
@@ -548,8 +547,7 @@ _LOG_FIGURES = ("worst", "all", "none")
 def _check_arguments(ints: dict[str, Any], floats: dict[str, Any], choices: dict[str, Any]) -> None:
     """Positive integers, positive finite thresholds and the named choices, by argument name."""
     for name, value in ints.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise _ArgumentError(f"`{name}` should be a positive integer, got {value!r}.")
+        check_int_arg(name, value, 1)
     for name, value in floats.items():
         if (
             isinstance(value, bool)
@@ -557,12 +555,12 @@ def _check_arguments(ints: dict[str, Any], floats: dict[str, Any], choices: dict
             or not math.isfinite(value)
             or value <= 0
         ):
-            raise _ArgumentError(f"`{name}` should be a positive finite number, got {value!r}.")
+            raise ArgumentError(f"`{name}` should be a positive finite number, got {value!r}.")
     allowed = {"verbosity": _VERBOSITIES, "log_figures": _LOG_FIGURES}
     for name, value in choices.items():
         if value not in allowed[name]:
             options = " or ".join(repr(v) for v in allowed[name])
-            raise _ArgumentError(f"`{name}` should be {options}, got {value!r}.")
+            raise ArgumentError(f"`{name}` should be {options}, got {value!r}.")
 
 
 class BatchNormDoctor(Callback):
@@ -889,7 +887,7 @@ class BatchNormDoctor(Callback):
         if math.isnan(value):
             return math.nan
         threshold = float(getattr(self, check.threshold))
-        exempt = type(probe.module).__name__.startswith(check.exempt)
+        exempt = check.exempt is not None and check.exempt(probe.module)
         if exempt or not (value < threshold if check.below else value > threshold):
             return 0.0
         message = (

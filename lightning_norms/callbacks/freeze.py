@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
 from lightning_norms._patterns import name_matches
-from lightning_norms.callbacks._checks import check_no_torch_sync_batchnorm
+from lightning_norms.callbacks._checks import check_int_arg, check_no_torch_sync_batchnorm
 
 __all__ = ["FreezeBatchNorm"]
 
@@ -140,12 +140,8 @@ class FreezeBatchNorm(Callback):
             raise MisconfigurationException(
                 f"`train_affine` should be True or False, got {train_affine!r}."
             )
-        if until_epoch is not None and (
-            isinstance(until_epoch, bool) or not isinstance(until_epoch, int) or until_epoch < 1
-        ):
-            raise MisconfigurationException(
-                f"`until_epoch` should be None or a positive integer, got {until_epoch!r}."
-            )
+        if until_epoch is not None:
+            check_int_arg("until_epoch", until_epoch, 1)
         self._patterns = _patterns(modules)
         self._train_affine = train_affine
         self._until_epoch = until_epoch

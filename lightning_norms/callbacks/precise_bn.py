@@ -32,17 +32,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
-from lightning_norms.callbacks._checks import check_no_torch_sync_batchnorm
+from lightning_norms._batches import DEFAULT_NUM_BATCHES as _DEFAULT_NUM_BATCHES
+from lightning_norms._batches import batch_size, default_forward, takes_one_input
+from lightning_norms.callbacks._checks import check_int_arg, check_no_torch_sync_batchnorm
 from lightning_norms.callbacks.freeze import FreezeBatchNorm
-from lightning_norms.stats import (
-    _DEFAULT_NUM_BATCHES,
-    BNStatsReport,
-    ForwardFn,
-    _batch_size,
-    _default_forward,
-    _takes_one_input,
-    recompute_bn_stats,
-)
+from lightning_norms.stats import BNStatsReport, ForwardFn, recompute_bn_stats
 
 __all__ = ["PreciseBN"]
 
@@ -131,10 +125,12 @@ class PreciseBN(Callback):
     Example:
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[PreciseBN(num_batches=100)], logger=False)
-        >>> PreciseBN(every_n_epochs=0)
-        Traceback (most recent call last):
-        ...
-        lightning.fabric.utilities.exceptions.MisconfigurationException: `every_n_epochs` ...
+        >>> from lightning.pytorch.utilities.exceptions import MisconfigurationException
+        >>> try:
+        ...     PreciseBN(every_n_epochs=0)
+        ... except MisconfigurationException as err:
+        ...     print(err)
+        `every_n_epochs` must be >= 1, got 0
     """
 
     def __init__(
@@ -172,7 +168,7 @@ class PreciseBN(Callback):
                 f"PreciseBN needs to run batches through {name}: define its "
                 "`forward` or `precise_bn_forward(batch)`, or pass `forward_fn`"
             )
-        if not _takes_one_input(pl_module):
+        if not takes_one_input(pl_module):
             raise MisconfigurationException(
                 f"PreciseBN runs `{name}(batch[0])` by default, but {name}.forward needs more "
                 "than the input: define `precise_bn_forward(batch)` on it, or pass "
@@ -281,10 +277,10 @@ class PreciseBN(Callback):
         """``num_batches`` capped by the loader's length (warned once), and the bar's total."""
         length = _length(source)
         if self._num_samples is not None:
-            batch_size = getattr(source, "batch_size", None)
-            if not isinstance(batch_size, int) or batch_size < 1:
+            per_batch = getattr(source, "batch_size", None)
+            if not isinstance(per_batch, int) or per_batch < 1:
                 return self._num_batches, length
-            needed = math.ceil(self._num_samples / batch_size)
+            needed = math.ceil(self._num_samples / per_batch)
             return self._num_batches, needed if length is None else min(needed, length)
         num_batches = self._num_batches
         if length is not None and 0 < length < num_batches:
@@ -368,14 +364,10 @@ class PreciseBN(Callback):
 def _check_init_args(
     num_batches: Any, every_n_epochs: Any, dataloader: Any, forward_fn: Any, num_samples: Any
 ) -> None:
-    for name, value in (("num_batches", num_batches), ("every_n_epochs", every_n_epochs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MisconfigurationException(f"`{name}` must be an int >= 1, got {value!r}")
+    check_int_arg("num_batches", num_batches, 1)
+    check_int_arg("every_n_epochs", every_n_epochs, 1)
     if num_samples is not None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise MisconfigurationException(
-                f"`num_samples` must be an int >= 1 or None, got {num_samples!r}"
-            )
+        check_int_arg("num_samples", num_samples, 1)
         if num_batches is not _DEFAULT_NUM_BATCHES:
             raise MisconfigurationException(
                 "pass `num_batches` or `num_samples`, not both "
@@ -482,10 +474,10 @@ def _with_averaged_models(
     averaged = [m for m in pl_module.modules() if isinstance(m, AveragedModel)]
     if not averaged:
         return forward
-    run_averaged = forward_fn if forward_fn is not None else _default_forward
+    run_averaged = forward_fn if forward_fn is not None else default_forward
 
     def forward_all(model: nn.Module, batch: Any) -> None:
-        (forward if forward is not None else _default_forward)(model, batch)
+        (forward if forward is not None else default_forward)(model, batch)
         for average in averaged:
             run_averaged(average, batch)
 
@@ -549,7 +541,7 @@ def _device_batches(trainer: Trainer, source: Iterable[Any], advance: Callable[[
     loader's tail) are skipped: BN in train mode cannot take one value per channel.
     """
     for batch in source:
-        if _batch_size(batch) == 1:
+        if batch_size(batch) == 1:
             continue
         batch = trainer.precision_plugin.convert_input(batch)
         advance()

@@ -6,8 +6,9 @@ LightningDataModule. Names resolve lazily, so importing the sampler never import
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_norms._shared import lazy_exports
 
 _LAZY: dict[str, str] = {
     "MixingBatchSampler": "sampler",
@@ -23,13 +24,4 @@ if TYPE_CHECKING:
     from lightning_norms.data.sampler import MixingBatchSampler
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
+from lightning_norms._shared import check_int
 from lightning_norms.data.sampler import MixingBatchSampler
 
 __all__ = ["TwoDomainDigits", "make_street"]
@@ -206,8 +207,7 @@ def _check_batching(batching: Any, batch_size: Any, num_workers: Any, split_seed
         ("num_workers", num_workers, 0),
         ("split_seed", split_seed, 0),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{_NAME}: `{name}` must be an integer >= {low}, got {value!r}")
+        check_int(name, value, low, where=_NAME)
     if batching == "mixed" and batch_size % 2:
         raise ValueError(
             f"{_NAME}: `batch_size` must be even for batching='mixed' (an exact 50/50 mix), "
@@ -219,9 +219,7 @@ def _resolve_seed(seed: Any) -> int:
     """``seed``, or Lightning's global seed (``PL_GLOBAL_SEED``, else 0) for ``None``; checked."""
     if seed is None:
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"{_NAME}: `seed` must be an integer >= 0 or None, got {seed!r}")
-    return seed
+    return check_int("seed", seed, 0, where=_NAME)
 
 
 def _check_fractions(val_fraction: Any, test_fraction: Any, embedded: bool) -> None:
@@ -240,9 +238,7 @@ def _resolve_image_size(image_size: Any, embedded: bool) -> int:
     """``image_size``, or the default (8 embedded, 32 real) for ``None``; an integer >= 8."""
     if image_size is None:
         image_size = 8 if embedded else 32
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-        raise ValueError(f"{_NAME}: `image_size` must be an integer >= 8, got {image_size!r}")
-    return image_size
+    return check_int("image_size", image_size, 8, where=_NAME)
 
 
 def _check_root(root: str | os.PathLike[str]) -> None:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
-from numbers import Integral, Rational, Real
+from numbers import Rational, Real
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, Sampler
+
+from lightning_norms._shared import check_int
 
 __all__ = ["MixingBatchSampler"]
 
@@ -37,12 +39,6 @@ def _apportion(weights: Sequence[Fraction], total: int) -> list[int]:
     for i in order[: total - sum(shares)]:
         shares[i] += 1
     return shares
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{_NAME}: `{name}` must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -88,7 +84,7 @@ def _check_sizes(source_sizes: Any) -> list[int]:
     sizes = _sequence("source_sizes", source_sizes, "ints")
     if len(sizes) == 0:
         raise ValueError(f"{_NAME}: `source_sizes` must name at least one source, got []")
-    return [_check_int(f"source_sizes[{k}]", n, 0) for k, n in enumerate(sizes)]
+    return [check_int(f"source_sizes[{k}]", n, 0, where=_NAME) for k, n in enumerate(sizes)]
 
 
 def _check_ratios(ratios: Any, count: int) -> tuple[list[Any], list[Fraction]]:
@@ -150,8 +146,10 @@ def _check_world(
         num_replicas = getattr(sampler, "num_replicas", None)
     if rank is None:
         rank = getattr(sampler, "rank", None)
-    world = None if num_replicas is None else _check_int("num_replicas", num_replicas, 1)
-    return world, None if rank is None else _check_int("rank", rank, 0)
+    world = num_replicas if num_replicas is None else check_int(
+        "num_replicas", num_replicas, 1, where=_NAME
+    )
+    return world, None if rank is None else check_int("rank", rank, 0, where=_NAME)
 
 
 def _dist_ready() -> bool:
@@ -298,10 +296,10 @@ class MixingBatchSampler(BatchSampler):
         sampler: Sampler | None = None,
     ) -> None:
         sizes = _check_sizes(source_sizes)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1, where=_NAME)
         self.shuffle = _check_bool("shuffle", shuffle)
         self.drop_last = _check_bool("drop_last", drop_last)
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0, where=_NAME)
         given, self.weights = _check_ratios(ratios, len(sizes))
         self.quotas = _check_quotas(given, self.weights, self.batch_size, sizes)
         self._num_replicas, self._rank = _check_world(num_replicas, rank, sampler)
@@ -396,7 +394,7 @@ class MixingBatchSampler(BatchSampler):
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch``: the permutations use the seed ``seed + epoch``."""
-        self.epoch = _check_int("epoch", epoch, 0)
+        self.epoch = check_int("epoch", epoch, 0, where=_NAME)
 
     def __len__(self) -> int:
         full, last = self._layout()

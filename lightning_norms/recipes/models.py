@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 import lightning_norms as ln
+from lightning_norms._shared import check_int
 from lightning_norms.convert import create_norm
 
 __all__ = [
@@ -225,10 +226,7 @@ def _check_choices(
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"DigitsClassifier: `{name}` must be one of {allowed}, got {value!r}")
-    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
-        raise ValueError(
-            f"DigitsClassifier: `micro_batches` must be an integer >= 1, got {micro_batches!r}"
-        )
+    check_int("micro_batches", micro_batches, 1, where="DigitsClassifier")
 
 
 class DigitsClassifier(L.LightningModule):

@@ -6,9 +6,10 @@ Every module of ``lightning_norms`` belongs to one row of this table; a module m
 =========  ==========================================  ==============================  =========
 layer      modules (``lightning_norms.`` omitted)      may import from the package     Lightning
 =========  ==========================================  ==============================  =========
-core       ``_moments``, ``functional``,               core                            never
+core       ``_moments``, ``_shared``, ``functional``,  core                            never
            ``functional.*``
-layers     ``_base``, ``_patterns``, ``_diagnostics``,  core, layers                    never
+layers     ``_base``, ``_batches``, ``_kinds``,        core, layers                    never
+           ``_patterns``, ``_diagnostics``,
            ``domain_bn``, ``renorm``, ``distributed``,
            ``cosine``, ``layernorm``, ``convert``,
            ``fold``, ``stats``
@@ -53,10 +54,13 @@ LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric", "lightning_ut
 
 LAYER_OF_TOP = {
     "_moments": "core",
+    "_shared": "core",
     "functional": "core",
     **dict.fromkeys(
         (
             "_base",
+            "_batches",
+            "_kinds",
             "_patterns",
             "_sync_guard",
             "_diagnostics",
