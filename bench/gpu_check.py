@@ -54,14 +54,19 @@ from lightning_norms import (
 )
 from lightning_norms.distributed import SyncedBatchNorm2d
 
-HOST_READS = (
-    "aten::_local_scalar_dense",
-    "aten::item",
-    "aten::is_nonzero",
-    "aten::nonzero",
-    "aten::unique",
-    "aten::_unique2",
+HOST_READS = frozenset(
+    {
+        "aten::_local_scalar_dense",
+        "aten::item",
+        "aten::is_nonzero",
+        "aten::nonzero",
+        "aten::unique",
+        "aten::_unique2",
+        "aten::unique_dim",
+    }
 )
+"""aten ops that read a device tensor's values back to the host (a stream sync on CUDA); the
+same list as ``tests/_layers.py``'s (bench does not import the tests; a test checks both)."""
 NO_KERNEL = frozenset(
     {
         *("view", "reshape", "_reshape_alias", "_unsafe_view", "as_strided", "expand"),
@@ -243,7 +248,7 @@ def check_compile(device: torch.device, quick: bool) -> str:
     return f"{len(cases)} layers, backend {backend}, fullgraph, output and gradients match"
 
 
-def _count_ops(fn: Callable[[], None], names: tuple[str, ...] | None = None) -> int:
+def _count_ops(fn: Callable[[], None], names: frozenset[str] | None = None) -> int:
     from torch.profiler import profile
 
     with profile() as prof:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 import lightning_norms as ln
 from lightning_norms.distributed import SyncedBatchNorm1d, SyncedBatchNorm2d, SyncedBatchNorm3d
+from tests._layers import BN_STATE, randomise
 from tests.test_cosine import _linear_reference, _unfold_reference
 from tests.test_layernorm import _reference as _layer_norm_reference
 from tests.test_renorm import _reference as _renorm_formula
@@ -124,7 +125,10 @@ class LayerInfo:
         """A fresh seeded layer with random affine and running state, in ``dtype``."""
         torch.manual_seed(0)
         layer = self.make()
-        randomise(layer)
+        norm = isinstance(layer, (nn.modules.batchnorm._NormBase, nn.LayerNorm))
+        # only a norm's weight is an affine scale (near 1); a cosine layer's is its kernel
+        draws = BN_STATE if norm else {k: v for k, v in BN_STATE.items() if k != "weight"}
+        randomise(layer, draws, seed=1)
         return layer.to(dtype)
 
     def status(self, transform: str) -> tuple[str, str]:
@@ -143,18 +147,6 @@ class LayerInfo:
         if transform == "inductor" and not self.inductor:
             return "n/a", "covered by aot_eager (inductor, a slow compile, on a subset only)"
         return "✓", ""
-
-
-def randomise(layer: nn.Module) -> None:
-    """Seeded affine weights near 1, running statistics away from ``0 / 1`` (done in place)."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        norm = isinstance(layer, (nn.modules.batchnorm._NormBase, nn.LayerNorm))
-        for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
-            if name in ("bias", "running_mean"):
-                t.copy_(torch.rand(t.shape, generator=gen) - 0.5)
-            elif name == "running_var" or (name == "weight" and norm):
-                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
 
 
 # --- references (float64) ---

@@ -21,6 +21,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import lightning_norms
 from lightning_norms import convert_norms
+from tests._layers import randomise, uniform
 
 NUM_CLASSES = 10
 
@@ -82,25 +83,21 @@ def build(name: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+ZOO_BN_STATE = {
+    "weight": uniform(0.75, 1.25),
+    "bias": uniform(-0.1, 0.1),
+    "running_mean": uniform(-0.1, 0.1),
+    "running_var": uniform(0.5, 1.5),
+}
+
+
 def randomise_bn(model: nn.Module, seed: int) -> None:
     """Set every BN layer's affine and running stats to seeded values near ``1 / 0``.
 
     Moderate values (mean ``+-0.1``, var in ``[0.5, 1.5]``, weight in ``[0.75, 1.25]``) keep a
     121-layer DenseNet's activations in range while making every layer's state distinct.
     """
-    gen = torch.Generator().manual_seed(seed + 1000)
-
-    def uniform(t: Tensor, low: float, high: float) -> None:
-        t.copy_(torch.rand(t.shape, generator=gen) * (high - low) + low)
-
-    with torch.no_grad():
-        for _, bn in norm_layers(model):
-            if bn.weight is not None:
-                uniform(bn.weight, 0.75, 1.25)
-                uniform(bn.bias, -0.1, 0.1)
-            if bn.running_mean is not None:
-                uniform(bn.running_mean, -0.1, 0.1)
-                uniform(bn.running_var, 0.5, 1.5)
+    randomise((bn for _, bn in norm_layers(model)), ZOO_BN_STATE, seed=seed + 1000)
 
 
 def inputs(seed: int = 0, n: int = 2, size: int = 64) -> tuple[Tensor, Tensor, Tensor]:

@@ -24,8 +24,10 @@ from lightning_norms import (
 )
 from lightning_norms._base import INPUT_DIMS, BatchNormBase
 from lightning_norms.distributed import SyncedBatchNorm1d, SyncedBatchNorm2d, SyncedBatchNorm3d
+from tests._layers import randomise_alike, uniform
 
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+AFFINE = {"weight": uniform(0.5, 1.5), "bias": uniform(-0.5, 0.5)}
 SHAPES = {1: (6, 4, 5), 2: (6, 4, 3, 3), 3: (4, 4, 2, 3, 3)}
 
 # name -> (builder of the variant with its feature off, how its forward is called)
@@ -73,17 +75,6 @@ def _row(t: Tensor | None, kind: str) -> Tensor | None:
     return t[-1]
 
 
-def _randomise(bn: nn.Module, variant: nn.Module) -> None:
-    """Same random affine in both (every domain row of the variant)."""
-    with torch.no_grad():
-        if bn.weight is None:
-            return
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-        variant.weight.copy_(bn.weight.expand_as(variant.weight))
-        variant.bias.copy_(bn.bias.expand_as(variant.bias))
-
-
 def _assert_state(bn: nn.Module, variant: nn.Module, kind: str) -> None:
     for name in ("running_mean", "running_var"):
         ref, got = getattr(bn, name), _row(getattr(variant, name), kind)
@@ -107,7 +98,8 @@ def test_feature_off_equals_batchnorm(kind: str, dims: int, kw: dict) -> None:
     torch.manual_seed(dims)
     builders, call = VARIANTS[kind]
     variant, bn = builders[dims](**kw), BN[dims](4, **kw)
-    _randomise(bn, variant)
+    if bn.weight is not None:  # the same random affine in both (every domain row)
+        randomise_alike(bn, variant, draws=AFFINE, seed=None)
     for step in range(4):
         x = (torch.randn(SHAPES[dims]) * (step + 1) + step).requires_grad_(True)
         x_ref = x.detach().clone().requires_grad_(True)

@@ -26,6 +26,7 @@ from lightning_norms import (
 )
 from lightning_norms.convert import BatchRenormAct2d, DomainBatchNormAct2d, SyncedBatchNormAct2d
 from lightning_norms.distributed import SyncedBatchNorm2d, SyncedBatchNorm3d
+from tests._layers import assert_unchanged, normal, randomise, snapshot_state, uniform
 
 
 def _trained_resnet18() -> nn.Module:
@@ -183,33 +184,29 @@ def test_errors(model: nn.Module, to: str, kwargs: dict, error: type, match: str
         convert_norms(model, to, **kwargs)
 
 
+BN_STATE = {
+    "weight": uniform(0.5, 1.5),
+    "bias": uniform(-0.2, 0.2),
+    "running_mean": normal(0.1),
+    "running_var": uniform(0.5, 1.5),
+}
+
+
 def _randomise_bns(model: nn.Module, seed: int = 0) -> None:
     """Non-trivial affine and running statistics in every BatchNorm-type layer."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, m in bn_modules(model):
-            for name, low, high in (("weight", 0.5, 1.5), ("bias", -0.2, 0.2)):
-                t = getattr(m, name)
-                if t is not None:
-                    t.copy_(torch.rand(t.shape, generator=g) * (high - low) + low)
-            if m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    randomise((m for _, m in bn_modules(model)), BN_STATE, seed=seed)
 
 
 def _snapshot(model: nn.Module) -> tuple[list[tuple[str, int]], dict[str, Tensor]]:
     """Module identities by name and a copy of the state: what an all-or-nothing call keeps."""
     ids = [(name, id(m)) for name, m in model.named_modules()]
-    return ids, {k: v.clone() for k, v in model.state_dict().items()}
+    return ids, snapshot_state(model)
 
 
 def _assert_unchanged(model: nn.Module, snap: tuple[list[tuple[str, int]], dict]) -> None:
     ids, state = snap
     assert [(name, id(m)) for name, m in model.named_modules()] == ids
-    new_state = model.state_dict()
-    assert new_state.keys() == state.keys()
-    for key, value in state.items():
-        assert torch.equal(new_state[key], value), key
+    assert_unchanged(model.state_dict(), state)
 
 
 @pytest.mark.slow

@@ -23,11 +23,18 @@ from lightning_norms.distributed import (
     is_sync_active,
 )
 from tests._dist import run_ddp
+from tests._layers import randomise, snapshot_buffers, uniform
 
 pytestmark = pytest.mark.ddp
 
 ATOL = 1e-5
 STEPS = 2
+STATE = {
+    "weight": uniform(-1, 1),
+    "bias": uniform(-1, 1),
+    "running_mean": uniform(-1, 1),
+    "running_var": uniform(0.5, 1.5),
+}
 
 
 class _Net(nn.Module):
@@ -40,14 +47,6 @@ class _Net(nn.Module):
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x), domain=domain)
-
-
-def _randomise(layer: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in (layer.weight, layer.bias, layer.running_mean):
-            t.copy_(torch.rand(t.shape, generator=gen) * 2 - 1)
-        layer.running_var.copy_(torch.rand(layer.running_var.shape, generator=gen) + 0.5)
 
 
 def _build(case: str, sync: bool) -> tuple[nn.Module, list[dict[str, Any]]]:
@@ -80,7 +79,7 @@ def _build(case: str, sync: bool) -> tuple[nn.Module, list[dict[str, Any]]]:
         shape = (8, 4, 3, 3)
     else:
         raise AssertionError(case)
-    _randomise(layer, 1)
+    randomise(layer, STATE, seed=1)
     steps = []
     for step in range(STEPS):
         steps.append(
@@ -163,7 +162,7 @@ def _penalty_step(
     return {
         "x_grad": x.grad,
         "grads": {name: p.grad.clone() for name, p in model.named_parameters()},
-        "buffers": {name: b.clone() for name, b in model.named_buffers()},
+        "buffers": snapshot_buffers(model),
     }
 
 
@@ -193,7 +192,7 @@ def _empty_rank_cases(rank: int) -> dict[str, Any]:
         out[key] = {
             "y": y.detach(),
             "x_grad": xr.grad,
-            "buffers": {k: v.clone() for k, v in layer.named_buffers()},
+            "buffers": snapshot_buffers(layer),
         }
     # nothing anywhere: an all-empty global batch leaves every buffer
     layer = SyncedBatchNorm2d(3)
@@ -204,14 +203,14 @@ def _empty_rank_cases(rank: int) -> dict[str, Any]:
     # BatchRenorm: an all-empty global batch is no step (its warm-up counter stays)
     renorm = BatchRenorm2d(3, sync=True)
     renorm(torch.randn(0, 3, 2, 2)).sum().backward()
-    out["renorm_empty_buffers"] = {k: v.clone() for k, v in renorm.named_buffers()}
+    out["renorm_empty_buffers"] = snapshot_buffers(renorm)
     renorm1d = BatchRenorm1d(3, sync=True)
     try:
         renorm1d(torch.randn(1 - rank, 3))
         out["renorm_single_error"] = None
     except ValueError as err:
         out["renorm_single_error"] = str(err)
-    out["renorm_single_buffers"] = {k: v.clone() for k, v in renorm1d.named_buffers()}
+    out["renorm_single_buffers"] = snapshot_buffers(renorm1d)
     # one value per channel over all ranks: ValueError on both, every buffer as it was
     layer = SyncedBatchNorm1d(3)
     try:
@@ -219,7 +218,7 @@ def _empty_rank_cases(rank: int) -> dict[str, Any]:
         out["single_error"] = None
     except ValueError as err:
         out["single_error"] = str(err)
-    out["single_buffers"] = {k: v.clone() for k, v in layer.named_buffers()}
+    out["single_buffers"] = snapshot_buffers(layer)
     return out
 
 
@@ -229,7 +228,7 @@ def _rare_domain_step(rank: int | None) -> dict[str, Any]:
     x, ids = torch.randn(4, 3) * 2 + 1, torch.tensor([0, 0, 0, 1])
     part = slice(None) if rank is None else slice(2 * rank, 2 * rank + 2)
     layer = DomainBatchNorm1d(3, num_domains=2, sync=True)
-    _randomise(layer, 8)
+    randomise(layer, STATE, seed=8)
     xr = x[part].clone().requires_grad_()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -239,7 +238,7 @@ def _rare_domain_step(rank: int | None) -> dict[str, Any]:
         "y": y.detach(),
         "x_grad": xr.grad,
         "w_grad": layer.weight.grad,
-        "buffers": {k: v.clone() for k, v in layer.named_buffers()},
+        "buffers": snapshot_buffers(layer),
         "warnings": [str(w.message) for w in caught],
     }
 
@@ -251,7 +250,7 @@ def _func_step(rank: int) -> dict[str, Any]:
     x = torch.randn(8, 3, 4, 4)[rank * 4 : (rank + 1) * 4]
     ids = torch.tensor([0, 1, 1, 1, 0, 0, 1, 0])[rank * 4 : (rank + 1) * 4]
     params = {k: v.detach() for k, v in model.named_parameters()}
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    buffers = snapshot_buffers(model)
 
     def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
         state = {**p, **{k: v.clone() for k, v in buffers.items()}}
@@ -419,7 +418,7 @@ def test_torch_func_grad_single_process_synced_bn():
     layer = SyncedBatchNorm2d(3)
     x = torch.randn(6, 3, 4, 4)
     params = {k: v.detach() for k, v in layer.named_parameters()}
-    buffers = {k: v.clone() for k, v in layer.named_buffers()}
+    buffers = snapshot_buffers(layer)
 
     def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
         state = {**p, **{k: v.clone() for k, v in buffers.items()}}

@@ -25,23 +25,20 @@ from lightning_norms import (
     fold_norms,
 )
 from lightning_norms.distributed import SyncedBatchNorm3d
+from tests._layers import randomise, snapshot_state, uniform
+
+STATE = {
+    "weight": uniform(0.5, 1.5),
+    "bias": uniform(-0.2, 0.2),
+    "running_mean": uniform(-0.2, 0.2),
+    "running_var": uniform(0.5, 2.0),
+}
 
 
 def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial affine and running statistics in every BatchNorm-type layer (every domain's
     row differs); the model in eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, m in bn_modules(model):
-            for name, low, high in (
-                ("weight", 0.5, 1.5),
-                ("bias", -0.2, 0.2),
-                ("running_mean", -0.2, 0.2),
-                ("running_var", 0.5, 2.0),
-            ):
-                t = getattr(m, name, None)
-                if t is not None:
-                    t.copy_(torch.rand(t.shape, generator=g) * (high - low) + low)
+    randomise((m for _, m in bn_modules(model)), STATE, seed=seed)
     return model.eval()
 
 
@@ -238,7 +235,7 @@ def test_untraceable_forward_folds_nothing_and_says_why() -> None:
             return self.bn(self.conv(-x))
 
     model = Branchy().eval()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state = snapshot_state(model)
     report = fold_norms(model)
     assert report.folded == [] and list(report.kept) == ["bn"]
     assert report.kept["bn"].startswith("torch.fx cannot trace Branchy: TraceError:")

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from lightning_norms import LayerNorm2d
 from lightning_norms.functional import layer_norm2d
+from tests._layers import normal, randomise, uniform
 
 
 def _reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -17,9 +18,7 @@ def _reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 
 
 def _randomise(m: LayerNorm2d) -> None:
-    with torch.no_grad():
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.normal_()
+    randomise(m, {"weight": uniform(0.5, 1.5), "bias": normal()}, seed=None, dtype=None)
 
 
 @pytest.mark.parametrize("affine", [True, False])

@@ -23,6 +23,7 @@ from lightning_norms import (
 from lightning_norms.distributed import SyncedBatchNorm2d
 from lightning_norms.stats import BNStatsReport, recompute_bn_stats
 from tests._dist import run_ddp
+from tests._layers import host_reads, snapshot_state
 
 
 class SubclassBN1d(nn.BatchNorm1d):
@@ -230,7 +231,7 @@ def test_many_small_batches(bn: type[nn.Module]) -> None:
 
 def snapshot(model: nn.Module) -> dict[str, Any]:
     return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "state": snapshot_state(model),
         "training": {n: m.training for n, m in model.named_modules()},
         "momentum": {n: m.momentum for n, m in bn_layers(model).items()},
     }
@@ -986,23 +987,6 @@ def test_report_counts_a_domain_layer_once_with_a_row_per_domain() -> None:
 
 
 # --- issue 21 item 4: no host read per batch in the read-back of DomainBatchNorm --------------
-
-HOST_READS = (
-    "aten::_local_scalar_dense",
-    "aten::item",
-    "aten::is_nonzero",
-    "aten::nonzero",
-    "aten::unique",
-    "aten::_unique2",
-)
-
-
-def host_reads(fn: Callable[[], Any]) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.count for e in prof.key_averages() if e.key in HOST_READS)
 
 
 @pytest.mark.parametrize("ids", ["tensor", "int"])

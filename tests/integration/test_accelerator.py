@@ -31,27 +31,14 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.profiler import profile
 
 import lightning_norms as ln
 from lightning_norms import BatchRenorm2d, DomainBatchNorm2d
 from lightning_norms.distributed import SyncedBatchNorm2d
 from lightning_norms.stats import recompute_bn_stats
 from tests._dist import run_ddp
+from tests._layers import HOST_READS, op_names
 from tests._registry import REGISTRY, LayerInfo, Sample
-
-HOST_READS = frozenset(
-    {
-        "aten::_local_scalar_dense",
-        "aten::item",
-        "aten::is_nonzero",
-        "aten::nonzero",
-        "aten::unique",
-        "aten::_unique2",
-        "aten::unique_dim",
-    }
-)
-"""aten ops that read a device tensor's values back to the host (a stream sync on CUDA)."""
 
 NONDETERMINISTIC_CUDA = frozenset(
     {
@@ -125,12 +112,6 @@ def _step(layer: nn.Module, x: Tensor, kwargs: dict[str, Any]) -> None:
     layer.train()
 
 
-def _op_names(fn: Callable[[], None]) -> set[str]:
-    with profile() as prof:
-        fn()
-    return {e.name for e in prof.events()}
-
-
 @pytest.mark.parametrize("info", TRAINABLE, ids=lambda info: info.name)
 def test_meta_device_runs_without_reading_values(info: LayerInfo) -> None:
     sample = _default_sample(info)
@@ -146,7 +127,7 @@ def test_no_host_reads_in_training_or_eval(info: LayerInfo) -> None:
     layer, x = info.build(), sample.make()
     kwargs = sample.kwargs()
     _step(layer, x, kwargs)  # warm-up: once-per-layer work (a first-call warning) is allowed
-    reads = _op_names(lambda: _step(layer, x, kwargs)) & HOST_READS
+    reads = op_names(lambda: _step(layer, x, kwargs)) & HOST_READS
     assert not reads, f"{info.name} reads tensor values on the host: {sorted(reads)}"
 
 
@@ -165,7 +146,7 @@ def test_deterministic_mode_and_ops_with_cuda_and_mps_kernels(info: LayerInfo) -
     sample = _default_sample(info)
     layer, x = info.build(), sample.make()
     with _deterministic():
-        ops = _op_names(lambda: _step(layer, x, sample.kwargs()))
+        ops = op_names(lambda: _step(layer, x, sample.kwargs()))
     assert not ops & NONDETERMINISTIC_CUDA, sorted(ops & NONDETERMINISTIC_CUDA)
     assert not ops & NO_MPS_KERNEL, sorted(ops & NO_MPS_KERNEL)
 
@@ -182,7 +163,7 @@ def test_callbacks_under_deterministic_mode_use_deterministic_ops(tmp_path: Path
         callbacks=[BatchNormDoctor(), PreciseBN(num_batches=4)],
     )
     with _deterministic():
-        ops = _op_names(lambda: trainer.fit(model, boring_loader(), boring_loader()))
+        ops = op_names(lambda: trainer.fit(model, boring_loader(), boring_loader()))
     assert "aten::native_batch_norm" in ops or "aten::batch_norm" in ops  # the fit ran
     assert not ops & NONDETERMINISTIC_CUDA, sorted(ops & NONDETERMINISTIC_CUDA)
     assert not ops & NO_MPS_KERNEL, sorted(ops & NO_MPS_KERNEL)

@@ -11,14 +11,30 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import ModuleType
 
 import pytest
 
 from tests._dist import REPO_ROOT
+from tests._layers import HOST_READS
 
-pytestmark = [pytest.mark.ddp, pytest.mark.slow]
+
+def _gpu_check() -> ModuleType:
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+    return gpu_check
 
 
+def test_gpu_check_counts_the_host_reads_the_tests_count() -> None:
+    """``bench/`` does not import ``tests/``: its copy of the list must stay the tests' list."""
+    assert _gpu_check().HOST_READS == HOST_READS
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
 def test_gpu_check_dry_run_passes_every_check() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run(
@@ -35,12 +51,10 @@ def test_gpu_check_dry_run_passes_every_check() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.ddp
+@pytest.mark.slow
 def test_gpu_check_fails_loudly_on_a_failing_check() -> None:
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(REPO_ROOT / "bench"))
+    gpu_check = _gpu_check()
 
     def broken(device: object, quick: bool) -> str:
         raise AssertionError("relative error 1.0e+00 > 1e-04")
