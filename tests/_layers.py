@@ -74,6 +74,12 @@ def randomise(
         dtype: the dtype the values are drawn in, then cast to the tensor's; ``None``: each
             tensor's own (with ``seed=None``, the values ``Tensor.uniform_`` and
             ``Tensor.normal_`` give).
+
+    Example:
+        >>> bn = nn.BatchNorm1d(3, affine=False)
+        >>> randomise(bn, {"weight": uniform(0.5, 1.5), "running_var": uniform(2, 3)})
+        >>> bn.weight, bool(((bn.running_var >= 2) & (bn.running_var < 3)).all())
+        (None, True)
     """
     gen = _generator(seed)
     with torch.no_grad():
@@ -87,7 +93,14 @@ def randomise(
 def randomise_alike(*modules: nn.Module, draws: Mapping[str, Draw], seed: int | None = 0) -> None:
     """The same values in every module: one float32 draw of ``[num_features]`` per name of
     ``draws`` (made whether or not a module has that tensor, so the values do not depend on
-    ``affine``), copied, broadcast over the domain rows, into each module that has it."""
+    ``affine``), copied, broadcast over the domain rows, into each module that has it.
+
+    Example:
+        >>> a, b = nn.BatchNorm1d(3), nn.BatchNorm1d(3, affine=False)
+        >>> randomise_alike(a, b, draws=BN_STATE, seed=0)
+        >>> torch.equal(a.running_var, b.running_var), b.weight
+        (True, None)
+    """
     gen = _generator(seed)
     shape = torch.Size([modules[0].num_features])
     values = {name: draw(shape, gen, torch.float32) for name, draw in draws.items()}
@@ -110,7 +123,17 @@ def snapshot_state(module: nn.Module) -> dict[str, Tensor]:
 
 
 def assert_unchanged(current: Mapping[str, Tensor], before: Mapping[str, Tensor]) -> None:
-    """The same names and every tensor bitwise equal (the failing name in the message)."""
+    """The same names and every tensor bitwise equal (the failing name in the message).
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2)
+        >>> before = snapshot_buffers(bn)
+        >>> assert_unchanged(snapshot_buffers(bn), before)
+        >>> _ = bn(torch.randn(4, 2))  # a training step moves the running statistics
+        >>> assert_unchanged(snapshot_buffers(bn), before)
+        Traceback (most recent call last):
+        AssertionError: running_mean...
+    """
     assert current.keys() == before.keys(), sorted(set(current) ^ set(before))
     for name, value in before.items():
         assert torch.equal(current[name], value), name
@@ -139,7 +162,12 @@ def op_names(fn: Callable[[], Any]) -> set[str]:
 
 def host_reads(fn: Callable[[], Any]) -> int:
     """How many :data:`HOST_READS` ops run while ``fn`` runs (nested ones included: ``item``
-    calling ``_local_scalar_dense`` counts 2)."""
+    calling ``_local_scalar_dense`` counts 2).
+
+    Example:
+        >>> host_reads(lambda: torch.ones(2) + 1), host_reads(lambda: torch.ones(2).sum().item())
+        (0, 2)
+    """
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     return sum(1 for e in prof.events() if e.name in HOST_READS)
