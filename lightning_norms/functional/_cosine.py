@@ -62,59 +62,215 @@ def _denominator(dot: Tensor, p: Tensor, w: Tensor, eps: float) -> Tensor:
     convolution's backward turns ``inf * 0`` into NaN); ``D = inf`` makes it 0 instead, the
     value torch takes for the gradient of a norm at 0. In fp32/fp64 nothing changes.
     """
-    denom = torch.addcmul(p.new_full((), eps), p, w)
+    denom = torch.mul(p, w).add_(eps)
     if dot.dtype != torch.float16:
         return denom
     return denom.masked_fill((p < _FP16_ZERO) | (w < _FP16_ZERO), math.inf)
 
 
-class _CosineDivide(torch.autograd.Function):
-    """``y = dot / D``, ``D = p * w + eps``: the cosine from the dot products and the norms.
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes autocast casts to its own for a convolution or a linear layer (not float64)."""
 
-    Shapes: ``dot [B, G, K, S]`` (``K`` outputs per group ``G``, ``S`` positions), patch or
-    input norms ``p [B, G, 1, S]``, weight norms ``w [G, K, 1]``. Returns ``(y, D)``; ``D`` is
-    an output only so that the backward can reuse it and stay differentiable (gradients of
-    any order are exact). The backward takes three full-size passes (``g / D``,
-    ``g dot / D^2``) and two matrix products for the norms' gradients, where autograd's chain
-    of ``mul``, ``add`` and ``div`` takes about eight. ``y`` itself is not kept: the caller
-    may change it in place. ``setup_context`` and a generated vmap rule serve ``torch.func``.
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs ``x``'s convolution / linear layer in (``None``: no autocast)."""
+    device = x.device.type
+    if x.dtype in _AUTOCAST_CASTS and device != "meta" and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``t`` as autocast passes it to the dot product (unchanged without autocast)."""
+    return t if dtype is None or t.dtype not in _AUTOCAST_CASTS else as_dtype(t, dtype)
+
+
+def _norm_grads(g: Tensor, dot: Tensor, p: Tensor, w: Tensor, denom: Tensor) -> tuple[Tensor, ...]:
+    """The closed-form backward of ``y = dot / (p w + eps)`` (shapes as :class:`_Cosine`).
+
+    Returns ``g / D`` (the dot product's gradient) and ``-dL/dp / p``, ``-dL/dw / w``: with
+    ``h = g dot / D^2``, ``dL/dp = -sum_k h w`` and ``dL/dw = -sum_(n, s) h p``. The callers
+    multiply these by the input and the weight (the norms' gradients) in the same fused op
+    that adds the dot product's gradient.
+    """
+    grad_dot = g / denom
+    h = torch.mul(grad_dot, dot).div_(denom)
+    grad_p = torch.matmul(w.transpose(-1, -2), h).div_(p)
+    grad_w = torch.matmul(h, p.transpose(-1, -2))
+    grad_w = (grad_w.sum(0) if grad_w.shape[0] != 1 else grad_w[0]).div_(w)
+    return grad_dot, grad_p, grad_w
+
+
+_CONV = tuple[tuple[int, int], tuple[int, int], int]
+"""A convolution the fused path takes: ``(stride, padding, groups)``, no dilation."""
+
+
+def _parts(
+    x: Tensor, weight: Tensor, conv: _CONV | None, eps: float, dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``dot [B, G, K, S]``, norms ``p [B, G, 1, S]``, ``w [G, K, 1]``, ``D = p w + eps``.
+
+    A linear layer is ``B = G = 1`` with the rows as positions (views of ``[rows, out]``
+    tensors). The dot product runs outside autocast on the inputs cast as autocast casts them
+    (``dtype``); the norms in (at least) fp32. Differentiable plain ops: the backward of
+    :class:`_Cosine` runs them again under ``create_graph``.
+    """
+    xc, wc = _cast(x, dtype), _cast(weight, dtype)
+    norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with _full_precision(x):
+        if conv is None:
+            rows = x.reshape(-1, x.shape[-1])
+            dot = F.linear(xc.reshape(rows.shape), wc).t()[None, None]
+            p = torch.linalg.vector_norm(rows, dim=1, dtype=norm_dtype)
+            p = p.clamp_min(_tiny_norm(norm_dtype)).view(1, 1, 1, -1)
+            w = torch.linalg.vector_norm(weight, dim=1, dtype=norm_dtype).view(1, -1, 1)
+        else:
+            stride, padding, groups = conv
+            out = F.conv2d(xc, wc, None, stride, padding, 1, groups)
+            dot = out.flatten(2).unflatten(1, (groups, -1))
+            p = _patch_norm(x, weight.shape[2:], stride, padding, groups, norm_dtype)
+            w = torch.linalg.vector_norm(weight.flatten(1), dim=1, dtype=norm_dtype)
+            w = w.view(groups, -1, 1)
+    if conv is None:  # D in the layout of [rows, out]: the cosine's is too (no copies)
+        denom = _denominator(dot[0, 0].t(), p[0, 0].t(), w[0].t(), eps).t()[None, None]
+    else:
+        denom = _denominator(dot, p, w, eps)
+    return dot, p, w, denom
+
+
+def _tiny_norm(dtype: torch.dtype) -> float:
+    """The smallest norm kept (``sqrt`` of the smallest normal square): 0 has no direction."""
+    return math.sqrt(torch.finfo(dtype).tiny)
+
+
+def _is_pointwise(
+    kernel: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int]
+) -> bool:
+    """Whether each patch is one position's channels (a 1x1 kernel, no stride, no padding)."""
+    return tuple(kernel) == (1, 1) and stride == (1, 1) and padding == (0, 0)
+
+
+def _patch_norm(
+    x: Tensor,
+    kernel: tuple[int, ...],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    groups: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """``|p|`` of each group's zero-padded patches, ``[N, G, 1, S]``, at least ``tiny``.
+
+    A 1x1 kernel: the channel norm per position (one reduction). Else a summing pool of the
+    channel-summed ``x**2`` (a 3D pool over channels and window in one op is ten times slower
+    on CPU, and its backward is nondeterministic on CUDA).
+    """
+    xg = x.unflatten(1, (groups, -1))
+    if _is_pointwise(kernel, stride, padding):
+        norm = torch.linalg.vector_norm(xg, dim=2, keepdim=True, dtype=dtype)
+        return norm.flatten(3).clamp_min(_tiny_norm(dtype))
+    sq = as_dtype(xg, dtype).square().sum(2)
+    total = F.avg_pool2d(sq, (int(kernel[0]), int(kernel[1])), stride, padding, False, True, 1)
+    return total.flatten(2).unsqueeze(2).clamp_min(torch.finfo(dtype).tiny).sqrt()
+
+
+class _Cosine(torch.autograd.Function):
+    """A whole cosine layer, ``y = dot / (p w + eps)``, with a closed-form backward.
+
+    Inputs ``x``, ``weight``, ``conv`` (``None``: linear), ``eps``, the autocast dtype.
+    Outputs ``y [B, G, K, S]`` and the parts of :func:`_parts` (saved, not differentiable).
+    The backward takes the dot product's gradient and the norms' in a few fused ops
+    (:func:`_norm_grads`) and adds the norms' to the input and weight gradients of the dot
+    product in one ``addcmul`` each, where autograd's chain through the norms takes about
+    twenty ops. Under ``create_graph`` it recomputes the parts with differentiable ops, so
+    gradients of any order are exact. ``setup_context`` and a generated vmap rule serve
+    ``torch.func``. ``y`` itself is not kept: the caller may change it in place.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(dot: Tensor, p: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        denom = _denominator(dot, p, w, eps)
-        return as_dtype(dot / denom, dot.dtype), denom
+    def forward(  # type: ignore[override]
+        x: Tensor, weight: Tensor, conv: _CONV | None, eps: float, dtype: torch.dtype | None
+    ) -> tuple[Tensor, ...]:
+        dot, p, w, denom = _parts(x, weight, conv, eps, dtype)
+        return as_dtype(dot / denom, dot.dtype), dot, p, w, denom
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-        dot, p, w, _ = inputs
-        ctx.save_for_backward(dot, p, w, output[1])
-        ctx.set_materialize_grads(False)  # no zeros for the unused D
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        x, weight, ctx.conv, ctx.eps, ctx.dtype = inputs
+        ctx.save_for_backward(x, weight, *output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad: Tensor | None, grad_denom: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
-        dot, p, w, denom = ctx.saved_tensors
-        grad_dot = (torch.zeros_like(dot) if grad is None else grad) / denom
-        grad_denom_total = torch.mul(grad_dot, dot).div_(denom).neg_()  # d loss / d denominator
-        if grad_denom is not None:
-            grad_denom_total = grad_denom_total + grad_denom
-        grad_p = grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_p = torch.matmul(w.transpose(-1, -2), grad_denom_total)
-        if ctx.needs_input_grad[2]:
-            grad_w = torch.matmul(grad_denom_total, p.transpose(-1, -2)).sum(0)
-        return as_dtype(grad_dot, dot.dtype), grad_p, grad_w, None
+    def backward(ctx: Any, grad: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if grad is None:
+            return None, None, None, None, None
+        x, weight, *parts = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the parts as functions of x and weight
+            parts = _parts(x, weight, ctx.conv, ctx.eps, ctx.dtype)
+        grad_dot, grad_p, grad_w = _norm_grads(grad, *parts)
+        xc, wc = _cast(x, ctx.dtype), _cast(weight, ctx.dtype)
+        needs = ctx.needs_input_grad[:2]
+        if ctx.conv is None:
+            dx, dw = _linear_backward(as_dtype(grad_dot, parts[0].dtype), xc, wc, needs)
+            grad_p = grad_p.view(-1, 1)
+            x_part = x.reshape(-1, x.shape[-1])
+        else:
+            dx, dw = _conv_backward(as_dtype(grad_dot, parts[0].dtype), xc, wc, ctx.conv, needs)
+            x_part, grad_p = _spread(grad_p, x, weight.shape[2:], ctx.conv)
+        grad_x = grad_weight = None
+        if needs[0]:
+            grad_x = torch.addcmul(dx.view(x_part.shape), x_part, grad_p, value=-1)
+            grad_x = as_dtype(grad_x.view(x.shape), x.dtype)
+        if needs[1]:
+            scale = grad_w.view(-1, *(1,) * (weight.dim() - 1))
+            grad_weight = as_dtype(torch.addcmul(dw, weight, scale, value=-1), weight.dtype)
+        return grad_x, grad_weight, None, None, None
 
 
-def _cosine_divide(dot: Tensor, p: Tensor, w: Tensor, eps: float) -> Tensor:
-    """``dot / (p * w + eps)`` in ``dot``'s dtype: :class:`_CosineDivide` or the plain ops."""
-    if _use_functions(dot, p, w):
-        return _CosineDivide.apply(dot, p, w, eps)[0]  # type: ignore[no-any-return]
-    return as_dtype(dot / _denominator(dot, p, w, eps), dot.dtype)
+def _linear_backward(
+    grad_dot: Tensor, x: Tensor, weight: Tensor, needs: tuple[bool, bool]
+) -> tuple[Tensor | None, Tensor | None]:
+    """The dot product's input and weight gradients; ``grad_dot`` is ``[1, 1, out, rows]``."""
+    grad_rows = grad_dot.squeeze(1).squeeze(0).t()
+    dx = grad_rows.mm(weight) if needs[0] else None
+    dw = grad_rows.t().mm(x.reshape(-1, x.shape[-1])) if needs[1] else None
+    return dx, dw
+
+
+def _conv_backward(
+    grad_dot: Tensor, x: Tensor, weight: Tensor, conv: _CONV, needs: tuple[bool, bool]
+) -> tuple[Tensor | None, Tensor | None]:
+    """The convolution's input and weight gradients; ``grad_dot`` is ``[N, G, K, S]``."""
+    stride, padding, groups = conv
+    h_out = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
+    grad_out = grad_dot.flatten(1, 2).unflatten(2, (h_out, -1))
+    mask = (needs[0], needs[1], False)
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, stride, padding, (1, 1), False, (0, 0), groups, mask
+    )
+    return dx, dw
+
+
+def _spread(
+    grad_p: Tensor, x: Tensor, kernel: tuple[int, ...], conv: _CONV
+) -> tuple[Tensor, Tensor]:
+    """``x`` by group ``[N, G, C/G, H, W]`` and ``grad_p / p`` spread over each patch.
+
+    The adjoint of the summing pool of :func:`_patch_norm` (broadcast over the channels).
+    """
+    stride, padding, groups = conv
+    xg = x.unflatten(1, (groups, -1))
+    h_out = (x.shape[2] + 2 * padding[0] - int(kernel[0])) // stride[0] + 1
+    grad_p = grad_p.unflatten(3, (h_out, -1))
+    if _is_pointwise(kernel, stride, padding):
+        return xg, grad_p
+    like = as_dtype(x[:, :groups], grad_p.dtype)  # the pool's input size (values unused)
+    spread = torch.ops.aten.avg_pool2d_backward(
+        grad_p.squeeze(2), like, kernel, stride, padding, False, True, 1
+    )
+    return xg, spread.unsqueeze(2)
 
 
 def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
@@ -151,49 +307,21 @@ def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
         tensor([[1.0000, 0.7071],
                 [0.0000, 0.0000]])
     """
+    if _use_functions(x, weight):
+        cos = _Cosine.apply(x, weight, None, eps, _autocast_dtype(x))[0]
+        # [1, 1, out, rows] in the layout of [rows, out]: views, no select_backward
+        return cos.squeeze(1).squeeze(0).t().reshape(*x.shape[:-1], weight.shape[0])
     dot = F.linear(x, weight)
     with _full_precision(x):
-        x_norm = torch.linalg.vector_norm(_at_least_fp32(x), dim=-1)
+        x_norm = torch.linalg.vector_norm(_at_least_fp32(x), dim=-1, keepdim=True)
         w_norm = torch.linalg.vector_norm(_at_least_fp32(weight), dim=1)
-    # rows as positions: dot^T is [1, 1, out, rows], a view (the products are matrix-vector)
-    rows = dot.reshape(-1, weight.shape[0])
-    cos = _cosine_divide(
-        rows.t()[None, None], x_norm.reshape(1, 1, 1, -1), w_norm.view(1, -1, 1), eps
-    )
-    return cos.squeeze(1).squeeze(0).t().reshape(dot.shape)  # views: no select_backward
+    return as_dtype(dot / _denominator(dot, x_norm, w_norm, eps), dot.dtype)
 
 
 def _group_sum_sq(x: Tensor, groups: int) -> Tensor:
     """``sum_c x[n, c, h, w]^2`` over each group's channels: ``[N, C, H, W] -> [N, G, H, W]``."""
     sq = x.square()
     return sq.sum(1, keepdim=True) if groups == 1 else sq.unflatten(1, (groups, -1)).sum(2)
-
-
-class _GroupSumSq(torch.autograd.Function):
-    """:func:`_group_sum_sq` with a one-pass backward.
-
-    The backward is one broadcast product ``x * 2g`` (autograd's ``square`` backward takes
-    three full-size passes: ``x^1``, ``* 2``, ``* g``); it is differentiable, so gradients of
-    any order are exact. ``setup_context`` and a generated vmap rule serve ``torch.func``.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor, groups: int) -> Tensor:  # type: ignore[override]
-        return _group_sum_sq(x, groups)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        scale = grad * 2.0
-        if scale.shape[1] == 1:
-            return x * scale, None
-        return (x.unflatten(1, (scale.shape[1], -1)) * scale.unsqueeze(2)).flatten(1, 2), None
 
 
 def _symmetric_padding(
@@ -227,7 +355,7 @@ def _patch_sum_sq(
     ``divisor_override``: the exporters drop it) falls back to a convolution with a ones kernel.
     """
     x = _at_least_fp32(x)
-    sq = _GroupSumSq.apply(x, groups) if _use_functions(x) else _group_sum_sq(x, groups)
+    sq = _group_sum_sq(x, groups)
     k = (int(kernel[0]), int(kernel[1]))
     s, d = _pair(stride), _pair(dilation)
     pad = _symmetric_padding(padding, k, d)
@@ -286,19 +414,23 @@ def cosine_conv2d(
         >>> y.shape, bool(y.abs().max() <= 1)
         (torch.Size([2, 4, 8, 8]), True)
     """
+    kernel = (int(weight.shape[2]), int(weight.shape[3]))
+    pad = _symmetric_padding(padding, kernel, _pair(dilation))
+    pooled = pad is not None and all(2 * q <= k for q, k in zip(pad, kernel, strict=True))
+    if pooled and _pair(dilation) == (1, 1) and _use_functions(x, weight):
+        s = _pair(stride)
+        conv = ((int(s[0]), int(s[1])), pad, groups)
+        cos = _Cosine.apply(x, weight, conv, eps, _autocast_dtype(x))[0]
+        h_out = (x.shape[2] + 2 * pad[0] - kernel[0]) // s[0] + 1  # type: ignore[index]
+        return cos.flatten(1, 2).unflatten(2, (h_out, -1))
     out = F.conv2d(x, weight, None, stride, padding, dilation, groups)
     with _full_precision(x):
         patch_sq = _patch_sum_sq(x, weight.shape[2:], stride, padding, dilation, groups)
         patch_norm = _safe_norm(patch_sq)
         w_norm = torch.linalg.vector_norm(weight.flatten(1), dim=1, dtype=patch_norm.dtype)
     n, o, h, w = out.shape
-    cos = _cosine_divide(
-        out.reshape(n, groups, o // groups, h * w),
-        patch_norm.reshape(n, groups, 1, h * w),
-        w_norm.view(groups, -1, 1),
-        eps,
+    dot = out.reshape(n, groups, o // groups, h * w)
+    denom = _denominator(
+        dot, patch_norm.reshape(n, groups, 1, h * w), w_norm.view(groups, -1, 1), eps
     )
-    return cos.reshape(out.shape)
-
-
-# --- Domain-split BatchNorm and synchronised batch statistics (domain issue) ---
+    return as_dtype(dot / denom, dot.dtype).reshape(out.shape)
