@@ -194,7 +194,9 @@ def _build(
     """Kind ``name`` for ``num_features`` channels and inputs of rank ``dims`` (checked
     keyword arguments): the class (its norm + activation form with ``act``) called by keyword."""
     cls, kind = _class(name, dims), KINDS[name]
-    if act and kind.act is not None:
+    if act:
+        if kind.act is None:  # never drop the activation silently
+            raise ValueError(f"create_norm({name!r}): no norm + activation form (drop, act)")
         cls = resolve(kind.act)
     if name == "group":
         _check_groups(num_features, kwargs["num_groups"])

@@ -846,3 +846,65 @@ def test_converted_domain_layers_know_their_module_path_for_warnings() -> None:
     with pytest.warns(UserWarning, match=r"layer4\.0\.bn1"):
         out = layer(torch.randn(8, 512, 1, 1), domain=ids)
     assert torch.isfinite(out).all()
+
+
+# --- one registry of layer kinds (lightning_norms._kinds) ---------------------------------------
+def test_every_registry_answer_comes_from_the_kind_table() -> None:
+    """convert's names, "is a BatchNorm / a domain layer", stats' read-back and NormSync's twins
+    are all read off ``KINDS``: every class of every kind answers as its entry says."""
+    import lightning_norms._kinds as kinds
+
+    names = set(kinds.KINDS) - {"none"}
+    with pytest.raises(ValueError, match="choose one of") as error:
+        convert_norms(nn.BatchNorm2d(2), "nope")
+    assert str(sorted(names)) in str(error.value)
+    for name, kind in kinds.KINDS.items():
+        for dims, cls in enumerate(kind.classes, start=1):
+            if not isinstance(cls, type):
+                continue
+            kwargs = {"num_domains": 2} if kind.per_domain else {}
+            kwargs |= {"num_groups": 1} if name == "group" else {}
+            layer = create_norm(name, 4, dims=dims, **kwargs)
+            assert type(layer) is cls
+            assert kinds.is_bn(layer) is kind.batch_norm, (name, dims)
+            assert kinds.is_domain(layer) is kind.per_domain, (name, dims)
+            assert kinds.reads_back(layer) is kind.reads_back, (name, dims)
+            assert kinds.is_small_batch_kind(layer) is kind.small_batches, (name, dims)
+            if kind.batch_norm:
+                assert kinds.after_norm(layer, "x") is None  # a plain normalisation
+    act = convert_norms(nn.BatchNorm2d(4), "domain", num_domains=2)
+    assert kinds.is_domain(DomainBatchNormAct2d(4, 2)) and kinds.is_domain(act)
+    twins = {nn.BatchNorm1d: kinds.KINDS["sync"].classes[0], nn.BatchNorm2d: SyncedBatchNorm2d}
+    twins[nn.BatchNorm3d] = SyncedBatchNorm3d
+    assert twins == kinds.SYNCED_TWINS
+
+
+def test_a_kind_without_a_norm_act_form_refuses_a_norm_act_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Converting timm's ``BatchNormAct2d`` into a kind with no ``*Act2d`` form raises, naming the
+    layer, rather than building the plain norm and silently losing the activation."""
+    import dataclasses
+
+    import lightning_norms._kinds as kinds
+
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+    monkeypatch.setitem(kinds.KINDS, "renorm", dataclasses.replace(kinds.KINDS["renorm"], act=None))
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), norm_act.BatchNormAct2d(4, act_layer=nn.ReLU))
+    with pytest.raises(ValueError, match=r"BatchNormAct2d at '1': no norm \+ activation form"):
+        convert_norms(model, "renorm")
+    assert type(model[1]) is norm_act.BatchNormAct2d  # all or nothing: the model is unchanged
+
+
+def test_lazy_exports_list_only_public_names() -> None:
+    """The three packages resolve their names through one helper: ``dir()`` is ``__all__``
+    (plus the lazily imported subpackages at the root), and an unknown name is an
+    ``AttributeError`` naming the package."""
+    import lightning_norms
+    from lightning_norms import callbacks, data
+
+    for package in (lightning_norms, callbacks, data):
+        assert dir(package) == sorted(package.__all__)
+        with pytest.raises(AttributeError, match=rf"module '{package.__name__}' has no attribute"):
+            package.NoSuchName  # noqa: B018
+    assert callbacks.PreciseBN.__name__ == "PreciseBN" and "PreciseBN" in vars(callbacks)

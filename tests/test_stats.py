@@ -1047,3 +1047,43 @@ def test_a_one_value_domain_counts_exactly_and_is_normalised_with_running_stats(
         for d, (mean, var) in exact_domain_stats(captured[name]).items():
             assert_close_to(bn.running_mean[d], mean)
             assert_close_to(bn.running_var[d], var)
+
+
+# --- one int check for the package (lightning_norms._shared.check_int) --------------------------
+def _non_int_calls() -> dict[str, Any]:
+    """One call per module that takes an int argument, each given a float instead."""
+    from lightning_norms import DomainBatchNorm2d, create_norm
+    from lightning_norms.callbacks import BatchNormDoctor, FreezeBatchNorm, PreciseBN
+    from lightning_norms.data import MixingBatchSampler
+
+    return {
+        "DomainBatchNorm2d": lambda: DomainBatchNorm2d(4, num_domains=1.5),
+        "create_norm": lambda: create_norm("group", 4, num_groups=2.0),
+        "recompute_bn_stats": lambda: recompute_bn_stats(mlp(), [torch.randn(4, 5)], 2.5),
+        "MixingBatchSampler": lambda: MixingBatchSampler([8, 8], batch_size=4.0),
+        "PreciseBN": lambda: PreciseBN(num_batches=2.5),
+        "FreezeBatchNorm": lambda: FreezeBatchNorm(until_epoch=1.5),
+        "BatchNormDoctor": lambda: BatchNormDoctor(min_batches=2.5),
+    }
+
+
+@pytest.mark.parametrize("where", list(_non_int_calls()))
+def test_a_non_int_argument_raises_the_same_error_everywhere(where: str) -> None:
+    """A float where an int is expected is a ``TypeError`` in every module (and a ``ValueError``,
+    as some modules raised before), with a message naming the argument and the value."""
+    with pytest.raises(TypeError, match=r"` must be an int, got (1\.5|2\.0|2\.5|4\.0)") as error:
+        _non_int_calls()[where]()
+    assert isinstance(error.value, ValueError)
+
+
+@pytest.mark.parametrize("value", [True, 0, -1])
+def test_check_int_refuses_bools_and_values_below_the_minimum(value: Any) -> None:
+    import numpy as np
+
+    from lightning_norms._shared import IntTypeError, check_int
+
+    error = IntTypeError if isinstance(value, bool) else ValueError
+    with pytest.raises(error, match=rf"^sampler: `seed` must be (an int|>= 1), got {value}$"):
+        check_int("seed", value, 1, where="sampler")
+    assert check_int("seed", 1, 1) == 1
+    assert type(check_int("seed", np.int64(3), 1)) is int  # numpy integers become ints
