@@ -722,9 +722,9 @@ def test_checkpointing_running_statistics_as_batchnorm(reentrant: bool) -> None:
     """The recompute updates the running statistics where torch's checkpoint re-runs it.
 
     ``nn.BatchNorm2d`` under ``torch.utils.checkpoint`` updates twice per step (its counter
-    too), and so does a BatchRenorm; but the non-reentrant mode stops the recompute at the last
-    saved activation, which for a BatchRenorm that ends the segment comes before its update:
-    once per step there.
+    too), and so does a BatchRenorm, also one that ends the segment (issue 20: its buffers
+    are written before its transform, as ``F.batch_norm`` does, so the non-reentrant recompute,
+    which stops at the last saved activation, re-runs the update; it ran once there before).
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -732,19 +732,22 @@ def test_checkpointing_running_statistics_as_batchnorm(reentrant: bool) -> None:
     bn, plain = nn.BatchNorm2d(4), BatchRenorm2d(4, r_max=1.0, d_max=0.0)
     renorm = BatchRenorm2d(4, r_max=2.0, d_max=1.0, warmup_steps=0)
     _randomise(bn, plain, renorm)
-    followed, last, once, twice = (copy.deepcopy(renorm) for _ in range(4))
+    followed, last, twice = (copy.deepcopy(renorm) for _ in range(3))
     x = (torch.randn(4, 4, 5, 5) * 2 + 1).requires_grad_(True)
     for layer in (bn, plain, followed):
         segment = nn.Sequential(layer, nn.ReLU())
         checkpoint(segment, x, use_reentrant=reentrant).sum().backward()
     checkpoint(last, x, use_reentrant=reentrant).sum().backward()
-    once(x)
     twice(x)
     twice(x)
     assert int(bn.num_batches_tracked) == int(plain.num_batches_tracked) == 2
     torch.testing.assert_close(plain.running_mean, bn.running_mean, rtol=0, atol=0)
     torch.testing.assert_close(plain.running_var, bn.running_var, rtol=1e-6, atol=1e-7)
-    for layer, expected in ((followed, twice), (last, twice if reentrant else once)):
+    bn_last = nn.BatchNorm2d(4)
+    _randomise(bn_last)
+    checkpoint(bn_last, x, use_reentrant=reentrant).sum().backward()
+    assert int(bn_last.num_batches_tracked) == 2
+    for layer, expected in ((followed, twice), (last, twice)):
         assert int(layer.num_batches_tracked) == int(expected.num_batches_tracked)
         for name in ("running_mean", "running_var"):
             torch.testing.assert_close(
@@ -772,7 +775,8 @@ def test_renorm_function_under_torch_func_grad_and_vmap() -> None:
 
     def loss(x: Tensor, w: Tensor, b: Tensor, r: Tensor, d: Tensor) -> Tensor:
         var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=0)
-        y = _RenormFn.apply(x, w, b, mean, (var + eps).rsqrt(), r, d, eps)
+        factors = torch.stack([torch.ones_like(r), r, d, (var + eps).rsqrt()])
+        y = _RenormFn.apply(x, w, b, mean, factors, w * factors[1:3], eps)
         return (y * weights).sum()
 
     grads = vmap(grad(loss, argnums=(0, 1, 2)))(x, w, b, r, d)

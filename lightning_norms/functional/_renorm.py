@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from typing import Any, cast
 
@@ -60,30 +61,6 @@ def _batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
         return mean, var
 
 
-def _update_running(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    count: int,
-    factor: float | Tensor,
-) -> None:
-    """``running <- running + factor * (batch - running)``, the variance unbiased.
-
-    BatchNorm's running update (``F.batch_norm``), in the statistics' dtype (fp32 at least):
-    in place for buffers of that dtype, else computed in it and rounded once to the buffers'.
-    """
-    unbiased = var * (count / max(count - 1, 1))
-    if isinstance(factor, Tensor):
-        factor = as_dtype(factor, mean.dtype)
-    with torch.no_grad():
-        for buf, stat in ((running_mean, mean), (running_var, unbiased)):
-            if buf.dtype == stat.dtype:
-                buf.lerp_(stat, factor)
-            else:
-                buf.copy_(buf.to(stat.dtype).lerp_(stat, factor))
-
-
 def renorm_limits(
     r_max: float, d_max: float, step: Tensor | None, warmup_steps: int
 ) -> tuple[float | Tensor, float | Tensor]:
@@ -114,6 +91,43 @@ def renorm_limits(
     return 1.0 + (r_max - 1.0) * progress, d_max * progress
 
 
+def _make_rows(c: int, eps: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``[2, C]``: a row of ones and a row of ``-eps`` (fill kernels: no host-to-device copy)."""
+    with torch.no_grad():
+        rows = torch.full((2, c), -eps, device=device, dtype=dtype)
+        rows[0].fill_(1.0)
+    return rows
+
+
+_constant_rows = functools.lru_cache(maxsize=64)(_make_rows)
+""":func:`_make_rows` made once per channel count, ``eps``, device and dtype (eager only)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _constant_bounds(
+    r_max: float, d_max: float, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Clip limits ``[3, 1]`` of the rows ``1, r, d`` (1 lies in ``[1/r_max, r_max]``)."""
+    with torch.no_grad():
+        bounds = torch.empty(2, 3, 1, device=device, dtype=dtype)
+        bounds[0, :2].fill_(1.0 / r_max)
+        bounds[0, 2].fill_(-d_max)
+        bounds[1, :2].fill_(r_max)
+        bounds[1, 2].fill_(d_max)
+    return bounds[0], bounds[1]
+
+
+def _clip(factors: Tensor, r_max: float | Tensor, d_max: float | Tensor) -> None:
+    """Clip the rows ``1, r, d`` of ``factors`` in place: one op for float limits."""
+    # the warm-up's 0-dim tensors, or a trace (where the compiler folds the constants)
+    if isinstance(r_max, Tensor) or isinstance(d_max, Tensor) or torch.compiler.is_compiling():
+        r_low = r_max.reciprocal() if isinstance(r_max, Tensor) else 1.0 / r_max
+        factors[:2].clamp_(r_low, r_max)  # type: ignore[arg-type]
+        factors[2].clamp_(-d_max, d_max)  # type: ignore[arg-type]
+        return
+    factors[:3].clamp_(*_constant_bounds(r_max, d_max, factors.device, factors.dtype))
+
+
 def _renorm_factors(
     batch_mean: Tensor,
     batch_var: Tensor,
@@ -122,19 +136,38 @@ def _renorm_factors(
     eps: float,
     r_max: float | Tensor,
     d_max: float | Tensor,
-) -> tuple[Tensor, Tensor]:
-    """``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, +-d_max)``."""
-    # a snapshot of the buffers (``stack`` is never recomputed by torch.compile's partitioner,
-    # which could otherwise re-read in the backward the buffers this step updates in place),
-    # the batch variance stacked with them: both 1 / sigma in one pass
-    dtype = batch_var.dtype
-    rows = torch.stack([as_dtype(running_mean, dtype), as_dtype(running_var, dtype), batch_var])
-    inv_sigma, inv_sigma_batch = rows[1:].add_(eps).rsqrt_().unbind()
-    # each limit is a float or a 0-dim tensor; clamp takes either (its stubs want one kind)
-    low = r_max.reciprocal() if isinstance(r_max, Tensor) else 1.0 / r_max
-    r = (inv_sigma / inv_sigma_batch).clamp(low, r_max)  # type: ignore[arg-type]
-    d = ((batch_mean - rows[0]) * inv_sigma).clamp(-d_max, d_max)  # type: ignore[arg-type]
-    return r, d
+) -> Tensor:
+    """``[1, r, d, invstd]`` (``[4, C]``, in the buffers' :func:`stat_dtype`) in five ops.
+
+    ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, +-d_max)``,
+    ``invstd = 1 / sigma_B`` and a row of ones (the unit variance :class:`_RenormFn`'s eval
+    kernel runs with) as one division of two row windows of a stacked table
+    ``sqrt([v + eps, v + eps, v + eps, v_B + eps, mu_B - mu, 1])``, computed in
+    :func:`accumulate_dtype`: ``invstd`` is then the training kernel's own (the reciprocal of
+    the float64 square root, rounded once), so with ``r = 1, d = 0`` the output is
+    ``F.batch_norm``'s to the bit. The stack is also the snapshot of the buffers (never
+    recomputed by torch.compile's partitioner, which could otherwise re-read in the backward
+    the buffers this step updates in place).
+    """
+    c, device = batch_var.shape[0], batch_var.device
+    acc, dtype = accumulate_dtype(device), stat_dtype(running_mean)
+    compiling = torch.compiler.is_compiling()
+    one, neg_eps = (_make_rows if compiling else _constant_rows)(c, eps, device, acc)
+    rows = [*[running_var] * 3, batch_var, batch_mean, one, *[neg_eps] * 4, running_mean]
+    traced = compiling or torch._C._are_functorch_transforms_active()
+    if traced:  # no out= arguments in a trace
+        table = torch.stack([as_dtype(row, acc) for row in rows])
+    else:
+        table = torch.stack(rows, out=torch.empty(len(rows), c, dtype=acc, device=device))
+    table[:5].sub_(table[6:])  # + eps on the variances, mu_B - mu
+    table[:4].sqrt_()  # sigma (3 rows), sigma_B
+    if traced or acc == dtype:
+        factors = as_dtype(table[2:6] / table[:4], dtype)
+    else:  # computed in the accumulation dtype, rounded once
+        out = torch.empty(4, c, dtype=dtype, device=device)
+        factors = torch.div(table[2:6], table[:4], out=out)
+    _clip(factors, r_max, d_max)
+    return factors
 
 
 _HISTORY = 4
@@ -179,33 +212,33 @@ def _step_factors(
     eps: float,
     r_max: float | Tensor,
     d_max: float | Tensor,
-) -> tuple[Tensor, Tensor]:
-    """``r, d`` of this training call, the same in an activation-checkpointing recompute.
+    key: Tensor,
+) -> Tensor:
+    """The factors ``[1, r, d, invstd]`` of this training call, the same in a recompute.
 
     ``torch.utils.checkpoint`` (either mode) runs the forward again inside the backward pass,
     after the first forward advanced the running statistics and ``num_batches_tracked``, so
     :func:`_renorm_factors` would give other ``r``, ``d`` (and warm-up limits) there, and
     wrong gradients. So each training call outside a backward pass keeps its
-    ``(mean_B, var_B, r, d)`` (references, no copy) in a short history per ``running_mean``
-    buffer (:data:`_FACTORS`, weak: it dies with the buffer, and is not module state); a call
-    inside a backward pass, the recompute, takes the ``r, d`` of the newest kept call whose
-    batch statistics equal its own (to :data:`_SAME_BATCH`, on the device: no host read), so
-    the recompute reproduces the original forward. A layer called several times per step
-    matches each call by its batch; with no match the fresh factors stand.
+    ``(mean_B, var_B, factors)`` (references, no copy) in a short history per running-mean
+    buffer ``key`` (:data:`_FACTORS`, weak: it dies with the buffer, and is not module state);
+    a call inside a backward pass, the recompute, takes the factors of the newest kept call
+    whose batch statistics equal its own (to :data:`_SAME_BATCH`, on the device: no host
+    read), so the recompute reproduces the original forward. A layer called several times per
+    step matches each call by its batch; with no match the fresh factors stand.
     """
-    r, d = _renorm_factors(batch_mean, batch_var, running_mean, running_var, eps, r_max, d_max)
+    factors = _renorm_factors(batch_mean, batch_var, running_mean, running_var, eps, r_max, d_max)
     if not _remembers(batch_mean, running_mean, running_var):
-        return r, d
-    history = _FACTORS.get(running_mean)
+        return factors
+    history = _FACTORS.get(key)
     if _in_backward():
-        for mean, var, r_then, d_then in history or ():  # oldest first: the newest match wins
-            same = _same_batch(mean, var, batch_mean, batch_var)
-            r, d = torch.where(same, r_then, r), torch.where(same, d_then, d)
-        return r, d
+        for mean, var, then in history or ():  # oldest first: the newest match wins
+            factors = torch.where(_same_batch(mean, var, batch_mean, batch_var), then, factors)
+        return factors
     if history is None:
-        history = _FACTORS[running_mean] = deque(maxlen=_HISTORY)
-    history.append((batch_mean.detach(), batch_var.detach(), r.detach(), d.detach()))
-    return r, d
+        history = _FACTORS[key] = deque(maxlen=_HISTORY)
+    history.append((batch_mean.detach(), batch_var.detach(), factors.detach()))
+    return factors
 
 
 def _fold(
@@ -229,9 +262,11 @@ def _renorm_affine(
     d_max: float | Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Fold ``r`` and ``d`` into BatchNorm's affine, in the affine's (else the buffers') dtype."""
-    r, d = _step_factors(batch_mean, batch_var, running_mean, running_var, eps, r_max, d_max)
+    factors = _step_factors(
+        batch_mean, batch_var, running_mean, running_var, eps, r_max, d_max, running_mean
+    )
     dtype = running_mean.dtype if weight is None else weight.dtype
-    return _fold(weight, bias, as_dtype(r, dtype), as_dtype(d, dtype))
+    return _fold(weight, bias, as_dtype(factors[1], dtype), as_dtype(factors[2], dtype))
 
 
 def _is_plain_bn(r_max: float | Tensor, d_max: float | Tensor) -> bool:
@@ -246,15 +281,19 @@ def _is_plain_bn(r_max: float | Tensor, d_max: float | Tensor) -> bool:
 class _RenormFn(torch.autograd.Function):
     """Batch Renormalization's training transform with its statistics given: one pass each way.
 
-    ``forward(x, weight, bias, mean, invstd, r, d, eps)`` is ``F.batch_norm``'s training
-    transform with the batch ``mean``, ``invstd = 1 / sqrt(var + eps)`` and the affine
-    ``gamma * r, gamma * d + beta`` folded in, run by its eval kernel with unit variance,
-    ``eps = 0`` and the weight ``invstd * gamma * r`` (the training kernel's arithmetic,
-    ``x * alpha + beta``: equal results). The backward is torch's training-mode
-    ``native_batch_norm_backward`` (the statistics' dependence on ``x`` included, ``r`` and
-    ``d`` constants), itself differentiable: gradients of any order are those of
-    ``F.batch_norm(training=True)`` with the folded affine. ``forward`` without ``ctx`` plus
-    ``setup_context`` and a generated vmap rule: ``torch.func`` works through it.
+    ``forward(x, weight, bias, mean, factors, scaled, eps)``: ``factors`` are
+    :func:`_renorm_factors`' rows ``[1, r, d, invstd]`` and ``scaled = [gamma r, gamma d]``
+    (``[r, d]`` without ``weight``), a differentiable product the caller makes (so that in a
+    double backward the gradient reaches ``gamma`` through the weight the backward used). The
+    output is ``F.batch_norm``'s training transform with the batch ``mean`` and
+    ``invstd = 1 / sqrt(var + eps)`` and the affine ``gamma r, gamma d + beta`` folded in, run
+    by its eval kernel with unit variance (the ones row), ``eps = 0`` and the weight
+    ``invstd * gamma r`` (the training kernel's arithmetic, ``x * alpha + beta``: equal
+    results). The backward is torch's training-mode ``native_batch_norm_backward`` (the
+    statistics' dependence on ``x`` included, ``r`` and ``d`` constants), itself
+    differentiable: gradients of any order are those of ``F.batch_norm(training=True)`` with
+    the folded affine. ``forward`` without ``ctx`` plus ``setup_context`` and a generated vmap
+    rule: ``torch.func`` works through it.
     """
 
     generate_vmap_rule = True
@@ -265,40 +304,38 @@ class _RenormFn(torch.autograd.Function):
         weight: Tensor | None,
         bias: Tensor | None,
         mean: Tensor,
-        invstd: Tensor,
-        r: Tensor,
-        d: Tensor,
+        factors: Tensor,
+        scaled: Tensor,
         eps: float,
     ) -> Tensor:
-        folded_weight, folded_bias = _fold(weight, bias, r, d)
-        unit = torch.ones_like(mean)
-        return F.batch_norm(x, mean, unit, invstd * folded_weight, folded_bias, False, 0.0, 0.0)
+        shift = scaled[1] if bias is None else scaled[1] + bias
+        return F.batch_norm(x, mean, factors[0], scaled[0] * factors[3], shift, False, 0.0, 0.0)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, weight, _, mean, invstd, r, d, eps = inputs
+        x, _, _, mean, factors, scaled, eps = inputs
         ctx.eps = eps
-        ctx.save_for_backward(x, weight, mean, invstd, r, d)
+        ctx.save_for_backward(x, mean, factors, scaled)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight, mean, invstd, r, d = ctx.saved_tensors
+        x, mean, factors, scaled = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        folded = r if weight is None else weight * r
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad,
             x,
-            folded,
+            scaled[0],
             None,
             None,
             mean,
-            invstd,
+            factors[3],
             True,
             ctx.eps,
             [need_x, need_w, need_w or need_b],
         )
-        grad_weight = torch.addcmul(grad_w * r, grad_b, d) if need_w else None
-        return grad_x, grad_weight, grad_b if need_b else None, None, None, None, None, None
+        # d/dgamma of gamma (x_hat r + d): the folded weight's gradient times r, the bias's d
+        grad_weight = torch.addcmul(grad_w * factors[1], grad_b, factors[2]) if need_w else None
+        return grad_x, grad_weight, grad_b if need_b else None, None, None, None, None
 
 
 def _renorm_train(
@@ -307,32 +344,81 @@ def _renorm_train(
     running_var: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    momentum: float | Tensor,
+    momentum: float | None,
     eps: float,
     r_max: float | Tensor,
     d_max: float | Tensor,
+    num_batches_tracked: Tensor | None,
 ) -> Tensor:
     """The local training step: statistics once, ``r, d`` folded, buffers written on success.
 
-    ``r``, ``d`` and the affine are taken in the buffers' dtype (fp32 at least): the kernel
-    rejects what ``F.batch_norm`` rejects (e.g. an fp64 input to fp32 buffers) before any
-    buffer changes. While ``torch.compile`` traces: :func:`_renorm_traced` instead.
+    With a float ``momentum`` and buffers in the statistics' dtype (fp32 buffers for fp32,
+    fp16 or bf16 input; CPU and CUDA) torch's statistics kernel updates the running
+    statistics as it takes the batch's (``torch.batch_norm_update_stats``: BatchNorm's own
+    update, unbiased variance), after a snapshot of the buffers for ``r, d``; otherwise
+    (``momentum=None``, low-precision buffers, other devices) the package's update
+    (:func:`lightning_norms._moments.update_running`) follows the snapshot. The caller has
+    checked the dtypes (:func:`_check_renorm_call`). While ``torch.compile`` traces:
+    :func:`_renorm_traced` instead.
     """
     if torch.compiler.is_compiling():
         return _renorm_traced(
-            x, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            momentum,
+            eps,
+            r_max,
+            d_max,
+            num_batches_tracked,
         )
-    mean, var = _batch_mean_var(x)
+    by_kernel = momentum is not None and running_mean.dtype == stat_dtype(x) and _fused_stats(x)
+    if by_kernel:
+        before = torch.stack([running_mean, running_var])
+        mean, var = torch.batch_norm_update_stats(
+            x.detach(), running_mean, running_var, cast(float, momentum)
+        )
+        old_mean, old_var = before[0], before[1]
+    else:
+        mean, var = _batch_mean_var(x)
+        old_mean, old_var = running_mean, running_var
+    factors = _step_factors(mean, var, old_mean, old_var, eps, r_max, d_max, running_mean)
+    # buffers written before the transform, as F.batch_norm does (a checkpoint's recompute
+    # re-runs the update wherever it re-runs nn.BatchNorm2d's)
+    if not by_kernel:
+        _update_running(running_mean, running_var, mean, var, x, momentum, num_batches_tracked)
+    elif num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     dtype = stat_dtype(running_mean)  # no conversion dispatched where the dtype is already it
-    r, d = _step_factors(mean, var, running_mean, running_var, eps, r_max, d_max)
-    # as the training kernel: 1 / sqrt(var + eps) in the accumulation dtype, then rounded
-    invstd = as_dtype(as_dtype(var, accumulate_dtype(var.device)).add(eps).rsqrt(), var.dtype)
     weight = None if weight is None else as_dtype(weight, dtype)
     bias = None if bias is None else as_dtype(bias, dtype)
-    r, d = as_dtype(r, dtype), as_dtype(d, dtype)
-    out = _RenormFn.apply(x, weight, bias, mean, invstd, r, d, eps)
-    _update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
-    return cast(Tensor, out)
+    scaled = factors[1:3] if weight is None else weight * factors[1:3]
+    return cast(Tensor, _RenormFn.apply(x, weight, bias, mean, factors, scaled, eps))
+
+
+def _update_running(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    x: Tensor,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+) -> None:
+    """The package's running update (:func:`lightning_norms._moments.update_running`) with
+    the batch mean and biased variance of ``x``; advances ``num_batches_tracked``."""
+    count = x.numel() // x.shape[1]
+    moments = Moments(mean.new_full((1,), count), mean[None], (var * count)[None])
+    with torch.no_grad():
+        update_running(
+            running_mean.view(1, -1),
+            running_var.view(1, -1),
+            moments,
+            momentum,
+            None if num_batches_tracked is None else num_batches_tracked.view(1),
+        )
 
 
 def _renorm_traced(
@@ -341,10 +427,11 @@ def _renorm_traced(
     running_var: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    momentum: float | Tensor,
+    momentum: float | None,
     eps: float,
     r_max: float | Tensor,
     d_max: float | Tensor,
+    num_batches_tracked: Tensor | None,
 ) -> Tensor:
     """The training step from plain differentiable ops, for ``torch.compile`` to fuse.
 
@@ -357,16 +444,18 @@ def _renorm_traced(
     dims = [0, *range(2, x.dim())]
     xf = as_dtype(x, stat_dtype(x))
     var, mean = torch.var_mean(xf, dim=dims, correction=0)
+    mean_b, var_b = mean.detach(), var.detach()
     dtype = stat_dtype(running_mean)
-    r, d = _step_factors(mean.detach(), var.detach(), running_mean, running_var, eps, r_max, d_max)
+    factors = _step_factors(
+        mean_b, var_b, running_mean, running_var, eps, r_max, d_max, running_mean
+    )
     weight = None if weight is None else as_dtype(weight, dtype)
     bias = None if bias is None else as_dtype(bias, dtype)
-    scale, shift = _fold(weight, bias, as_dtype(r, dtype), as_dtype(d, dtype))
+    scale, shift = _fold(weight, bias, as_dtype(factors[1], dtype), as_dtype(factors[2], dtype))
     shape = [1, -1] + [1] * (x.dim() - 2)
     scale = torch.rsqrt(var + eps) * scale
     out = torch.addcmul(shift.view(shape), xf - mean.view(shape), scale.view(shape))
-    count = x.numel() // x.shape[1]
-    _update_running(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
+    _update_running(running_mean, running_var, mean_b, var_b, x, momentum, num_batches_tracked)
     return as_dtype(out, x.dtype)
 
 
@@ -383,31 +472,16 @@ def _check_renorm_call(
         raise ValueError(
             f"{name}: `momentum=None` (cumulative average) needs `num_batches_tracked`"
         )
+    if local and running_mean is not None and stat_dtype(x) != stat_dtype(running_mean):
+        raise RuntimeError(  # what F.batch_norm raises, but before the buffers are updated
+            f"{name}: expected an input of dtype {running_mean.dtype} or lower precision "
+            f"for running statistics of that dtype, got {x.dtype}"
+        )
     if local and x.numel() and x.numel() // x.shape[1] <= 1:
         raise ValueError(
             f"{name}: expected more than 1 value per channel when using batch statistics "
             f"(training), got input of shape {tuple(x.shape)}"
         )
-
-
-def _ema_factor(
-    momentum: float | None, num_batches_tracked: Tensor | None, on_host: bool
-) -> float | Tensor:
-    """This step's running-average factor (:func:`lightning_norms._moments.ema_factor`).
-
-    ``num_batches_tracked`` counts the steps before this one; without it (statistics not
-    tracked) there is nothing to update and the factor is 0. ``momentum=None``: a 0-dim
-    tensor on the device (no host read), or with ``on_host`` a float (for ``F.batch_norm``,
-    which reads it as ``nn.BatchNorm*d`` does).
-    """
-    if momentum is not None:
-        return momentum
-    if num_batches_tracked is None:
-        return 0.0
-    if on_host:
-        return float(ema_factor(None, float(num_batches_tracked) + 1.0))
-    steps = num_batches_tracked.reshape(()).to(accumulate_dtype(num_batches_tracked.device))
-    return ema_factor(None, steps + 1.0)
 
 
 def batch_renorm(
@@ -521,25 +595,23 @@ def batch_renorm(
             )
         if x.numel() == 0:  # as nn.BatchNorm*d: an empty output, no statistics to take
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-    renorm = training and tracked and not _is_plain_bn(r_max, d_max)
-    factor = _ema_factor(momentum, steps, on_host=not renorm)
-    if renorm:
-        out = _renorm_train(
+    if training and tracked and not _is_plain_bn(r_max, d_max):
+        return _renorm_train(
             x,
             cast(Tensor, running_mean),
             cast(Tensor, running_var),
             weight,
             bias,
-            factor,
+            momentum,
             eps,
             r_max,
             d_max,
+            steps,
         )
-    else:
-        momentum_float = cast(float, factor)  # on_host: a float
-        out = F.batch_norm(
-            x, running_mean, running_var, weight, bias, training, momentum_float, eps
-        )
+    factor = momentum
+    if factor is None:  # a float for F.batch_norm: read from the counter as nn.BatchNorm*d
+        factor = 0.0 if steps is None else float(ema_factor(None, float(steps) + 1.0))
+    out = F.batch_norm(x, running_mean, running_var, weight, bias, training, factor, eps)
     if steps is not None:
         steps.add_(1)
     return out
