@@ -401,9 +401,27 @@ def update_running(
         >>> mean.tolist(), var.tolist()
         ([[1.0, 1.0]], [[1.5, 0.5]])
     """
-    dtype = running_mean.dtype
-    factor = running_factor(moments.n, momentum, num_batches_tracked, dtype)
+    factor = running_factor(moments.n, momentum, num_batches_tracked, running_mean.dtype)
     unbiased = moments.m2 / (moments.n - 1).clamp(min=1).unsqueeze(1)
-    mean, unbiased = as_dtype(moments.mean, dtype), as_dtype(unbiased, dtype)
-    running_mean.lerp_(mean, factor)
-    running_var.lerp_(unbiased, factor)
+    lerp_running(running_mean, running_var, moments.mean, unbiased, factor)
+
+
+def lerp_running(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: Tensor
+) -> None:
+    """The one running-statistics step: ``running += factor * (batch - running)`` (``lerp``).
+
+    ``mean`` and the unbiased ``var`` (``[G, C]``) and ``factor`` (``[G, 1]``, from
+    :func:`running_factor`; 0 leaves a group's rows exactly as they are) are cast to the
+    buffers' dtype; two in-place ops.
+
+    Example:
+        >>> mean, var, half = torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[0.5]])
+        >>> lerp_running(mean, var, torch.ones(1, 2), torch.full((1, 2), 3.0), half)
+        >>> mean.tolist(), var.tolist()
+        ([[0.5, 0.5]], [[2.0, 2.0]])
+    """
+    dtype = running_mean.dtype
+    factor = as_dtype(factor, dtype)
+    running_mean.lerp_(as_dtype(mean, dtype), factor)
+    running_var.lerp_(as_dtype(var, dtype), factor)

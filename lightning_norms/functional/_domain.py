@@ -15,6 +15,7 @@ in a per-sample batch is normalised with its running statistics (:func:`_rare_do
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import Counter
 from typing import Any, NamedTuple, cast
@@ -27,9 +28,11 @@ from lightning_norms._moments import (
     Moments,
     all_reduce_moments,
     as_dtype,
-    batch_moments,
     ema_factor,
     kernel_input_dtype,
+    lerp_running,
+    row_moments,
+    running_factor,
     stat_dtype,
     update_running,
 )
@@ -49,6 +52,14 @@ def _eager() -> bool:
     """Whether host-needing checks may run (not while ``torch.compile``, ``torch.func`` or
     ``torch.jit.trace`` trace)."""
     return not (torch.compiler.is_compiling() or _functorch() or torch.jit.is_tracing())
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off where it is on: the statistics' products (``mm``, which autocast would
+    run in fp16/bf16) stay in the statistics' dtype."""
+    if device.type in ("cpu", "cuda", "mps", "xpu") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _check_domains(
@@ -187,14 +198,6 @@ def _check_counts(count: Tensor, name: str) -> None:
         )
 
 
-def _local_moments(x3: Tensor, ids: Tensor, num_domains: int) -> Moments:
-    """This rank's per-domain moments of ``[N, C, L]`` rows (count 0 everywhere when empty)."""
-    if x3.numel():
-        return batch_moments(x3, ids, num_domains)
-    zeros = x3.new_zeros(num_domains, x3.shape[1], dtype=stat_dtype(x3))
-    return Moments(zeros[:, 0], zeros, zeros)
-
-
 def _domain_stats(
     x3: Tensor, ids: Tensor, num_domains: int, group: Group, name: str, *, check: bool = True
 ) -> Moments:
@@ -208,7 +211,8 @@ def _domain_stats(
     when synchronised; per-sample ids pass ``check=False`` (see :func:`_rare_domains`).
     """
     with torch.no_grad():
-        moments = _local_moments(x3, ids, num_domains)
+        route = routing(ids, num_domains, x3.shape[2], stat_dtype(x3))
+        _, moments = _local_moments(x3, route)
         if group is not None:
             (moments,) = all_reduce_moments([moments], group[0])
     if check and _eager():
@@ -281,7 +285,9 @@ def domain_batch_stats(
     """
     domains = _check_domains(domains, x.shape[0], num_domains, "domain_batch_stats")
     with torch.no_grad():
-        moments = _local_moments(_rows(x), _expand_domains(domains, x), num_domains)
+        x3 = _rows(x)
+        route = routing(_expand_domains(domains, x), num_domains, x3.shape[2], stat_dtype(x3))
+        _, moments = _local_moments(x3, route)
         if _sync_world(sync, process_group):
             (moments,) = all_reduce_moments([moments], process_group)
         return moments.n, moments.mean, moments.var(unbiased=False)
@@ -294,17 +300,148 @@ def _fold_domains(grad: Tensor, param: tuple[int, torch.dtype]) -> Tensor:
     return as_dtype(grad, param[1])
 
 
+class Routing(NamedTuple):
+    """Which domain each of ``N`` rows belongs to, as small matrices (see :func:`routing`).
+
+    ``onehot [D, N]`` (1 where row ``r`` is of domain ``d``); ``weights [2D, N]``: the onehot
+    scaled by ``1 / rows_d`` (means over a domain's rows), then by ``L / (n_d - 1)`` (an
+    unbiased variance from per-row spreads); ``offset [2D, 1]``: ``eps``, then 0 (what
+    ``addmm`` adds: ``[var + eps; unbiased var]`` in one product); ``neg_inv_count [D, 1]``:
+    ``-1 / n_d`` (0 for an absent domain); ``counts [D]``: elements ``n_d``; ``present``:
+    ``LongTensor[D]``, 1 where ``n_d > 0``; ``factor [D, 1]``: ``momentum * present``
+    (``None`` for ``momentum=None``). All in the statistics' dtype on the ids' device.
+    """
+
+    onehot: Tensor
+    weights: Tensor
+    offset: Tensor
+    neg_inv_count: Tensor
+    counts: Tensor
+    present: Tensor
+    factor: Tensor | None
+
+
+def _build_routing(
+    ids: Tensor, num_domains: int, per_row: int, dtype: torch.dtype, eps: float,
+    momentum: float | None,
+) -> Routing:
+    """:class:`Routing` of ``ids`` for rows of ``per_row`` elements (about 15 tiny ops)."""
+    with torch.no_grad():
+        domains = torch.arange(num_domains, device=ids.device).unsqueeze(1)
+        onehot = (ids.unsqueeze(0) == domains).to(dtype)
+        rows = onehot.sum(1, keepdim=True)
+        count = rows * per_row
+        unbiased = per_row / (count - 1.0).clamp(min=1.0)
+        weights = torch.cat([onehot / rows.clamp(min=1.0), onehot * unbiased])
+        offset = torch.cat([rows.new_full((num_domains, 1), eps), rows.new_zeros(num_domains, 1)])
+        neg_inv = torch.where(count > 0, count.clamp(min=1.0).reciprocal().neg(), 0.0)
+        present = count.flatten() > 0
+        factor = None if momentum is None else present.to(dtype).unsqueeze(1) * momentum
+        return Routing(
+            onehot, weights, offset, neg_inv, count.flatten(), present.long(), factor
+        )
+
+
+_ROUTES: dict[tuple[Any, ...], Routing] = {}
+"""Routings of the ids tensor in :data:`_ROUTED`, per ``(D, L, dtype, eps, momentum)``."""
+_ROUTED: list[tuple[weakref.ref[Tensor], int]] = []
+
+
+def routing(
+    ids: Tensor, num_domains: int, per_row: int, dtype: torch.dtype, eps: float = 1e-5,
+    momentum: float | None = None,
+) -> Routing:
+    """The :class:`Routing` of ``ids``: built once per ids tensor (and version) and layer shape.
+
+    Every layer a ``domain()`` block (or one ids tensor passed to each layer) routes shares
+    it, so the layers' calls launch no op for it; a new or changed ids tensor (an in-place
+    change bumps its version) drops the old routings. Not cached while ``torch.compile``,
+    ``torch.func`` or ``torch.jit.trace`` trace (the ops become part of the graph), for
+    inference tensors (no version) or in inference mode.
+    """
+    args = (ids, num_domains, per_row, dtype, eps, momentum)
+    if not _eager() or ids.is_inference() or torch.is_inference_mode_enabled():
+        return _build_routing(*args)
+    if not (_ROUTED and _ROUTED[0][0]() is ids and _ROUTED[0][1] == ids._version):
+        _ROUTES.clear()
+        _ROUTED[:] = [(weakref.ref(ids), ids._version)]
+    key = args[1:]
+    if key not in _ROUTES:
+        _ROUTES[key] = _build_routing(*args)
+    return _ROUTES[key]
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics: ``mean [N, C]`` of each ``(sample, channel)`` row and ``dev``,
+    that mean minus its domain's mean (the backward's sums are taken about the row mean and
+    moved to the domain mean with ``dev``)."""
+
+    mean: Tensor
+    dev: Tensor
+
+
+def _row_stats(x3: Tensor, route: Routing) -> tuple[RowStats, Tensor, Tensor]:
+    """Exact per-domain statistics of ``[N, C, L]`` rows: ``(rows, mean [D, C], var [2D, C])``.
+
+    One fused pass per row (:func:`~lightning_norms._moments.row_moments`), then Chan's merge
+    as three small products: ``mean_d = W_mean @ mean_r``, ``dev = mean_r - mean_{d(r)}``,
+    ``[var_d + eps; unbiased var_d] = offset + W @ (var_r + dev**2)``. A non-finite value in
+    one row makes every domain's statistics non-finite (0 * inf in the products), as one
+    BatchNorm over the batch would.
+    """
+    d = route.onehot.shape[0]
+    if x3.numel():
+        mean_r, var_r = row_moments(x3)
+    else:  # a rank without data (synchronised): no rows, or rows of no elements
+        mean_r = var_r = x3.new_zeros(x3.shape[:2], dtype=route.onehot.dtype)
+    with _autocast_off(x3.device):
+        mean = torch.mm(route.weights[:d], mean_r)
+        dev = torch.addmm(mean_r, route.onehot.t(), mean, alpha=-1.0)
+        var = torch.addmm(route.offset, route.weights, torch.addcmul(var_r, dev, dev))
+    return RowStats(mean_r, dev), mean, var
+
+
+def _local_moments(x3: Tensor, route: Routing) -> tuple[RowStats, Moments]:
+    """This rank's per-domain ``Moments`` of ``[N, C, L]`` rows, and the row statistics."""
+    rows, mean, var = _row_stats(x3, route)
+    d = mean.shape[0]
+    m2 = (var[d:] * (route.counts.unsqueeze(1) - 1.0).clamp(min=0.0)).view_as(mean)
+    return rows, Moments(route.counts, mean, m2)
+
+
 def _scale_shift(
     mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Per-domain ``scale = gamma / sigma`` and ``shift = beta - mu * scale`` (``[D, C]``).
+) -> Tensor:
+    """Per-domain ``[scale | shift]`` (``[D, 2C]``): ``scale = gamma / sigma``,
+    ``shift = beta - mu * scale``.
 
-    In the statistics' dtype (fp16/bf16 parameters are used in fp32, as the statistics).
+    In the statistics' dtype (fp16/bf16 parameters are used in fp32, as the statistics); the
+    two ops write into one buffer when they may (:func:`_halves`).
     """
-    scale = invstd if weight is None else invstd * as_dtype(weight, invstd.dtype)
+    d, c = mean.shape
+    packed, left, right = _halves(d, c, mean)
+    if weight is None:
+        scale = invstd if left is None else left.copy_(invstd)
+    else:
+        scale = torch.mul(invstd, as_dtype(weight, invstd.dtype), out=left)
     if bias is None:
-        return scale, (mean * scale).neg_()
-    return scale, torch.addcmul(as_dtype(bias, invstd.dtype), mean, scale, value=-1.0)
+        shift = torch.mul(mean, scale, out=right).neg_()
+    else:
+        shift = torch.addcmul(as_dtype(bias, invstd.dtype), mean, scale, value=-1.0, out=right)
+    return torch.cat([scale, shift], 1) if packed is None else packed
+
+
+def _halves(
+    rows: int, c: int, like: Tensor
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """A ``[rows, 2C]`` buffer and its two halves, for ops to write into (``out=``) instead
+    of a ``cat`` after them; ``(None, None, None)`` where ``out=`` is not allowed: with grad
+    mode on (autograd), while tracing, or under ``torch.func`` (a batched op cannot write into
+    an unbatched buffer)."""
+    if torch.is_grad_enabled() or not _eager():
+        return None, None, None
+    packed = torch.empty(rows, 2 * c, dtype=like.dtype, device=like.device)
+    return packed, packed[:, :c], packed[:, c:]
 
 
 def _low_precision(x3: Tensor, coefs: Tensor) -> bool:
@@ -336,125 +473,197 @@ def _row_kernel(x3: Tensor, scale: Tensor, shift: Tensor | None) -> Tensor:
     return torch.ops.aten._unsafe_view(out, (n, c, length))
 
 
-def _affine_rows(x3: Tensor, ids: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``x * scale[ids] + shift[ids]`` per ``(sample, channel)`` row: one elementwise op.
+def _affine_rows(x3: Tensor, rows: Tensor) -> Tensor:
+    """``x * rows[:, :C] + rows[:, C:]`` per ``(sample, channel)`` row: one elementwise op.
 
-    fp16/bf16 on CPU/CUDA: :func:`_row_kernel` (computed in fp32, no fp32 activation).
-    Returns a new ``[N, C, L]`` tensor in ``x3``'s dtype (never a view).
+    ``rows``: ``[N, 2C]`` per-row ``[scale | shift]``. fp16/bf16 on CPU/CUDA:
+    :func:`_row_kernel` (computed in fp32, no fp32 activation). Returns a new ``[N, C, L]``
+    tensor in ``x3``'s dtype (never a view).
     """
-    c = scale.shape[1]
-    rows = torch.cat([scale, shift], 1).index_select(0, ids)
+    c = x3.shape[1]
     if _low_precision(x3, rows):
         return _row_kernel(x3, rows[:, :c], rows[:, c:])
-    rows = rows.unsqueeze(2)
-    out = torch.addcmul(rows[:, c:], x3, rows[:, :c])
-    return as_dtype(out, x3.dtype)
+    rows3 = rows.unsqueeze(2)
+    return as_dtype(torch.addcmul(rows3[:, c:], x3, rows3[:, :c]), x3.dtype)
 
 
-def _row_grad_sums(g3: Tensor, x3: Tensor, mean_rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row ``sum(dy)`` and ``sum(dy * (x - mean))`` as ``[N, C]``, in one fused pass.
+_ONES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+"""Constant ones the backward's reduction kernel takes as weight, per size, dtype, device."""
+
+
+def _ones(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A ones vector, made once per size, dtype and device in eager mode (never written)."""
+    if not _eager() or torch.is_inference_mode_enabled():
+        return torch.ones(numel, dtype=dtype, device=device)
+    if len(_ONES) > 64:
+        _ONES.clear()
+    key = (numel, dtype, device)
+    if key not in _ONES:
+        _ONES[key] = torch.ones(numel, dtype=dtype, device=device)
+    return _ONES[key]
+
+
+def _row_grad_sums(g3: Tensor, x3: Tensor, rows: RowStats) -> tuple[Tensor, Tensor]:
+    """Per-row ``sum(dy)`` and ``sum(dy * (x - mu_d))`` as ``[N, C]``, in one fused pass.
 
     ``native_batch_norm_backward`` over the ``[1, N*C, L]`` view (every row a "channel", with
-    unit weight and invstd), whose parameter gradients are exactly these sums. One position
-    per row (``BatchNorm1d`` on ``(N, C)``): no reduction at all (``N*C`` one-element
-    reductions on CUDA otherwise), the sums are ``dy`` and ``dy * (x - mean)`` elementwise.
+    unit weight and invstd, about the row mean), whose parameter gradients are
+    ``sum(dy)`` and ``sum(dy * (x - mean_r))``; ``+ sum(dy) * dev`` moves the second to the
+    domain mean. One position per row (``BatchNorm1d`` on ``(N, C)``): no reduction at all,
+    the sums are ``dy`` and ``dy * dev`` elementwise; no element (a rank without data): 0.
     The kernel gets the input in :func:`~lightning_norms._moments.kernel_input_dtype`
     (upcast off CPU/CUDA, e.g. MPS).
     """
     n, c, length = x3.shape
+    dtype = rows.mean.dtype
+    if not x3.numel():  # a rank without data (synchronised): nothing to sum
+        zeros = rows.mean.new_zeros(n, c)
+        return zeros, zeros
     if length == 1:
-        g, x = as_dtype(g3.view(n, c), mean_rows.dtype), as_dtype(x3.view(n, c), mean_rows.dtype)
-        return g, g * (x - mean_rows)
-    dtype = kernel_input_dtype(x3.device, x3.dtype, mean_rows.dtype)
-    g3, x3 = as_dtype(g3, dtype), as_dtype(x3, dtype)
-    ones = torch.ones(n * c, dtype=mean_rows.dtype, device=x3.device)
+        g = as_dtype(g3.view(n, c), dtype)
+        return g, g * rows.dev
+    kernel = kernel_input_dtype(x3.device, x3.dtype, dtype)
+    g3, x3 = as_dtype(g3, kernel), as_dtype(x3, kernel)
+    ones = _ones(n * c, dtype, x3.device)
     _, row_dot, row_sum = torch.ops.aten.native_batch_norm_backward(
         g3.view(1, n * c, length),
         x3.view(1, n * c, length),
-        ones,
         None,
         None,
-        mean_rows.reshape(-1),
+        None,
+        rows.mean.reshape(-1),
         ones,
         True,
         0.0,
         [False, True, True],
     )
-    return row_sum.view(n, c), row_dot.view(n, c)
+    row_sum = row_sum.view(n, c)
+    return row_sum, torch.addcmul(row_dot.view(n, c), row_sum, rows.dev)
 
 
 Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
 
 
 KernelStats = tuple[Tensor, Tensor, Tensor]
-"""``(inv_count [D, 1], mean [D, C], invstd [D, C])``: what :class:`_DomainBatchNormFn` uses."""
+"""``(neg_inv_count [D, 1], mean [D, C], invstd [D, C])``: what :class:`_DomainBatchNormFn`
+uses; ``-1 / count``, 0 for a domain of fixed statistics or none."""
 
 
 def _kernel_stats(stats: Moments, eps: float) -> KernelStats:
-    """Per-domain ``1 / count`` (0 where the count is 0), mean and ``1 / sqrt(var + eps)``.
+    """Per-domain ``-1 / count`` (0 where the count is 0), mean and ``1 / sqrt(var + eps)``.
 
-    Computed once per call, for the forward and the backward. A domain of count 0 with rows
-    has fixed statistics (:func:`_rare_domains`: ``M2`` holds its variance, divided by 1).
+    A domain of count 0 with rows has fixed statistics (:func:`_rare_domains`: ``M2`` holds
+    its variance, divided by 1).
     """
     count = stats.n.unsqueeze(1)
     inv = count.clamp(min=1).reciprocal()
     invstd = (stats.m2 * inv).add_(eps).rsqrt_()
-    return torch.where(count > 0, inv, 0.0), stats.mean, invstd
+    return torch.where(count > 0, inv.neg_(), 0.0), stats.mean, invstd
+
+
+class Prepared(NamedTuple):
+    """What the kernel's forward uses and its backward keeps: the routing's ``onehot``, the
+    :class:`RowStats` and the per-domain ``coefs [D, 2C]`` (``[scale | shift]``) with their
+    per-row gather ``rows [N, 2C]``."""
+
+    onehot: Tensor
+    stats: RowStats
+    coefs: Tensor
+    rows: Tensor
+
+
+def _prepare(
+    x3: Tensor,
+    ids: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    stats: KernelStats,
+    rows: RowStats | None = None,
+    onehot: Tensor | None = None,
+) -> Prepared:
+    """:class:`Prepared` for :class:`_DomainBatchNormFn` (no gradient). Without ``rows``
+    (statistics computed elsewhere, e.g. synchronised), the row statistics are taken here."""
+    _, mean, invstd = stats
+    with torch.no_grad(), _autocast_off(x3.device):
+        if onehot is None:
+            onehot = routing(ids, mean.shape[0], 1, mean.dtype).onehot
+        if rows is None:
+            mean_r = row_moments(x3)[0] if x3.numel() else mean.new_zeros(x3.shape[:2])
+            rows = RowStats(mean_r, torch.addmm(mean_r, onehot.t(), mean, alpha=-1.0))
+        coefs = _scale_shift(mean, invstd, weight, bias)
+        return Prepared(onehot, rows, coefs, coefs.index_select(0, ids))
 
 
 def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
     """First-order gradients of :class:`_DomainBatchNormFn` in a few fused passes (no graph).
 
-    ``dx = scale * (dy - E_d[dy] - (x - mu_d) invstd_d^2 E_d[dy (x - mu_d)])`` regrouped as
-    ``a_r * dy + b_r * x + c_r`` with per-row coefficients: two elementwise ops.
+    ``dx = s (dy - E_d[dy] - xhat E_d[dy xhat])`` (``s = gamma invstd_d``) regrouped as
+    ``s_r * dy + b_r * x + c_r`` with per-domain ``b = -s invstd E_d[dy xhat]`` and
+    ``c = -s E_d[dy] - b mu``: the per-row sums (one pass), two products with the onehot, a
+    few ``[D, C]`` ops, one gather and two elementwise ops.
     """
-    x3, ids, weight, inv_count, mean, invstd, scale = saved
-    c = mean.shape[1]
-    g3 = g3.contiguous()
-    grad_x = None
-    if x3.numel():
-        row_sum, row_dot = _row_grad_sums(g3, x3, mean.index_select(0, ids))
-        rows = as_dtype(torch.cat([row_sum, row_dot], 1), mean.dtype)
-        sums = rows.new_zeros(mean.shape[0], 2 * c).index_add(0, ids, rows)
-    else:
-        sums = mean.new_zeros(mean.shape[0], 2 * c)
-    grad_weight = grad_bias = None
+    x3, ids, weight, neg_inv, mean, invstd, onehot, row_mean, dev, coefs, rows = saved
+    d, c = mean.shape
+    row_sum, row_dot = _row_grad_sums(g3.contiguous(), x3, RowStats(row_mean, dev))
+    _, left, right = _halves(d, c, mean)
+    sum_dy = torch.mm(onehot, row_sum, out=left)
+    sum_dot = torch.mm(onehot, row_dot, out=right)  # sum_d dy (x - mu_d)
+    sum_xhat = sum_dot * invstd  # sum_d dy xhat: gamma's gradient
+    grad_weight = grad_bias = grad_x = None
     if weight is not None and ctx.needs_input_grad[1]:
-        grad_weight = _fold_domains(sums[:, c:] * invstd, ctx.weight_meta)
+        grad_weight = _fold_domains(sum_xhat, ctx.weight_meta)
     if ctx.needs_input_grad[2]:
-        grad_bias = _fold_domains(sums[:, :c].clone(), ctx.bias_meta)
+        grad_bias = _fold_domains(sum_dy, ctx.bias_meta)
     if ctx.needs_input_grad[0]:
         if ctx.group is not None:  # input gradients see every rank's sums, as SyncBatchNorm
-            sums = _AllReduceSum.apply(sums, ctx.group[0])
-        means = sums * inv_count  # [E_d[dy] | E_d[dy (x - mu)]]
-        k = invstd.square().mul_(means[:, c:])
-        shifted = torch.addcmul(means[:, :c], k, mean, value=-1.0)  # E_d[dy] - k mu
-        # per domain [scale | -scale k | -scale (E_d[dy] - k mu)]
-        signed = torch.stack([k, shifted], 1).mul_(scale.unsqueeze(1)).neg_().flatten(1)
-        coefs = torch.cat([scale, signed], 1)
-        if _low_precision(x3, coefs) and g3.dtype == x3.dtype:
-            return _low_precision_grad(g3, x3, coefs.index_select(0, ids)), grad_weight, grad_bias
-        rows3 = coefs.index_select(0, ids).unsqueeze(2)
-        grad_x = torch.addcmul(rows3[:, 2 * c :], x3, rows3[:, c : 2 * c])
-        if _functorch():  # out of place: grad_x may be unbatched where g3 is batched
-            grad_x = torch.addcmul(grad_x, g3, rows3[:, :c])
-        else:  # in place: no second activation-sized temporary
-            grad_x = grad_x.addcmul_(g3, rows3[:, :c])
-        grad_x = as_dtype(grad_x, x3.dtype)
+            sums = _AllReduceSum.apply(torch.cat([sum_dy, sum_xhat], 1), ctx.group[0])
+            sum_dy, sum_xhat = sums[:, :c], sums[:, c:]
+        stats = (neg_inv, mean, invstd)
+        grad_x = _input_grad(g3, x3, ids, stats, (sum_dy, sum_xhat), (coefs, rows))
     return grad_x, grad_weight, grad_bias
 
 
-def _low_precision_grad(g3: Tensor, x3: Tensor, rows: Tensor) -> Tensor:
-    """``a * dy + (b * x + c)`` for fp16/bf16 ``g3``, ``x3`` and fp32 rows ``[N, 3C] = [a|b|c]``.
+def _input_grad(
+    g3: Tensor,
+    x3: Tensor,
+    ids: Tensor,
+    stats: KernelStats,
+    sums: tuple[Tensor, Tensor],
+    coefs: tuple[Tensor, Tensor],
+) -> Tensor:
+    """``dx = s_r dy + b_r x + c_r`` from the per-domain ``sum_d dy`` and ``sum_d dy xhat``
+    (see :func:`_fused_grads`)."""
+    neg_inv, mean, invstd = stats
+    (sum_dy, sum_xhat), (per_domain, per_row) = sums, coefs
+    d, c = mean.shape
+    scale = per_domain[:, :c]
+    packed, left, right = _halves(d, c, mean)
+    b = torch.mul(torch.mul(scale, invstd), sum_xhat * neg_inv, out=left)
+    coef = torch.mul(sum_dy, neg_inv).mul_(scale)  # -s E_d[dy]
+    coef = torch.addcmul(coef, b, mean, value=-1.0, out=right)
+    bc = (torch.cat([b, coef], 1) if packed is None else packed).index_select(0, ids)
+    if _low_precision(x3, bc) and g3.dtype == x3.dtype:
+        return _low_precision_grad(g3, x3, per_row[:, :c], bc)
+    bc3 = bc.unsqueeze(2)
+    grad_x = torch.addcmul(bc3[:, c:], x3, bc3[:, :c])
+    a3 = per_row[:, :c].unsqueeze(2)
+    # in place (no second activation-sized temporary) unless under torch.func, where grad_x
+    # may be unbatched and g3 batched
+    grad_x = torch.addcmul(grad_x, g3, a3) if _functorch() else grad_x.addcmul_(g3, a3)
+    return as_dtype(grad_x, x3.dtype)
+
+
+def _low_precision_grad(g3: Tensor, x3: Tensor, scale: Tensor, bc: Tensor) -> Tensor:
+    """``s * dy + (b * x + c)`` for fp16/bf16 ``g3``, ``x3``, fp32 rows ``scale [N, C]`` and
+    ``bc [N, 2C] = [b | c]``.
 
     Both terms from :func:`_row_kernel` (fp32 inside, each rounded once to ``x3``'s dtype),
     added in place in that dtype: no activation-sized fp32 tensor (about one rounding more
     than a single fp32 expression; not used under ``torch.func``, see :func:`_low_precision`).
     """
-    c = rows.shape[1] // 3
-    linear = _row_kernel(x3, rows[:, c : 2 * c], rows[:, 2 * c :])
-    scaled = _row_kernel(g3, rows[:, :c], None)
-    return linear.add_(scaled)
+    c = scale.shape[1]
+    linear = _row_kernel(x3, bc[:, :c], bc[:, c:])
+    return linear.add_(_row_kernel(g3, scale, None))
 
 
 def _graph_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
@@ -474,11 +683,12 @@ def _graph_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
     (means over the domain's elements on all ranks), in fp32 at least. Autograd
     differentiates this graph, so double backward (gradient penalties) is exact.
     """
-    x3, ids, weight, inv_count, mean, fixed_invstd, _ = saved
+    x3, ids, weight, neg_inv, mean, fixed_invstd = saved[:6]
     group = ctx.group
     num_domains, c = mean.shape
     xf, gf = x3.to(mean.dtype), g3.to(mean.dtype)
-    fixed = inv_count == 0  # fixed statistics: constants, as in eval
+    inv_count = -neg_inv
+    fixed = neg_inv == 0  # fixed statistics: constants, as in eval
 
     def domain_sum(rows: Tensor, across_ranks: bool) -> Tensor:
         total = rows.new_zeros(num_domains, c).index_add(0, ids, rows)
@@ -514,17 +724,18 @@ class _DomainBatchNormFn(torch.autograd.Function):
     """BatchNorm of ``[N, C, L]`` rows with given per-domain batch statistics.
 
     Forward: ``y = x * scale_r + shift_r`` (:func:`_affine_rows`, one elementwise op) with the
-    per-domain ``scale = gamma / sigma_d``, ``shift = beta - mu_d * scale`` gathered per row;
-    the output is a new tensor, never a view, so an inplace op after the layer
-    (``nn.ReLU(inplace=True)``, ``out += identity``) is legal. ``stats`` are
-    ``(count [D], mean [D, C], M2 [D, C])``; a domain of count 0 with rows uses ``mean`` and
-    ``M2`` as fixed mean and variance (running statistics: eval formula and gradient).
-    Backward: :func:`_fused_grads` (one ``native_batch_norm_backward`` pass for the per-row
-    sums, merged per domain and all-reduced across ranks as torch's SyncBatchNorm does, then
-    ``a*dy + b*x + c``), or, when a graph of the gradient is asked for (``create_graph=True``:
-    grad mode is on inside ``backward``), :func:`_graph_grads` on the saved input, which stays
-    connected to the graph. ``forward`` without ``ctx`` plus ``setup_context`` and a generated
-    vmap rule: ``torch.func`` (``grad``, ``vmap``, ``functional_call``) works through it.
+    per-domain ``scale = gamma / sigma_d``, ``shift = beta - mu_d * scale`` gathered per row
+    (:class:`Prepared`, computed by the caller, or here when not given); the output is a new
+    tensor, never a view, so an inplace op after the layer (``nn.ReLU(inplace=True)``,
+    ``out += identity``) is legal. ``stats`` are :data:`KernelStats`; a domain with
+    ``neg_inv_count`` 0 and rows uses ``mean`` and ``invstd`` as fixed statistics (running
+    statistics: eval formula and gradient). Backward: :func:`_fused_grads` (one
+    ``native_batch_norm_backward`` pass for the per-row sums, merged per domain and
+    all-reduced across ranks as torch's SyncBatchNorm does, then ``a*dy + b*x + c``), or, when
+    a graph of the gradient is asked for (``create_graph=True``: grad mode is on inside
+    ``backward``), :func:`_graph_grads` on the saved input, which stays connected to the
+    graph. ``forward`` without ``ctx`` plus ``setup_context`` and a generated vmap rule:
+    ``torch.func`` (``grad``, ``vmap``, ``functional_call``) works through it.
     """
 
     generate_vmap_rule = True
@@ -538,17 +749,19 @@ class _DomainBatchNormFn(torch.autograd.Function):
         eps: float,
         group: Group,
         stats: KernelStats,
+        prepared: Prepared | None = None,
     ) -> Tensor:
-        _, mean, invstd = stats
-        return _affine_rows(x3, ids, *_scale_shift(mean, invstd, weight, bias))
+        prepared = prepared or _prepare(x3, ids, weight, bias, stats)
+        return _affine_rows(x3, prepared.rows)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         # Any, as in torch's docs: FunctionCtx's stub has neither saved_tensors nor
         # needs_input_grad, takes no None in save_for_backward, and no custom attributes
-        x3, weight, bias, ids, eps, group, (inv_count, mean, invstd) = inputs
-        scale = invstd if weight is None else invstd * as_dtype(weight, invstd.dtype)
-        ctx.save_for_backward(x3, ids, weight, inv_count, mean, invstd, scale)
+        x3, weight, bias, ids, eps, group, stats, *rest = inputs
+        prepared = (rest and rest[0]) or _prepare(x3, ids, weight, bias, stats)
+        onehot, (row_mean, dev), coefs, rows = prepared
+        ctx.save_for_backward(x3, ids, weight, *stats, onehot, row_mean, dev, coefs, rows)
         ctx.eps, ctx.group = eps, group
         ctx.weight_meta = None if weight is None else (weight.dim(), weight.dtype)
         ctx.bias_meta = None if bias is None else (bias.dim(), bias.dtype)
@@ -560,8 +773,9 @@ class _DomainBatchNormFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         g3 = grad_out.reshape(saved[0].shape)
         grad_fn = _graph_grads if torch.is_grad_enabled() else _fused_grads
-        grads = grad_fn(ctx, saved, g3)
-        return (*grads, None, None, None, None)
+        with _autocast_off(g3.device):
+            grads = grad_fn(ctx, saved, g3)
+        return (*grads, None, None, None, None, None)
 
 
 def _empty_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -641,7 +855,8 @@ def _eval_rows(
     """
     dtype = torch.promote_types(stat_dtype(x3), running_mean.dtype)
     invstd = torch.rsqrt(running_var.to(dtype) + eps)
-    return _affine_rows(x3, ids, *_scale_shift(running_mean.to(dtype), invstd, weight, bias))
+    coefs = _scale_shift(running_mean.to(dtype), invstd, weight, bias)
+    return _affine_rows(x3, coefs.index_select(0, ids))
 
 
 def _traced_rows(
@@ -665,8 +880,92 @@ def _traced_rows(
     inv_count = (rows * x3.shape[2]).clamp(min=1).reciprocal().unsqueeze(1)
     centred = xf - (zeros.index_add(0, ids, xf.sum(2)) * inv_count)[ids].unsqueeze(2)
     invstd = torch.rsqrt(zeros.index_add(0, ids, centred.square().sum(2)) * inv_count + eps)
-    scale, shift = _scale_shift(zeros, invstd, weight, bias)
-    return torch.addcmul(shift[ids].unsqueeze(2), centred, scale[ids].unsqueeze(2)).to(x3.dtype)
+    rows3 = _scale_shift(zeros, invstd, weight, bias)[ids].unsqueeze(2)
+    return torch.addcmul(rows3[:, c:], centred, rows3[:, :c]).to(x3.dtype)
+
+
+class Running(NamedTuple):
+    """The running state a training call updates: ``[D, C]`` mean and unbiased variance
+    (``None``: nothing to update), ``momentum`` (``None``: cumulative average),
+    ``LongTensor[D]`` batches per domain (or ``None``) and a ``BoolTensor[D]`` the one-value
+    domains are OR-ed into (or ``None``)."""
+
+    mean: Tensor | None
+    var: Tensor | None
+    momentum: float | None
+    num_batches_tracked: Tensor | None
+    rare_domains: Tensor | None
+
+
+def _local_train(
+    x3: Tensor,
+    ids: Tensor,
+    route: Routing,
+    affine: tuple[Tensor | None, Tensor | None],
+    eps: float,
+    running: Running,
+) -> Tensor:
+    """Training on this rank's rows with every present domain of 2 values or more.
+
+    The lean kernel: :func:`_row_stats` (5 ops), the scale and shift (4 ops), the output (1),
+    and a running update of 3 ops with the routing's cached factor.
+    """
+    with torch.no_grad():
+        rows, mean, var = _row_stats(x3, route)
+        d = mean.shape[0]
+        stats = (route.neg_inv_count, mean, var[:d].rsqrt())
+    prepared = _prepare(x3, ids, *affine, stats, rows, route.onehot)
+    out = _DomainBatchNormFn.apply(x3, *affine, ids, eps, None, stats, prepared)
+    if running.mean is not None and running.var is not None:
+        tracked, factor = running.num_batches_tracked, route.factor
+        with torch.no_grad():
+            if factor is None or factor.dtype != running.mean.dtype:
+                factor = running_factor(route.counts, running.momentum, tracked, running.mean.dtype)
+            elif tracked is not None:
+                tracked.add_(route.present)
+            lerp_running(running.mean, running.var, mean, var[d:], factor)
+    return out
+
+
+def _general_train(
+    x3: Tensor,
+    ids: Tensor,
+    route: Routing,
+    affine: tuple[Tensor | None, Tensor | None],
+    eps: float,
+    running: Running,
+    group: Group,
+    name: str,
+    rare: bool,
+) -> Tensor:
+    """Training with statistics all-reduced over ranks, or with one position per row.
+
+    This rank's moments (:func:`_local_moments`), all-reduced; with ``rare`` (per-sample ids)
+    a one-value domain takes its running statistics (:func:`_rare_domains`), else it raises
+    (an ``int`` domain, as ``nn.BatchNorm``); the row deviations are taken about the
+    statistics used.
+    """
+    with torch.no_grad():
+        rows, stats = _local_moments(x3, route)
+        if group is not None:
+            (stats,) = all_reduce_moments([stats], group[0])
+    if not rare and _eager():
+        _check_counts(stats.n, name)
+    with torch.no_grad():
+        if rare:
+            stats, fixed = _rare_domains(stats, running.mean, running.var)
+            if running.rare_domains is not None and _eager():
+                running.rare_domains.logical_or_(fixed)
+        kernel = _kernel_stats(stats, eps)
+        dev = torch.addmm(rows.mean, route.onehot.t(), stats.mean, alpha=-1.0)
+    prepared = _prepare(x3, ids, *affine, kernel, RowStats(rows.mean, dev), route.onehot)
+    out = _DomainBatchNormFn.apply(x3, *affine, ids, eps, group, kernel, prepared)
+    if running.mean is not None and running.var is not None:
+        with torch.no_grad():
+            update_running(
+                running.mean, running.var, stats, running.momentum, running.num_batches_tracked
+            )
+    return out
 
 
 def domain_batch_norm(
@@ -793,15 +1092,13 @@ def domain_batch_norm(
         return _eval_rows(x3, ids, running_mean, running_var, weight, bias, eps).view(x.shape)
     if running_mean is None and group is None and torch.jit.is_tracing():
         return _traced_rows(x3, ids, num_domains, weight, bias, eps).view(x.shape)
-    check = isinstance(domains, int) and group is not None  # else shape-checked above
-    stats = _domain_stats(x3, ids, num_domains, group, name, check=check)
-    # one value per channel needs one position per sample (or counts summed over ranks)
-    if not isinstance(domains, int) and (group is not None or x3.shape[2] == 1):
-        stats, rare = _rare_domains(stats, running_mean, running_var)
-        if rare_domains is not None and _eager():
-            rare_domains.logical_or_(rare)
-    out = _DomainBatchNormFn.apply(x3, weight, bias, ids, eps, group, _kernel_stats(stats, eps))
-    if training and running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            update_running(running_mean, running_var, stats, momentum, num_batches_tracked)
+    state = (running_mean, running_var) if training else (None, None)
+    running = Running(*state, momentum, num_batches_tracked, rare_domains)
+    with _autocast_off(x.device):
+        route = routing(ids, num_domains, x3.shape[2], stat_dtype(x3), eps, momentum)
+        if group is None and x3.shape[2] > 1:  # every present domain has 2 values or more
+            out = _local_train(x3, ids, route, (weight, bias), eps, running)
+        else:
+            rare = not isinstance(domains, int)  # an int domain raises on one value instead
+            out = _general_train(x3, ids, route, (weight, bias), eps, running, group, name, rare)
     return out.view(x.shape)
