@@ -27,21 +27,17 @@ from lightning_norms.layernorm import LayerNorm2d
 from lightning_norms.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 __all__ = [
-    "AFTER",
     "BN_SETTINGS",
     "KINDS",
-    "STATE",
     "SYNCED_TWINS",
     "NormAct",
     "NormKind",
     "after_norm",
-    "domain_row",
     "is_bn",
     "is_domain",
     "is_frozen",
     "is_small_batch_kind",
     "norm_state",
-    "qualname",
     "reads_back",
     "resolve",
 ]
@@ -51,8 +47,8 @@ Layer = type[nn.Module] | str | None
 
 BN_SETTINGS = ("eps", "momentum", "affine", "track_running_stats")
 """The settings a BatchNorm layer hands on to its replacement."""
-STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-AFTER = ("drop", "act")
+_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_AFTER = ("drop", "act")
 """The children a norm + activation layer applies after the norm (timm's order)."""
 
 
@@ -181,14 +177,14 @@ _READ_BACK_FORWARDS = frozenset(c.forward for c in _classes("reads_back"))
 _SMALL_BATCHES = _classes("small_batches")
 
 
-def qualname(module: nn.Module) -> str:
+def _qualname(module: nn.Module) -> str:
     """``module``'s class as ``package.module.Class``."""
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
 def is_frozen(module: nn.Module) -> bool:
     """A frozen BatchNorm (torchvision's ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d``)."""
-    return qualname(module) in _FROZEN
+    return _qualname(module) in _FROZEN
 
 
 def is_bn(module: nn.Module) -> bool:
@@ -252,7 +248,7 @@ def after_norm(
     """The ``drop`` and ``act`` children of a norm + activation layer, ``None`` for a plain
     norm, or ``ValueError`` for a forward it does not know."""
     if _is_norm_act(bn):
-        return {name: getattr(bn, name) for name in AFTER}
+        return {name: getattr(bn, name) for name in _AFTER}
     if is_frozen(bn) or type(bn).forward in _PLAIN_FORWARDS:
         return None
     raise ValueError(
@@ -262,7 +258,7 @@ def after_norm(
     )
 
 
-def domain_row(bn: nn.Module, where: str, domain: int | None, caller: str) -> int:
+def _domain_row(bn: nn.Module, where: str, domain: int | None, caller: str) -> int:
     """The row of a ``DomainBatchNorm`` named by ``domain`` (may be omitted with one domain)."""
     num_domains = int(getattr(bn, "num_domains", 1))
     if domain is None:
@@ -283,9 +279,9 @@ def domain_row(bn: nn.Module, where: str, domain: int | None, caller: str) -> in
 
 def norm_state(bn: nn.Module, where: str, domain: int | None, caller: str) -> dict[str, Tensor]:
     """The per-channel ``[C]`` state of ``bn`` (of domain ``k`` for a ``DomainBatchNorm``)."""
-    state = {n: t.detach() for n in STATE if isinstance(t := getattr(bn, n, None), Tensor)}
+    state = {n: t.detach() for n in _STATE if isinstance(t := getattr(bn, n, None), Tensor)}
     if is_domain(bn):
-        row = domain_row(bn, where, domain, caller)
+        row = _domain_row(bn, where, domain, caller)
         state = {
             n: t[row] if t.dim() == 2 or n == "num_batches_tracked" else t for n, t in state.items()
         }
