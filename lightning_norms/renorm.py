@@ -140,9 +140,7 @@ class BatchRenorm2d(_BatchRenorm):
     forward uses the ``r``, ``d`` (and so the warm-up limits) of the original forward, found by
     its batch statistics (see :func:`lightning_norms.functional.batch_renorm`): gradients equal
     those without checkpointing. As for ``nn.BatchNorm2d``, the recompute updates the running
-    statistics and ``num_batches_tracked`` again wherever torch's checkpoint re-runs the update
-    (twice per step; once when the non-reentrant recompute stops early, at a BatchRenorm that
-    ends the segment).
+    statistics and ``num_batches_tracked`` again (twice per step).
 
     Args:
         num_features: number of channels ``C``.

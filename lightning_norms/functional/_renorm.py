@@ -91,16 +91,22 @@ def renorm_limits(
     return 1.0 + (r_max - 1.0) * progress, d_max * progress
 
 
-def _make_rows(c: int, eps: float, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``[2, C]``: a row of ones and a row of ``-eps`` (fill kernels: no host-to-device copy)."""
+def _make_constants(
+    c: int, eps: float, device: torch.device, dtype: torch.dtype, acc: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Ones ``[C]`` in ``dtype`` and the column ``[eps] * 4 + [0] * 3`` in ``acc``.
+
+    Made by fill kernels (no host-to-device copy, so no stream synchronisation on CUDA).
+    """
     with torch.no_grad():
-        rows = torch.full((2, c), -eps, device=device, dtype=dtype)
-        rows[0].fill_(1.0)
-    return rows
+        ones = torch.ones(c, device=device, dtype=dtype)
+        column = torch.zeros(7, 1, device=device, dtype=acc)
+        column[:4].fill_(eps)
+    return ones, column
 
 
-_constant_rows = functools.lru_cache(maxsize=64)(_make_rows)
-""":func:`_make_rows` made once per channel count, ``eps``, device and dtype (eager only)."""
+_constants = functools.lru_cache(maxsize=64)(_make_constants)
+""":func:`_make_constants`, made once per channel count, ``eps``, device and dtypes (eager)."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -137,12 +143,12 @@ def _renorm_factors(
     r_max: float | Tensor,
     d_max: float | Tensor,
 ) -> Tensor:
-    """``[1, r, d, invstd]`` (``[4, C]``, in the buffers' :func:`stat_dtype`) in five ops.
+    """``[1, r, d, invstd]`` (``[4, C]``, in the buffers' :func:`stat_dtype`) in six ops.
 
     ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, +-d_max)``,
     ``invstd = 1 / sigma_B`` and a row of ones (the unit variance :class:`_RenormFn`'s eval
     kernel runs with) as one division of two row windows of a stacked table
-    ``sqrt([v + eps, v + eps, v + eps, v_B + eps, mu_B - mu, 1])``, computed in
+    ``sqrt([v + eps, v + eps, v + eps, v_B + eps]), mu_B - mu, 1`` computed in
     :func:`accumulate_dtype`: ``invstd`` is then the training kernel's own (the reciprocal of
     the float64 square root, rounded once), so with ``r = 1, d = 0`` the output is
     ``F.batch_norm``'s to the bit. The stack is also the snapshot of the buffers (never
@@ -152,17 +158,16 @@ def _renorm_factors(
     c, device = batch_var.shape[0], batch_var.device
     acc, dtype = accumulate_dtype(device), stat_dtype(running_mean)
     compiling = torch.compiler.is_compiling()
-    one, neg_eps = (_make_rows if compiling else _constant_rows)(c, eps, device, acc)
-    rows = [*[running_var] * 3, batch_var, batch_mean, one, *[neg_eps] * 4, running_mean]
-    traced = compiling or torch._C._are_functorch_transforms_active()
-    if traced:  # no out= arguments in a trace
-        table = torch.stack([as_dtype(row, acc) for row in rows])
-    else:
-        table = torch.stack(rows, out=torch.empty(len(rows), c, dtype=acc, device=device))
-    table[:5].sub_(table[6:])  # + eps on the variances, mu_B - mu
+    ones, column = (_make_constants if compiling else _constants)(
+        c, eps, device, batch_var.dtype, acc
+    )
+    # one dtype (a fast stack), then + eps in float64 (the training kernel's invstd)
+    rows = [running_var, running_var, running_var, batch_var, batch_mean, ones, running_mean]
+    table = torch.stack(rows).add_(column) if acc == batch_var.dtype else torch.stack(rows) + column
+    table[4].sub_(table[6])  # mu_B - mu
     table[:4].sqrt_()  # sigma (3 rows), sigma_B
-    if traced or acc == dtype:
-        factors = as_dtype(table[2:6] / table[:4], dtype)
+    if compiling or acc == dtype or torch._C._are_functorch_transforms_active():
+        factors = as_dtype(table[2:6] / table[:4], dtype)  # no out= in a trace
     else:  # computed in the accumulation dtype, rounded once
         out = torch.empty(4, c, dtype=dtype, device=device)
         factors = torch.div(table[2:6], table[:4], out=out)
@@ -338,6 +343,21 @@ class _RenormFn(torch.autograd.Function):
         return grad_x, grad_weight, grad_b if need_b else None, None, None, None, None
 
 
+class _RenormCtxFn(torch.autograd.Function):
+    """:class:`_RenormFn` as a ``forward(ctx, ...)`` Function, for calls outside ``torch.func``.
+
+    The same forward, saved tensors and backward; without ``setup_context``, whose argument
+    binding (``inspect.signature`` on every call) costs about 15 us per call on a CPU.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> Tensor:  # type: ignore[override]
+        _RenormFn.setup_context(ctx, inputs, None)  # type: ignore[arg-type]
+        return cast(Tensor, _RenormFn.forward(*inputs))
+
+    backward = staticmethod(_RenormFn.backward)  # type: ignore[assignment]
+
+
 def _renorm_train(
     x: Tensor,
     running_mean: Tensor,
@@ -395,7 +415,8 @@ def _renorm_train(
     weight = None if weight is None else as_dtype(weight, dtype)
     bias = None if bias is None else as_dtype(bias, dtype)
     scaled = factors[1:3] if weight is None else weight * factors[1:3]
-    return cast(Tensor, _RenormFn.apply(x, weight, bias, mean, factors, scaled, eps))
+    kernel = _RenormFn if torch._C._are_functorch_transforms_active() else _RenormCtxFn
+    return cast(Tensor, kernel.apply(x, weight, bias, mean, factors, scaled, eps))
 
 
 def _update_running(
