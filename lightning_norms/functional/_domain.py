@@ -210,7 +210,7 @@ def _domain_stats(
     eager mode, raises for a one-value domain before any state changes, on every rank alike
     when synchronised; per-sample ids pass ``check=False`` (see :func:`_rare_domains`).
     """
-    with torch.no_grad():
+    with torch.no_grad(), _autocast_off(x3.device):
         route = routing(ids, num_domains, x3.shape[2], stat_dtype(x3))
         _, moments = _local_moments(x3, route)
         if group is not None:
@@ -284,7 +284,7 @@ def domain_batch_stats(
         (tensor([2., 2., 0.]), tensor([ 2., 15.,  0.]), tensor([ 1., 25.,  0.]))
     """
     domains = _check_domains(domains, x.shape[0], num_domains, "domain_batch_stats")
-    with torch.no_grad():
+    with torch.no_grad(), _autocast_off(x.device):
         x3 = _rows(x)
         route = routing(_expand_domains(domains, x), num_domains, x3.shape[2], stat_dtype(x3))
         _, moments = _local_moments(x3, route)
@@ -385,7 +385,8 @@ def _row_stats(x3: Tensor, route: Routing) -> tuple[RowStats, Tensor, Tensor]:
 
     One fused pass per row (:func:`~lightning_norms._moments.row_moments`), then Chan's merge
     as three small products: ``mean_d = W_mean @ mean_r``, ``dev = mean_r - mean_{d(r)}``,
-    ``[var_d + eps; unbiased var_d] = offset + W @ (var_r + dev**2)``. A non-finite value in
+    ``[var_d + eps; unbiased var_d] = offset + W @ (var_r + dev**2)`` (callers run it without
+    grad and with autocast off, :func:`_autocast_off`). A non-finite value in
     one row makes every domain's statistics non-finite (0 * inf in the products), as one
     BatchNorm over the batch would.
     """
@@ -394,10 +395,9 @@ def _row_stats(x3: Tensor, route: Routing) -> tuple[RowStats, Tensor, Tensor]:
         mean_r, var_r = row_moments(x3)
     else:  # a rank without data (synchronised): no rows, or rows of no elements
         mean_r = var_r = x3.new_zeros(x3.shape[:2], dtype=route.onehot.dtype)
-    with _autocast_off(x3.device):
-        mean = torch.mm(route.weights[:d], mean_r)
-        dev = torch.addmm(mean_r, route.onehot.t(), mean, alpha=-1.0)
-        var = torch.addmm(route.offset, route.weights, torch.addcmul(var_r, dev, dev))
+    mean = torch.mm(route.weights[:d], mean_r)
+    dev = torch.addmm(mean_r, route.onehot.t(), mean, alpha=-1.0)
+    var = torch.addmm(route.offset, route.weights, torch.addcmul(var_r, dev, dev))
     return RowStats(mean_r, dev), mean, var
 
 
@@ -581,17 +581,17 @@ def _prepare(
     rows: RowStats | None = None,
     onehot: Tensor | None = None,
 ) -> Prepared:
-    """:class:`Prepared` for :class:`_DomainBatchNormFn` (no gradient). Without ``rows``
-    (statistics computed elsewhere, e.g. synchronised), the row statistics are taken here."""
+    """:class:`Prepared` for :class:`_DomainBatchNormFn` (callers run it without grad and
+    with autocast off). Without ``rows`` (statistics computed elsewhere), the row statistics
+    are taken here."""
     _, mean, invstd = stats
-    with torch.no_grad(), _autocast_off(x3.device):
-        if onehot is None:
-            onehot = routing(ids, mean.shape[0], 1, mean.dtype).onehot
-        if rows is None:
-            mean_r = row_moments(x3)[0] if x3.numel() else mean.new_zeros(x3.shape[:2])
-            rows = RowStats(mean_r, torch.addmm(mean_r, onehot.t(), mean, alpha=-1.0))
-        coefs = _scale_shift(mean, invstd, weight, bias)
-        return Prepared(onehot, rows, coefs, coefs.index_select(0, ids))
+    if onehot is None:
+        onehot = routing(ids, mean.shape[0], 1, mean.dtype).onehot
+    if rows is None:
+        mean_r = row_moments(x3)[0] if x3.numel() else mean.new_zeros(x3.shape[:2])
+        rows = RowStats(mean_r, torch.addmm(mean_r, onehot.t(), mean, alpha=-1.0))
+    coefs = _scale_shift(mean, invstd, weight, bias)
+    return Prepared(onehot, rows, coefs, coefs.index_select(0, ids))
 
 
 def _fused_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
@@ -751,7 +751,9 @@ class _DomainBatchNormFn(torch.autograd.Function):
         stats: KernelStats,
         prepared: Prepared | None = None,
     ) -> Tensor:
-        prepared = prepared or _prepare(x3, ids, weight, bias, stats)
+        if prepared is None:
+            with _autocast_off(x3.device):
+                prepared = _prepare(x3, ids, weight, bias, stats)
         return _affine_rows(x3, prepared.rows)
 
     @staticmethod
@@ -759,7 +761,10 @@ class _DomainBatchNormFn(torch.autograd.Function):
         # Any, as in torch's docs: FunctionCtx's stub has neither saved_tensors nor
         # needs_input_grad, takes no None in save_for_backward, and no custom attributes
         x3, weight, bias, ids, eps, group, stats, *rest = inputs
-        prepared = (rest and rest[0]) or _prepare(x3, ids, weight, bias, stats)
+        prepared = rest[0] if rest and rest[0] is not None else None
+        if prepared is None:
+            with torch.no_grad(), _autocast_off(x3.device):
+                prepared = _prepare(x3, ids, weight, bias, stats)
         onehot, (row_mean, dev), coefs, rows = prepared
         ctx.save_for_backward(x3, ids, weight, *stats, onehot, row_mean, dev, coefs, rows)
         ctx.eps, ctx.group = eps, group
@@ -776,6 +781,26 @@ class _DomainBatchNormFn(torch.autograd.Function):
         with _autocast_off(g3.device):
             grads = grad_fn(ctx, saved, g3)
         return (*grads, None, None, None, None, None)
+
+
+class _DomainBatchNormEagerFn(torch.autograd.Function):
+    """:class:`_DomainBatchNormFn` with ``forward(ctx, ...)``: the same kernel without the
+    argument binding (``inspect.signature``, about 40 us a call) that torch performs for a
+    Function with ``setup_context``; for eager calls (not usable under ``torch.func``)."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> Tensor:  # type: ignore[override]
+        out = _DomainBatchNormFn.forward(*inputs)
+        _DomainBatchNormFn.setup_context(ctx, inputs, out)
+        return out
+
+    backward = _DomainBatchNormFn.backward
+
+
+def _normalize(*inputs: Any) -> Tensor:
+    """:class:`_DomainBatchNormFn` applied to ``inputs`` (its eager twin outside transforms)."""
+    fn = _DomainBatchNormEagerFn if _eager() else _DomainBatchNormFn
+    return cast(Tensor, fn.apply(*inputs))
 
 
 def _empty_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -914,17 +939,15 @@ def _local_train(
         rows, mean, var = _row_stats(x3, route)
         d = mean.shape[0]
         stats = (route.neg_inv_count, mean, var[:d].rsqrt())
-    prepared = _prepare(x3, ids, *affine, stats, rows, route.onehot)
-    out = _DomainBatchNormFn.apply(x3, *affine, ids, eps, None, stats, prepared)
-    if running.mean is not None and running.var is not None:
-        tracked, factor = running.num_batches_tracked, route.factor
-        with torch.no_grad():
+        prepared = _prepare(x3, ids, *affine, stats, rows, route.onehot)
+        if running.mean is not None and running.var is not None:
+            tracked, factor = running.num_batches_tracked, route.factor
             if factor is None or factor.dtype != running.mean.dtype:
                 factor = running_factor(route.counts, running.momentum, tracked, running.mean.dtype)
             elif tracked is not None:
                 tracked.add_(route.present)
             lerp_running(running.mean, running.var, mean, var[d:], factor)
-    return out
+    return _normalize(x3, *affine, ids, eps, None, stats, prepared)
 
 
 def _general_train(
@@ -958,8 +981,8 @@ def _general_train(
                 running.rare_domains.logical_or_(fixed)
         kernel = _kernel_stats(stats, eps)
         dev = torch.addmm(rows.mean, route.onehot.t(), stats.mean, alpha=-1.0)
-    prepared = _prepare(x3, ids, *affine, kernel, RowStats(rows.mean, dev), route.onehot)
-    out = _DomainBatchNormFn.apply(x3, *affine, ids, eps, group, kernel, prepared)
+        prepared = _prepare(x3, ids, *affine, kernel, RowStats(rows.mean, dev), route.onehot)
+    out = _normalize(x3, *affine, ids, eps, group, kernel, prepared)
     if running.mean is not None and running.var is not None:
         with torch.no_grad():
             update_running(
