@@ -85,20 +85,29 @@ def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     return t if dtype is None or t.dtype not in _AUTOCAST_CASTS else as_dtype(t, dtype)
 
 
-def _norm_grads(g: Tensor, dot: Tensor, p: Tensor, w: Tensor, denom: Tensor) -> tuple[Tensor, ...]:
-    """The closed-form backward of ``y = dot / (p w + eps)`` (shapes as :class:`_Cosine`).
+def _norm_grads(
+    grad_dot: Tensor, dot: Tensor, p: Tensor, w: Tensor, denom: Tensor, inplace: bool
+) -> tuple[Tensor, Tensor]:
+    """``-dL/dp / p`` and ``-dL/dw / w`` of ``y = dot / D``, ``D = p w + eps``, from ``g / D``.
 
-    Returns ``g / D`` (the dot product's gradient) and ``-dL/dp / p``, ``-dL/dw / w``: with
-    ``h = g dot / D^2``, ``dL/dp = -sum_k h w`` and ``dL/dw = -sum_(n, s) h p``. The callers
-    multiply these by the input and the weight (the norms' gradients) in the same fused op
-    that adds the dot product's gradient.
+    With ``h = g dot / D^2``: ``dL/dp = -sum_k h w``, ``dL/dw = -sum_(n, s) h p`` (shapes as
+    :class:`_Cosine`). The callers multiply these by the input and the weight (the norms'
+    gradients) in the op that adds the dot product's gradient. ``inplace``: ``h`` overwrites
+    ``grad_dot`` (no full-size allocation; not under ``create_graph``).
     """
-    grad_dot = g / denom
-    h = torch.mul(grad_dot, dot).div_(denom)
+    h = grad_dot.mul_(dot) if inplace else torch.mul(grad_dot, dot)
+    h = h.div_(denom)
     grad_p = torch.matmul(w.transpose(-1, -2), h).div_(p)
     grad_w = torch.matmul(h, p.transpose(-1, -2))
     grad_w = (grad_w.sum(0) if grad_w.shape[0] != 1 else grad_w[0]).div_(w)
-    return grad_dot, grad_p, grad_w
+    return grad_p, grad_w
+
+
+def _minus(total: Tensor, t: Tensor, scale: Tensor, inplace: bool) -> Tensor:
+    """``total - t * scale`` in one op; into ``total`` when ``inplace`` and the dtypes agree."""
+    if inplace and total.dtype == t.dtype == scale.dtype:
+        return total.addcmul_(t, scale, value=-1)
+    return torch.addcmul(total, t, scale, value=-1)
 
 
 _CONV = tuple[tuple[int, int], tuple[int, int], int]
@@ -160,17 +169,15 @@ def _patch_norm(
 ) -> Tensor:
     """``|p|`` of each group's zero-padded patches, ``[N, G, 1, S]``, at least ``tiny``.
 
-    A 1x1 kernel: the channel norm per position (one reduction). Else a summing pool of the
-    channel-summed ``x**2`` (a 3D pool over channels and window in one op is ten times slower
-    on CPU, and its backward is nondeterministic on CUDA).
+    A summing pool of the channel-summed ``x**2`` (a 1x1 kernel needs none). The channel norm
+    as one ``vector_norm`` is ten times slower on CPU (a reduction over a strided dim); a 3D
+    pool over channels and window in one op too, and its backward is nondeterministic on CUDA.
     """
-    xg = x.unflatten(1, (groups, -1))
-    if _is_pointwise(kernel, stride, padding):
-        norm = torch.linalg.vector_norm(xg, dim=2, keepdim=True, dtype=dtype)
-        return norm.flatten(3).clamp_min(_tiny_norm(dtype))
-    sq = as_dtype(xg, dtype).square().sum(2)
-    total = F.avg_pool2d(sq, (int(kernel[0]), int(kernel[1])), stride, padding, False, True, 1)
-    return total.flatten(2).unsqueeze(2).clamp_min(torch.finfo(dtype).tiny).sqrt()
+    sq = as_dtype(x.unflatten(1, (groups, -1)), dtype).square().sum(2)
+    if not _is_pointwise(kernel, stride, padding):
+        k = (int(kernel[0]), int(kernel[1]))
+        sq = F.avg_pool2d(sq, k, stride, padding, False, True, 1)
+    return sq.flatten(2).unsqueeze(2).clamp_min(torch.finfo(dtype).tiny).sqrt()
 
 
 class _Cosine(torch.autograd.Function):
@@ -209,23 +216,27 @@ class _Cosine(torch.autograd.Function):
         x, weight, *parts = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the parts as functions of x and weight
             parts = _parts(x, weight, ctx.conv, ctx.eps, ctx.dtype)
-        grad_dot, grad_p, grad_w = _norm_grads(grad, *parts)
+        grad_dot = grad / parts[3]
         xc, wc = _cast(x, ctx.dtype), _cast(weight, ctx.dtype)
         needs = ctx.needs_input_grad[:2]
+        grad_out = as_dtype(grad_dot, parts[0].dtype)
         if ctx.conv is None:
-            dx, dw = _linear_backward(as_dtype(grad_dot, parts[0].dtype), xc, wc, needs)
-            grad_p = grad_p.view(-1, 1)
-            x_part = x.reshape(-1, x.shape[-1])
+            dx, dw = _linear_backward(grad_out, xc, wc, needs)
         else:
-            dx, dw = _conv_backward(as_dtype(grad_dot, parts[0].dtype), xc, wc, ctx.conv, needs)
-            x_part, grad_p = _spread(grad_p, x, weight.shape[2:], ctx.conv)
+            dx, dw = _conv_backward(grad_out, xc, wc, ctx.conv, needs)
+        inplace = not torch.is_grad_enabled()  # the dot product's gradients are done with
+        grad_p, grad_w = _norm_grads(grad_dot, *parts, inplace=inplace)
         grad_x = grad_weight = None
         if needs[0]:
-            grad_x = torch.addcmul(dx.view(x_part.shape), x_part, grad_p, value=-1)
+            if ctx.conv is None:
+                x_part, grad_p = x.reshape(-1, x.shape[-1]), grad_p.view(-1, 1)
+            else:
+                x_part, grad_p = _spread(grad_p, x, weight.shape[2:], ctx.conv)
+            grad_x = _minus(dx.view(x_part.shape), x_part, grad_p, inplace)
             grad_x = as_dtype(grad_x.view(x.shape), x.dtype)
         if needs[1]:
             scale = grad_w.view(-1, *(1,) * (weight.dim() - 1))
-            grad_weight = as_dtype(torch.addcmul(dw, weight, scale, value=-1), weight.dtype)
+            grad_weight = as_dtype(_minus(dw, weight, scale, inplace), weight.dtype)
         return grad_x, grad_weight, None, None, None
 
 
