@@ -1252,3 +1252,32 @@ def test_low_precision_makes_no_more_fp32_activations_than_batchnorm(dtype, trai
     torch.testing.assert_close(y.double(), ref(xr.detach(), domain=ids), atol=0.02, rtol=0.01)
     assert xl.grad is not None and xr.grad is not None
     torch.testing.assert_close(xl.grad.double(), xr.grad, atol=0.02, rtol=0.01)
+
+
+def test_routing_follows_ids_changed_in_place_or_replaced() -> None:
+    """The per-ids routing (cached per ids tensor and version) never serves stale ids."""
+    torch.manual_seed(3)
+    layer = DomainBatchNorm2d(3, num_domains=2)
+    x = torch.randn(6, 3, 2, 2) * 2 + 1
+    ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    layer(x, domain=ids)
+    for change in ("in place", "new tensor"):
+        if change == "in place":
+            ids[:2] = 1  # same tensor, version bumped
+        else:
+            ids = torch.tensor([1, 0, 1, 0, 1, 0])  # a new tensor (maybe at the old address)
+        y = domain_batch_norm(x, ids, 2, training=True)
+        for d in range(2):
+            ref = torch.nn.functional.batch_norm(x[ids == d], None, None, training=True)
+            torch.testing.assert_close(y[ids == d], ref, atol=1e-5, rtol=0)
+
+
+def test_layers_sharing_ids_share_one_routing() -> None:
+    """A second layer routed by the same ids tensor launches no op for the routing."""
+    from tests._layers import op_names
+
+    first, second = DomainBatchNorm2d(3, 2), DomainBatchNorm2d(3, 2)
+    x, ids = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 1, 0])
+    first(x, domain=ids)
+    assert "aten::arange" not in op_names(lambda: second(x, domain=ids))
+    assert "aten::arange" in op_names(lambda: second(x, domain=ids.clone()))

@@ -161,3 +161,13 @@ def test_quick_run_prints_every_target() -> None:
     assert f"of {len(judged)} targets met" in proc.stdout
     assert "launches  nn.BatchNorm2d (control)" in proc.stdout
     assert "3 (twin 3)" in proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(bench_targets.LAUNCH_TARGETS))
+def test_launch_targets_hold(name: str) -> None:
+    """Issue 20's launch targets, with the bench's own counter and cases (no timing)."""
+    cases = {case[0]: case for case in bench_targets._launch_cases()}
+    _, ours, kwargs, twin, x = cases[name]
+    count = _count_ops(bench_targets.step_fn(ours, x, kwargs))
+    assert count <= bench_targets.LAUNCH_TARGETS[name], (name, count)
+    assert count >= _count_ops(bench_targets.step_fn(twin, x))  # the counter counts ours
