@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,7 +22,8 @@ from lightning_norms import (
 )
 from lightning_norms.functional import batch_renorm, renorm_limits
 from lightning_norms.functional._renorm import _batch_mean_var
-from tests._dist import run_ddp
+from tests._dist import REPO_ROOT, run_ddp
+from tests._layers import host_reads
 
 CASES = [
     (BatchRenorm1d, nn.BatchNorm1d, (16, 5)),
@@ -856,3 +859,57 @@ def test_synced_checkpointing_gives_the_gradients_of_no_checkpointing() -> None:
     for result in run_ddp(_synced_checkpoint_worker):
         for reentrant, diffs in result.items():
             assert float(diffs.max()) <= 1e-6, (reentrant, diffs)
+
+
+# --- issue 20: launches and host reads per training step ---
+
+
+def _launches(fn: Callable[[], object]) -> int:
+    """Top-level aten ops that launch a kernel while ``fn`` runs (``bench/gpu_check.py``'s
+    counter: views and allocations excluded)."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from gpu_check import _count_ops
+
+    return _count_ops(lambda: _discard(fn()))
+
+
+def _discard(_: object) -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("warmup_steps", "dtype", "limit"),
+    [(0, torch.float32, 20), (0, torch.bfloat16, 20), (5000, torch.float32, 28)],
+)
+def test_launches_per_forward_backward(warmup_steps: int, dtype: torch.dtype, limit: int) -> None:
+    """Issue 20: BatchRenorm2d(64) at 32x64x16x16, one forward and a backward of ones with the
+    gradients accumulating (the harness adds ``ones_like`` and 3 ``add_``: BatchNorm2d is 7):
+    30 launches before (37 in the warm-up), 20 now (28); the same under bf16."""
+    m = BatchRenorm2d(64, warmup_steps=warmup_steps)
+    bn = nn.BatchNorm2d(64)
+    x = (torch.randn(32, 64, 16, 16) + 1).to(dtype).requires_grad_(True)
+    counts = []
+    for layer in (m, bn):
+
+        def step(layer: nn.Module = layer) -> None:
+            y = layer(x)
+            y.backward(torch.ones_like(y))
+
+        step()
+        step()
+        counts.append(_launches(step))
+    assert counts[1] == 7
+    assert counts[0] <= limit, counts
+
+
+@pytest.mark.parametrize("warmup_steps", [0, 5000])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_no_host_reads_in_training_and_eval(warmup_steps: int, momentum: float | None) -> None:
+    """Issue 20: no value is read back to the host (a stream sync on CUDA) per step."""
+    m = BatchRenorm2d(8, momentum=momentum, warmup_steps=warmup_steps)
+    x = (torch.randn(4, 8, 5, 5) + 1).requires_grad_(True)
+    m(x).sum().backward()
+    assert host_reads(lambda: m(x).sum().backward()) == 0
+    m.eval()
+    with torch.no_grad():
+        assert host_reads(lambda: m(x)) == 0
