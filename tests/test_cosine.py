@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from torch.torch_version import TorchVersion
 
 from lightning_norms import CosineConv2d, CosineLinear
 from lightning_norms.functional import cosine_conv2d, cosine_linear
+from tests._layers import op_names
 
 EPS = 1e-8
 
@@ -445,3 +448,121 @@ def test_fp16_autocast_grad_scaler_zero_patches_give_finite_gradients(kind: str)
     yh[0].float().sum().backward()
     keep = slice(4, None) if kind == "conv3x3" else slice(None)  # columns without zero patches
     torch.testing.assert_close(xh.grad[0, ..., keep], x32.grad[0, ..., keep], rtol=2e-2, atol=2e-2)
+
+
+# --- issue 20 (kernel): the whole layer in one autograd Function, few launches ---
+
+
+def _count_launches(fn) -> int:
+    """Top-level aten ops that launch a kernel, counted as ``bench/bench_targets.py`` does."""
+    from tests._dist import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        from gpu_check import _count_ops
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+    return _count_ops(fn)
+
+
+LAUNCH_TARGETS = {
+    # name: layer, input shape, issue 20's limit (the old code: 30, 32, 25)
+    "CosineConv2d 1x1": (lambda: CosineConv2d(64, 64, 1), (32, 64, 16, 16), 22),
+    "CosineConv2d 3x3": (lambda: CosineConv2d(64, 64, 3, padding=1), (32, 64, 16, 16), 22),
+    "CosineLinear": (lambda: CosineLinear(256, 64), (256, 256), 18),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCH_TARGETS))
+def test_launches_per_forward_backward(name: str) -> None:
+    """Issue 20: launches of a training forward+backward (the bench's step: fresh gradients)."""
+    make, shape, limit = LAUNCH_TARGETS[name]
+    torch.manual_seed(16)
+    m = make()
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.randn_like(m(x))
+
+    def step() -> None:
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        m(x).backward(grad)
+
+    step()
+    step()
+    count = _count_launches(step)
+    assert count <= limit, f"{name}: {count} launches per forward+backward (limit {limit})"
+    with torch.no_grad():  # eval: plain ops only (they trace, export and fuse)
+        names = op_names(lambda: m(x))
+    assert "_Cosine" not in names and "_Cosine" in op_names(step)
+
+
+FUSED_CASES = {
+    # the fused Function's paths: channel norm (1x1), summing pool (strided 1x1, 3x3, 5x3)
+    "1x1": ((4, 6, (1, 1), (1, 1), (0, 0), 1), (2, 4, 7, 6)),
+    "1x1 stride 2 groups 2": ((4, 6, (1, 1), (2, 2), (0, 0), 2), (2, 4, 7, 6)),
+    "3x3 groups 2": ((4, 6, (3, 3), (1, 1), (1, 1), 2), (3, 4, 7, 6)),
+    "5x3 stride (2, 1)": ((3, 5, (5, 3), (2, 1), (2, 1), 1), (2, 3, 9, 8)),
+    "batch of one": ((3, 5, (3, 3), (1, 1), (1, 1), 1), (1, 3, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+def test_fused_gradients_equal_float64_autograd_of_the_formula(case: str) -> None:
+    """The closed-form backward equals autograd through the unfold formula, zero patches too."""
+    (cin, cout, k, s, p, g), shape = FUSED_CASES[case]
+    torch.manual_seed(17)
+    m = CosineConv2d(cin, cout, k, stride=s, padding=p, groups=g, dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 1
+    x[0, :, :3] = 0  # zero patches (and for 3x3 / 5x3 patches that are partly zero)
+    x.requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref = m.weight.detach().clone().requires_grad_(True)
+    names = op_names(lambda: m(x))
+    assert "_Cosine" in names  # the fused path is the one under test
+    y = m(x)
+    expected = _unfold_reference(x_ref, w_ref, s, p, (1, 1), g)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, m.weight), grad)
+    ex, ew = torch.autograd.grad(expected, (x_ref, w_ref), grad)
+    assert ex.abs().max() > 1e6  # the zero patches' exact g w / eps is in the comparison
+    torch.testing.assert_close(gx, ex, rtol=1e-10, atol=1e-6)
+    torch.testing.assert_close(gw, ew, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 4, 5), (1, 5)])
+def test_fused_linear_gradients_equal_float64_autograd_of_the_formula(shape) -> None:
+    torch.manual_seed(18)
+    m = CosineLinear(5, 3, dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64)
+    x.view(-1, 5)[0] = 0  # a zero input row
+    x.requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref = m.weight.detach().clone().requires_grad_(True)
+    assert "_Cosine" in op_names(lambda: m(x))  # the fused path is the one under test
+    y, expected = m(x), _linear_reference(x_ref, w_ref)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, m.weight), grad)
+    ex, ew = torch.autograd.grad(expected, (x_ref, w_ref), grad)
+    torch.testing.assert_close(gx, ex, rtol=1e-10, atol=1e-6)
+    torch.testing.assert_close(gw, ew, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_backward_twice_with_retain_graph_and_input_without_grad(kind: str) -> None:
+    """The backward reuses its own buffers in place: a second backward gives the same grads."""
+    torch.manual_seed(19)
+    make, shape = LAYERS[kind]
+    m = make()
+    x = torch.randn(shape, requires_grad=True)
+    y = m(x)
+    grad = torch.randn_like(y)
+    y.backward(grad, retain_graph=True)
+    first = (x.grad.clone(), m.weight.grad.clone())
+    y.backward(grad)
+    torch.testing.assert_close(x.grad, 2 * first[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(m.weight.grad, 2 * first[1], rtol=1e-6, atol=0)
+    m.weight.grad = None
+    m(x.detach()).backward(grad)  # the weight alone needs a gradient (a first layer)
+    torch.testing.assert_close(m.weight.grad, first[1], rtol=1e-6, atol=0)
