@@ -38,10 +38,12 @@ from lightning_norms._moments import (
     batch_moments,
     merge_moments,
     merge_stacked,
+    stat_dtype,
     zero_moments,
 )
 from lightning_norms._patterns import name_matches
 from lightning_norms._shared import check_int
+from lightning_norms.functional._domain import routing
 
 __all__ = ["BNStatsReport", "LayerShift", "is_recomputing", "recompute_bn_stats"]
 
@@ -297,7 +299,10 @@ class _Collector:
         return handles
 
     def _reset_rows(self, module: nn.Module, args: tuple) -> None:
-        """Before each batch: the running statistics the layer's rare-domain rule reads."""
+        """Before each batch: the running statistics the layer's rare-domain rule reads (only
+        a batch of one position per sample can have a one-value domain)."""
+        if args[0].shape[2:].numel() != 1:
+            return
         self.mean.copy_(self._start_rows[0])
         self.var.copy_(self._start_rows[1])
 
@@ -345,12 +350,17 @@ class _Collector:
         given = kwargs["domain"] if "domain" in kwargs else (args[1] if len(args) > 1 else None)
         lookup = getattr(module, "_ids", None)  # the ids the forward used, not re-validated
         ids = lookup(given) if callable(lookup) else self._ids(module, x, args, kwargs)
-        count = torch.zeros(len(self.domains), dtype=self.mean.dtype, device=self.mean.device)
+        per_row, device = x.shape[2:].numel(), self.mean.device
+        if isinstance(ids, Tensor) and ids.dim() == 1 and ids.dtype == torch.long:
+            # the routing the layer's forward built (cached per ids tensor): no op
+            route = routing(ids, len(self.domains), per_row, stat_dtype(x), module.eps, 1.0)
+            return ids, route.counts.to(self.mean.dtype)
+        count = torch.zeros(len(self.domains), dtype=self.mean.dtype, device=device)
         if isinstance(ids, int):
-            ids = torch.full((x.shape[0],), ids, dtype=torch.long, device=count.device)
-        ids = ids.to(device=count.device, dtype=torch.long).expand(x.shape[0])
+            ids = torch.full((x.shape[0],), ids, dtype=torch.long, device=device)
+        ids = ids.to(device=device, dtype=torch.long).expand(x.shape[0])
         count.index_add_(0, ids, count.new_ones(ids.shape))
-        return ids, count.mul_(x.shape[2:].numel())
+        return ids, count.mul_(per_row)
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         x = args[0]
