@@ -110,74 +110,52 @@ def _minus(total: Tensor, t: Tensor, scale: Tensor, inplace: bool) -> Tensor:
     return torch.addcmul(total, t, scale, value=-1)
 
 
-_CONV = tuple[tuple[int, int], tuple[int, int], int]
-"""A convolution the fused path takes: ``(stride, padding, groups)``, no dilation."""
+_CONV = tuple[tuple[int, int], Any, tuple[int, int], int]
+"""A convolution's ``(stride, padding, dilation, groups)``; ``None`` for a linear layer."""
 
 
-def _parts(
+def _cosine(
     x: Tensor, weight: Tensor, conv: _CONV | None, eps: float, dtype: torch.dtype | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``dot [B, G, K, S]``, norms ``p [B, G, 1, S]``, ``w [G, K, 1]``, ``D = p w + eps``.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The cosine (the layer's output) and the parts it is made of, in plain ops.
 
-    A linear layer is ``B = G = 1`` with the rows as positions (views of ``[rows, out]``
-    tensors). The dot product runs outside autocast on the inputs cast as autocast casts them
-    (``dtype``); the norms in (at least) fp32. Differentiable plain ops: the backward of
-    :class:`_Cosine` runs them again under ``create_graph``.
+    ``dot [B, G, K, S]``, norms ``p [B, G, 1, S]``, ``w [G, K, 1]``, ``D = p w + eps``; a
+    linear layer is ``B = G = 1`` with the rows as positions (views of ``[rows, out]``
+    tensors, so the cosine has the layout of ``[rows, out]``: no copies). The dot product
+    runs outside autocast on the inputs cast as autocast casts them (``dtype``); the norms in
+    (at least) fp32. The eval path, the forward of :class:`_Cosine`, and its backward under
+    ``create_graph`` (these ops are differentiable) all run this.
     """
     xc, wc = _cast(x, dtype), _cast(weight, dtype)
-    norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     with _full_precision(x):
         if conv is None:
-            rows = x.reshape(-1, x.shape[-1])
-            dot = F.linear(xc.reshape(rows.shape), wc).t()[None, None]
-            p = torch.linalg.vector_norm(rows, dim=1, dtype=norm_dtype)
-            p = p.clamp_min(_tiny_norm(norm_dtype)).view(1, 1, 1, -1)
-            w = torch.linalg.vector_norm(weight, dim=1, dtype=norm_dtype).view(1, -1, 1)
+            out = F.linear(xc, wc)
+            low = x.dtype in (torch.float16, torch.bfloat16)
+            p = torch.linalg.vector_norm(
+                x, dim=-1, keepdim=True, dtype=torch.float32 if low else x.dtype
+            )
+            p = p.clamp_min(math.sqrt(torch.finfo(p.dtype).tiny))  # as _safe_norm's
+            w = torch.linalg.vector_norm(weight, dim=1, dtype=p.dtype)
+            denom = _denominator(out, p, w, eps)
+            dot, d = (t.reshape(-1, t.shape[-1]).t()[None, None] for t in (out, denom))
+            parts = (dot, p.flatten()[None, None, None], w.view(1, -1, 1), d)
         else:
-            stride, padding, groups = conv
-            out = F.conv2d(xc, wc, None, stride, padding, 1, groups)
+            stride, padding, dilation, groups = conv
+            out = F.conv2d(xc, wc, None, stride, padding, dilation, groups)
+            sum_sq = _patch_sum_sq(x, weight.shape[2:], stride, padding, dilation, groups)
+            p = _safe_norm(sum_sq).flatten(2).unsqueeze(2)
+            w = torch.linalg.vector_norm(weight.flatten(1), dim=1, dtype=p.dtype)
             dot = out.flatten(2).unflatten(1, (groups, -1))
-            p = _patch_norm(x, weight.shape[2:], stride, padding, groups, norm_dtype)
-            w = torch.linalg.vector_norm(weight.flatten(1), dim=1, dtype=norm_dtype)
-            w = w.view(groups, -1, 1)
-    if conv is None:  # D in the layout of [rows, out]: the cosine's is too (no copies)
-        denom = _denominator(dot[0, 0].t(), p[0, 0].t(), w[0].t(), eps).t()[None, None]
-    else:
-        denom = _denominator(dot, p, w, eps)
-    return dot, p, w, denom
+            d = _denominator(dot, p, w.view(groups, -1, 1), eps)
+            parts = (dot, p, w.view(groups, -1, 1), d)
+            denom = d.view(out.shape)
+    # a new tensor (not a view): the caller may change it in place
+    return as_dtype(out / denom, out.dtype), *parts
 
 
-def _tiny_norm(dtype: torch.dtype) -> float:
-    """The smallest norm kept (``sqrt`` of the smallest normal square): 0 has no direction."""
-    return math.sqrt(torch.finfo(dtype).tiny)
-
-
-def _is_pointwise(
-    kernel: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int]
-) -> bool:
+def _is_pointwise(conv: _CONV, kernel: tuple[int, ...]) -> bool:
     """Whether each patch is one position's channels (a 1x1 kernel, no stride, no padding)."""
-    return tuple(kernel) == (1, 1) and stride == (1, 1) and padding == (0, 0)
-
-
-def _patch_norm(
-    x: Tensor,
-    kernel: tuple[int, ...],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    groups: int,
-    dtype: torch.dtype,
-) -> Tensor:
-    """``|p|`` of each group's zero-padded patches, ``[N, G, 1, S]``, at least ``tiny``.
-
-    A summing pool of the channel-summed ``x**2`` (a 1x1 kernel needs none). The channel norm
-    as one ``vector_norm`` is ten times slower on CPU (a reduction over a strided dim); a 3D
-    pool over channels and window in one op too, and its backward is nondeterministic on CUDA.
-    """
-    sq = as_dtype(x.unflatten(1, (groups, -1)), dtype).square().sum(2)
-    if not _is_pointwise(kernel, stride, padding):
-        k = (int(kernel[0]), int(kernel[1]))
-        sq = F.avg_pool2d(sq, k, stride, padding, False, True, 1)
-    return sq.flatten(2).unsqueeze(2).clamp_min(torch.finfo(dtype).tiny).sqrt()
+    return tuple(kernel) == (1, 1) and conv[0] == (1, 1) and conv[1] == (0, 0)
 
 
 class _Cosine(torch.autograd.Function):
@@ -199,8 +177,7 @@ class _Cosine(torch.autograd.Function):
     def forward(  # type: ignore[override]
         x: Tensor, weight: Tensor, conv: _CONV | None, eps: float, dtype: torch.dtype | None
     ) -> tuple[Tensor, ...]:
-        dot, p, w, denom = _parts(x, weight, conv, eps, dtype)
-        return as_dtype(dot / denom, dot.dtype), dot, p, w, denom
+        return _cosine(x, weight, conv, eps, dtype)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
@@ -215,15 +192,19 @@ class _Cosine(torch.autograd.Function):
             return None, None, None, None, None
         x, weight, *parts = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the parts as functions of x and weight
-            parts = _parts(x, weight, ctx.conv, ctx.eps, ctx.dtype)
-        grad_dot = grad / parts[3]
+            parts = _cosine(x, weight, ctx.conv, ctx.eps, ctx.dtype)[1:]
+        dot, denom = parts[0], parts[3]
+        if ctx.conv is None:
+            grad_dot = grad.reshape(-1, dot.shape[2]).t()[None, None] / denom
+        else:
+            grad_dot = grad.reshape(dot.shape) / denom
         xc, wc = _cast(x, ctx.dtype), _cast(weight, ctx.dtype)
         needs = ctx.needs_input_grad[:2]
-        grad_out = as_dtype(grad_dot, parts[0].dtype)
+        grad_out = as_dtype(grad_dot, dot.dtype)
         if ctx.conv is None:
             dx, dw = _linear_backward(grad_out, xc, wc, needs)
         else:
-            dx, dw = _conv_backward(grad_out, xc, wc, ctx.conv, needs)
+            dx, dw = _conv_backward(grad_out.view(grad.shape), xc, wc, ctx.conv, needs)
         inplace = not torch.is_grad_enabled()  # the dot product's gradients are done with
         grad_p, grad_w = _norm_grads(grad_dot, *parts, inplace=inplace)
         grad_x = grad_weight = None
@@ -251,15 +232,13 @@ def _linear_backward(
 
 
 def _conv_backward(
-    grad_dot: Tensor, x: Tensor, weight: Tensor, conv: _CONV, needs: tuple[bool, bool]
+    grad_out: Tensor, x: Tensor, weight: Tensor, conv: _CONV, needs: tuple[bool, bool]
 ) -> tuple[Tensor | None, Tensor | None]:
-    """The convolution's input and weight gradients; ``grad_dot`` is ``[N, G, K, S]``."""
-    stride, padding, groups = conv
-    h_out = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
-    grad_out = grad_dot.flatten(1, 2).unflatten(2, (h_out, -1))
+    """The convolution's input and weight gradients (``grad_out`` has the output's shape)."""
+    stride, padding, dilation, groups = conv
     mask = (needs[0], needs[1], False)
     dx, dw, _ = torch.ops.aten.convolution_backward(
-        grad_out, x, weight, None, stride, padding, (1, 1), False, (0, 0), groups, mask
+        grad_out, x, weight, None, stride, padding, dilation, False, (0, 0), groups, mask
     )
     return dx, dw
 
@@ -269,13 +248,14 @@ def _spread(
 ) -> tuple[Tensor, Tensor]:
     """``x`` by group ``[N, G, C/G, H, W]`` and ``grad_p / p`` spread over each patch.
 
-    The adjoint of the summing pool of :func:`_patch_norm` (broadcast over the channels).
+    The adjoint of the summing pool of :func:`_patch_sum_sq` (a strided 1x1 kernel's view
+    too), broadcast over the channels.
     """
-    stride, padding, groups = conv
+    stride, padding, _, groups = conv
     xg = x.unflatten(1, (groups, -1))
     h_out = (x.shape[2] + 2 * padding[0] - int(kernel[0])) // stride[0] + 1
     grad_p = grad_p.unflatten(3, (h_out, -1))
-    if _is_pointwise(kernel, stride, padding):
+    if _is_pointwise(conv, kernel):
         return xg, grad_p
     like = as_dtype(x[:, :groups], grad_p.dtype)  # the pool's input size (values unused)
     spread = torch.ops.aten.avg_pool2d_backward(
@@ -318,15 +298,10 @@ def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
         tensor([[1.0000, 0.7071],
                 [0.0000, 0.0000]])
     """
+    dtype = _autocast_dtype(x)
     if _use_functions(x, weight):
-        cos = _Cosine.apply(x, weight, None, eps, _autocast_dtype(x))[0]
-        # [1, 1, out, rows] in the layout of [rows, out]: views, no select_backward
-        return cos.squeeze(1).squeeze(0).t().reshape(*x.shape[:-1], weight.shape[0])
-    dot = F.linear(x, weight)
-    with _full_precision(x):
-        x_norm = torch.linalg.vector_norm(_at_least_fp32(x), dim=-1, keepdim=True)
-        w_norm = torch.linalg.vector_norm(_at_least_fp32(weight), dim=1)
-    return as_dtype(dot / _denominator(dot, x_norm, w_norm, eps), dot.dtype)
+        return _Cosine.apply(x, weight, None, eps, dtype)[0]  # type: ignore[no-any-return]
+    return _cosine(x, weight, None, eps, dtype)[0]
 
 
 def _group_sum_sq(x: Tensor, groups: int) -> Tensor:
@@ -425,23 +400,12 @@ def cosine_conv2d(
         >>> y.shape, bool(y.abs().max() <= 1)
         (torch.Size([2, 4, 8, 8]), True)
     """
+    s, d = _pair(stride), _pair(dilation)
     kernel = (int(weight.shape[2]), int(weight.shape[3]))
-    pad = _symmetric_padding(padding, kernel, _pair(dilation))
+    pad = _symmetric_padding(padding, kernel, d)
+    dtype = _autocast_dtype(x)
     pooled = pad is not None and all(2 * q <= k for q, k in zip(pad, kernel, strict=True))
-    if pooled and _pair(dilation) == (1, 1) and _use_functions(x, weight):
-        s = _pair(stride)
-        conv = ((int(s[0]), int(s[1])), pad, groups)
-        cos = _Cosine.apply(x, weight, conv, eps, _autocast_dtype(x))[0]
-        h_out = (x.shape[2] + 2 * pad[0] - kernel[0]) // s[0] + 1  # type: ignore[index]
-        return cos.flatten(1, 2).unflatten(2, (h_out, -1))
-    out = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-    with _full_precision(x):
-        patch_sq = _patch_sum_sq(x, weight.shape[2:], stride, padding, dilation, groups)
-        patch_norm = _safe_norm(patch_sq)
-        w_norm = torch.linalg.vector_norm(weight.flatten(1), dim=1, dtype=patch_norm.dtype)
-    n, o, h, w = out.shape
-    dot = out.reshape(n, groups, o // groups, h * w)
-    denom = _denominator(
-        dot, patch_norm.reshape(n, groups, 1, h * w), w_norm.view(groups, -1, 1), eps
-    )
-    return as_dtype(dot / denom, dot.dtype).reshape(out.shape)
+    if pooled and d == (1, 1) and _use_functions(x, weight):  # its backward: the pool's adjoint
+        conv = ((int(s[0]), int(s[1])), pad, (1, 1), groups)
+        return _Cosine.apply(x, weight, conv, eps, dtype)[0]  # type: ignore[no-any-return]
+    return _cosine(x, weight, (s, padding, d, groups), eps, dtype)[0]
