@@ -97,9 +97,10 @@ class CosineConv2d(nn.Module):
         + \epsilon} \in [-1, 1]
 
     with :math:`p_{n,i,j}` the zero-padded input patch (of ``o``'s group) under the kernel at
-    output position ``(i, j)``. The patch norms come from one convolution of the
-    channel-summed ``x**2`` with a ones kernel (same stride, padding, dilation), in fp32 for
-    fp16/bf16 inputs and under autocast (an fp16 ``x**2`` overflows from ``|x| > 256``). No
+    output position ``(i, j)``. The patch norms come from a summing pool of the
+    channel-summed ``x**2`` over the kernel window (a 1x1 kernel needs none, a dilated one
+    takes a ones-kernel convolution), in fp32 for fp16/bf16 inputs and under autocast (an
+    fp16 ``x**2`` overflows from ``|x| > 256``). No
     bias (``bias`` is ``None``). A zero patch gives 0 with finite gradients: of order
     ``|w| / eps`` in fp32/fp64; 0 when the convolution is fp16, where ``|w| / eps`` overflows
     (see :func:`lightning_norms.functional.cosine_conv2d`). ``weight`` has ``nn.Conv2d``'s

@@ -566,3 +566,24 @@ def test_backward_twice_with_retain_graph_and_input_without_grad(kind: str) -> N
     m.weight.grad = None
     m(x.detach()).backward(grad)  # the weight alone needs a gradient (a first layer)
     torch.testing.assert_close(m.weight.grad, first[1], rtol=1e-6, atol=0)
+
+
+def test_fused_backward_with_channels_last_and_transposed_output_gradients() -> None:
+    """The output gradient may come in any layout (a channels_last or transposed view)."""
+    torch.manual_seed(20)
+    conv = CosineConv2d(4, 6, 3, padding=1, groups=2, dtype=torch.float64)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    grad = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    gx, gw = torch.autograd.grad(
+        conv(x), (x, conv.weight), grad.contiguous(memory_format=torch.channels_last)
+    )
+    ex, ew = torch.autograd.grad(conv(x), (x, conv.weight), grad)
+    torch.testing.assert_close(gx, ex, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gw, ew, rtol=1e-12, atol=0)
+    lin = CosineLinear(5, 3, dtype=torch.float64)
+    xl = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 4, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(lin(xl), xl, grad.t())
+    (ex,) = torch.autograd.grad(lin(xl), xl, grad.t().contiguous())
+    torch.testing.assert_close(gx, ex, rtol=1e-12, atol=0)

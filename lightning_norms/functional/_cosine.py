@@ -19,9 +19,14 @@ def _safe_norm(sum_sq: Tensor) -> Tensor:
     return sum_sq.clamp_min(torch.finfo(sum_sq.dtype).tiny).sqrt()
 
 
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp16/bf16 (norms of those overflow or lose precision), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _at_least_fp32(x: Tensor) -> Tensor:
-    """``x`` upcast to fp32 when it is fp16/bf16 (norms of those overflow or lose precision)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    """``x`` in :func:`_norm_dtype` (upcast when it is fp16/bf16)."""
+    return as_dtype(x, _norm_dtype(x.dtype))
 
 
 def _full_precision(x: Tensor) -> contextlib.AbstractContextManager[Any]:
@@ -35,9 +40,9 @@ def _full_precision(x: Tensor) -> contextlib.AbstractContextManager[Any]:
 
 
 def _use_functions(*tensors: Tensor) -> bool:
-    """Whether the custom autograd Functions run: only when eager autograd records the call.
+    """Whether :class:`_Cosine` runs: only when eager autograd records the call.
 
-    They compute what the plain ops compute, with a cheaper backward. Without a gradient to
+    It computes what the plain ops compute, with a cheaper backward. Without a gradient to
     take (eval, ``no_grad``), under ``torch.jit.trace`` and in ``torch.onnx.export`` the plain
     differentiable ops run instead: a traced or exported graph cannot hold a Python Function.
     """
@@ -130,10 +135,7 @@ def _cosine(
     with _full_precision(x):
         if conv is None:
             out = F.linear(xc, wc)
-            low = x.dtype in (torch.float16, torch.bfloat16)
-            p = torch.linalg.vector_norm(
-                x, dim=-1, keepdim=True, dtype=torch.float32 if low else x.dtype
-            )
+            p = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=_norm_dtype(x.dtype))
             p = p.clamp_min(math.sqrt(torch.finfo(p.dtype).tiny))  # as _safe_norm's
             w = torch.linalg.vector_norm(weight, dim=1, dtype=p.dtype)
             denom = _denominator(out, p, w, eps)
@@ -161,12 +163,12 @@ def _is_pointwise(conv: _CONV, kernel: tuple[int, ...]) -> bool:
 class _Cosine(torch.autograd.Function):
     """A whole cosine layer, ``y = dot / (p w + eps)``, with a closed-form backward.
 
-    Inputs ``x``, ``weight``, ``conv`` (``None``: linear), ``eps``, the autocast dtype.
-    Outputs ``y [B, G, K, S]`` and the parts of :func:`_parts` (saved, not differentiable).
-    The backward takes the dot product's gradient and the norms' in a few fused ops
-    (:func:`_norm_grads`) and adds the norms' to the input and weight gradients of the dot
-    product in one ``addcmul`` each, where autograd's chain through the norms takes about
-    twenty ops. Under ``create_graph`` it recomputes the parts with differentiable ops, so
+    Inputs and outputs as :func:`_cosine` (the parts are saved, not differentiable). The
+    backward runs the dot product's backward on ``g / D``, takes the norms' gradients in a
+    few ops (:func:`_norm_grads`: two small matrix products) and adds them to the input and
+    weight gradients in one ``addcmul`` each, into the dot product's gradients: about a third
+    of the launches of autograd's chain through the norms and the division. Under
+    ``create_graph`` it runs the same formula on parts recomputed with differentiable ops, so
     gradients of any order are exact. ``setup_context`` and a generated vmap rule serve
     ``torch.func``. ``y`` itself is not kept: the caller may change it in place.
     """
@@ -193,7 +195,7 @@ class _Cosine(torch.autograd.Function):
         x, weight, *parts = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the parts as functions of x and weight
             parts = _cosine(x, weight, ctx.conv, ctx.eps, ctx.dtype)[1:]
-        dot, denom = parts[0], parts[3]
+        dot, p, w, denom = parts
         if ctx.conv is None:
             grad_dot = grad.reshape(-1, dot.shape[2]).t()[None, None] / denom
         else:
@@ -204,18 +206,18 @@ class _Cosine(torch.autograd.Function):
         if ctx.conv is None:
             dx, dw = _linear_backward(grad_out, xc, wc, needs)
         else:
-            dx, dw = _conv_backward(grad_out.view(grad.shape), xc, wc, ctx.conv, needs)
+            dx, dw = _conv_backward(grad_out.reshape(grad.shape), xc, wc, ctx.conv, needs)
         inplace = not torch.is_grad_enabled()  # the dot product's gradients are done with
-        grad_p, grad_w = _norm_grads(grad_dot, *parts, inplace=inplace)
+        grad_p, grad_w = _norm_grads(grad_dot, dot, p, w, denom, inplace)
         grad_x = grad_weight = None
-        if needs[0]:
+        if dx is not None:
             if ctx.conv is None:
                 x_part, grad_p = x.reshape(-1, x.shape[-1]), grad_p.view(-1, 1)
             else:
                 x_part, grad_p = _spread(grad_p, x, weight.shape[2:], ctx.conv)
             grad_x = _minus(dx.view(x_part.shape), x_part, grad_p, inplace)
-            grad_x = as_dtype(grad_x.view(x.shape), x.dtype)
-        if needs[1]:
+            grad_x = as_dtype(grad_x.reshape(x.shape), x.dtype)
+        if dw is not None:
             scale = grad_w.view(-1, *(1,) * (weight.dim() - 1))
             grad_weight = as_dtype(_minus(dw, weight, scale, inplace), weight.dtype)
         return grad_x, grad_weight, None, None, None
@@ -282,7 +284,9 @@ def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
     backward of the product, e.g. under a ``GradScaler``), so there an input (weight row) that
     is all zeros in fp16 gets gradient 0, torch's value for the gradient of a norm at 0.
     Elsewhere the gradient is exact: it is ``1 / (|w| |x|)`` times the plain layer's, so a
-    tiny input can still overflow fp16 (a ``GradScaler`` then lowers its scale).
+    tiny input can still overflow fp16 (a ``GradScaler`` then lowers its scale). When autograd
+    records the call, the layer is one autograd Function with a closed-form backward (gradients
+    of any order exact); without a gradient, traced or exported, it is plain ops.
 
     Args:
         x: input, features in the last dim.
@@ -380,7 +384,9 @@ def cosine_conv2d(
     the patch is all zeros in fp16, where ``g w / eps`` overflows (as :func:`cosine_linear`).
     The squares and norms are taken in (at least) fp32, outside
     autocast: an fp16 ``x**2`` overflows from ``|x| > 256``. The output has the dtype of the
-    convolution (``F.conv2d``'s, autocast's under autocast).
+    convolution (``F.conv2d``'s, autocast's under autocast). Without dilation, when autograd
+    records the call, the layer is one autograd Function with a closed-form backward (as
+    :func:`cosine_linear`); a dilated window, no gradient, tracing or export: plain ops.
 
     Args:
         x: input.
