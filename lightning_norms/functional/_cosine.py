@@ -67,7 +67,7 @@ def _denominator(dot: Tensor, p: Tensor, w: Tensor, eps: float) -> Tensor:
     convolution's backward turns ``inf * 0`` into NaN); ``D = inf`` makes it 0 instead, the
     value torch takes for the gradient of a norm at 0. In fp32/fp64 nothing changes.
     """
-    denom = torch.mul(p, w).add_(eps)
+    denom = torch.mul(p, w).add_(eps)  # addcmul of broadcast operands: 5x slower on CPU
     if dot.dtype != torch.float16:
         return denom
     return denom.masked_fill((p < _FP16_ZERO) | (w < _FP16_ZERO), math.inf)
