@@ -454,30 +454,29 @@ def _renorm_traced(
     d_max: float | Tensor,
     num_batches_tracked: Tensor | None,
 ) -> Tensor:
-    """The training step from plain differentiable ops, for ``torch.compile`` to fuse.
+    """The training step for ``torch.compile``: ``F.batch_norm`` with the folded affine.
 
-    ``y = (x - mu_B) * (invstd_B * gamma r) + (gamma d + beta)`` with ``torch.var_mean``
-    statistics (a fake-tensor kernel: dynamic shapes trace), ``r`` and ``d`` detached
-    (constants in the backward); autograd gives BatchNorm's training backward, which inductor
-    fuses with the forward's reductions as it does for ``F.batch_norm``. Same numbers as the
-    eager :class:`_RenormFn` path to fp32 rounding.
+    ``r``, ``d`` (constants: from detached ``torch.var_mean`` statistics, a fake-tensor kernel,
+    so dynamic shapes trace) folded into the weight ``gamma r`` and bias ``gamma d + beta`` of
+    a training-mode ``F.batch_norm``: inductor lowers it as it lowers ``nn.BatchNorm2d``
+    (its statistics reduction shared with ours, its own backward) and fuses the few ``[C]``
+    ops around it. Same numbers as the eager :class:`_RenormFn` path to fp32 rounding.
     """
     dims = [0, *range(2, x.dim())]
-    xf = as_dtype(x, stat_dtype(x))
-    var, mean = torch.var_mean(xf, dim=dims, correction=0)
-    mean_b, var_b = mean.detach(), var.detach()
+    var, mean = torch.var_mean(as_dtype(x.detach(), stat_dtype(x)), dim=dims, correction=0)
     dtype = stat_dtype(running_mean)
-    factors = _step_factors(
-        mean_b, var_b, running_mean, running_var, eps, r_max, d_max, running_mean
-    )
+    # the buffers' snapshot (a stack is never recomputed by the partitioner from the buffers
+    # this step updates in place)
+    before = torch.stack([running_mean, running_var]).to(dtype)
+    inv_sigma = torch.rsqrt(before[1] + eps)
+    r = (torch.sqrt(var + eps) * inv_sigma).clamp(1.0 / r_max, r_max)  # type: ignore[arg-type]
+    d = ((mean - before[0]) * inv_sigma).clamp(-d_max, d_max)  # type: ignore[arg-type]
     weight = None if weight is None else as_dtype(weight, dtype)
     bias = None if bias is None else as_dtype(bias, dtype)
-    scale, shift = _fold(weight, bias, as_dtype(factors[1], dtype), as_dtype(factors[2], dtype))
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    scale = torch.rsqrt(var + eps) * scale
-    out = torch.addcmul(shift.view(shape), xf - mean.view(shape), scale.view(shape))
-    _update_running(running_mean, running_var, mean_b, var_b, x, momentum, num_batches_tracked)
-    return as_dtype(out, x.dtype)
+    # the folded affine as one [2, C] buffer: computed once, not per element of the pass
+    scale, shift = torch.stack(_fold(weight, bias, r, d)).unbind()
+    _update_running(running_mean, running_var, mean, var, x, momentum, num_batches_tracked)
+    return F.batch_norm(x, None, None, scale, shift, True, 0.0, eps)
 
 
 def _check_renorm_call(
