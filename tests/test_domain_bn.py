@@ -19,6 +19,7 @@ from lightning_norms import (
     domain,
 )
 from lightning_norms.functional import domain_batch_norm, domain_batch_stats
+from tests._layers import assert_unchanged, op_names, randomise, snapshot_buffers, uniform
 
 ATOL = 1e-5
 
@@ -46,13 +47,16 @@ def _references(layer: nn.Module, bn_cls: type[nn.Module]) -> list[nn.Module]:
     return refs
 
 
+_DRAWS = {
+    "weight": uniform(0.5, 1.5),
+    "bias": uniform(-1, 1),
+    "running_mean": uniform(-1, 1),
+    "running_var": uniform(0.5, 2),
+}
+
+
 def _randomise(layer: nn.Module) -> None:
-    with torch.no_grad():
-        layer.weight.uniform_(0.5, 1.5)
-        layer.bias.uniform_(-1, 1)
-        if layer.running_mean is not None:
-            layer.running_mean.uniform_(-1, 1)
-            layer.running_var.uniform_(0.5, 2)
+    randomise(layer, _DRAWS, seed=None, dtype=None)
 
 
 @pytest.mark.parametrize(("cls", "bn_cls", "shape"), CASES)
@@ -205,7 +209,7 @@ def test_one_value_domain_uses_running_stats_and_eval_gradient(sync, momentum):
     x = (torch.randn(7, 4, 1, 1) * 2 + 1).requires_grad_()
     refs = _batchnorms(layer, torch.float32)
     refs[1].eval()  # the one-value domain: eval formula, eval gradient, no update
-    before = _buffers(layer)
+    before = snapshot_buffers(layer)
     with pytest.warns(UserWarning, match=r"DomainBatchNorm2d\(4, num_domains=3\).*\[1\]"):
         y = layer(x, domain=ids)
     y.square().sum().backward()
@@ -676,13 +680,6 @@ def test_autocast_bf16_matches_batchnorm_per_domain():
         torch.testing.assert_close(layer.running_var[d], bn.running_var, atol=0.02, rtol=0.01)
 
 
-def _buffers(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.named_buffers()}
-
-
-def _assert_buffers_equal(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    for key, value in module.named_buffers():
-        assert torch.equal(value, before[key]), key
 
 
 @pytest.mark.parametrize(
@@ -701,7 +698,7 @@ def test_empty_batch_returns_empty_and_leaves_buffers(domains, sync, training):
     """Regression: an empty batch with an ``int`` domain raised in training."""
     layer = DomainBatchNorm2d(3, num_domains=2, momentum=None, sync=sync).train(training)
     _randomise(layer)
-    before = _buffers(layer)
+    before = snapshot_buffers(layer)
     x = torch.randn(0, 3, 4, 4, requires_grad=True)
     y = layer(x, domain=domains)
     ref = nn.BatchNorm2d(3).train(training)(x)
@@ -709,7 +706,7 @@ def test_empty_batch_returns_empty_and_leaves_buffers(domains, sync, training):
     y.sum().backward()
     assert torch.equal(layer.weight.grad, torch.zeros(2, 3))
     assert x.grad.shape == x.shape
-    _assert_buffers_equal(layer, before)
+    assert_unchanged(snapshot_buffers(layer), before)
 
 
 @pytest.mark.parametrize(
@@ -740,10 +737,10 @@ def test_rejected_call_leaves_every_buffer(make, call):
         else torch.randn(4, 3, 2, 2),
         domain=torch.tensor([0, 1, 0, 1]),
     )
-    before = _buffers(layer)
+    before = snapshot_buffers(layer)
     with pytest.raises((ValueError, RuntimeError)):
         call(layer)
-    _assert_buffers_equal(layer, before)
+    assert_unchanged(snapshot_buffers(layer), before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -978,7 +975,7 @@ def test_torch_func_grad_equals_autograd(training, track, ids):
     _randomise(layer)
     x = torch.randn(6, 3, 4, 4) * 2 + 1
     params = {k: v.detach() for k, v in layer.named_parameters()}
-    buffers = {k: v.clone() for k, v in layer.named_buffers()}
+    buffers = snapshot_buffers(layer)
     grads = torch.func.grad(_func_loss(layer, ids, buffers), argnums=(0, 1))(params, x)
     ref = copy.deepcopy(layer)
     xr = x.clone().requires_grad_()
@@ -1001,7 +998,7 @@ def test_vmap_over_whole_batches_equals_a_loop(training, track):
     ids = torch.tensor([0, 1, 1, 0, 1, 0])
     xb = torch.randn(3, 6, 3, 4, 4)
     params = {k: v.detach() for k, v in layer.named_parameters()}
-    loss = _func_loss(layer, ids, {k: v.clone() for k, v in layer.named_buffers()})
+    loss = _func_loss(layer, ids, snapshot_buffers(layer))
     out = torch.func.vmap(
         lambda x: torch.func.functional_call(layer, params, (x,), {"domain": ids})
     )(xb)
@@ -1274,8 +1271,6 @@ def test_routing_follows_ids_changed_in_place_or_replaced() -> None:
 
 def test_layers_sharing_ids_share_one_routing() -> None:
     """A second layer routed by the same ids tensor launches no op for the routing."""
-    from tests._layers import op_names
-
     first, second = DomainBatchNorm2d(3, 2), DomainBatchNorm2d(3, 2)
     x, ids = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 1, 0])
     first(x, domain=ids)
