@@ -587,3 +587,23 @@ def test_fused_backward_with_channels_last_and_transposed_output_gradients() -> 
     (gx,) = torch.autograd.grad(lin(xl), xl, grad.t())
     (ex,) = torch.autograd.grad(lin(xl), xl, grad.t().contiguous())
     torch.testing.assert_close(gx, ex, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_torch_func_jvp_and_jacfwd_equal_the_formula(kind: str) -> None:
+    """Forward mode through the fused Function (a weight that requires grad selects it)."""
+    from torch.func import jacfwd, jvp
+
+    torch.manual_seed(21)
+    make, shape = LAYERS[kind]
+    m = make().double()
+    x, t = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    w = m.weight.detach()
+    if kind == "linear":
+        ref = lambda x: _linear_reference(x, w)  # noqa: E731
+    else:
+        ref = lambda x: _unfold_reference(x, w, (1, 1), (1, 1), (1, 1), 1)  # noqa: E731
+    assert m.weight.requires_grad
+    got, expected = jvp(m, (x,), (t,))[1], jvp(ref, (x,), (t,))[1]
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(jacfwd(m)(x[:1]), jacfwd(ref)(x[:1]), rtol=1e-10, atol=1e-12)

@@ -185,8 +185,22 @@ class _Cosine(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         x, weight, ctx.conv, ctx.eps, ctx.dtype = inputs
         ctx.save_for_backward(x, weight, *output[1:])
+        ctx.save_for_forward(x, weight)
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        """Forward mode (``torch.func.jvp``, ``jacfwd``): the plain formula's, by ``jvp``."""
+        x, weight = ctx.saved_tensors[:2]
+        tangents = (
+            torch.zeros_like(x) if x_t is None else x_t,
+            torch.zeros_like(weight) if weight_t is None else weight_t,
+        )
+        y_t = torch.func.jvp(
+            lambda a, b: _cosine(a, b, ctx.conv, ctx.eps, ctx.dtype)[0], (x, weight), tangents
+        )[1]
+        return y_t, None, None, None, None
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
