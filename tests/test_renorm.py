@@ -33,6 +33,16 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["folded", "function"])
+def transform(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The eager training transform: ``F.batch_norm`` with the folded affine (small inputs, the
+    default up to ``_FOLDED_MAX_NUMEL``) or the one-pass ``_RenormFn`` (large inputs)."""
+    import lightning_norms.functional._renorm as kernel
+
+    monkeypatch.setattr(kernel, "_FOLDED_MAX_NUMEL", 1 << 62 if request.param == "folded" else -1)
+    return str(request.param)
+
+
 def _randomise(*modules: _BatchNorm, seed: int = 0) -> None:
     """Give every module the same non-trivial affine and running statistics."""
     g = torch.Generator().manual_seed(seed)
@@ -126,7 +136,7 @@ def test_no_running_stats_is_batchnorm_in_train_and_eval(
 
 @pytest.mark.parametrize(("cls", "ref_cls", "shape"), CASES)
 def test_active_clipping_equals_paper_formula(
-    cls: type[_BatchNorm], ref_cls: type[_BatchNorm], shape: tuple[int, ...]
+    transform: str, cls: type[_BatchNorm], ref_cls: type[_BatchNorm], shape: tuple[int, ...]
 ) -> None:
     torch.manual_seed(1)
     r_max, d_max, momentum, eps = 1.5, 0.5, 0.1, 1e-5
@@ -165,7 +175,7 @@ def test_active_clipping_equals_paper_formula(
     torch.testing.assert_close(m.running_var, new_var.detach().float(), rtol=1e-5, atol=1e-5)
 
 
-def test_warmup_ramp() -> None:
+def test_warmup_ramp(transform: str) -> None:
     assert renorm_limits(3.0, 5.0, torch.tensor(7), 0) == (3.0, 5.0)
     assert renorm_limits(3.0, 5.0, None, 100) == (3.0, 5.0)
     for step, (r_lim, d_lim) in {0: (1.0, 0.0), 25: (1.5, 1.25), 100: (3.0, 5.0)}.items():
@@ -201,7 +211,7 @@ def test_warmup_ramp() -> None:
     assert not torch.allclose(m(x), bn(x), atol=1e-2)
 
 
-def test_cumulative_average_with_renorm() -> None:
+def test_cumulative_average_with_renorm(transform: str) -> None:
     torch.manual_seed(3)
     m = BatchRenorm2d(3, momentum=None, warmup_steps=0)
     batches = [torch.randn(8, 3, 4, 4) * (i + 1) + i for i in range(4)]
@@ -242,7 +252,7 @@ def _clipped_case() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_gradcheck_float64(training: bool) -> None:
+def test_gradcheck_float64(transform: str, training: bool) -> None:
     x, w, b, rm, rv = _clipped_case()
     if training:
         # r and d clip on every channel: constants near x, so finite differences agree
@@ -262,7 +272,7 @@ def test_gradcheck_float64(training: bool) -> None:
     assert torch.autograd.gradcheck(m, (x,))
 
 
-def test_channels_last_same_result() -> None:
+def test_channels_last_same_result(transform: str) -> None:
     torch.manual_seed(5)
     x = torch.randn(8, 6, 5, 5) * 2 + 1
     grad = torch.randn(8, 6, 5, 5)
@@ -279,7 +289,7 @@ def test_channels_last_same_result() -> None:
     torch.testing.assert_close(b.running_var, a.running_var, rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_autocast_keeps_fp32_running_stats() -> None:
+def test_bf16_autocast_keeps_fp32_running_stats(transform: str) -> None:
     torch.manual_seed(6)
     conv = nn.Conv2d(3, 4, 3)
     m = BatchRenorm2d(4, r_max=1.5, d_max=0.5, warmup_steps=0)
@@ -322,7 +332,7 @@ def test_state_dict_round_trip_and_batchnorm_checkpoint() -> None:
     assert int(from_bn.num_batches_tracked) == 11
 
 
-def test_is_a_batchnorm_and_sync_attributes() -> None:
+def test_is_a_batchnorm_and_sync_attributes(transform: str) -> None:
     m = BatchRenorm2d(4, warmup_steps=0, sync=True)
     assert isinstance(m, _BatchNorm)
     assert m.sync is True and m.process_group is None
@@ -469,7 +479,9 @@ def _bad_calls() -> list[tuple[type[Exception], Tensor]]:
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("r_max", [1.0, 2.0])
-def test_a_call_that_raises_leaves_every_buffer(momentum: float | None, r_max: float) -> None:
+def test_a_call_that_raises_leaves_every_buffer(
+    transform: str, momentum: float | None, r_max: float
+) -> None:
     """Issue 10 item 6: a rejected call advanced num_batches_tracked (and so the warm-up)."""
     torch.manual_seed(11)
     m = BatchRenorm2d(4, momentum=momentum, r_max=r_max, d_max=r_max - 1, warmup_steps=10)
@@ -491,7 +503,7 @@ def test_a_call_that_raises_leaves_every_buffer(momentum: float | None, r_max: f
     assert int(m.num_batches_tracked) == 2
 
 
-def test_double_backward_gradgradcheck_float64() -> None:
+def test_double_backward_gradgradcheck_float64(transform: str) -> None:
     # running statistics far from the batch's: r and d clip (constants), as in test_gradcheck
     x, w, b, rm, rv = _clipped_case()
     for training in (True, False):
@@ -525,7 +537,9 @@ def test_gradient_penalty_with_plain_limits_equals_batchnorm() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["module", "autocast"])
-def test_low_precision_matches_float64_formula(dtype: torch.dtype, mode: str) -> None:
+def test_low_precision_matches_float64_formula(
+    transform: str, dtype: torch.dtype, mode: str
+) -> None:
     torch.manual_seed(13)
     m = BatchRenorm2d(4, r_max=1.5, d_max=0.5, warmup_steps=0)
     _randomise(m)
@@ -697,7 +711,7 @@ def _checkpointed_net(shared: bool) -> nn.Sequential:
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_checkpointing_gives_the_gradients_of_no_checkpointing(
-    reentrant: bool, shared: bool
+    transform: str, reentrant: bool, shared: bool
 ) -> None:
     """Issue 17 item 2: the recompute read the advanced running stats (rel. error 0.97)."""
     from torch.utils.checkpoint import checkpoint
@@ -721,7 +735,7 @@ def test_checkpointing_gives_the_gradients_of_no_checkpointing(
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_checkpointing_running_statistics_as_batchnorm(reentrant: bool) -> None:
+def test_checkpointing_running_statistics_as_batchnorm(transform: str, reentrant: bool) -> None:
     """The recompute updates the running statistics where torch's checkpoint re-runs it.
 
     ``nn.BatchNorm2d`` under ``torch.utils.checkpoint`` updates twice per step (its counter
@@ -807,7 +821,7 @@ def test_eval_jit_trace_save_load_matches_eager(tmp_path) -> None:
 @pytest.mark.parametrize("module_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("warmup_steps", [0, 5000])
 def test_bf16_offset_input_closer_to_float64_than_batchnorm(
-    module_dtype: torch.dtype, warmup_steps: int
+    transform: str, module_dtype: torch.dtype, warmup_steps: int
 ) -> None:
     """Issue 17: on bf16 inputs of mean 100, std 1 BatchRenorm's training output (batch
     statistics in fp32) stays within the output's rounding of its float64 value;
@@ -913,3 +927,29 @@ def test_no_host_reads_in_training_and_eval(warmup_steps: int, momentum: float |
     m.eval()
     with torch.no_grad():
         assert host_reads(lambda: m(x)) == 0
+
+
+def test_training_under_torch_func_grad_equals_autograd(transform: str) -> None:
+    """Both eager transforms under ``torch.func.grad`` (fresh buffers per call) give
+    ``torch.autograd``'s gradients."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(26)
+    m = BatchRenorm2d(4, r_max=1.5, d_max=0.5, warmup_steps=0)
+    _randomise(m)
+    x = torch.randn(6, 4, 3, 3) * 2 + 1
+    weights = torch.randn(6, 4, 3, 3)
+    buffers = {n: b.clone() for n, b in m.named_buffers()}
+
+    def loss(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        state = {**params, **{n: b.clone() for n, b in buffers.items()}}
+        return (functional_call(m, state, (x,)) * weights).sum()
+
+    params = {n: p.detach() for n, p in m.named_parameters()}
+    got, got_x = grad(loss, argnums=(0, 1))(params, x)
+    leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+    x_leaf = x.clone().requires_grad_(True)
+    want = torch.autograd.grad(loss(leaves, x_leaf), [*leaves.values(), x_leaf])
+    for g, w in zip([*got.values(), got_x], want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(want[0], torch.zeros(4))
