@@ -283,12 +283,17 @@ class _Collector:
             len(self.domains), self.mean.shape[-1], self.mean.device
         )
         self._parts: list[Moments] = []
+        self._slots: Tensor | None = None  # plain read-back: [CHUNK, 2, C], one row per batch
+        self._counts: list[int] = []
 
     def start(self) -> list[RemovableHandle]:
         """Freeze the layer's own EMA for the pass and attach the hooks."""
         self.module.momentum = 1.0 if self.readback else 0.0
         if not self.readback:
             return [self.module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)]
+        if not self.domain:
+            hooks = (self.module.register_forward_pre_hook(self._aim),)
+            return [*hooks, self.module.register_forward_hook(self._took)]
         # finite values: 0 * old must vanish in the momentum-1 update
         self.mean.nan_to_num_(0.0, 0.0, 0.0)
         self.var.nan_to_num_(1.0, 1.0, 1.0)
@@ -297,6 +302,21 @@ class _Collector:
             self._start_rows = (self.mean.clone(), self.var.clone())
             handles.append(self.module.register_forward_pre_hook(self._reset_rows))
         return handles
+
+    def _aim(self, module: nn.Module, args: tuple) -> None:
+        """Before a batch of a plain layer: its buffers become this batch's slot, where its
+        momentum-1 update writes the batch mean and unbiased variance (no copy, no op)."""
+        if self._slots is None:  # zeros: finite, so 0 * old vanishes in the update
+            shape = (self._CHUNK, 2, self.mean.shape[-1])
+            self._slots = self.mean.new_zeros(shape)
+        slot = self._slots[len(self._counts)]
+        module._buffers["running_mean"], module._buffers["running_var"] = slot[0], slot[1]
+
+    def _took(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """After a batch of a plain layer: its slot is filled; the count is a Python int."""
+        self._counts.append(args[0].numel() // self.mean.shape[-1])
+        if len(self._counts) == self._CHUNK:
+            self.flush()
 
     def _reset_rows(self, module: nn.Module, args: tuple) -> None:
         """Before each batch: the running statistics the layer's rare-domain rule reads (only
@@ -309,6 +329,8 @@ class _Collector:
     def restore(self, keep_statistics: bool) -> None:
         """Put back momentum and step counter, and the statistics unless ``keep_statistics``."""
         self.module.momentum = self.momentum
+        self.module._buffers["running_mean"] = self.mean  # the layer's own buffers again
+        self.module._buffers["running_var"] = self.var
         if self.tracked is not None and self.old_tracked is not None:
             self.tracked.copy_(self.old_tracked)
         if not keep_statistics:
@@ -317,15 +339,21 @@ class _Collector:
 
     def flush(self) -> None:
         """Merge the stored batches' moments into ``moments`` (float64)."""
-        if not self._parts:
-            return
         dtype = self.moments.mean.dtype
-        counts, means, seconds = (
-            as_dtype(torch.stack(t), dtype) for t in zip(*self._parts, strict=True)
-        )
-        self._parts = []
+        if self._counts and self._slots is not None:  # plain read-back: the filled slots
+            rows = as_dtype(self._slots[: len(self._counts)], dtype)
+            counts = torch.tensor(self._counts, dtype=dtype, device=rows.device)[:, None]
+            self._counts = []
+            counts, means, seconds = counts, rows[:, :1], rows[:, 1:]
+        elif self._parts:
+            counts, means, seconds = (
+                as_dtype(torch.stack(t), dtype) for t in zip(*self._parts, strict=True)
+            )
+            self._parts = []
+        else:
+            return
         if self.readback:  # read-back rows hold the unbiased batch variance: m2 = var * (n - 1)
-            seconds.mul_((counts - 1.0).clamp(min=0.0)[..., None])
+            seconds = seconds * (counts - 1.0).clamp(min=0.0)[..., None]
         self.moments = merge_moments(self.moments, merge_stacked(counts, means, seconds))
 
     def _store(self, moments: Moments) -> None:
@@ -353,7 +381,8 @@ class _Collector:
         per_row, device = x.shape[2:].numel(), self.mean.device
         if isinstance(ids, Tensor) and ids.dim() == 1 and ids.dtype == torch.long:
             # the routing the layer's forward built (cached per ids tensor): no op
-            route = routing(ids, len(self.domains), per_row, stat_dtype(x), module.eps, 1.0)
+            eps = float(self.module.eps)
+            route = routing(ids, len(self.domains), per_row, stat_dtype(x), eps, 1.0)
             return ids, route.counts.to(self.mean.dtype)
         count = torch.zeros(len(self.domains), dtype=self.mean.dtype, device=device)
         if isinstance(ids, int):

@@ -1087,3 +1087,30 @@ def test_check_int_refuses_bools_and_values_below_the_minimum(value: Any) -> Non
         check_int("seed", value, 1, where="sampler")
     assert check_int("seed", 1, 1) == 1
     assert type(check_int("seed", np.int64(3), 1)) is int  # numpy integers become ints
+
+
+def test_plain_layers_keep_their_own_buffer_objects_across_chunks_and_errors() -> None:
+    """Plain BN layers write each batch's statistics into a slot table during the pass (their
+    buffers point at its rows); afterwards, and after a failing batch, they hold their own
+    tensors again, with the exact statistics over more batches than one table holds."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    bn = model[1]
+    mean, var = bn.running_mean, bn.running_var
+    batches = [torch.randn(3, 3, 5, 5) * 2 + 1 for _ in range(70)]  # more than one table of 64
+    recompute_bn_stats(model, batches, num_batches=70)
+    assert bn.running_mean is mean and bn.running_var is var
+    with torch.no_grad():
+        feats = torch.cat([model[0](b) for b in batches]).double().transpose(0, 1).flatten(1)
+    torch.testing.assert_close(mean.double(), feats.mean(1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(var.double(), feats.var(1), atol=1e-5, rtol=1e-6)
+    before = (mean.clone(), var.clone())
+
+    def failing() -> Iterator[Tensor]:
+        yield batches[0]
+        yield torch.randn(3, 5, 5, 5)  # wrong channels: the conv raises mid-pass
+
+    with pytest.raises(RuntimeError):
+        recompute_bn_stats(model, failing(), num_batches=2)
+    assert bn.running_mean is mean and bn.running_var is var
+    assert torch.equal(mean, before[0]) and torch.equal(var, before[1])
