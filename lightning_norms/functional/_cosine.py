@@ -45,12 +45,15 @@ def _use_functions(*tensors: Tensor) -> bool:
     It computes what the plain ops compute, with a cheaper backward. Without a gradient to
     take (eval, ``no_grad``), under ``torch.jit.trace`` and in ``torch.onnx.export`` the plain
     differentiable ops run instead: a traced or exported graph cannot hold a Python Function.
+    Under ``torch.compile`` too: inductor fuses the plain ops and their autograd (and dynamo
+    cannot trace a Function with a custom ``jvp``).
     """
     return (
         torch.is_grad_enabled()
         and any(t.requires_grad for t in tensors)
         and not torch.jit.is_tracing()
         and not torch.onnx.is_in_onnx_export()
+        and not torch.compiler.is_compiling()
     )
 
 
