@@ -185,15 +185,18 @@ _SAME_BATCH = 1e-4
 """Relative tolerance under which a recompute's batch statistics are the original's."""
 
 
-def _remembers(*tensors: Tensor) -> bool:
+def _remembers() -> bool:
     """Whether :func:`_step_factors` keeps and reads its history: in eager Python only.
 
     Not while ``torch.compile``/``torch.export`` or ``torch.jit.trace`` trace (a graph has no
-    Python state), nor on ``torch.func``'s wrapped tensors (they must not outlive the transform).
+    Python state), nor inside a ``torch.func`` transform (its wrapped tensors must not outlive
+    it).
     """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    return not (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._are_functorch_transforms_active()
+    )
 
 
 def _in_backward() -> bool:
@@ -233,7 +236,7 @@ def _step_factors(
     step matches each call by its batch; with no match the fresh factors stand.
     """
     factors = _renorm_factors(batch_mean, batch_var, running_mean, running_var, eps, r_max, d_max)
-    if not _remembers(batch_mean, running_mean, running_var):
+    if not _remembers():
         return factors
     history = _FACTORS.get(key)
     if _in_backward():
@@ -417,7 +420,9 @@ def _renorm_train(
     bias = None if bias is None else as_dtype(bias, dtype)
     if x.numel() <= _FOLDED_MAX_NUMEL:  # the statistics again, no Python autograd node
         scale, shift = _fold(weight, bias, factors[1], factors[2])
-        return F.batch_norm(x, None, None, scale, shift, True, 0.0, eps)
+        return torch.batch_norm(  # F.batch_norm's op, without its checks (made above)
+            x, scale, shift, None, None, True, 0.0, eps, torch.backends.cudnn.enabled
+        )
     scaled = factors[1:3] if weight is None else weight * factors[1:3]
     kernel = _RenormFn if torch._C._are_functorch_transforms_active() else _RenormCtxFn
     return cast(Tensor, kernel.apply(x, weight, bias, mean, factors, scaled, eps))
