@@ -253,8 +253,18 @@ def _linear_backward(
 def _conv_backward(
     grad_out: Tensor, x: Tensor, weight: Tensor, conv: _CONV, needs: tuple[bool, bool]
 ) -> tuple[Tensor | None, Tensor | None]:
-    """The convolution's input and weight gradients (``grad_out`` has the output's shape)."""
+    """The convolution's input and weight gradients (``grad_out`` has the output's shape).
+
+    A 1x1 kernel: two matrix products (on CPU, half the time of ``convolution_backward``).
+    """
     stride, padding, dilation, groups = conv
+    if _is_pointwise(conv, weight.shape[2:]):
+        grad_g = grad_out.flatten(2).unflatten(1, (groups, -1))  # [N, G, K, S]
+        w_g = weight.view(groups, -1, weight.shape[1])  # [G, K, C/G]
+        dx = torch.matmul(w_g.transpose(1, 2), grad_g).view(x.shape) if needs[0] else None
+        x_g = x.flatten(2).unflatten(1, (groups, -1)).transpose(2, 3)  # [N, G, S, C/G]
+        dw = torch.matmul(grad_g, x_g).sum(0).view(weight.shape) if needs[1] else None
+        return dx, dw
     mask = (needs[0], needs[1], False)
     dx, dw, _ = torch.ops.aten.convolution_backward(
         grad_out, x, weight, None, stride, padding, dilation, False, (0, 0), groups, mask
