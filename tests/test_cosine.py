@@ -607,3 +607,18 @@ def test_torch_func_jvp_and_jacfwd_equal_the_formula(kind: str) -> None:
     got, expected = jvp(m, (x,), (t,))[1], jvp(ref, (x,), (t,))[1]
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(jacfwd(m)(x[:1]), jacfwd(ref)(x[:1]), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("k", "s", "g"), [(1, 1, 2), (1, 2, 1), (3, 1, 1)])
+def test_fused_gradgradcheck_float64(k: int, s: int, g: int) -> None:
+    """Gradients of gradients through the fused backward (1x1 matrix products, pool adjoint)."""
+    torch.manual_seed(22)
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4 // g, k, k, dtype=torch.float64, requires_grad=True)
+
+    def fn(x: Tensor, w: Tensor) -> Tensor:
+        return cosine_conv2d(x, w, stride=s, padding=k // 2, groups=g)
+
+    assert "_Cosine" in op_names(lambda: fn(x, w))
+    assert torch.autograd.gradcheck(fn, (x, w))
+    assert torch.autograd.gradgradcheck(fn, (x, w))
