@@ -129,8 +129,9 @@ def _cosine(
     """The cosine (the layer's output) and the parts it is made of, in plain ops.
 
     ``dot [B, G, K, S]``, norms ``p [B, G, 1, S]``, ``w [G, K, 1]``, ``D = p w + eps``; a
-    linear layer is ``B = G = 1`` with the rows as positions (views of ``[rows, out]``
-    tensors, so the cosine has the layout of ``[rows, out]``: no copies). The dot product
+    linear layer is ``B = G = 1`` with the rows as positions (views of the ``[rows, out]``
+    dot product and denominator). The cosine is a new tensor of the layer's output shape
+    (the caller may change it in place). The dot product
     runs outside autocast on the inputs cast as autocast casts them (``dtype``); the norms in
     (at least) fp32. The eval path, the forward of :class:`_Cosine`, and its backward under
     ``create_graph`` (these ops are differentiable) all run this.
@@ -155,7 +156,6 @@ def _cosine(
             d = _denominator(dot, p, w.view(groups, -1, 1), eps)
             parts = (dot, p, w.view(groups, -1, 1), d)
             denom = d.view(out.shape)
-    # a new tensor (not a view): the caller may change it in place
     return as_dtype(out / denom, out.dtype), *parts
 
 
@@ -319,7 +319,7 @@ def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
     Elsewhere the gradient is exact: it is ``1 / (|w| |x|)`` times the plain layer's, so a
     tiny input can still overflow fp16 (a ``GradScaler`` then lowers its scale). When autograd
     records the call, the layer is one autograd Function with a closed-form backward (gradients
-    of any order exact); without a gradient, traced or exported, it is plain ops.
+    of any order exact); without a gradient, traced, exported or compiled: plain ops.
 
     Args:
         x: input, features in the last dim.
@@ -419,7 +419,7 @@ def cosine_conv2d(
     autocast: an fp16 ``x**2`` overflows from ``|x| > 256``. The output has the dtype of the
     convolution (``F.conv2d``'s, autocast's under autocast). Without dilation, when autograd
     records the call, the layer is one autograd Function with a closed-form backward (as
-    :func:`cosine_linear`); a dilated window, no gradient, tracing or export: plain ops.
+    :func:`cosine_linear`); a dilated window, no gradient, tracing, export, compile: plain ops.
 
     Args:
         x: input.
