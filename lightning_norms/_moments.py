@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_norms._tracing import functorch_active
+
 
 class Moments(NamedTuple):
     """Per-group element count ``n[G]``, ``mean[G, C]`` and centred sum of squares ``m2[G, C]``."""
@@ -133,7 +135,7 @@ def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     if math.prod(x.shape[2:]) == 1:  # one position per row
         rows = as_dtype(x.reshape(n, c), dtype)
         return rows, torch.zeros_like(rows)
-    traced = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    traced = torch.compiler.is_compiling() or functorch_active()
     native = x.device.type in ("cpu", "cuda") and not traced
     if native and x.numel() and x.is_contiguous():
         # fp16/bf16 read as they are: the kernel accumulates in fp32 and, given fp32 running

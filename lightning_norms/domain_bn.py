@@ -23,12 +23,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_norms import functional as LF
 from lightning_norms._base import BatchNormBase
 from lightning_norms._shared import check_int
-from lightning_norms.functional._domain import (
-    _check_domains,
-    _eager,
-    _expand_domains,
-    host_ids,
-)
+from lightning_norms._tracing import eager
+from lightning_norms.functional._domain import check_domains, expand_domains, host_ids
 
 __all__ = ["DomainBatchNorm1d", "DomainBatchNorm2d", "DomainBatchNorm3d", "domain"]
 
@@ -99,7 +95,7 @@ class _DomainBatchNorm(BatchNormBase):
         if domain is not None:
             return domain
         if self._domain_ids is not None:
-            if _eager():
+            if eager():
                 self._last_ids = self._domain_ids
             return self._domain_ids
         if self._last_ids is not None and torch._C._current_graph_task_id() != -1:
@@ -126,8 +122,8 @@ class _DomainBatchNorm(BatchNormBase):
             >>> bn.resolve_domain(torch.randn(4, 3, 2, 2), 1)
             tensor([1, 1, 1, 1])
         """
-        ids = _check_domains(self._ids(domain), x.shape[0], self.num_domains, self._name())
-        return _expand_domains(ids, x)
+        ids = check_domains(self._ids(domain), x.shape[0], self.num_domains, self._name())
+        return expand_domains(ids, x)
 
     def forward(self, input: Tensor, domain: int | Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
@@ -166,7 +162,7 @@ class _DomainBatchNorm(BatchNormBase):
         domain may have used its running statistics.
         """
         batch_stats = self.training or not self.track_running_stats
-        if self._rare_warned or not batch_stats or not _eager():
+        if self._rare_warned or not batch_stats or not eager():
             return None
         if not isinstance(ids, Tensor) or ids.dim() == 0:
             return None

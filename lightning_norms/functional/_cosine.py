@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 from typing import Any
@@ -13,6 +12,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from lightning_norms._moments import as_dtype
+from lightning_norms._tracing import autocast_off
 
 
 def _safe_norm(sum_sq: Tensor) -> Tensor:
@@ -28,16 +28,6 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
 def _at_least_fp32(x: Tensor) -> Tensor:
     """``x`` in :func:`_norm_dtype` (upcast when it is fp16/bf16)."""
     return as_dtype(x, _norm_dtype(x.dtype))
-
-
-def _full_precision(x: Tensor) -> contextlib.AbstractContextManager[Any]:
-    """A context in which ``x``'s device runs without autocast (only entered when it is on).
-
-    The meta device has no autocast (torch raises when asked about it).
-    """
-    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _use_functions(*tensors: Tensor) -> bool:
@@ -137,7 +127,7 @@ def _cosine(
     ``create_graph`` (these ops are differentiable) all run this.
     """
     xc, wc = _cast(x, dtype), _cast(weight, dtype)
-    with _full_precision(x):
+    with autocast_off(x.device):
         if conv is None:
             out = F.linear(xc, wc)
             p = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=_norm_dtype(x.dtype))

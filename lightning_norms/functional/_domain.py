@@ -15,7 +15,6 @@ in a per-sample batch is normalised with its running statistics (:func:`_rare_do
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from collections import Counter
 from typing import Any, NamedTuple, cast
@@ -36,6 +35,7 @@ from lightning_norms._moments import (
     stat_dtype,
     update_running,
 )
+from lightning_norms._tracing import autocast_off, eager, functorch_active
 from lightning_norms.functional._sync import AllReduceSum as _AllReduceSum
 from lightning_norms.functional._sync import sync_world as _sync_world
 
@@ -43,26 +43,7 @@ Group = tuple[torch.distributed.ProcessGroup | None] | None
 """``None`` (local statistics) or a 1-tuple holding the process group to all-reduce over."""
 
 
-def _functorch() -> bool:
-    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ...) is running."""
-    return bool(torch._C._are_functorch_transforms_active())
-
-
-def _eager() -> bool:
-    """Whether host-needing checks may run (not while ``torch.compile``, ``torch.func`` or
-    ``torch.jit.trace`` trace)."""
-    return not (torch.compiler.is_compiling() or _functorch() or torch.jit.is_tracing())
-
-
-def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Autocast off where it is on: the statistics' products (``mm``, which autocast would
-    run in fp16/bf16) stay in the statistics' dtype."""
-    if device.type in ("cpu", "cuda", "mps", "xpu") and torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _check_domains(
+def check_domains(
     domains: int | Tensor, batch_size: int, num_domains: int, name: str
 ) -> int | Tensor:
     """Validate domain ids: an ``int`` is returned as is, a tensor as ``LongTensor[N]``.
@@ -83,7 +64,7 @@ def _check_domains(
                 f"got shape {tuple(domains.shape)}"
             )
         else:
-            if domains.numel() and _eager():
+            if domains.numel() and eager():
                 _check_range(domains, num_domains, name)
             return domains if domains.dtype == torch.long else domains.long()
     if isinstance(domains, bool) or not isinstance(domains, int):
@@ -166,7 +147,7 @@ def _check_range(ids: Tensor, num_domains: int, name: str) -> None:
         )
 
 
-def _expand_domains(domains: int | Tensor, x: Tensor) -> Tensor:
+def expand_domains(domains: int | Tensor, x: Tensor) -> Tensor:
     """Per-sample ids on ``x``'s device (an ``int`` is broadcast over the batch)."""
     if isinstance(domains, int):
         return torch.full((x.shape[0],), domains, dtype=torch.long, device=x.device)
@@ -175,7 +156,7 @@ def _expand_domains(domains: int | Tensor, x: Tensor) -> Tensor:
     return domains.to(device=x.device, dtype=torch.long)
 
 
-def _rows(x: Tensor) -> Tensor:
+def as_rows(x: Tensor) -> Tensor:
     """``x`` as contiguous ``[N, C, L]`` rows (``L`` = positions per sample; also for N = 0)."""
     return x.reshape(x.shape[0], x.shape[1], x.shape[2:].numel()).contiguous()
 
@@ -198,7 +179,7 @@ def _check_counts(count: Tensor, name: str) -> None:
         )
 
 
-def _domain_stats(
+def domain_stats(
     x3: Tensor, ids: Tensor, num_domains: int, group: Group, name: str, *, check: bool = True
 ) -> Moments:
     """Per-domain ``Moments(count, mean, M2)`` of ``[N, C, L]`` rows, global over ``group``.
@@ -210,12 +191,12 @@ def _domain_stats(
     eager mode, raises for a one-value domain before any state changes, on every rank alike
     when synchronised; per-sample ids pass ``check=False`` (see :func:`_rare_domains`).
     """
-    with torch.no_grad(), _autocast_off(x3.device):
+    with torch.no_grad(), autocast_off(x3.device):
         route = routing(ids, num_domains, x3.shape[2], stat_dtype(x3))
         _, moments = _local_moments(x3, route)
         if group is not None:
             (moments,) = all_reduce_moments([moments], group[0])
-    if check and _eager():
+    if check and eager():
         _check_counts(moments.n, name)
     return moments
 
@@ -283,10 +264,10 @@ def domain_batch_stats(
         >>> count, mean.flatten(), var.flatten()
         (tensor([2., 2., 0.]), tensor([ 2., 15.,  0.]), tensor([ 1., 25.,  0.]))
     """
-    domains = _check_domains(domains, x.shape[0], num_domains, "domain_batch_stats")
-    with torch.no_grad(), _autocast_off(x.device):
-        x3 = _rows(x)
-        route = routing(_expand_domains(domains, x), num_domains, x3.shape[2], stat_dtype(x3))
+    domains = check_domains(domains, x.shape[0], num_domains, "domain_batch_stats")
+    with torch.no_grad(), autocast_off(x.device):
+        x3 = as_rows(x)
+        route = routing(expand_domains(domains, x), num_domains, x3.shape[2], stat_dtype(x3))
         _, moments = _local_moments(x3, route)
         if _sync_world(sync, process_group):
             (moments,) = all_reduce_moments([moments], process_group)
@@ -360,7 +341,7 @@ def routing(
     inference tensors (no version) or in inference mode.
     """
     args = (ids, num_domains, per_row, dtype, eps, momentum)
-    if not _eager() or ids.is_inference() or torch.is_inference_mode_enabled():
+    if not eager() or ids.is_inference() or torch.is_inference_mode_enabled():
         return _build_routing(*args)
     if not (_ROUTED and _ROUTED[0][0]() is ids and _ROUTED[0][1] == ids._version):
         _ROUTES.clear()
@@ -438,7 +419,7 @@ def _halves(
     (``out=``) instead of a ``stack`` after them; ``(None, None, None)`` where ``out=`` is not
     allowed: with grad mode on (autograd), while tracing, or under ``torch.func`` (a batched
     op cannot write into an unbatched buffer)."""
-    if torch.is_grad_enabled() or not _eager():
+    if torch.is_grad_enabled() or not eager():
         return None, None, None
     packed = torch.empty(2, rows, c, dtype=like.dtype, device=like.device)
     return packed, packed[0], packed[1]
@@ -452,7 +433,7 @@ def _low_precision(x3: Tensor, coefs: Tensor) -> bool:
     """
     low = x3.dtype in (torch.float16, torch.bfloat16) and coefs.dtype == torch.float32
     native = kernel_input_dtype(x3.device, x3.dtype, coefs.dtype) == x3.dtype
-    return low and native and x3.numel() > 0 and not _functorch()
+    return low and native and x3.numel() > 0 and not functorch_active()
 
 
 _CONSTANTS: dict[tuple[int, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
@@ -462,7 +443,7 @@ _CONSTANTS: dict[tuple[int, torch.dtype, torch.device], tuple[Tensor, Tensor]] =
 def _constants(numel: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(zeros, ones)`` of ``numel``: made once per size, dtype and device in eager mode
     (never written; fresh ones while tracing or in inference mode)."""
-    cache = _eager() and not torch.is_inference_mode_enabled()  # before any use of numel:
+    cache = eager() and not torch.is_inference_mode_enabled()  # before any use of numel:
     key = (numel, dtype, device)  # hashing a traced size would specialise the graph on it
     if cache and key in _CONSTANTS:
         return _CONSTANTS[key]
@@ -503,7 +484,7 @@ def _affine_rows(x3: Tensor, rows: Tensor) -> Tensor:
     ``addcmul``, one kernel. Returns a new ``[N, C, L]`` tensor in ``x3``'s dtype (never a
     view).
     """
-    cpu = x3.device.type == "cpu" and _eager()
+    cpu = x3.device.type == "cpu" and eager()
     large = x3.dtype == rows.dtype and x3.numel() >= 2**19
     if _low_precision(x3, rows) or (cpu and large):
         return _row_kernel(x3, rows[0], rows[1])
@@ -560,7 +541,7 @@ KernelStats = tuple[Tensor, Tensor, Tensor]
 uses; ``-1 / count``, 0 for a domain of fixed statistics or none."""
 
 
-def _kernel_stats(stats: Moments, eps: float) -> KernelStats:
+def kernel_stats(stats: Moments, eps: float) -> KernelStats:
     """Per-domain ``-1 / count`` (0 where the count is 0), mean and ``1 / sqrt(var + eps)``.
 
     A domain of count 0 with rows has fixed statistics (:func:`_rare_domains`: ``M2`` holds
@@ -659,7 +640,7 @@ def _input_grad(
     a3 = per_row[0].unsqueeze(2)
     # in place (no second activation-sized temporary) unless under torch.func, where grad_x
     # may be unbatched and g3 batched
-    grad_x = torch.addcmul(grad_x, g3, a3) if _functorch() else grad_x.addcmul_(g3, a3)
+    grad_x = torch.addcmul(grad_x, g3, a3) if functorch_active() else grad_x.addcmul_(g3, a3)
     return as_dtype(grad_x, x3.dtype)
 
 
@@ -761,7 +742,7 @@ class _DomainBatchNormFn(torch.autograd.Function):
         prepared: Prepared | None = None,
     ) -> Tensor:
         if prepared is None:
-            with _autocast_off(x3.device):
+            with autocast_off(x3.device):
                 prepared = _prepare(x3, ids, weight, bias, stats)
         return _affine_rows(x3, prepared.rows)
 
@@ -772,7 +753,7 @@ class _DomainBatchNormFn(torch.autograd.Function):
         x3, weight, bias, ids, eps, group, stats, *rest = inputs
         prepared = rest[0] if rest and rest[0] is not None else None
         if prepared is None:
-            with torch.no_grad(), _autocast_off(x3.device):
+            with torch.no_grad(), autocast_off(x3.device):
                 prepared = _prepare(x3, ids, weight, bias, stats)
         onehot, (row_mean, dev), coefs, rows = prepared
         ctx.save_for_backward(x3, ids, weight, *stats, onehot, row_mean, dev, coefs, rows)
@@ -787,7 +768,7 @@ class _DomainBatchNormFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         g3 = grad_out.reshape(saved[0].shape)
         grad_fn = _graph_grads if torch.is_grad_enabled() else _fused_grads
-        with _autocast_off(g3.device):
+        with autocast_off(g3.device):
             grads = grad_fn(ctx, saved, g3)
         return (*grads, None, None, None, None, None)
 
@@ -806,9 +787,9 @@ class _DomainBatchNormEagerFn(torch.autograd.Function):
     backward = _DomainBatchNormFn.backward
 
 
-def _normalize(*inputs: Any) -> Tensor:
+def grouped_batch_norm(*inputs: Any) -> Tensor:
     """:class:`_DomainBatchNormFn` applied to ``inputs`` (its eager twin outside transforms)."""
-    fn = _DomainBatchNormEagerFn if _eager() else _DomainBatchNormFn
+    fn = _DomainBatchNormEagerFn if eager() else _DomainBatchNormFn
     return cast(Tensor, fn.apply(*inputs))
 
 
@@ -956,7 +937,7 @@ def _local_train(
             elif tracked is not None:
                 tracked.add_(route.present)
             lerp_running(running.mean, running.var, mean, var[d:], factor)
-    return _normalize(x3, *affine, ids, eps, None, stats, prepared)
+    return grouped_batch_norm(x3, *affine, ids, eps, None, stats, prepared)
 
 
 def _general_train(
@@ -981,17 +962,17 @@ def _general_train(
         rows, stats = _local_moments(x3, route)
         if group is not None:
             (stats,) = all_reduce_moments([stats], group[0])
-    if not rare and _eager():
+    if not rare and eager():
         _check_counts(stats.n, name)
     with torch.no_grad():
         if rare:
             stats, fixed = _rare_domains(stats, running.mean, running.var)
-            if running.rare_domains is not None and _eager():
+            if running.rare_domains is not None and eager():
                 running.rare_domains.logical_or_(fixed)
-        kernel = _kernel_stats(stats, eps)
+        kernel = kernel_stats(stats, eps)
         dev = torch.addmm(rows.mean, route.onehot.t(), stats.mean, alpha=-1.0)
         prepared = _prepare(x3, ids, *affine, kernel, RowStats(rows.mean, dev), route.onehot)
-    out = _normalize(x3, *affine, ids, eps, group, kernel, prepared)
+    out = grouped_batch_norm(x3, *affine, ids, eps, group, kernel, prepared)
     if running.mean is not None and running.var is not None:
         with torch.no_grad():
             update_running(
@@ -1091,7 +1072,7 @@ def domain_batch_norm(
         >>> torch.allclose(y[ids == 1], ref, atol=1e-5)
         True
     """
-    domains = _check_domains(domains, x.shape[0], num_domains, name)
+    domains = check_domains(domains, x.shape[0], num_domains, name)
     if momentum is None and num_batches_tracked is None and training and running_mean is not None:
         raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
     use_batch_stats = training or running_mean is None or running_var is None
@@ -1118,15 +1099,15 @@ def domain_batch_norm(
             num_batches_tracked if training else None,
             name,
         )
-    ids = _expand_domains(domains, x)
-    x3 = _rows(x)
+    ids = expand_domains(domains, x)
+    x3 = as_rows(x)
     if not use_batch_stats and running_mean is not None and running_var is not None:
         return _eval_rows(x3, ids, running_mean, running_var, weight, bias, eps).view(x.shape)
     if running_mean is None and group is None and torch.jit.is_tracing():
         return _traced_rows(x3, ids, num_domains, weight, bias, eps).view(x.shape)
     state = (running_mean, running_var) if training else (None, None)
     running = Running(*state, momentum, num_batches_tracked, rare_domains)
-    with _autocast_off(x.device):
+    with autocast_off(x.device):
         route = routing(ids, num_domains, x3.shape[2], stat_dtype(x3), eps, momentum)
         if group is None and x3.shape[2] > 1:  # every present domain has 2 values or more
             out = _local_train(x3, ids, route, (weight, bias), eps, running)

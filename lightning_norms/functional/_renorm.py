@@ -20,11 +20,12 @@ from lightning_norms._moments import (
     stat_dtype,
     update_running,
 )
+from lightning_norms._tracing import eager, functorch_active
 from lightning_norms.functional._domain import (
-    _domain_stats,
-    _DomainBatchNormFn,
-    _kernel_stats,
-    _rows,
+    as_rows,
+    domain_stats,
+    grouped_batch_norm,
+    kernel_stats,
 )
 from lightning_norms.functional._sync import sync_world
 
@@ -166,7 +167,7 @@ def _renorm_factors(
     table = torch.stack(rows).add_(column) if acc == batch_var.dtype else torch.stack(rows) + column
     table[4].sub_(table[6])  # mu_B - mu
     table[:4].sqrt_()  # sigma (3 rows), sigma_B
-    if compiling or acc == dtype or torch._C._are_functorch_transforms_active():
+    if compiling or acc == dtype or functorch_active():
         factors = as_dtype(table[2:6] / table[:4], dtype)  # no out= in a trace
     else:  # computed in the accumulation dtype, rounded once
         out = torch.empty(4, c, dtype=dtype, device=device)
@@ -192,11 +193,7 @@ def _remembers() -> bool:
     Python state), nor inside a ``torch.func`` transform (its wrapped tensors must not outlive
     it).
     """
-    return not (
-        torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or torch._C._are_functorch_transforms_active()
-    )
+    return eager()
 
 
 def _in_backward() -> bool:
@@ -424,7 +421,7 @@ def _renorm_train(
             x, scale, shift, None, None, True, 0.0, eps, torch.backends.cudnn.enabled
         )
     scaled = factors[1:3] if weight is None else weight * factors[1:3]
-    kernel = _RenormFn if torch._C._are_functorch_transforms_active() else _RenormCtxFn
+    kernel = _RenormFn if functorch_active() else _RenormCtxFn
     return cast(Tensor, kernel.apply(x, weight, bias, mean, factors, scaled, eps))
 
 
@@ -679,8 +676,8 @@ def _synced_batch_renorm(
     """
     ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     group = (process_group,) if sync_world(True, process_group) else None
-    x3 = _rows(x)
-    count, mean, m2 = _domain_stats(x3, ids, 1, group, name)
+    x3 = as_rows(x)
+    count, mean, m2 = domain_stats(x3, ids, 1, group, name)
     tracked = running_mean is not None and running_var is not None
     # when tracked, both are tensors (mypy does not narrow through the bool)
     if tracked and not _is_plain_bn(r_max, d_max):
@@ -695,8 +692,8 @@ def _synced_batch_renorm(
             r_max,
             d_max,
         )
-    stats = _kernel_stats(Moments(count, mean, m2), eps)
-    out = _DomainBatchNormFn.apply(x3, weight, bias, ids, eps, group, stats)
+    stats = kernel_stats(Moments(count, mean, m2), eps)
+    out = grouped_batch_norm(x3, weight, bias, ids, eps, group, stats)
     if tracked:
         with torch.no_grad():
             update_running(

@@ -6,8 +6,8 @@ Every module of ``lightning_norms`` belongs to one row of this table; a module m
 =========  ==========================================  ==============================  =========
 layer      modules (``lightning_norms.`` omitted)      may import from the package     Lightning
 =========  ==========================================  ==============================  =========
-core       ``_moments``, ``_shared``, ``functional``,  core                            never
-           ``functional.*``
+core       ``_moments``, ``_shared``, ``_tracing``,    core                            never
+           ``functional``, ``functional.*``
 layers     ``_base``, ``_batches``, ``_kinds``,        core, layers                    never
            ``_patterns``, ``_diagnostics``,
            ``domain_bn``, ``renorm``, ``distributed``,
@@ -55,6 +55,7 @@ LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric", "lightning_ut
 LAYER_OF_TOP = {
     "_moments": "core",
     "_shared": "core",
+    "_tracing": "core",
     "functional": "core",
     **dict.fromkeys(
         (

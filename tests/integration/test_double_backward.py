@@ -116,9 +116,9 @@ def test_synced_function_with_all_reduces(one_rank_group):
     group = (None,)
 
     def fn(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        x3 = LFD._rows(x)
-        stats = LFD._kernel_stats(LFD._domain_stats(x3, IDS, 2, group, "test"), 1e-5)
-        return LFD._DomainBatchNormFn.apply(x3, w, b, IDS, 1e-5, group, stats).view(x.shape)
+        x3 = LFD.as_rows(x)
+        stats = LFD.kernel_stats(LFD.domain_stats(x3, IDS, 2, group, "test"), 1e-5)
+        return LFD.grouped_batch_norm(x3, w, b, IDS, 1e-5, group, stats).view(x.shape)
 
     _check(fn, [_randn(6, 3, 2, 2, shift=1), _randn(2, 3), _randn(2, 3)])
 

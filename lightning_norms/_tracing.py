@@ -1,0 +1,49 @@
+"""What is tracing the current call: the one place the kernels ask (compile, ``torch.func``, jit).
+
+Host-side checks, caches of tensors made in a call and ``out=`` buffers are only safe in eager
+mode: a graph being traced would bake a cached tensor in as a constant or specialise on a
+Python value, and a ``torch.func`` transform batches the tensors an op writes into.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ...) is running.
+
+    Example:
+        >>> functorch_active()
+        False
+    """
+    return bool(torch._C._are_functorch_transforms_active())
+
+
+def eager() -> bool:
+    """Whether the call runs eagerly: not while ``torch.compile``, ``torch.func`` or
+    ``torch.jit.trace`` trace it.
+
+    Example:
+        >>> eager()
+        True
+    """
+    return not (torch.compiler.is_compiling() or functorch_active() or torch.jit.is_tracing())
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off where it is on, so that statistics' products (``mm``, which autocast would
+    run in fp16/bf16) stay in the statistics' dtype; a no-op context elsewhere.
+
+    Example:
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     with autocast_off(torch.device("cpu")):
+        ...         (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+        torch.float32
+    """
+    if device.type in ("cpu", "cuda", "mps", "xpu") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
