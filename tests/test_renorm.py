@@ -23,7 +23,14 @@ from lightning_norms import (
 from lightning_norms.functional import batch_renorm, renorm_limits
 from lightning_norms.functional._renorm import _batch_mean_var
 from tests._dist import REPO_ROOT, run_ddp
-from tests._layers import host_reads
+from tests._layers import (
+    assert_unchanged,
+    host_reads,
+    normal,
+    randomise_alike,
+    snapshot_buffers,
+    uniform,
+)
 
 CASES = [
     (BatchRenorm1d, nn.BatchNorm1d, (16, 5)),
@@ -43,20 +50,17 @@ def transform(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     return str(request.param)
 
 
+_DRAWS = {
+    "weight": uniform(0.5, 1.5),
+    "bias": normal(),
+    "running_mean": normal(),
+    "running_var": uniform(0.5, 1.5),
+}
+
+
 def _randomise(*modules: _BatchNorm, seed: int = 0) -> None:
     """Give every module the same non-trivial affine and running statistics."""
-    g = torch.Generator().manual_seed(seed)
-    c = modules[0].num_features
-    weight, bias = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
-    mean, var = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5
-    with torch.no_grad():
-        for m in modules:
-            if m.affine:
-                m.weight.copy_(weight)
-                m.bias.copy_(bias)
-            if m.track_running_stats:
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
+    randomise_alike(*modules, draws=_DRAWS, seed=seed)
 
 
 def _fwd_bwd(m: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -432,17 +436,6 @@ def test_torch_compile_every_layer() -> None:
     torch.testing.assert_close(compiled.eval()(x), eager.eval()(x), rtol=1e-4, atol=1e-5)
 
 
-def _buffers(m: nn.Module) -> dict[str, Tensor]:
-    return {name: b.clone() for name, b in m.named_buffers()}
-
-
-def _assert_same_buffers(m: nn.Module, before: dict[str, Tensor]) -> None:
-    after = dict(m.named_buffers())
-    assert after.keys() == before.keys()
-    for name, value in before.items():
-        assert torch.equal(after[name], value), name
-
-
 @pytest.mark.parametrize(("cls", "ref_cls", "shape"), CASES)
 @pytest.mark.parametrize("empty_dim", [0, -1])
 def test_empty_batch_in_training_returns_empty_and_keeps_buffers(
@@ -455,13 +448,13 @@ def test_empty_batch_in_training_returns_empty_and_keeps_buffers(
     ref = ref_cls(5)
     _randomise(ours, ref)
     ours.num_batches_tracked.fill_(7)
-    before = _buffers(ours)
+    before = snapshot_buffers(ours)
     empty = list(shape)
     empty[empty_dim] = 0
     x = torch.randn(empty, requires_grad=True)
     y, y_ref = ours(x), ref(x)
     assert y.shape == y_ref.shape == x.shape
-    _assert_same_buffers(ours, before)  # num_batches_tracked included
+    assert_unchanged(dict(ours.named_buffers()), before)  # num_batches_tracked included
     torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=0, atol=0)
     y.sum().backward()
     assert x.grad.shape == x.shape and torch.equal(ours.weight.grad, torch.zeros(5))
@@ -490,11 +483,11 @@ def test_a_call_that_raises_leaves_every_buffer(
     x = torch.randn(8, 4, 3, 3) * 2 + 1
     m(x)
     ref(x)
-    before = _buffers(m)
+    before = snapshot_buffers(m)
     for error, bad in _bad_calls():
         with pytest.raises(error):
             m(bad)
-        _assert_same_buffers(m, before)
+        assert_unchanged(dict(m.named_buffers()), before)
     # the next good call is the second step for both: same limits, same running update
     x2 = torch.randn(8, 4, 3, 3) * 3 - 1
     torch.testing.assert_close(m(x2), ref(x2), rtol=0, atol=0)
@@ -939,7 +932,7 @@ def test_training_under_torch_func_grad_equals_autograd(transform: str) -> None:
     _randomise(m)
     x = torch.randn(6, 4, 3, 3) * 2 + 1
     weights = torch.randn(6, 4, 3, 3)
-    buffers = {n: b.clone() for n, b in m.named_buffers()}
+    buffers = snapshot_buffers(m)
 
     def loss(params: dict[str, Tensor], x: Tensor) -> Tensor:
         state = {**params, **{n: b.clone() for n, b in buffers.items()}}
