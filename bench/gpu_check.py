@@ -73,7 +73,7 @@ NO_KERNEL = frozenset(
         *("expand_as", "unsqueeze", "squeeze", "permute", "t", "transpose", "select", "slice"),
         *("narrow", "split", "chunk", "unbind", "alias", "detach", "view_as", "flatten"),
         *("unflatten", "empty", "empty_like", "empty_strided", "resolve_conj", "resolve_neg"),
-        "lift_fresh",
+        *("lift_fresh", "new_empty", "new_empty_strided", "result_type", "promote_types"),
     }
 )
 """Top-level aten ops that launch no kernel on a GPU (views, allocations): not counted."""
