@@ -292,8 +292,7 @@ class _Collector:
         if not self.readback:
             return [self.module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)]
         if not self.domain:
-            hooks = (self.module.register_forward_pre_hook(self._aim),)
-            return [*hooks, self.module.register_forward_hook(self._took)]
+            return [self.module.register_forward_pre_hook(self._aim)]
         # finite values: 0 * old must vanish in the momentum-1 update
         self.mean.nan_to_num_(0.0, 0.0, 0.0)
         self.var.nan_to_num_(1.0, 1.0, 1.0)
@@ -305,18 +304,16 @@ class _Collector:
 
     def _aim(self, module: nn.Module, args: tuple) -> None:
         """Before a batch of a plain layer: its buffers become this batch's slot, where its
-        momentum-1 update writes the batch mean and unbiased variance (no copy, no op)."""
+        momentum-1 update writes the batch mean and unbiased variance (no copy, no op), and
+        the batch's count is kept as a Python int (one hook per layer and batch)."""
+        if len(self._counts) == self._CHUNK:  # the table is full: merge it first
+            self.flush()
         if self._slots is None:  # zeros: finite, so 0 * old vanishes in the update
             shape = (self._CHUNK, 2, self.mean.shape[-1])
             self._slots = self.mean.new_zeros(shape)
         slot = self._slots[len(self._counts)]
         module._buffers["running_mean"], module._buffers["running_var"] = slot[0], slot[1]
-
-    def _took(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """After a batch of a plain layer: its slot is filled; the count is a Python int."""
         self._counts.append(args[0].numel() // self.mean.shape[-1])
-        if len(self._counts) == self._CHUNK:
-            self.flush()
 
     def _reset_rows(self, module: nn.Module, args: tuple) -> None:
         """Before each batch: the running statistics the layer's rare-domain rule reads (only
