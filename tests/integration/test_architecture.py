@@ -526,3 +526,26 @@ def test_spy_names_the_importer_of_a_forbidden_module(tmp_path: Path) -> None:
     phases = [(["probe_pkg.core"], list(LIGHTNING)), (["probe_pkg.layer"], list(LIGHTNING))]
     hits = spy_imports(phases, owner="probe_pkg", cwd=tmp_path)
     assert hits == [[], [("probe_pkg.layer", "lightning_utilities")]]
+
+
+def _private_imports() -> list[str]:
+    """``file:line name`` for every package-internal ``from lightning_norms... import _name``."""
+    found = []
+    for path in sorted(ROOT_DIR.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom) or node.level or not node.module:
+                continue
+            if node.module.split(".")[0] != PACKAGE:
+                continue
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    where = path.relative_to(ROOT_DIR.parent)
+                    found.append(f"{where}:{node.lineno} {node.module}.{alias.name}")
+    return found
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """Shared internals live under public-in-package names in internal modules (``_shared``,
+    ``_tracing``, ``_kinds``, ``functional._domain``...): no module imports a ``_name``."""
+    assert _private_imports() == []
