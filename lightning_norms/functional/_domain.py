@@ -339,6 +339,14 @@ def routing(
     change bumps its version) drops the old routings. Not cached while ``torch.compile``,
     ``torch.func`` or ``torch.jit.trace`` trace (the ops become part of the graph), for
     inference tensors (no version) or in inference mode.
+
+    Example:
+        >>> ids = torch.tensor([0, 1, 1])
+        >>> route = routing(ids, 2, per_row=4, dtype=torch.float32)
+        >>> route.counts.tolist(), route.onehot.tolist()
+        ([4.0, 8.0], [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+        >>> routing(ids, 2, per_row=4, dtype=torch.float32) is route  # shared, not rebuilt
+        True
     """
     args = (ids, num_domains, per_row, dtype, eps, momentum)
     if not eager() or ids.is_inference() or torch.is_inference_mode_enabled():
