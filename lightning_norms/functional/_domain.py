@@ -869,7 +869,7 @@ def _int_domain_batch_norm(
         if fresh and running_mean is not None and running_var is not None:
             steps = num_batches_tracked[domain].to(fresh[0].dtype) + 1.0
             factor_new = cast(Tensor, ema_factor(None, steps))
-            lerp_running(running_mean[domain], running_var[domain], *fresh, factor_new)
+            lerp_running(running_mean[domain], running_var[domain], fresh[0], fresh[1], factor_new)
         num_batches_tracked[domain].add_(1)
     return as_dtype(out, x.dtype)
 
