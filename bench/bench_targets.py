@@ -5,7 +5,7 @@ mode unless a row says eval. Sections, in this order (each row: target, threshol
 ``met`` / ``MISSED``; ``info`` rows have no threshold and ``ctl`` rows are the noise floor):
 
 - ``host reads``: profiler count of ``aten::_local_scalar_dense``, ``item``, ``is_nonzero``,
-  ``nonzero``, ``unique`` (``bench/gpu_check.py``'s ``HOST_READS``) in one training
+  ``nonzero``, ``unique`` (``lightning_norms._tracing.HOST_READS``) in one training
   forward+backward and one eval forward (``torch.no_grad()``), for every public layer, each
   read counted once (the outermost of nested events: ``bool(t)`` is ``is_nonzero`` calling
   ``item`` calling ``_local_scalar_dense``, one read). ``.tolist()`` of a CPU tensor calls no

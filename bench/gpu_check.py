@@ -52,21 +52,9 @@ from lightning_norms import (
     DomainBatchNorm2d,
     LayerNorm2d,
 )
+from lightning_norms._tracing import HOST_READS
 from lightning_norms.distributed import SyncedBatchNorm2d
 
-HOST_READS = frozenset(
-    {
-        "aten::_local_scalar_dense",
-        "aten::item",
-        "aten::is_nonzero",
-        "aten::nonzero",
-        "aten::unique",
-        "aten::_unique2",
-        "aten::unique_dim",
-    }
-)
-"""aten ops that read a device tensor's values back to the host (a stream sync on CUDA); the
-same list as ``tests/_layers.py``'s (bench does not import the tests; a test checks both)."""
 NO_KERNEL = frozenset(
     {
         *("view", "reshape", "_reshape_alias", "_unsafe_view", "as_strided", "expand"),

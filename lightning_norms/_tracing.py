@@ -12,6 +12,21 @@ from typing import Any
 
 import torch
 
+HOST_READS = frozenset(
+    {
+        "aten::_local_scalar_dense",
+        "aten::item",
+        "aten::is_nonzero",
+        "aten::nonzero",
+        "aten::unique",
+        "aten::_unique2",
+        "aten::unique_dim",
+    }
+)
+"""aten ops that read a device tensor's values back to the host (a stream sync on CUDA): the
+kernels run none of them in training or eval (the profiler-counted contract of the benchmarks
+and the tests)."""
+
 
 def functorch_active() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ...) is running.

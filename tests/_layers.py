@@ -6,10 +6,10 @@
   its ranges (and, with the same seed, its values) stay what its tests were written for.
 - :func:`snapshot_buffers` / :func:`snapshot_state` copy a module's buffers / ``state_dict``;
   :func:`assert_unchanged` says which entry changed.
-- :data:`HOST_READS`, :func:`op_names` and :func:`host_reads`: the aten ops that read a tensor's
-  values back to the host (a stream synchronisation on an accelerator) and profiler counts.
-  ``bench/gpu_check.py`` keeps the same list (bench does not import the tests);
-  ``tests/integration/test_gpu_check.py`` checks that the two are equal.
+- :data:`HOST_READS` (the package's one list, :mod:`lightning_norms._tracing`, which
+  ``bench/`` uses too), :func:`op_names` and :func:`host_reads`: the aten ops that read a
+  tensor's values back to the host (a stream synchronisation on an accelerator) and profiler
+  counts.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
+
+from lightning_norms._tracing import HOST_READS
 
 Draw = Callable[[torch.Size, torch.Generator | None, torch.dtype], Tensor]
 """``draw(shape, generator, dtype)``: fresh values (the global RNG when ``generator`` is None)."""
@@ -139,18 +141,6 @@ def assert_unchanged(current: Mapping[str, Tensor], before: Mapping[str, Tensor]
         assert torch.equal(current[name], value), name
 
 
-HOST_READS = frozenset(
-    {
-        "aten::_local_scalar_dense",
-        "aten::item",
-        "aten::is_nonzero",
-        "aten::nonzero",
-        "aten::unique",
-        "aten::_unique2",
-        "aten::unique_dim",
-    }
-)
-"""aten ops that read a device tensor's values back to the host (a stream sync on CUDA)."""
 
 
 def op_names(fn: Callable[[], Any]) -> set[str]:
