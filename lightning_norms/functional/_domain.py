@@ -84,8 +84,27 @@ class HostIds(NamedTuple):
     rows: Counter[int]
 
 
-_HOST_IDS: list[tuple[weakref.ref[Tensor], int, HostIds]] = []
-"""The last CPU ids tensor read (a weak reference, its version) and what it held."""
+class _LastIds:
+    """What was derived from the last ids tensor seen: kept while the same tensor comes back
+    unchanged (a weak reference, and its version: an in-place change bumps it), dropped for
+    another tensor. Inference tensors have no version: nothing is kept for them."""
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref[Tensor] | None = None
+        self._version = -1
+        self._values: dict[Any, Any] = {}
+
+    def of(self, ids: Tensor) -> dict[Any, Any] | None:
+        """The store for ``ids`` (emptied when ``ids`` is not the last tensor, unchanged)."""
+        if ids.is_inference():
+            return None
+        if self._ref is None or self._ref() is not ids or self._version != ids._version:
+            self._ref, self._version, self._values = weakref.ref(ids), ids._version, {}
+        return self._values
+
+
+_HOST_IDS = _LastIds()
+"""What the host read of the last CPU ids tensor (key ``"host"``)."""
 
 
 def host_ids(ids: Tensor) -> HostIds:
@@ -96,29 +115,19 @@ def host_ids(ids: Tensor) -> HostIds:
     neither does a repeated call with an unchanged tensor (an in-place change bumps its
     version and is read again). Inference tensors have no version: read on every call.
     """
-    if not ids.is_inference() and _HOST_IDS:
-        ref, version, info = _HOST_IDS[0]
-        if ref() is ids and version == ids._version:
-            return info
+    store = _HOST_IDS.of(ids)
+    if store is not None and "host" in store:
+        return cast(HostIds, store["host"])
     values = ids.flatten().tolist()
     info = HostIds(min(values, default=0), max(values, default=-1), Counter(values))
-    if not ids.is_inference():
-        _HOST_IDS[:] = [(weakref.ref(ids), ids._version, info)]
+    if store is not None:
+        store["host"] = info
     return info
 
 
-_ASSERTED: list[tuple[weakref.ref[Tensor], int, int]] = []
-"""The last accelerator ids tensor range-asserted (weak reference, version, ``num_domains``)."""
-
-
-def _same_ids(
-    cache: list[tuple[weakref.ref[Tensor], int, int]], ids: Tensor, num_domains: int
-) -> bool:
-    """Whether ``ids`` (same object, unchanged) was asserted below at most ``num_domains``."""
-    if not cache or ids.is_inference():
-        return False
-    ref, version, checked = cache[0]
-    return ref() is ids and version == ids._version and checked <= num_domains
+_ASSERTED = _LastIds()
+"""The smallest ``num_domains`` the last accelerator ids tensor was asserted below (key
+``"below"``)."""
 
 
 def _check_range(ids: Tensor, num_domains: int, name: str) -> None:
@@ -131,13 +140,14 @@ def _check_range(ids: Tensor, num_domains: int, name: str) -> None:
     its four launches).
     """
     if ids.device.type != "cpu":
-        if _same_ids(_ASSERTED, ids, num_domains):  # asserted already for this tensor
-            return
+        store = _ASSERTED.of(ids)
+        if store is not None and store.get("below", num_domains + 1) <= num_domains:
+            return  # asserted already for this tensor
         lowest, highest = torch.aminmax(ids)
         message = f"{name}: domain ids must be in [0, {num_domains})"
         torch._assert_async((lowest >= 0) & (highest < num_domains), message)
-        if not ids.is_inference():
-            _ASSERTED[:] = [(weakref.ref(ids), ids._version, num_domains)]
+        if store is not None:
+            store["below"] = num_domains
         return
     low, high, _ = host_ids(ids)
     if low < 0 or high >= num_domains:
@@ -323,9 +333,8 @@ def _build_routing(
         )
 
 
-_ROUTES: dict[tuple[Any, ...], Routing] = {}
-"""Routings of the ids tensor in :data:`_ROUTED`, per ``(D, L, dtype, eps, momentum)``."""
-_ROUTED: list[tuple[weakref.ref[Tensor], int]] = []
+_ROUTES = _LastIds()
+"""Routings of the last ids tensor, per ``(D, L, dtype, eps, momentum)``."""
 
 
 def routing(
@@ -349,15 +358,13 @@ def routing(
         True
     """
     args = (ids, num_domains, per_row, dtype, eps, momentum)
-    if not eager() or ids.is_inference() or torch.is_inference_mode_enabled():
+    store = _ROUTES.of(ids) if eager() and not torch.is_inference_mode_enabled() else None
+    if store is None:
         return _build_routing(*args)
-    if not (_ROUTED and _ROUTED[0][0]() is ids and _ROUTED[0][1] == ids._version):
-        _ROUTES.clear()
-        _ROUTED[:] = [(weakref.ref(ids), ids._version)]
     key = args[1:]
-    if key not in _ROUTES:
-        _ROUTES[key] = _build_routing(*args)
-    return _ROUTES[key]
+    if key not in store:
+        store[key] = _build_routing(*args)
+    return cast(Routing, store[key])
 
 
 class RowStats(NamedTuple):
