@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +11,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from lightning_norms._moments import as_dtype
-from lightning_norms._tracing import autocast_off
+from lightning_norms._tracing import autocast_off, eager_twin, functorch_active
 
 
 def _safe_norm(sum_sq: Tensor) -> Tensor:
@@ -231,9 +230,15 @@ class _Cosine(torch.autograd.Function):
         return grad_x, grad_weight, None, None, None
 
 
-# Function.apply binds its arguments to forward's signature on every call, and inspect
-# rebuilds that signature each time (about a tenth of a small layer's step) unless cached.
-_Cosine.forward.__signature__ = inspect.signature(_Cosine.forward)  # type: ignore[attr-defined]
+_CosineTwin = eager_twin(_Cosine)
+""":class:`_Cosine` outside ``torch.func`` (:func:`~lightning_norms._tracing.eager_twin`: no
+argument binding on every call, about a tenth of a small layer's step)."""
+
+
+def _fused(*inputs: Any) -> Tensor:
+    """The layer's output by :class:`_Cosine` (its twin outside ``torch.func``)."""
+    fn = _Cosine if functorch_active() else _CosineTwin
+    return cast(Tensor, fn.apply(*inputs)[0])
 
 
 def _linear_backward(
@@ -327,7 +332,7 @@ def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
     """
     dtype = _autocast_dtype(x)
     if _use_functions(x, weight):
-        return _Cosine.apply(x, weight, None, eps, dtype)[0]  # type: ignore[no-any-return]
+        return _fused(x, weight, None, eps, dtype)
     return _cosine(x, weight, None, eps, dtype)[0]
 
 
@@ -436,5 +441,5 @@ def cosine_conv2d(
     pooled = pad is not None and all(2 * q <= k for q, k in zip(pad, kernel, strict=True))
     if pooled and d == (1, 1) and _use_functions(x, weight):  # its backward: the pool's adjoint
         conv = ((int(s[0]), int(s[1])), pad, (1, 1), groups)
-        return _Cosine.apply(x, weight, conv, eps, dtype)[0]  # type: ignore[no-any-return]
+        return _fused(x, weight, conv, eps, dtype)
     return _cosine(x, weight, (s, padding, d, groups), eps, dtype)[0]

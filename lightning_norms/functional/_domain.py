@@ -35,7 +35,7 @@ from lightning_norms._moments import (
     stat_dtype,
     update_running,
 )
-from lightning_norms._tracing import autocast_off, eager, functorch_active
+from lightning_norms._tracing import autocast_off, eager, eager_twin, functorch_active
 from lightning_norms.functional._sync import AllReduceSum as _AllReduceSum
 from lightning_norms.functional._sync import sync_world as _sync_world
 
@@ -772,7 +772,7 @@ class _DomainBatchNormFn(torch.autograd.Function):
                 prepared = _prepare(x3, ids, weight, bias, stats)
         onehot, (row_mean, dev), coefs, rows = prepared
         kept = (*stats, onehot, row_mean, dev, coefs, rows)
-        if getattr(ctx, "light", False):  # eager twin: the kernel's own tensors on ctx
+        if getattr(ctx, "twin", False):  # eager twin: the kernel's own tensors on ctx
             ctx.save_for_backward(x3, ids, weight)
             ctx.kept = kept
         else:
@@ -794,29 +794,15 @@ class _DomainBatchNormFn(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
-class _DomainBatchNormEagerFn(torch.autograd.Function):
-    """:class:`_DomainBatchNormFn` with ``forward(ctx, ...)``: the same kernel without the
-    argument binding (``inspect.signature``, about 40 us a call) that torch performs for a
-    Function with ``setup_context``; for eager calls (not usable under ``torch.func``).
-
-    Only the inputs go through ``save_for_backward``; the kernel's own tensors (statistics,
-    routing, coefficients: made here, never exposed or changed) are kept on ``ctx``, which
-    spares their unpacking and version checks in the backward (about 10 us a call).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, *inputs: Any) -> Tensor:  # type: ignore[override]
-        ctx.light = True
-        out = _DomainBatchNormFn.forward(*inputs)
-        _DomainBatchNormFn.setup_context(ctx, inputs, out)
-        return out
-
-    backward = _DomainBatchNormFn.backward
+_DomainBatchNormTwin = eager_twin(_DomainBatchNormFn)
+"""The kernel for eager calls (:func:`~lightning_norms._tracing.eager_twin`); only the inputs go
+through ``save_for_backward`` there, the kernel's own tensors (statistics, routing,
+coefficients) are kept on ``ctx``: no unpacking or version checks of 8 tensors in the backward."""
 
 
 def grouped_batch_norm(*inputs: Any) -> Tensor:
     """:class:`_DomainBatchNormFn` applied to ``inputs`` (its eager twin outside transforms)."""
-    fn = _DomainBatchNormEagerFn if eager() else _DomainBatchNormFn
+    fn = _DomainBatchNormTwin if eager() else _DomainBatchNormFn
     return cast(Tensor, fn.apply(*inputs))
 
 

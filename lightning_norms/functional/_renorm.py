@@ -20,7 +20,7 @@ from lightning_norms._moments import (
     stat_dtype,
     update_running,
 )
-from lightning_norms._tracing import eager, functorch_active
+from lightning_norms._tracing import eager, eager_twin, functorch_active
 from lightning_norms.functional._domain import (
     as_rows,
     domain_stats,
@@ -343,19 +343,9 @@ class _RenormFn(torch.autograd.Function):
         return grad_x, grad_weight, grad_b if need_b else None, None, None, None, None
 
 
-class _RenormCtxFn(torch.autograd.Function):
-    """:class:`_RenormFn` as a ``forward(ctx, ...)`` Function, for calls outside ``torch.func``.
-
-    The same forward, saved tensors and backward; without ``setup_context``, whose argument
-    binding (``inspect.signature`` on every call) costs about 15 us per call on a CPU.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, *inputs: Any) -> Tensor:  # type: ignore[override]
-        _RenormFn.setup_context(ctx, inputs, None)  # type: ignore[arg-type]
-        return cast(Tensor, _RenormFn.forward(*inputs))
-
-    backward = staticmethod(_RenormFn.backward)  # type: ignore[assignment]
+_RenormTwin = eager_twin(_RenormFn)
+""":class:`_RenormFn` for calls outside ``torch.func``
+(:func:`~lightning_norms._tracing.eager_twin`)."""
 
 
 def _renorm_train(
@@ -421,7 +411,7 @@ def _renorm_train(
             x, scale, shift, None, None, True, 0.0, eps, torch.backends.cudnn.enabled
         )
     scaled = factors[1:3] if weight is None else weight * factors[1:3]
-    kernel = _RenormFn if functorch_active() else _RenormCtxFn
+    kernel = _RenormFn if functorch_active() else _RenormTwin
     return cast(Tensor, kernel.apply(x, weight, bias, mean, factors, scaled, eps))
 
 
