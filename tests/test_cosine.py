@@ -609,6 +609,32 @@ def test_torch_func_jvp_and_jacfwd_equal_the_formula(kind: str) -> None:
     torch.testing.assert_close(jacfwd(m)(x[:1]), jacfwd(ref)(x[:1]), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_eager_forward_ad_with_a_trainable_layer_equals_the_formula(kind: str) -> None:
+    """``torch.autograd.forward_ad`` on a layer whose weight requires grad (the fused
+    Function's ``jvp`` runs ``torch.func.jvp``, which cannot nest in an eager dual level: it
+    raised "Nested forward mode AD is not supported")."""
+    import torch.autograd.forward_ad as fwad
+    from torch.func import jvp
+
+    torch.manual_seed(24)
+    make, shape = LAYERS[kind]
+    m = make().double()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(shape, dtype=torch.float64)
+    w = m.weight.detach()
+    if kind == "linear":
+        ref = lambda x: _linear_reference(x, w)  # noqa: E731
+    else:
+        ref = lambda x: _unfold_reference(x, w, (1, 1), (1, 1), (1, 1), 1)  # noqa: E731
+    with fwad.dual_level():
+        out = m(fwad.make_dual(x, t))
+        tangent = fwad.unpack_dual(out).tangent
+    expected = jvp(ref, (x.detach(),), (t,))
+    torch.testing.assert_close(fwad.unpack_dual(out).primal, expected[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tangent, expected[1], rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize(("k", "s", "g"), [(1, 1, 2), (1, 2, 1), (3, 1, 1)])
 def test_fused_gradgradcheck_float64(k: int, s: int, g: int) -> None:
     """Gradients of gradients through the fused backward (1x1 matrix products, pool adjoint)."""

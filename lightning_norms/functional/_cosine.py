@@ -36,11 +36,15 @@ def _use_functions(*tensors: Tensor) -> bool:
     take (eval, ``no_grad``), under ``torch.jit.trace`` and in ``torch.onnx.export`` the plain
     differentiable ops run instead: a traced or exported graph cannot hold a Python Function.
     Under ``torch.compile`` too: inductor fuses the plain ops and their autograd (and dynamo
-    cannot trace a Function with a custom ``jvp``).
+    cannot trace a Function with a custom ``jvp``). And in eager forward-mode AD
+    (``torch.autograd.forward_ad``): the Function's ``jvp`` runs ``torch.func.jvp``, which
+    cannot nest in an eager dual level (it can under ``torch.func``).
     """
+    eager_forward_ad = torch.autograd.forward_ad._current_level >= 0 and not functorch_active()
     return (
         torch.is_grad_enabled()
         and any(t.requires_grad for t in tensors)
+        and not eager_forward_ad
         and not torch.jit.is_tracing()
         and not torch.onnx.is_in_onnx_export()
         and not torch.compiler.is_compiling()
