@@ -1276,3 +1276,20 @@ def test_layers_sharing_ids_share_one_routing() -> None:
     first(x, domain=ids)
     assert "aten::arange" not in op_names(lambda: second(x, domain=ids))
     assert "aten::arange" in op_names(lambda: second(x, domain=ids.clone()))
+
+
+def test_converted_ids_are_shared_by_the_layers_they_route() -> None:
+    """Ids that need a conversion (int32 here; CPU ids for a CUDA model alike) are converted
+    once per tensor and version: a second layer builds no routing, and an in-place change of
+    the original ids is followed."""
+    torch.manual_seed(5)
+    first, second = DomainBatchNorm2d(3, 2), DomainBatchNorm2d(3, 2)
+    x, ids = torch.randn(6, 3, 2, 2), torch.tensor([0, 1, 1, 0, 0, 1], dtype=torch.int32)
+    first(x, domain=ids)
+    assert "aten::arange" not in op_names(lambda: second(x, domain=ids))
+    ids[:3] = torch.tensor([1, 1, 0], dtype=torch.int32)  # in place: version bumped
+    y = second(x, domain=ids)
+    for d in range(2):
+        mask = ids == d
+        ref = torch.nn.functional.batch_norm(x[mask], None, None, training=True)
+        torch.testing.assert_close(y[mask], ref, atol=1e-5, rtol=0)  # fresh affine: 1, 0

@@ -46,7 +46,8 @@ Group = tuple[torch.distributed.ProcessGroup | None] | None
 def check_domains(
     domains: int | Tensor, batch_size: int, num_domains: int, name: str
 ) -> int | Tensor:
-    """Validate domain ids: an ``int`` is returned as is, a tensor as ``LongTensor[N]``.
+    """Validate domain ids: an ``int`` is returned as is, a tensor of shape ``[N]`` too (any
+    integer dtype; :func:`expand_domains` makes it ``long`` on the input's device).
 
     The range of a tensor's ids is checked in eager mode only: on the host for CPU ids, by a
     device-side assert (no host read) on accelerators.
@@ -66,7 +67,7 @@ def check_domains(
         else:
             if domains.numel() and eager():
                 _check_range(domains, num_domains, name)
-            return domains if domains.dtype == torch.long else domains.long()
+            return domains
     if isinstance(domains, bool) or not isinstance(domains, int):
         raise ValueError(
             f"{name}: domain must be an int or an integer LongTensor[N], got {domains!r}"
@@ -157,13 +158,27 @@ def _check_range(ids: Tensor, num_domains: int, name: str) -> None:
         )
 
 
+_MOVED = _LastIds()
+"""The last ids tensor converted to another device or to ``long``, per ``(device, dtype)``."""
+
+
 def expand_domains(domains: int | Tensor, x: Tensor) -> Tensor:
-    """Per-sample ids on ``x``'s device (an ``int`` is broadcast over the batch)."""
+    """Per-sample ids on ``x``'s device (an ``int`` is broadcast over the batch).
+
+    An ids tensor on another device (CPU ids for a CUDA model) or not ``long`` is converted
+    once per tensor and version in eager mode: every layer it routes gets the same converted
+    tensor, so they share one :func:`routing` (a copy per layer would rebuild it per layer).
+    """
     if isinstance(domains, int):
         return torch.full((x.shape[0],), domains, dtype=torch.long, device=x.device)
     if domains.dtype == torch.long and domains.device == x.device:
         return domains
-    return domains.to(device=x.device, dtype=torch.long)
+    store = _MOVED.of(domains) if eager() and not torch.is_inference_mode_enabled() else None
+    if store is None:
+        return domains.to(device=x.device, dtype=torch.long)
+    if x.device not in store:
+        store[x.device] = domains.to(device=x.device, dtype=torch.long)
+    return cast(Tensor, store[x.device])
 
 
 def as_rows(x: Tensor) -> Tensor:
