@@ -1,15 +1,17 @@
 """Domain-split BatchNorm and synchronised batch statistics: grouped kernel, sync, update.
 
-The per-domain batch statistics come from the moment engine (:mod:`lightning_norms._moments`:
-one fused ``var_mean`` per ``(sample, channel)`` row, Chan's merge per domain on the tiny
-``[N, C]`` rows, one fp64 all-reduce when synchronised). The normalisation is ONE elementwise
-op with per-row scale and shift, ``y = x * scale_r + shift_r`` (``torch.addcmul``); the
-backward takes the per-row sums ``sum(dy)``, ``sum(dy * (x - mu))`` in one fused pass, merges
-them per domain, and applies ``dx = a_r * dy + b_r * x + c_r``. No loop over domains, no
-per-sample Python. Nothing reads a tensor back to the host on an accelerator: ids are
-range-checked on the host for CPU tensors only (free there), by a device-side assert elsewhere,
-and not while ``torch.compile`` traces (no graph breaks). A domain with one value per channel
-in a per-sample batch is normalised with its running statistics (:func:`_rare_domains`), a
+Per-row moments of the ``[N, C, L]`` view in one fused pass
+(:func:`~lightning_norms._moments.row_moments`), merged per domain by Chan's formula as three
+small products with a :class:`Routing` (one-hot and weight matrices built once per ids tensor
+and shared by every layer it routes); one fp64 all-reduce when synchronised. The
+normalisation is one pass with per-row scale and shift, ``y = x * scale_r + shift_r``
+(:func:`_affine_rows`); the backward takes the per-row sums ``sum(dy)``,
+``sum(dy * (x - mu))`` in one fused pass, merges them per domain with two products, and
+applies ``dx = a_r * dy + b_r * x + c_r``. No loop over domains, no per-sample Python.
+Nothing reads a tensor back to the host on an accelerator: ids are range-checked on the host
+for CPU tensors only (free there), by a device-side assert elsewhere, and not while
+``torch.compile`` traces (no graph breaks). A domain with one value per channel in a
+per-sample batch is normalised with its running statistics (:func:`_rare_domains`), a
 ``torch.where`` on ``[D, C]`` rows, not a host-side branch.
 """
 
@@ -743,7 +745,7 @@ def _graph_grads(ctx: Any, saved: tuple[Tensor, ...], g3: Tensor) -> Grads:
 class _DomainBatchNormFn(torch.autograd.Function):
     """BatchNorm of ``[N, C, L]`` rows with given per-domain batch statistics.
 
-    Forward: ``y = x * scale_r + shift_r`` (:func:`_affine_rows`, one elementwise op) with the
+    Forward: ``y = x * scale_r + shift_r`` (:func:`_affine_rows`, one pass) with the
     per-domain ``scale = gamma / sigma_d``, ``shift = beta - mu_d * scale`` gathered per row
     (:class:`Prepared`, computed by the caller, or here when not given); the output is a new
     tensor, never a view, so an inplace op after the layer (``nn.ReLU(inplace=True)``,
@@ -891,7 +893,7 @@ def _eval_rows(
     bias: Tensor | None,
     eps: float,
 ) -> Tensor:
-    """Eval with per-sample ids: one elementwise op with every row's domain statistics.
+    """Eval with per-sample ids: one pass with every row's domain statistics.
 
     Differentiable ops only (autograd gives gradients of any order for ``x`` and the affine).
     """
